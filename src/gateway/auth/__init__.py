@@ -1,0 +1,1 @@
+"""Identity: API keys, tokens, sessions, roles and access rules."""

@@ -1,0 +1,70 @@
+"""Authenticate a bearer credential against the snapshot (no database, no network).
+
+Each refusal says what is wrong in words a person can act on, but never more
+than the presenter has proved: "revoked", "expired" and "suspended" are only
+said to someone who holds the key's secret; everyone else hears "invalid".
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+from gateway.auth.keys import bearer_token, parse_key, verify_key
+from gateway.dataplane.jsonrpc import FORBIDDEN, UNAUTHENTICATED, Refusal
+from gateway.snapshot import KeyEntry, Snapshot
+
+REALM = "mcp-gateway"
+# Verified against when the prefix is unknown, so a miss costs the same time as a hit.
+_DUMMY_SALT = "0" * 32
+_DUMMY_HASH = "0" * 64
+
+
+def _challenge(error: str | None = None, description: str | None = None, scope: str | None = None) -> str:
+    parts = [f'Bearer realm="{REALM}"']
+    if error:
+        parts.append(f'error="{error}"')
+    if description:
+        parts.append(f'error_description="{description}"')
+    if scope:
+        parts.append(f'scope="{scope}"')
+    return ", ".join(parts)
+
+
+def unauthenticated(message: str, error: str | None = "invalid_token") -> Refusal:
+    return Refusal(401, UNAUTHENTICATED, message, headers={"WWW-Authenticate": _challenge(error, message)})
+
+
+def authenticate(snapshot: Snapshot, authorization: str | None, scope: str, now: float | None = None) -> KeyEntry:
+    """The key presented in `Authorization`, or a Refusal (401, or 403 for scope and suspension)."""
+    token = bearer_token(authorization)
+    if token is None:
+        raise unauthenticated(
+            "Authentication required: send 'Authorization: Bearer <api key>'", error=None
+        )
+    parsed = parse_key(token)
+    entry = snapshot.keys_by_prefix.get(parsed.prefix) if parsed is not None else None
+    if entry is None:
+        verify_key(token, _DUMMY_SALT, _DUMMY_HASH)
+        raise unauthenticated("Invalid API key")
+    if not verify_key(parsed.plaintext, entry.salt, entry.key_hash):
+        raise unauthenticated("Invalid API key")
+    if not entry.key_active:
+        raise unauthenticated("This API key has been revoked")
+    now = time.time() if now is None else now
+    if entry.expires_at is not None and entry.expires_at <= now:
+        when = datetime.fromtimestamp(entry.expires_at, timezone.utc).isoformat(timespec="seconds")
+        raise unauthenticated(f"This API key expired at {when}; ask an admin for a new one")
+    if not entry.user_active:
+        raise unauthenticated("The user this API key belongs to is deactivated")
+    tenant = snapshot.tenants.get(entry.tenant_id)
+    if tenant is None or tenant.status != "active":
+        raise Refusal(403, FORBIDDEN, "This key's tenant is suspended; contact the gateway operator")
+    if scope not in entry.scopes:
+        raise Refusal(
+            403,
+            FORBIDDEN,
+            f"This API key lacks the '{scope}' scope needed here",
+            headers={"WWW-Authenticate": _challenge("insufficient_scope", None, scope)},
+        )
+    return entry

@@ -1,0 +1,205 @@
+"""Gateway configuration: one TOML file plus `GATEWAY_<SECTION>_<KEY>` overrides.
+
+This module owns the shape of the configuration, its defaults (the embedded
+default: a SQLite file and in-process state) and its validation. It is read
+once at start-up; a bad value stops start-up with a message that names the key,
+where the value came from, and what is wrong. Nothing here does I/O beyond
+reading the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+from msgspec import Meta
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Positive = Annotated[float, Meta(gt=0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, malformed or out of range."""
+
+
+class DatabaseConfig(msgspec.Struct, forbid_unknown_fields=True):
+    # sqlite:///relative.db, sqlite:////absolute.db, or postgresql://user@host/db
+    url: str = "sqlite:///gateway.db"
+    pool_min: Annotated[int, Meta(ge=0)] = 1
+    pool_max: PositiveInt = 10
+
+
+class RedisConfig(msgspec.Struct, forbid_unknown_fields=True):
+    # Empty: state stays in process (one gateway process). redis://host:6379/0 to share.
+    url: str = ""
+    # Every key and channel the gateway uses starts with this, so deployments
+    # (and test runs) sharing one Redis never collide.
+    key_prefix: str = "gw:"
+
+
+class DataPlaneConfig(msgspec.Struct, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    # Largest request body accepted on the MCP path; larger ones get 413.
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    upstream_connect_timeout: Positive = 5.0
+    # Time allowed for an upstream to start answering (headers).
+    upstream_timeout: Positive = 60.0
+    # Keep-alive connections kept per upstream, and how long an idle one lives.
+    upstream_pool_size: PositiveInt = 64
+    upstream_idle_seconds: Positive = 30.0
+
+
+class ControlPlaneConfig(msgspec.Struct, forbid_unknown_fields=True):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 8081
+
+
+class WriterConfig(msgspec.Struct, forbid_unknown_fields=True):
+    # Records waiting in memory; past this, request logs are dropped and counted.
+    max_queue: PositiveInt = 100_000
+    batch_size: PositiveInt = 2_000
+    flush_interval: Positive = 0.5
+    # How long a clean shutdown may spend flushing what is queued.
+    shutdown_timeout: Positive = 10.0
+
+
+class SnapshotConfig(msgspec.Struct, forbid_unknown_fields=True):
+    # Safety net behind the Redis change signal: how often each process checks
+    # the configuration version in the database.
+    poll_interval: Positive = 1.0
+
+
+class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    enabled: bool = True
+
+
+class LogConfig(msgspec.Struct, forbid_unknown_fields=True):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "text"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    dataplane: DataPlaneConfig = msgspec.field(default_factory=DataPlaneConfig)
+    controlplane: ControlPlaneConfig = msgspec.field(default_factory=ControlPlaneConfig)
+    writer: WriterConfig = msgspec.field(default_factory=WriterConfig)
+    snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+    @property
+    def uses_postgres(self) -> bool:
+        return self.database.url.startswith(("postgresql://", "postgres://"))
+
+
+ENV_PREFIX = "GATEWAY_"
+# Variables that share the prefix but are not configuration keys.
+_NOT_CONFIG = {"GATEWAY_CONFIG", "GATEWAY_NO_EXTENSIONS", "GATEWAY_CYTHON_DEBUG"}
+
+
+def _sections() -> dict[str, type[msgspec.Struct]]:
+    return {f.name: f.type for f in msgspec.structs.fields(Config)}
+
+
+def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (if any), apply environment overrides, validate.
+
+    `path` defaults to `$GATEWAY_CONFIG`; with neither, the defaults apply.
+    """
+    env = os.environ if env is None else env
+    path = path or env.get("GATEWAY_CONFIG") or None
+    raw: dict[str, dict[str, Any]] = {}
+    origin: dict[tuple[str, str], str] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: [{section}] must be a table, got {type(values).__name__}")
+            raw[section] = dict(values)
+            for key in values:
+                origin[(section, key)] = f"{path} [{section}] {key}"
+
+    sections = _sections()
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name in _NOT_CONFIG:
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        if section not in sections or not key:
+            raise ConfigError(f"{name}: unknown setting (sections are {', '.join(sections)})")
+        raw.setdefault(section, {})[key] = value
+        origin[(section, key)] = f"environment variable {name}"
+    return _validate(raw, origin, sections)
+
+
+def _validate(
+    raw: dict[str, dict[str, Any]],
+    origin: dict[tuple[str, str], str],
+    sections: dict[str, type[msgspec.Struct]],
+) -> Config:
+    problems: list[str] = []
+    built: dict[str, msgspec.Struct] = {}
+    for section, values in raw.items():
+        cls = sections.get(section)
+        if cls is None:
+            problems.append(f"[{section}]: unknown section (sections are {', '.join(sections)})")
+            continue
+        fields = {f.name: f.type for f in msgspec.structs.fields(cls)}
+        good: dict[str, Any] = {}
+        for key, value in values.items():
+            where = origin.get((section, key), f"{section}.{key}")
+            if key not in fields:
+                problems.append(f"{where}: unknown key {section}.{key} (known: {', '.join(fields)})")
+                continue
+            try:
+                # strict=False lets environment strings become ints, floats and bools.
+                good[key] = msgspec.convert(value, fields[key], strict=False)
+            except msgspec.ValidationError as exc:
+                problems.append(f"{where}: {section}.{key} = {value!r}: {str(exc).split(' - at')[0]}")
+        built[section] = cls(**good)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    config = Config(**built)
+    _check_urls(config)
+    return config
+
+
+def _check_urls(config: Config) -> None:
+    db = urlsplit(config.database.url)
+    if db.scheme not in ("sqlite", "postgresql", "postgres"):
+        raise ConfigError(
+            f"database.url = {config.database.url!r}: scheme must be sqlite or postgresql "
+            "(e.g. sqlite:///gateway.db or postgresql://user@127.0.0.1/gateway)"
+        )
+    if config.database.pool_min > config.database.pool_max:
+        raise ConfigError(
+            f"database.pool_min ({config.database.pool_min}) is larger than database.pool_max "
+            f"({config.database.pool_max})"
+        )
+    if config.redis.url and urlsplit(config.redis.url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"redis.url = {config.redis.url!r}: scheme must be redis, rediss or unix")
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(TOML key, environment variable, default) for every setting, for docs and `config get`."""
+    rows = []
+    defaults = Config()
+    for section, cls in _sections().items():
+        for f in msgspec.structs.fields(cls):
+            value = getattr(getattr(defaults, section), f.name)
+            rows.append((f"{section}.{f.name}", f"GATEWAY_{section.upper()}_{f.name.upper()}", repr(value)))
+    return rows

@@ -1,0 +1,1 @@
+"""Control plane: the admin API over the schema it owns."""

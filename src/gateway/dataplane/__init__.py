@@ -1,0 +1,1 @@
+"""Data plane: the MCP endpoints, the request pipeline and the upstream transports."""

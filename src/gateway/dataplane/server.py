@@ -1,0 +1,300 @@
+"""The data plane's HTTP endpoints and the request pipeline behind them.
+
+`/servers/{server_name}/mcp` runs one fixed pipeline, built once:
+authenticate (snapshot) -> route (snapshot) -> read and parse the body ->
+per-key quota (compiled buckets) -> forward (pooled upstream connection) ->
+record (one `request_logs` row into the writer's queue). Each stage either
+hands on or stops the request with a `Refusal`; nothing on this path touches
+the database or Redis.
+
+The answer streams back unchanged: a JSON body whole, an SSE body chunk by
+chunk as the upstream sends it. The client's credentials are never sent
+upstream; hop-by-hop headers stay on their own hop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from datetime import datetime, timezone
+
+from aiohttp import web
+
+from gateway.auth.authenticate import authenticate
+from gateway.config import DataPlaneConfig
+from gateway.dataplane.jsonrpc import (
+    PAYLOAD_TOO_LARGE,
+    RATE_LIMITED,
+    UNKNOWN_SERVER,
+    UPSTREAM_BAD_RESPONSE,
+    UPSTREAM_TIMEOUT,
+    UPSTREAM_UNAVAILABLE,
+    Call,
+    Refusal,
+    parse_body,
+)
+from gateway.dataplane.upstream import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
+from gateway.limits.quotas import KeyQuotas
+from gateway.records.metrics import Registry
+from gateway.snapshot import KeyEntry, ServerEntry, SnapshotStore
+
+log = logging.getLogger("gateway.dataplane")
+
+# Never forwarded upstream: the client's credentials (the gateway speaks to
+# upstreams with its own), hop-by-hop headers, and what the pool sets itself.
+_REQUEST_HEADERS_DROPPED = frozenset(
+    {
+        "authorization", "proxy-authorization", "cookie", "host", "content-length", "connection",
+        "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection", "expect",
+        "origin", "accept-encoding", "forwarded", "x-forwarded-for", "x-forwarded-host",
+        "x-forwarded-proto",
+    }
+)
+_RESPONSE_HEADERS_DROPPED = frozenset(
+    {
+        b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"te", b"trailer",
+        b"upgrade", b"proxy-connection", b"date", b"server", b"set-cookie",
+    }
+)
+_JSON = "application/json"
+
+
+class DataPlane:
+    def __init__(
+        self,
+        config: DataPlaneConfig,
+        store: SnapshotStore,
+        writer,
+        metrics: Registry,
+        *,
+        quotas: KeyQuotas | None,
+        ready=lambda: True,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.writer = writer
+        self.quotas = quotas
+        self.ready = ready
+        self.pools: dict[str, UpstreamPool] = {}
+        self.metrics = metrics
+        self.requests = metrics.counter(
+            "gateway_requests_total", "MCP requests by server, method and outcome", ("server", "method", "status")
+        )
+        self.refusals = metrics.counter(
+            "gateway_refusals_total", "Requests the gateway refused itself, by reason", ("reason",)
+        )
+        self.latency = metrics.histogram(
+            "gateway_request_duration_seconds", "Time from request to the end of the answer", ("server",)
+        )
+        metrics.gauge(
+            "gateway_upstream_connections",
+            "Upstream connections by origin and state",
+            lambda: [((origin, "open"), p.open_connections) for origin, p in self.pools.items()]
+            + [((origin, "idle"), p.idle_connections) for origin, p in self.pools.items()],
+            ("origin", "state"),
+        )
+
+    # -- wiring ----------------------------------------------------------------------
+    def build_app(self) -> web.Application:
+        # client_max_size makes aiohttp refuse larger bodies while reading them,
+        # even without a Content-Length (chunked uploads).
+        app = web.Application(client_max_size=self.config.max_body_bytes)
+        app.router.add_route("POST", "/servers/{server_name}/mcp", self.handle_post)
+        app.router.add_route("GET", "/servers/{server_name}/mcp", self.handle_bodyless)
+        app.router.add_route("DELETE", "/servers/{server_name}/mcp", self.handle_bodyless)
+        app.router.add_get("/healthz", self.handle_healthz)
+        app.router.add_get("/readyz", self.handle_readyz)
+        app.router.add_get("/metrics", self.handle_metrics)
+        return app
+
+    async def close(self) -> None:
+        for pool in self.pools.values():
+            await pool.close()
+        self.pools.clear()
+
+    def pool_for(self, server: ServerEntry) -> UpstreamPool:
+        pool = self.pools.get(server.origin)
+        if pool is None:
+            pool = self.pools[server.origin] = UpstreamPool(
+                server.endpoint_url,
+                max_connections=self.config.upstream_pool_size,
+                idle_seconds=self.config.upstream_idle_seconds,
+                connect_timeout=self.config.upstream_connect_timeout,
+            )
+        return pool
+
+    # -- the MCP endpoint ------------------------------------------------------------------
+    async def handle_post(self, request: web.Request) -> web.StreamResponse:
+        return await self._proxy(request, with_body=True)
+
+    async def handle_bodyless(self, request: web.Request) -> web.StreamResponse:
+        # GET opens a legacy server-to-client SSE stream; DELETE ends a legacy session.
+        return await self._proxy(request, with_body=False)
+
+    async def _proxy(self, request: web.Request, *, with_body: bool) -> web.StreamResponse:
+        started = time.perf_counter()
+        snapshot = self.store.current
+        key: KeyEntry | None = None
+        server: ServerEntry | None = None
+        call: Call | None = None
+        body = b""
+        sent = 0
+        error_code = None
+        error = None
+        try:
+            key = authenticate(snapshot, request.headers.get("Authorization"), "proxy")
+            name = request.match_info["server_name"]
+            server = snapshot.server(key.tenant_id, name)
+            if server is None:
+                # Same answer whether the name is unused or another tenant's.
+                raise Refusal(404, UNKNOWN_SERVER, f"No MCP server named '{name}' is available to you")
+            if with_body:
+                body = await self._read_body(request)
+                call = parse_body(body)
+            if self.quotas is not None:
+                refused = self.quotas.try_acquire(key, time.monotonic())
+                if refused is not None:
+                    retry = max(1, math.ceil(refused.retry_after)) if refused.retry_after != math.inf else 3600
+                    raise Refusal(
+                        429,
+                        RATE_LIMITED,
+                        f"Rate limit exceeded: this API key allows {refused.limit} requests per "
+                        f"{refused.window}; retry in {retry} s",
+                        headers={"Retry-After": str(retry)},
+                        data={"tier": "api_key", "window": refused.window, "retry_after": retry},
+                    )
+            response, sent = await self._forward(request, server, body if with_body else None)
+            status = response.status
+        except Refusal as refusal:
+            status, error_code, error = refusal.http_status, refusal.code, refusal.message
+            self.refusals.inc(str(refusal.code))
+            payload = refusal.body(call.request_id if call is not None else None)
+            sent = len(payload)
+            response = web.Response(
+                body=payload, status=refusal.http_status, headers=refusal.headers, content_type=_JSON
+            )
+        elapsed = time.perf_counter() - started
+        server_name = server.name if server is not None else None
+        method = call.method if call is not None else (request.method if not with_body else None)
+        self.requests.inc(server_name or "", method or "", status)
+        self.latency.observe(elapsed, server_name or "")
+        self.writer.submit(
+            "request_logs",
+            (
+                uuid.uuid4(),
+                key.tenant_id if key is not None else None,
+                key.user_id if key is not None else None,
+                key.id if key is not None else None,
+                server.id if server is not None else None,
+                server_name,
+                method,
+                call.target if call is not None else None,
+                status,
+                error_code,
+                error,
+                elapsed * 1000.0,
+                len(body),
+                sent,
+                request.remote,
+                datetime.now(timezone.utc),
+            ),
+        )
+        return response
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(limit)
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _too_large(limit) from None
+
+    async def _forward(
+        self, request: web.Request, server: ServerEntry, body: bytes | None
+    ) -> tuple[web.StreamResponse, int]:
+        if server.transport_type != "http":
+            raise Refusal(
+                502,
+                UPSTREAM_UNAVAILABLE,
+                f"Server '{server.name}' uses the {server.transport_type} transport, "
+                "which this gateway version cannot reach yet",
+            )
+        pool = self.pool_for(server)
+        headers = [
+            (name, value) for name, value in request.headers.items() if name.lower() not in _REQUEST_HEADERS_DROPPED
+        ]
+        payload = pool.encode_request(request.method, headers, body)
+        try:
+            upstream = await pool.request(payload, timeout=self.config.upstream_timeout)
+            if upstream.is_event_stream:
+                return await self._stream(request, upstream)
+            content = await upstream.read()
+        except UpstreamTimeout as exc:
+            raise Refusal(504, UPSTREAM_TIMEOUT, f"Server '{server.name}' did not answer in time: {exc}") from None
+        except UpstreamConnectError as exc:
+            raise Refusal(502, UPSTREAM_UNAVAILABLE, f"Server '{server.name}' is unreachable: {exc}") from None
+        except UpstreamError as exc:
+            raise Refusal(502, UPSTREAM_BAD_RESPONSE, f"Server '{server.name}' broke the exchange: {exc}") from None
+        response = web.Response(body=content, status=upstream.status, headers=_response_headers(upstream))
+        return response, len(content)
+
+    async def _stream(self, request: web.Request, upstream: UpstreamResponse) -> tuple[web.StreamResponse, int]:
+        response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream))
+        # Flush every event to the client as it comes: no buffering of SSE.
+        await response.prepare(request)
+        sent = 0
+        try:
+            async for chunk in upstream.iter_chunks():
+                await response.write(chunk)
+                sent += len(chunk)
+        except UpstreamError as exc:
+            # Headers are gone already; all we can do is end the stream.
+            log.warning("upstream stream broke after %d bytes: %s", sent, exc)
+        await response.write_eof()
+        return response, sent
+
+    # -- operational endpoints ----------------------------------------------------------------
+    async def handle_healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def handle_readyz(self, request: web.Request) -> web.Response:
+        checks = {"snapshot": self.store.loaded, "writer": bool(self.ready())}
+        ok = all(checks.values())
+        return web.json_response(
+            {"status": "ready" if ok else "not ready", "checks": checks, "config_version": self.store.current.version},
+            status=200 if ok else 503,
+        )
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        try:
+            authenticate(self.store.current, request.headers.get("Authorization"), "metrics")
+        except Refusal as refusal:
+            return web.Response(
+                body=refusal.body(), status=refusal.http_status, headers=refusal.headers, content_type=_JSON
+            )
+        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+def _too_large(limit: int) -> Refusal:
+    return Refusal(
+        413,
+        PAYLOAD_TOO_LARGE,
+        f"Request body too large: this gateway accepts at most {limit} bytes per message",
+    )
+
+
+def _response_headers(upstream: UpstreamResponse) -> list[tuple[str, str]]:
+    return [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in upstream.headers
+        if name.lower() not in _RESPONSE_HEADERS_DROPPED
+    ]

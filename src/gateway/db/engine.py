@@ -1,0 +1,55 @@
+"""Database URLs and connections for both back ends.
+
+The configuration names a database the way operators write it
+(`sqlite:///gateway.db`, `postgresql://user@host/db`); this module turns that
+into a SQLAlchemy async engine (control plane, migrations, SQLite writer) and
+an asyncpg pool (the PostgreSQL writer's COPY path).
+"""
+
+from __future__ import annotations
+
+import asyncpg
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://"))
+
+
+def sqlalchemy_url(url: str) -> str:
+    """The async-driver form of a configured URL."""
+    if url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + url[len("sqlite:///") :]
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+asyncpg://" + url[len(scheme) :]
+    return url
+
+
+def asyncpg_dsn(url: str) -> str:
+    """The plain libpq form asyncpg accepts."""
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
+    if is_postgres(url):
+        return create_async_engine(sqlalchemy_url(url), pool_size=pool_size, pool_pre_ping=True)
+    engine = create_async_engine(sqlalchemy_url(url))
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _sqlite_pragmas(dbapi_connection, _record):  # pragma: no cover - trivial
+        # WAL lets the writer append while the control plane reads; foreign
+        # keys are off by default in SQLite and the schema relies on them.
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.close()
+
+    return engine
+
+
+async def create_pg_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    return await asyncpg.create_pool(asyncpg_dsn(url), min_size=min_size, max_size=max_size)

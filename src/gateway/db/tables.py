@@ -1,0 +1,255 @@
+"""The gateway's schema as SQLAlchemy Core tables (PostgreSQL and SQLite).
+
+The control plane owns this schema: it reads and writes these tables, and the
+Alembic migrations in `gateway/db/migrations` create them (a test checks the
+migrations and these definitions agree). The data plane never queries them on
+the request path; it reads a snapshot built from them, and its records reach
+`request_logs`, `audit_logs` and `server_metrics` through the batched writer.
+
+Every tenant-owned row carries `tenant_id`, so scoping a query is one predicate.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# JSONB on PostgreSQL (indexable, compact), JSON text on SQLite.
+Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+Timestamp = sa.DateTime(timezone=True)
+
+ROLES = ("ADMIN", "USER", "SERVICE", "READONLY")
+TRANSPORTS = ("http", "websocket", "stdio", "sse")
+HEALTH_STATES = ("HEALTHY", "UNHEALTHY", "DEGRADED", "UNKNOWN", "MAINTENANCE")
+SCOPES = ("read", "write", "admin", "proxy", "metrics", "health")
+TENANT_STATES = ("active", "suspended")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _id() -> sa.Column:
+    return sa.Column("id", sa.Uuid, primary_key=True, default=uuid.uuid4)
+
+
+def _stamps() -> list[sa.Column]:
+    return [
+        sa.Column("created_at", Timestamp, nullable=False, default=utcnow),
+        sa.Column("updated_at", Timestamp, nullable=False, default=utcnow, onupdate=utcnow),
+    ]
+
+
+def _tenant_fk(nullable: bool = False) -> sa.Column:
+    return sa.Column("tenant_id", sa.Uuid, sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=nullable)
+
+
+def _one_of(column: str, values: tuple[str, ...], name: str) -> sa.CheckConstraint:
+    listed = ", ".join(f"'{v}'" for v in values)
+    return sa.CheckConstraint(f"{column} IN ({listed})", name=name)
+
+
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    _id(),
+    sa.Column("name", sa.String(255), nullable=False, unique=True),
+    sa.Column("status", sa.String(16), nullable=False, default="active"),
+    sa.Column("settings", Json, nullable=False, default=dict),
+    # The operator's own tenant (created by `gateway bootstrap`): its ADMIN
+    # users administer every tenant.
+    sa.Column("is_platform", sa.Boolean, nullable=False, default=False),
+    *_stamps(),
+    _one_of("status", TENANT_STATES, "status"),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    _id(),
+    _tenant_fk(),
+    sa.Column("username", sa.String(255), nullable=False, unique=True),
+    sa.Column("email", sa.String(320), nullable=False, unique=True),
+    sa.Column("role", sa.String(16), nullable=False, default="USER"),
+    sa.Column("is_active", sa.Boolean, nullable=False, default=True),
+    *_stamps(),
+    _one_of("role", ROLES, "role"),
+    sa.Index(None, "tenant_id", "role", "is_active"),
+)
+
+mcp_servers = sa.Table(
+    "mcp_servers",
+    metadata,
+    _id(),
+    _tenant_fk(),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("description", sa.Text, nullable=True),
+    sa.Column("endpoint_url", sa.String(500), nullable=False),
+    sa.Column("transport_type", sa.String(16), nullable=False, default="http"),
+    sa.Column("health_status", sa.String(16), nullable=False, default="UNKNOWN"),
+    sa.Column("avg_response_time", sa.Float, nullable=True),
+    sa.Column("tags", Json, nullable=False, default=list),
+    sa.Column("capabilities", Json, nullable=False, default=dict),
+    sa.Column("is_active", sa.Boolean, nullable=False, default=True),
+    *_stamps(),
+    sa.UniqueConstraint("tenant_id", "name"),
+    _one_of("transport_type", TRANSPORTS, "transport_type"),
+    _one_of("health_status", HEALTH_STATES, "health_status"),
+    sa.Index(None, "tenant_id", "health_status"),
+)
+
+server_tools = sa.Table(
+    "server_tools",
+    metadata,
+    _id(),
+    _tenant_fk(),
+    sa.Column("server_id", sa.Uuid, sa.ForeignKey("mcp_servers.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("description", sa.Text, nullable=True),
+    sa.Column("input_schema", Json, nullable=False, default=dict),
+    sa.Column("annotations", Json, nullable=True),
+    sa.Column("success_count", sa.BigInteger, nullable=False, default=0),
+    sa.Column("error_count", sa.BigInteger, nullable=False, default=0),
+    sa.Column("avg_execution_time", sa.Float, nullable=True),
+    *_stamps(),
+    sa.UniqueConstraint("server_id", "name"),
+    sa.Index(None, "name", "server_id"),
+)
+
+server_resources = sa.Table(
+    "server_resources",
+    metadata,
+    _id(),
+    _tenant_fk(),
+    sa.Column("server_id", sa.Uuid, sa.ForeignKey("mcp_servers.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("uri", sa.String(2048), nullable=False),
+    sa.Column("name", sa.String(255), nullable=True),
+    sa.Column("description", sa.Text, nullable=True),
+    sa.Column("mime_type", sa.String(255), nullable=True),
+    *_stamps(),
+    sa.UniqueConstraint("server_id", "uri"),
+)
+
+enhanced_api_keys = sa.Table(
+    "enhanced_api_keys",
+    metadata,
+    _id(),
+    _tenant_fk(),
+    sa.Column("user_id", sa.Uuid, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.String(255), nullable=False),
+    # `gw_<key_prefix>_<secret>`: the prefix finds the row, the salted hash
+    # of the whole key proves it. The plaintext is never stored.
+    sa.Column("key_prefix", sa.String(32), nullable=False, unique=True),
+    sa.Column("key_hash", sa.String(128), nullable=False),
+    sa.Column("salt", sa.String(64), nullable=False),
+    sa.Column("scopes", Json, nullable=False, default=list),
+    sa.Column("rate_limit_per_hour", sa.Integer, nullable=False, default=1000),
+    sa.Column("rate_limit_per_day", sa.Integer, nullable=False, default=10000),
+    sa.Column("expires_at", Timestamp, nullable=True),
+    sa.Column("is_active", sa.Boolean, nullable=False, default=True),
+    sa.Column("last_used_at", Timestamp, nullable=True),
+    *_stamps(),
+    sa.Index(None, "tenant_id", "is_active"),
+    sa.Index(None, "user_id"),
+)
+
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    _id(),
+    _tenant_fk(),
+    sa.Column("user_id", sa.Uuid, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("token_hash", sa.String(128), nullable=False, unique=True),
+    sa.Column("is_active", sa.Boolean, nullable=False, default=True),
+    sa.Column("expires_at", Timestamp, nullable=False),
+    sa.Column("last_seen_at", Timestamp, nullable=True),
+    *_stamps(),
+    sa.Index(None, "user_id", "is_active"),
+)
+
+# Records: append-only, written in batches by gateway.records.writer. Their
+# tenant, user, key and server ids are plain columns (no foreign keys): a log
+# row must outlive the object it mentions, and COPY must not pay for checks.
+audit_logs = sa.Table(
+    "audit_logs",
+    metadata,
+    _id(),
+    sa.Column("tenant_id", sa.Uuid, nullable=True),
+    sa.Column("user_id", sa.Uuid, nullable=True),
+    sa.Column("api_key_id", sa.Uuid, nullable=True),
+    sa.Column("action", sa.String(128), nullable=False),
+    sa.Column("resource_type", sa.String(64), nullable=True),
+    sa.Column("resource_id", sa.String(255), nullable=True),
+    sa.Column("details", Json, nullable=True),
+    sa.Column("client_ip", sa.String(64), nullable=True),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("error_code", sa.Integer, nullable=True),
+    sa.Column("duration_ms", sa.Float, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False, default=utcnow),
+    sa.Index(None, "tenant_id", "created_at"),
+)
+
+request_logs = sa.Table(
+    "request_logs",
+    metadata,
+    _id(),
+    sa.Column("tenant_id", sa.Uuid, nullable=True),
+    sa.Column("user_id", sa.Uuid, nullable=True),
+    sa.Column("api_key_id", sa.Uuid, nullable=True),
+    sa.Column("server_id", sa.Uuid, nullable=True),
+    sa.Column("server_name", sa.String(255), nullable=True),
+    sa.Column("method", sa.String(128), nullable=True),
+    sa.Column("tool_name", sa.String(255), nullable=True),
+    sa.Column("status_code", sa.Integer, nullable=False),
+    sa.Column("error_code", sa.Integer, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("duration_ms", sa.Float, nullable=False),
+    sa.Column("request_bytes", sa.Integer, nullable=False),
+    sa.Column("response_bytes", sa.Integer, nullable=False),
+    sa.Column("client_ip", sa.String(64), nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False, default=utcnow),
+    sa.Index(None, "tenant_id", "created_at"),
+    sa.Index(None, "server_id", "created_at"),
+)
+
+server_metrics = sa.Table(
+    "server_metrics",
+    metadata,
+    _id(),
+    sa.Column("tenant_id", sa.Uuid, nullable=True),
+    sa.Column("server_id", sa.Uuid, nullable=False),
+    sa.Column("tool_name", sa.String(255), nullable=True),
+    sa.Column("window_start", Timestamp, nullable=False),
+    sa.Column("window_seconds", sa.Integer, nullable=False),
+    sa.Column("request_count", sa.Integer, nullable=False),
+    sa.Column("error_count", sa.Integer, nullable=False),
+    sa.Column("avg_response_ms", sa.Float, nullable=True),
+    sa.Column("p95_response_ms", sa.Float, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False, default=utcnow),
+    sa.Index(None, "server_id", "window_start"),
+)
+
+# One row: bumped in the same transaction as every configuration write, so
+# each gateway process can tell cheaply whether its snapshot is stale.
+config_state = sa.Table(
+    "config_state",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False, default=utcnow),
+)
+
+RECORD_TABLES = ("audit_logs", "request_logs", "server_metrics")

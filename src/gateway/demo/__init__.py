@@ -1,0 +1,1 @@
+"""A small MCP server built on the official SDK, for `gateway demo` and the tests."""

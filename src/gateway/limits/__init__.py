@@ -1,0 +1,1 @@
+"""Rate limits: the policy around the compiled buckets in gateway._fast."""

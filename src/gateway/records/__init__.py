@@ -1,0 +1,1 @@
+"""Records: the batched writer for request logs, audit entries and metrics."""

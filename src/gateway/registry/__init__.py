@@ -1,0 +1,1 @@
+"""Upstream servers: registration, capability discovery, health."""

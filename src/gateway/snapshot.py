@@ -1,0 +1,244 @@
+"""The data plane's read-only view of configuration, and what keeps it fresh.
+
+`Snapshot` is immutable: built in one go from the database, validated, turned
+into lookup tables, and swapped in atomically. The request path reads
+`SnapshotStore.current` and never touches the database.
+
+`SnapshotStore` rebuilds it when configuration changes. The control plane bumps
+`config_state.version` in the same transaction as every write, then (after
+commit) publishes on Redis `<prefix>config-changed` and calls `refresh()` on
+its own process. Other processes hear the Redis message; a periodic version
+check is the safety net when Redis is absent or a message is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from urllib.parse import urlsplit
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.db.tables import config_state, enhanced_api_keys, mcp_servers, tenants, users
+
+log = logging.getLogger("gateway.snapshot")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantEntry:
+    id: uuid.UUID
+    name: str
+    status: str
+    is_platform: bool
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    """An API key as the data plane needs it; the hash and salt verify a presented key."""
+
+    id: uuid.UUID
+    prefix: str
+    key_hash: str = field(repr=False)
+    salt: str = field(repr=False)
+    tenant_id: uuid.UUID
+    user_id: uuid.UUID
+    role: str
+    scopes: frozenset[str]
+    rate_limit_per_hour: int
+    rate_limit_per_day: int
+    expires_at: float | None  # epoch seconds
+    key_active: bool
+    user_active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ServerEntry:
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    name: str
+    endpoint_url: str
+    transport_type: str
+    health_status: str
+    origin: str  # scheme://host:port, the key of its connection pool
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: int
+    tenants: dict[uuid.UUID, TenantEntry]
+    keys_by_prefix: dict[str, KeyEntry]
+    servers: dict[tuple[uuid.UUID, str], ServerEntry]
+
+    def server(self, tenant_id: uuid.UUID, name: str) -> ServerEntry | None:
+        return self.servers.get((tenant_id, name))
+
+
+EMPTY = Snapshot(version=0, tenants={}, keys_by_prefix={}, servers={})
+
+
+def _epoch(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{parts.hostname}:{port}"
+
+
+async def read_version(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return (await conn.execute(sa.select(config_state.c.version).where(config_state.c.id == 1))).scalar_one()
+
+
+async def load_snapshot(engine: AsyncEngine) -> Snapshot:
+    """Read everything the data plane needs in one transaction."""
+    async with engine.connect() as conn:
+        version = (
+            await conn.execute(sa.select(config_state.c.version).where(config_state.c.id == 1))
+        ).scalar_one()
+        tenant_rows = (await conn.execute(sa.select(tenants))).mappings().all()
+        key_rows = (
+            await conn.execute(
+                sa.select(
+                    enhanced_api_keys,
+                    users.c.role,
+                    users.c.is_active.label("user_active"),
+                ).join(users, users.c.id == enhanced_api_keys.c.user_id)
+            )
+        ).mappings().all()
+        server_rows = (
+            await conn.execute(sa.select(mcp_servers).where(mcp_servers.c.is_active.is_(True)))
+        ).mappings().all()
+
+    tenant_map = {
+        r["id"]: TenantEntry(id=r["id"], name=r["name"], status=r["status"], is_platform=r["is_platform"])
+        for r in tenant_rows
+    }
+    keys = {
+        r["key_prefix"]: KeyEntry(
+            id=r["id"],
+            prefix=r["key_prefix"],
+            key_hash=r["key_hash"],
+            salt=r["salt"],
+            tenant_id=r["tenant_id"],
+            user_id=r["user_id"],
+            role=r["role"],
+            scopes=frozenset(r["scopes"] or ()),
+            rate_limit_per_hour=r["rate_limit_per_hour"],
+            rate_limit_per_day=r["rate_limit_per_day"],
+            expires_at=_epoch(r["expires_at"]),
+            key_active=r["is_active"],
+            user_active=r["user_active"],
+        )
+        for r in key_rows
+    }
+    servers = {
+        (r["tenant_id"], r["name"]): ServerEntry(
+            id=r["id"],
+            tenant_id=r["tenant_id"],
+            name=r["name"],
+            endpoint_url=r["endpoint_url"],
+            transport_type=r["transport_type"],
+            health_status=r["health_status"],
+            origin=_origin(r["endpoint_url"]),
+        )
+        for r in server_rows
+    }
+    return Snapshot(version=version, tenants=tenant_map, keys_by_prefix=keys, servers=servers)
+
+
+class SnapshotStore:
+    """Holds the current snapshot; rebuilds it on signal or when the version moves."""
+
+    def __init__(self, engine: AsyncEngine, *, poll_interval: float = 1.0, redis=None, channel: str = "") -> None:
+        self.engine = engine
+        self.poll_interval = poll_interval
+        self.redis = redis
+        self.channel = channel
+        self.current: Snapshot = EMPTY
+        self.loaded = False
+        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+        self._listeners: list = []
+
+    def on_change(self, callback) -> None:
+        """Call `callback(snapshot)` after every swap (limiters resize their buckets)."""
+        self._listeners.append(callback)
+
+    async def refresh(self) -> Snapshot:
+        async with self._lock:
+            snapshot = await load_snapshot(self.engine)
+            if snapshot.version >= self.current.version:
+                self.current = snapshot
+                self.loaded = True
+                for callback in self._listeners:
+                    callback(snapshot)
+            return self.current
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._tasks.append(asyncio.create_task(self._poll(), name="snapshot-poll"))
+        if self.redis is not None:
+            self._tasks.append(asyncio.create_task(self._listen(), name="snapshot-listen"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def publish_change(self) -> None:
+        """Tell every process (this one included) that configuration changed."""
+        await self.refresh()
+        if self.redis is not None:
+            try:
+                await self.redis.publish(self.channel, str(self.current.version))
+            except Exception as exc:  # noqa: BLE001 - the poll still catches the change
+                log.warning("could not publish a configuration change on Redis: %s", exc)
+
+    async def _poll(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                if await read_version(self.engine) != self.current.version:
+                    await self.refresh()
+                if failing:
+                    log.info("configuration database reachable again")
+                failing = False
+            except Exception as exc:  # noqa: BLE001 - keep serving the last snapshot
+                if not failing:
+                    log.warning("cannot check the configuration version (serving the last snapshot): %s", exc)
+                failing = True
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                backoff = 0.1
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    try:
+                        if int(message["data"]) > self.current.version:
+                            await self.refresh()
+                    except (ValueError, TypeError):
+                        await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis down: the poll covers us
+                log.warning("configuration change channel lost (%s); retrying", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:  # noqa: BLE001
+                    pass
