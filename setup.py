@@ -30,7 +30,9 @@ if os.environ.get("GATEWAY_NO_EXTENSIONS") != "1":
             f"gateway._fast.{pxd.stem}",
             [str(pxd.with_suffix(".py").relative_to(HERE))],
             define_macros=macros,
-            extra_compile_args=["-O2"],
+            # No fused multiply-add: the compiled arithmetic must round exactly
+            # like the Python twin's, or the two could decide differently.
+            extra_compile_args=["-O2", "-ffp-contract=off"],
         )
         for pxd in sorted(FAST.glob("*_c.pxd"))
     ]
