@@ -42,7 +42,8 @@ class Envelope(msgspec.Struct, omit_defaults=True):
     jsonrpc: str | None = None
     method: str | None = None
     id: int | str | None = None
-    params: msgspec.Raw | None = None
+    # Kept raw and never re-encoded; empty when the message has no params.
+    params: msgspec.Raw = msgspec.Raw(b"")
 
 
 class _NamedParams(msgspec.Struct):
@@ -114,7 +115,7 @@ def parse_body(body: bytes) -> Call:
     _check(envelope)
     target = None
     field = _NAMED_METHODS.get(envelope.method) if envelope.method else None
-    if field is not None and envelope.params is not None:
+    if field is not None and envelope.params:
         try:
             named = _named.decode(envelope.params)
         except msgspec.DecodeError:

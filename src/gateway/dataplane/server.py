@@ -14,6 +14,7 @@ upstream; hop-by-hop headers stay on their own hop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -65,6 +66,8 @@ _RESPONSE_HEADERS_DROPPED = frozenset(
     }
 )
 _JSON = "application/json"
+# Status recorded for a request whose client left before any answer (as nginx logs it).
+CLIENT_CLOSED = 499
 
 
 class DataPlane:
@@ -142,13 +145,11 @@ class DataPlane:
     async def _proxy(self, request: web.Request, *, with_body: bool) -> web.StreamResponse:
         started = time.perf_counter()
         snapshot = self.store.current
+        exchange = _Exchange()
         key: KeyEntry | None = None
         server: ServerEntry | None = None
         call: Call | None = None
         body = b""
-        sent = 0
-        error_code = None
-        error = None
         try:
             key = authenticate(snapshot, request.headers.get("Authorization"), "proxy")
             name = request.match_info["server_name"]
@@ -160,31 +161,43 @@ class DataPlane:
                 body = await self._read_body(request)
                 call = parse_body(body)
             if self.quotas is not None:
-                refused = self.quotas.try_acquire(key, time.monotonic())
-                if refused is not None:
-                    retry = max(1, math.ceil(refused.retry_after)) if refused.retry_after != math.inf else 3600
-                    raise Refusal(
-                        429,
-                        RATE_LIMITED,
-                        f"Rate limit exceeded: this API key allows {refused.limit} requests per "
-                        f"{refused.window}; retry in {retry} s",
-                        headers={"Retry-After": str(retry)},
-                        data={"tier": "api_key", "window": refused.window, "retry_after": retry},
-                    )
-            response, sent = await self._forward(request, server, body if with_body else None)
-            status = response.status
+                self._check_quota(key)
+            return await self._forward(request, server, body if with_body else None, exchange)
         except Refusal as refusal:
-            status, error_code, error = refusal.http_status, refusal.code, refusal.message
+            exchange.status, exchange.error_code, exchange.error = refusal.http_status, refusal.code, refusal.message
             self.refusals.inc(str(refusal.code))
             payload = refusal.body(call.request_id if call is not None else None)
-            sent = len(payload)
-            response = web.Response(
-                body=payload, status=refusal.http_status, headers=refusal.headers, content_type=_JSON
-            )
+            exchange.sent = len(payload)
+            return web.Response(body=payload, status=refusal.http_status, headers=refusal.headers, content_type=_JSON)
+        except asyncio.CancelledError:
+            # The client went away mid-exchange (for SSE, often right after its
+            # answer): the exchange still happened and is recorded.
+            exchange.error = "client closed the connection"
+            if not exchange.status:
+                exchange.status = CLIENT_CLOSED
+            raise
+        finally:
+            self._record(request, started, exchange, key, server, call, body, with_body)
+
+    def _check_quota(self, key: KeyEntry) -> None:
+        refused = self.quotas.try_acquire(key, time.monotonic())
+        if refused is None:
+            return
+        retry = max(1, math.ceil(refused.retry_after)) if refused.retry_after != math.inf else 3600
+        raise Refusal(
+            429,
+            RATE_LIMITED,
+            f"Rate limit exceeded: this API key allows {refused.limit} requests per "
+            f"{refused.window}; retry in {retry} s",
+            headers={"Retry-After": str(retry)},
+            data={"tier": "api_key", "window": refused.window, "retry_after": retry},
+        )
+
+    def _record(self, request, started, exchange, key, server, call, body, with_body) -> None:
         elapsed = time.perf_counter() - started
         server_name = server.name if server is not None else None
         method = call.method if call is not None else (request.method if not with_body else None)
-        self.requests.inc(server_name or "", method or "", status)
+        self.requests.inc(server_name or "", method or "", exchange.status)
         self.latency.observe(elapsed, server_name or "")
         self.writer.submit(
             "request_logs",
@@ -197,17 +210,16 @@ class DataPlane:
                 server_name,
                 method,
                 call.target if call is not None else None,
-                status,
-                error_code,
-                error,
+                exchange.status or 500,
+                exchange.error_code,
+                exchange.error,
                 elapsed * 1000.0,
                 len(body),
-                sent,
+                exchange.sent,
                 request.remote,
                 datetime.now(timezone.utc),
             ),
         )
-        return response
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.config.max_body_bytes
@@ -219,8 +231,8 @@ class DataPlane:
             raise _too_large(limit) from None
 
     async def _forward(
-        self, request: web.Request, server: ServerEntry, body: bytes | None
-    ) -> tuple[web.StreamResponse, int]:
+        self, request: web.Request, server: ServerEntry, body: bytes | None, exchange: _Exchange
+    ) -> web.StreamResponse:
         if server.transport_type != "http":
             raise Refusal(
                 502,
@@ -235,8 +247,9 @@ class DataPlane:
         payload = pool.encode_request(request.method, headers, body)
         try:
             upstream = await pool.request(payload, timeout=self.config.upstream_timeout)
+            exchange.status = upstream.status
             if upstream.is_event_stream:
-                return await self._stream(request, upstream)
+                return await self._stream(request, upstream, exchange)
             content = await upstream.read()
         except UpstreamTimeout as exc:
             raise Refusal(504, UPSTREAM_TIMEOUT, f"Server '{server.name}' did not answer in time: {exc}") from None
@@ -244,23 +257,25 @@ class DataPlane:
             raise Refusal(502, UPSTREAM_UNAVAILABLE, f"Server '{server.name}' is unreachable: {exc}") from None
         except UpstreamError as exc:
             raise Refusal(502, UPSTREAM_BAD_RESPONSE, f"Server '{server.name}' broke the exchange: {exc}") from None
-        response = web.Response(body=content, status=upstream.status, headers=_response_headers(upstream))
-        return response, len(content)
+        exchange.sent = len(content)
+        return web.Response(body=content, status=upstream.status, headers=_response_headers(upstream))
 
-    async def _stream(self, request: web.Request, upstream: UpstreamResponse) -> tuple[web.StreamResponse, int]:
+    async def _stream(
+        self, request: web.Request, upstream: UpstreamResponse, exchange: _Exchange
+    ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream))
-        # Flush every event to the client as it comes: no buffering of SSE.
+        # Each chunk goes to the client as it comes: no buffering of SSE.
         await response.prepare(request)
-        sent = 0
         try:
             async for chunk in upstream.iter_chunks():
                 await response.write(chunk)
-                sent += len(chunk)
+                exchange.sent += len(chunk)
         except UpstreamError as exc:
-            # Headers are gone already; all we can do is end the stream.
-            log.warning("upstream stream broke after %d bytes: %s", sent, exc)
+            # The headers are gone already; all that is left is to end the stream.
+            exchange.error = f"upstream stream broke: {exc}"
+            log.warning("upstream stream broke after %d bytes: %s", exchange.sent, exc)
         await response.write_eof()
-        return response, sent
+        return response
 
     # -- operational endpoints ----------------------------------------------------------------
     async def handle_healthz(self, request: web.Request) -> web.Response:
@@ -282,6 +297,18 @@ class DataPlane:
                 body=refusal.body(), status=refusal.http_status, headers=refusal.headers, content_type=_JSON
             )
         return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+class _Exchange:
+    """What the record of one request needs to know about how it went."""
+
+    __slots__ = ("status", "sent", "error_code", "error")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.sent = 0
+        self.error_code: int | None = None
+        self.error: str | None = None
 
 
 def _too_large(limit: int) -> Refusal:

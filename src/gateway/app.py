@@ -1,0 +1,175 @@
+"""Wiring: build every part from the configuration, start them in order, stop them in reverse.
+
+Start: database engine -> schema check (refuse an unmigrated database) ->
+Redis (if configured) -> snapshot -> record writer -> data plane and control
+plane listeners. Stop: listeners first (no new requests, in-flight ones
+finish), then the writer flushes everything queued, then pools and
+connections close. `serve` runs this under uvloop until SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from aiohttp import web
+
+from gateway.config import Config
+from gateway.controlplane.api import ControlPlane
+from gateway.dataplane.server import DataPlane
+from gateway.db import migrate
+from gateway.db.engine import create_engine, create_pg_pool
+from gateway.limits.quotas import KeyQuotas
+from gateway.records.metrics import Registry
+from gateway.records.sinks import PostgresSink, SQLiteSink
+from gateway.records.writer import RecordWriter
+from gateway.snapshot import SnapshotStore
+
+log = logging.getLogger("gateway")
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.engine = None
+        self.redis = None
+        self.store: SnapshotStore | None = None
+        self.writer: RecordWriter | None = None
+        self.dataplane: DataPlane | None = None
+        self.metrics = Registry()
+        self._runners: list[web.AppRunner] = []
+        self.dataplane_port: int | None = None
+        self.controlplane_port: int | None = None
+        self._pg_pool = None
+
+    @property
+    def dataplane_url(self) -> str:
+        return f"http://{_host(self.config.dataplane.host)}:{self.dataplane_port}"
+
+    @property
+    def controlplane_url(self) -> str:
+        return f"http://{_host(self.config.controlplane.host)}:{self.controlplane_port}"
+
+    async def start(self) -> None:
+        cfg = self.config
+        await migrate.check_current(cfg.database.url)
+        self.engine = create_engine(cfg.database.url, pool_size=cfg.database.pool_max)
+        if cfg.redis.url:
+            import redis.asyncio as redis
+
+            self.redis = redis.from_url(cfg.redis.url)
+        self.store = SnapshotStore(
+            self.engine,
+            poll_interval=cfg.snapshot.poll_interval,
+            redis=self.redis,
+            channel=f"{cfg.redis.key_prefix}config-changed",
+        )
+        quotas = KeyQuotas() if cfg.limits.enabled else None
+        if quotas is not None:
+            self.store.on_change(lambda snapshot: quotas.resize(snapshot, time.monotonic()))
+        await self.store.start()
+
+        if cfg.uses_postgres:
+            self._pg_pool = await create_pg_pool(cfg.database.url, min_size=1, max_size=2)
+            sink = PostgresSink(self._pg_pool)
+        else:
+            sink = SQLiteSink(create_engine(cfg.database.url))
+        self.writer = RecordWriter(
+            sink,
+            max_queue=cfg.writer.max_queue,
+            batch_size=cfg.writer.batch_size,
+            flush_interval=cfg.writer.flush_interval,
+        )
+        await self.writer.start()
+        self._register_writer_metrics()
+
+        self.dataplane = DataPlane(
+            cfg.dataplane, self.store, self.writer, self.metrics, quotas=quotas, ready=lambda: self.writer.running
+        )
+        self.dataplane_port = await self._listen(self.dataplane.build_app(), cfg.dataplane.host, cfg.dataplane.port)
+        if cfg.controlplane.enabled:
+            control = ControlPlane(self.engine, self.store.publish_change)
+            self.controlplane_port = await self._listen(
+                control.build_app(), cfg.controlplane.host, cfg.controlplane.port
+            )
+        log.info(
+            "gateway serving MCP on %s%s",
+            self.dataplane_url,
+            f", admin API on {self.controlplane_url}" if self.controlplane_port else "",
+        )
+
+    async def _listen(self, app: web.Application, host: str, port: int) -> int:
+        # handler_cancellation: a client that goes away cancels its request, so
+        # the upstream exchange (and, in the modern era, the call) is cancelled too.
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=10.0)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, backlog=1024)
+        await site.start()
+        self._runners.append(runner)
+        return site._server.sockets[0].getsockname()[1]
+
+    def _register_writer_metrics(self) -> None:
+        writer = self.writer
+
+        def stats():
+            s = writer.stats
+            return [
+                (("submitted",), s.submitted),
+                (("written",), s.written),
+                (("dropped",), s.dropped),
+                (("failed_flushes",), s.failed_flushes),
+                (("queued",), s.queued),
+            ]
+
+        self.metrics.gauge("gateway_writer_records", "Record writer counts by kind", stats, ("kind",))
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, flush every record, close."""
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        if self.writer is not None:
+            await self.writer.stop(timeout=self.config.writer.shutdown_timeout)
+        if self.dataplane is not None:
+            await self.dataplane.close()
+        if self.store is not None:
+            await self.store.stop()
+        if self._pg_pool is not None:
+            await self._pg_pool.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+        if self.engine is not None:
+            await self.engine.dispose()
+
+
+def _host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+async def serve_until_signalled(gateway: Gateway, on_ready=None) -> None:
+    """Start the gateway, call `on_ready`, serve until SIGINT/SIGTERM, then stop cleanly."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await gateway.start()
+        if on_ready is not None:
+            await on_ready(gateway)
+        await stopping.wait()
+        log.info("stopping: draining requests and flushing records")
+    finally:
+        await gateway.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def run(coro) -> None:
+    """Run a coroutine on uvloop (the production loop)."""
+    import uvloop
+
+    uvloop.run(coro)

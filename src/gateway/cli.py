@@ -1,0 +1,410 @@
+"""The `gateway` command: serve, migrate, bootstrap, demo, and local admin tools.
+
+Local admin commands (`keys`, `servers`, `tenants`, `users`) act on the
+configured database directly as the operator, for the machine that runs the
+gateway; remote administration goes through the admin API. Lines meant for
+machines are `name=value` on stdout; everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import uuid
+
+from gateway import config as config_module
+from gateway.config import Config, ConfigError
+
+log = logging.getLogger("gateway.cli")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        import orjson
+
+        entry = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def configure_logging(cfg: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if cfg.log.format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(cfg.log.level)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return config_module.load(args.config)
+
+
+def _emit(**values: str) -> None:
+    for name, value in values.items():
+        print(f"{name}={value}", flush=True)
+
+
+# -- commands -------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.app import Gateway, run, serve_until_signalled
+    from gateway.db.migrate import SchemaNotCurrent
+
+    cfg = _load(args)
+    configure_logging(cfg)
+    try:
+        run(serve_until_signalled(Gateway(cfg)))
+    except SchemaNotCurrent as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from gateway.db import migrate
+
+    cfg = _load(args)
+    configure_logging(cfg)
+    migrate.upgrade(cfg.database.url, args.revision)
+    print(f"database {migrate.redact_url(cfg.database.url)} is at revision {migrate.head_revision()}", file=sys.stderr)
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from gateway.controlplane import service
+    from gateway.db import migrate
+    from gateway.db.engine import create_engine
+
+    cfg = _load(args)
+
+    async def go() -> str:
+        await migrate.check_current(cfg.database.url)
+        engine = create_engine(cfg.database.url)
+        try:
+            return await service.bootstrap(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        key = asyncio.run(go())
+    except (service.Conflict, migrate.SchemaNotCurrent) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    print("Operator key created. It is shown once; store it now.", file=sys.stderr)
+    _emit(admin_key=key)
+    return 0
+
+
+def cmd_config_get(args: argparse.Namespace) -> int:
+    import msgspec
+
+    cfg = _load(args)
+    values = msgspec.to_builtins(cfg)
+    for key, env, _default in config_module.describe():
+        section, name = key.split(".", 1)
+        if args.key and key != args.key:
+            continue
+        value = values[section][name]
+        if key == "database.url" or key == "redis.url":
+            from gateway.db.migrate import redact_url
+
+            value = redact_url(value) if value else value
+        print(f"{key} = {value!r}    ({env})")
+    return 0
+
+
+def _admin(coro_fn):
+    """Run `coro_fn(engine, operator_actor)` against the configured database."""
+    from gateway.controlplane import service
+    from gateway.db import migrate
+    from gateway.db.engine import create_engine
+
+    def command(args: argparse.Namespace) -> int:
+        cfg = _load(args)
+
+        async def go():
+            await migrate.check_current(cfg.database.url)
+            engine = create_engine(cfg.database.url)
+            try:
+                actor = await service.operator_actor(engine)
+                return await coro_fn(args, engine, actor)
+            finally:
+                await engine.dispose()
+
+        try:
+            asyncio.run(go())
+        except (service.NotFound, service.Conflict, service.Forbidden, migrate.SchemaNotCurrent) as exc:
+            print(f"gateway: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:  # validation errors carry their own message
+            from gateway.controlplane.schemas import ValidationFailed
+
+            if isinstance(exc, ValidationFailed):
+                print(f"gateway: invalid input: {exc}", file=sys.stderr)
+                return 2
+            raise
+        return 0
+
+    return command
+
+
+def _convert(cls, **fields):
+    import msgspec
+
+    from gateway.controlplane.schemas import validate
+
+    return validate(cls, msgspec.json.encode({k: v for k, v in fields.items() if v is not None}))
+
+
+async def _servers_register(args, engine, actor):
+    from gateway.controlplane import schemas, service
+
+    body = _convert(
+        schemas.ServerCreate, name=args.name, endpoint_url=args.url, tenant_id=args.tenant,
+        transport_type=args.transport, tags=args.tag or None,
+    )
+    server = await service.create_server(engine, actor, body)
+    _emit(server_id=str(server["id"]))
+
+
+async def _servers_list(args, engine, actor):
+    from gateway.controlplane import service
+
+    for s in await service.list_servers(engine, actor, limit=500, after=None):
+        print(f"{s['id']}  {s['name']:<24} {s['transport_type']:<9} {s['health_status']:<10} {s['endpoint_url']}")
+
+
+async def _keys_create(args, engine, actor):
+    from gateway.controlplane import schemas, service
+
+    body = _convert(
+        schemas.ApiKeyCreate, user_id=args.user, name=args.name, scopes=args.scope or None,
+        rate_limit_per_hour=args.per_hour, rate_limit_per_day=args.per_day,
+    )
+    key = await service.create_api_key(engine, actor, body)
+    print("API key created. It is shown once; store it now.", file=sys.stderr)
+    _emit(api_key_id=str(key["id"]), api_key=key["key"])
+
+
+async def _keys_list(args, engine, actor):
+    from gateway.controlplane import service
+
+    for k in await service.list_api_keys(engine, actor, limit=500, after=None):
+        state = "active" if k["is_active"] else "revoked"
+        print(f"{k['id']}  gw_{k['key_prefix']}_…  {k['name']:<20} {state:<8} {','.join(k['scopes'])}")
+
+
+async def _keys_revoke(args, engine, actor):
+    from gateway.controlplane import service
+
+    await service.revoke_api_key(engine, actor, uuid.UUID(args.key_id))
+    print(f"revoked {args.key_id}", file=sys.stderr)
+
+
+async def _tenants_create(args, engine, actor):
+    from gateway.controlplane import schemas, service
+
+    tenant = await service.create_tenant(engine, actor, _convert(schemas.TenantCreate, name=args.name))
+    _emit(tenant_id=str(tenant["id"]))
+
+
+async def _users_create(args, engine, actor):
+    from gateway.controlplane import schemas, service
+
+    body = _convert(schemas.UserCreate, tenant_id=args.tenant, username=args.username, email=args.email,
+                    role=args.role)
+    user = await service.create_user(engine, actor, body)
+    _emit(user_id=str(user["id"]))
+
+
+# -- demo -----------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.app import Gateway, run, serve_until_signalled
+    from gateway.db import migrate
+
+    cfg = _load(args)
+    configure_logging(cfg)
+    migrate.upgrade(cfg.database.url)
+    upstream_port = args.upstream_port or _free_port()
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "gateway.demo.upstream", "--port", str(upstream_port)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_port(upstream_port, upstream)
+        key = asyncio.run(_demo_provision(cfg, f"http://127.0.0.1:{upstream_port}/mcp"))
+
+        async def announce(gateway: Gateway) -> None:
+            _emit(endpoint=f"{gateway.dataplane_url}/servers/demo/mcp", api_key=key)
+            print(
+                "Demo gateway is up. Try it with the MCP SDK:\n"
+                f"  python -m gateway.demo.client {gateway.dataplane_url}/servers/demo/mcp <api_key>\n"
+                "Stop with Ctrl-C.",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        run(serve_until_signalled(Gateway(cfg), on_ready=announce))
+    finally:
+        upstream.terminate()
+        try:
+            upstream.wait(5)
+        except subprocess.TimeoutExpired:
+            upstream.kill()
+            upstream.wait()
+    return 0
+
+
+async def _demo_provision(cfg: Config, upstream_url: str) -> str:
+    """Idempotently create the demo tenant, user and server; mint a fresh demo key."""
+    import sqlalchemy as sa
+
+    from gateway.controlplane import schemas, service
+    from gateway.db.engine import create_engine
+    from gateway.db.tables import mcp_servers, tenants, users, utcnow
+
+    engine = create_engine(cfg.database.url)
+    try:
+        try:
+            actor = await service.operator_actor(engine)
+        except service.NotFound:
+            await service.bootstrap(engine)
+            actor = await service.operator_actor(engine)
+        async with engine.connect() as conn:
+            tenant_id = (await conn.execute(sa.select(tenants.c.id).where(tenants.c.name == "demo"))).scalar()
+            user_id = (await conn.execute(sa.select(users.c.id).where(users.c.username == "demo"))).scalar()
+        if tenant_id is None:
+            tenant_id = (await service.create_tenant(engine, actor, schemas.TenantCreate(name="demo")))["id"]
+        if user_id is None:
+            body = schemas.UserCreate(username="demo", email="demo@gateway.invalid", tenant_id=tenant_id, role="USER")
+            user_id = (await service.create_user(engine, actor, body))["id"]
+        async with engine.begin() as conn:
+            updated = await conn.execute(
+                sa.update(mcp_servers)
+                .where(mcp_servers.c.tenant_id == tenant_id, mcp_servers.c.name == "demo")
+                .values(endpoint_url=upstream_url, updated_at=utcnow())
+            )
+            if updated.rowcount:
+                await service.bump_version(conn)
+        if not updated.rowcount:
+            await service.create_server(
+                engine, actor,
+                schemas.ServerCreate(name="demo", endpoint_url=upstream_url, tenant_id=tenant_id, tags=["demo"]),
+            )
+        key = await service.create_api_key(
+            engine, actor, schemas.ApiKeyCreate(user_id=user_id, name="demo", scopes=["proxy", "read"])
+        )
+        return key["key"]
+    finally:
+        await engine.dispose()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"gateway: the demo upstream exited with status {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"gateway: the demo upstream did not start listening on port {port}")
+
+
+# -- argument parsing ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="A multi-tenant gateway for MCP.")
+    parser.add_argument("--config", "-c", help="TOML configuration file (default: $GATEWAY_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("serve", help="run the data plane and the admin API").set_defaults(func=cmd_serve)
+    p = sub.add_parser("migrate", help="create or upgrade the database schema")
+    p.add_argument("revision", nargs="?", default="head")
+    p.set_defaults(func=cmd_migrate)
+    sub.add_parser("bootstrap", help="create the operator and print its admin key once").set_defaults(
+        func=cmd_bootstrap
+    )
+    p = sub.add_parser("demo", help="run the gateway with a demo MCP server and print a key")
+    p.add_argument("--upstream-port", type=int, default=0, help="port of the demo MCP server (default: any free)")
+    p.set_defaults(func=cmd_demo)
+
+    cfg = sub.add_parser("config", help="show the effective configuration").add_subparsers(dest="action", required=True)
+    p = cfg.add_parser("get", help="print settings with the variables that override them")
+    p.add_argument("key", nargs="?")
+    p.set_defaults(func=cmd_config_get)
+
+    servers = sub.add_parser("servers", help="manage upstream servers").add_subparsers(dest="action", required=True)
+    p = servers.add_parser("register", help="register an upstream MCP server")
+    p.add_argument("name")
+    p.add_argument("url")
+    p.add_argument("--tenant", required=True, help="tenant id")
+    p.add_argument("--transport", default="http", help="http, sse, websocket or stdio")
+    p.add_argument("--tag", action="append")
+    p.set_defaults(func=_admin(_servers_register))
+    servers.add_parser("list", help="list servers").set_defaults(func=_admin(_servers_list))
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    p = keys.add_parser("create", help="mint an API key (printed once)")
+    p.add_argument("--user", required=True, help="user id")
+    p.add_argument("--name", required=True)
+    p.add_argument("--scope", action="append", help="read, write, admin, proxy, metrics or health")
+    p.add_argument("--per-hour", type=int)
+    p.add_argument("--per-day", type=int)
+    p.set_defaults(func=_admin(_keys_create))
+    keys.add_parser("list", help="list keys (never their secrets)").set_defaults(func=_admin(_keys_list))
+    p = keys.add_parser("revoke", help="revoke a key")
+    p.add_argument("key_id")
+    p.set_defaults(func=_admin(_keys_revoke))
+
+    tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(dest="action", required=True)
+    p = tenants.add_parser("create")
+    p.add_argument("name")
+    p.set_defaults(func=_admin(_tenants_create))
+
+    users = sub.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
+    p = users.add_parser("create")
+    p.add_argument("username")
+    p.add_argument("email")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--role", default="USER")
+    p.set_defaults(func=_admin(_users_create))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

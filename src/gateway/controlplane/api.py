@@ -1,0 +1,239 @@
+"""The admin API: JSON over HTTP under /api/v1/, admin credentials as bearer.
+
+Handlers translate HTTP to `service` calls and back; they hold no business
+rules. Errors share one shape: `{"error": {"code", "message", "details"?}}`
+with 401, 403, 404, 409 or 422. After a successful write the configuration
+change is signalled so every data-plane process reloads its snapshot.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.auth.keys import bearer_token
+from gateway.controlplane import schemas, service
+
+log = logging.getLogger("gateway.controlplane")
+
+Handler = Callable[[web.Request, service.Actor], Awaitable[web.Response]]
+MAX_PAGE = 500
+
+
+def _encode_other(value: Any) -> Any:
+    # asyncpg returns its own UUID subclass, which orjson does not take as a UUID.
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data, default=_encode_other, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC),
+        status=status,
+        content_type="application/json",
+    )
+
+
+def _error(status: int, code: str, message: str, details: list | None = None, headers=None) -> web.Response:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        error["details"] = details
+    response = _json({"error": error}, status)
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+class ControlPlane:
+    def __init__(self, engine: AsyncEngine, on_change: Callable[[], Awaitable[None]]) -> None:
+        self.engine = engine
+        self.on_change = on_change
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=1024 * 1024)
+        r = app.router
+        r.add_get("/api/v1/openapi.json", self.openapi)
+        r.add_post("/api/v1/tenants", self._admin(self.create_tenant, writes=True))
+        r.add_get("/api/v1/tenants", self._admin(self.list_tenants))
+        r.add_post("/api/v1/users", self._admin(self.create_user, writes=True))
+        r.add_get("/api/v1/users", self._admin(self.list_users))
+        r.add_post("/api/v1/api-keys", self._admin(self.create_api_key, writes=True))
+        r.add_get("/api/v1/api-keys", self._admin(self.list_api_keys))
+        r.add_delete("/api/v1/api-keys/{id}", self._admin(self.revoke_api_key, writes=True))
+        r.add_post("/api/v1/servers", self._admin(self.create_server, writes=True))
+        r.add_get("/api/v1/servers", self._admin(self.list_servers))
+        r.add_get("/api/v1/servers/{id}", self._admin(self.get_server))
+        return app
+
+    def _admin(self, handler: Handler, *, writes: bool = False) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """Authenticate the admin, run the handler, map service errors to HTTP."""
+
+        @functools.wraps(handler)
+        async def wrapped(request: web.Request) -> web.Response:
+            token = bearer_token(request.headers.get("Authorization"))
+            challenge = {"WWW-Authenticate": 'Bearer realm="mcp-gateway-admin"'}
+            try:
+                actor = await service.authenticate_admin(self.engine, token)
+            except service.Forbidden as exc:
+                return _error(403, "forbidden", str(exc))
+            if actor is None:
+                return _error(401, "unauthenticated", "a valid admin API key is required as a bearer token",
+                              headers=challenge)
+            try:
+                response = await handler(request, actor)
+            except schemas.ValidationFailed as exc:
+                return _error(422, "validation_failed", "the request has invalid fields", exc.errors)
+            except service.NotFound as exc:
+                return _error(404, "not_found", str(exc))
+            except service.Conflict as exc:
+                return _error(409, "conflict", str(exc))
+            except service.Forbidden as exc:
+                return _error(403, "forbidden", str(exc))
+            except web.HTTPRequestEntityTooLarge:
+                return _error(413, "too_large", "the request body is larger than 1 MiB")
+            if writes and response.status < 300:
+                await self.on_change()
+            return response
+
+        return wrapped
+
+    # -- tenants -------------------------------------------------------------------------------
+    async def create_tenant(self, request: web.Request, actor: service.Actor) -> web.Response:
+        body = schemas.validate(schemas.TenantCreate, await request.read())
+        return _json(await service.create_tenant(self.engine, actor, body), 201)
+
+    async def list_tenants(self, request: web.Request, actor: service.Actor) -> web.Response:
+        limit, after = _paging(request)
+        return _page(await service.list_tenants(self.engine, actor, limit=limit, after=after), limit)
+
+    # -- users ---------------------------------------------------------------------------------
+    async def create_user(self, request: web.Request, actor: service.Actor) -> web.Response:
+        body = schemas.validate(schemas.UserCreate, await request.read())
+        return _json(await service.create_user(self.engine, actor, body), 201)
+
+    async def list_users(self, request: web.Request, actor: service.Actor) -> web.Response:
+        limit, after = _paging(request)
+        return _page(await service.list_users(self.engine, actor, limit=limit, after=after), limit)
+
+    # -- API keys ------------------------------------------------------------------------------
+    async def create_api_key(self, request: web.Request, actor: service.Actor) -> web.Response:
+        body = schemas.validate(schemas.ApiKeyCreate, await request.read())
+        return _json(await service.create_api_key(self.engine, actor, body), 201)
+
+    async def list_api_keys(self, request: web.Request, actor: service.Actor) -> web.Response:
+        limit, after = _paging(request)
+        return _page(await service.list_api_keys(self.engine, actor, limit=limit, after=after), limit)
+
+    async def revoke_api_key(self, request: web.Request, actor: service.Actor) -> web.Response:
+        key_id = _path_id(request, "API key")
+        return _json(await service.revoke_api_key(self.engine, actor, key_id))
+
+    # -- servers -------------------------------------------------------------------------------
+    async def create_server(self, request: web.Request, actor: service.Actor) -> web.Response:
+        body = schemas.validate(schemas.ServerCreate, await request.read())
+        return _json(await service.create_server(self.engine, actor, body), 201)
+
+    async def list_servers(self, request: web.Request, actor: service.Actor) -> web.Response:
+        limit, after = _paging(request)
+        tenant = _uuid_param(request, "tenant_id")
+        items = await service.list_servers(self.engine, actor, limit=limit, after=after, tenant_id=tenant)
+        return _page(items, limit)
+
+    async def get_server(self, request: web.Request, actor: service.Actor) -> web.Response:
+        return _json(await service.get_server(self.engine, actor, _path_id(request, "server")))
+
+    # -- OpenAPI -------------------------------------------------------------------------------
+    async def openapi(self, request: web.Request) -> web.Response:
+        return _json(openapi_document())
+
+
+def _path_id(request: web.Request, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["id"])
+    except ValueError:
+        raise service.NotFound(f"{what} not found") from None
+
+
+def _uuid_param(request: web.Request, name: str) -> uuid.UUID | None:
+    value = request.query.get(name)
+    if value is None:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise schemas.ValidationFailed([{"field": name, "message": "must be a UUID"}]) from None
+
+
+def _paging(request: web.Request) -> tuple[int, uuid.UUID | None]:
+    errors = []
+    limit = 100
+    raw = request.query.get("limit")
+    if raw is not None:
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+            errors.append({"field": "limit", "message": f"must be an integer from 1 to {MAX_PAGE}"})
+        else:
+            limit = int(raw)
+    after = None
+    cursor = request.query.get("cursor")
+    if cursor:
+        try:
+            after = uuid.UUID(cursor)
+        except ValueError:
+            errors.append({"field": "cursor", "message": "is not a cursor this API returned"})
+    if errors:
+        raise schemas.ValidationFailed(errors)
+    return limit, after
+
+
+def _page(items: list[dict], limit: int) -> web.Response:
+    next_cursor = str(items[-1]["id"]) if len(items) == limit else None
+    return _json({"items": items, "next_cursor": next_cursor})
+
+
+def openapi_document() -> dict[str, Any]:
+    def body(name: str) -> dict:
+        return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+
+    listing = {"200": {"description": "a page: {items, next_cursor}"}}
+    created = {"201": {"description": "created"}, "422": {"description": "invalid fields, all listed"}}
+    paging = [
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}},
+        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+    ]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "MCP gateway admin API", "version": "1"},
+        "components": {
+            "schemas": schemas.schema_components(),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/api/v1/tenants": {
+                "post": {"requestBody": body("TenantCreate"), "responses": created},
+                "get": {"parameters": paging, "responses": listing},
+            },
+            "/api/v1/users": {
+                "post": {"requestBody": body("UserCreate"), "responses": created},
+                "get": {"parameters": paging, "responses": listing},
+            },
+            "/api/v1/api-keys": {
+                "post": {"requestBody": body("ApiKeyCreate"), "responses": created},
+                "get": {"parameters": paging, "responses": listing},
+            },
+            "/api/v1/api-keys/{id}": {"delete": {"responses": {"200": {"description": "revoked"}}}},
+            "/api/v1/servers": {
+                "post": {"requestBody": body("ServerCreate"), "responses": created},
+                "get": {"parameters": paging, "responses": listing},
+            },
+            "/api/v1/servers/{id}": {"get": {"responses": {"200": {"description": "the server"}}}},
+        },
+    }

@@ -1,0 +1,348 @@
+"""Control-plane operations over the schema, scoped by tenant in one place.
+
+Every operation takes an `Actor` (who is asking). `Actor.tenant_filter` and
+`Actor.own_tenant` are the only places that decide which tenant's rows a caller
+may see or touch: the operator (an ADMIN of the platform tenant) sees all; a
+tenant ADMIN sees only their tenant. A row outside the caller's reach is
+reported exactly like a row that does not exist.
+
+Every write that changes what the data plane serves bumps
+`config_state.version` in the same transaction; the caller then signals the
+change (`SnapshotStore.publish_change`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from gateway.auth.keys import mint_key, parse_key, verify_key
+from gateway.controlplane import schemas
+from gateway.db.tables import config_state, enhanced_api_keys, mcp_servers, tenants, users, utcnow
+
+PLATFORM_TENANT = "platform"
+OPERATOR_USERNAME = "operator"
+OPERATOR_SCOPES = ["admin", "read", "write", "proxy", "metrics", "health"]
+
+
+class NotFound(Exception):
+    """No such object within the caller's reach."""
+
+
+class Conflict(Exception):
+    """The write would break a uniqueness rule."""
+
+
+class Forbidden(Exception):
+    """The caller may not do this at all."""
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    user_id: uuid.UUID
+    tenant_id: uuid.UUID
+    api_key_id: uuid.UUID | None
+    role: str
+    is_operator: bool
+
+    def tenant_filter(self, table: sa.Table) -> sa.ColumnElement[bool]:
+        """The predicate that keeps a query inside the caller's tenants."""
+        if self.is_operator:
+            return sa.true()
+        return table.c.tenant_id == self.tenant_id
+
+    def own_tenant(self, requested: uuid.UUID | None) -> uuid.UUID:
+        """The tenant a new object goes to: the requested one, if the caller may use it."""
+        if requested is None:
+            if self.is_operator:
+                raise schemas.ValidationFailed([{"field": "tenant_id", "message": "is required for the operator"}])
+            return self.tenant_id
+        if not self.is_operator and requested != self.tenant_id:
+            raise NotFound("tenant not found")
+        return requested
+
+
+async def bump_version(conn: AsyncConnection) -> int:
+    result = await conn.execute(
+        sa.update(config_state)
+        .where(config_state.c.id == 1)
+        .values(version=config_state.c.version + 1, updated_at=utcnow())
+        .returning(config_state.c.version)
+    )
+    return result.scalar_one()
+
+
+def _unique_violation(exc: IntegrityError, what: str) -> Conflict:
+    return Conflict(f"{what} already exists")
+
+
+# -- credentials ------------------------------------------------------------------------------
+async def authenticate_admin(engine: AsyncEngine, token: str | None) -> Actor | None:
+    """The actor behind an admin credential, read fresh from the database (revocation is immediate)."""
+    from datetime import datetime, timezone
+
+    parsed = parse_key(token) if token else None
+    if parsed is None:
+        return None
+    query = (
+        sa.select(
+            enhanced_api_keys.c.id,
+            enhanced_api_keys.c.key_hash,
+            enhanced_api_keys.c.salt,
+            enhanced_api_keys.c.scopes,
+            enhanced_api_keys.c.expires_at,
+            enhanced_api_keys.c.is_active,
+            users.c.id.label("user_id"),
+            users.c.role,
+            users.c.is_active.label("user_active"),
+            tenants.c.id.label("tenant_id"),
+            tenants.c.status,
+            tenants.c.is_platform,
+        )
+        .join(users, users.c.id == enhanced_api_keys.c.user_id)
+        .join(tenants, tenants.c.id == users.c.tenant_id)
+        .where(enhanced_api_keys.c.key_prefix == parsed.prefix)
+    )
+    async with engine.connect() as conn:
+        row = (await conn.execute(query)).mappings().first()
+    if row is None or not verify_key(parsed.plaintext, row["salt"], row["key_hash"]):
+        return None
+    expires = row["expires_at"]
+    if expires is not None and expires.tzinfo is None:
+        expires = expires.replace(tzinfo=timezone.utc)
+    if not row["is_active"] or not row["user_active"] or row["status"] != "active":
+        return None
+    if expires is not None and expires <= datetime.now(timezone.utc):
+        return None
+    if "admin" not in (row["scopes"] or []) or row["role"] != "ADMIN":
+        raise Forbidden("this credential lacks the admin scope or the ADMIN role")
+    return Actor(
+        user_id=row["user_id"],
+        tenant_id=row["tenant_id"],
+        api_key_id=row["id"],
+        role=row["role"],
+        is_operator=bool(row["is_platform"]),
+    )
+
+
+# -- tenants ------------------------------------------------------------------------------------
+async def create_tenant(engine: AsyncEngine, actor: Actor, body: schemas.TenantCreate) -> dict[str, Any]:
+    if not actor.is_operator:
+        raise Forbidden("only the gateway operator creates tenants")
+    row = {"id": uuid.uuid4(), "name": body.name, "status": "active", "settings": body.settings,
+           "is_platform": False, "created_at": utcnow(), "updated_at": utcnow()}
+    async with engine.begin() as conn:
+        try:
+            await conn.execute(sa.insert(tenants).values(**row))
+        except IntegrityError as exc:
+            raise _unique_violation(exc, f"a tenant named '{body.name}'") from None
+        await bump_version(conn)
+    return _tenant_out(row)
+
+
+async def list_tenants(engine: AsyncEngine, actor: Actor, *, limit: int, after: uuid.UUID | None) -> list[dict]:
+    query = sa.select(tenants).where(tenants.c.id == actor.tenant_id if not actor.is_operator else sa.true())
+    return [_tenant_out(r) for r in await _page(engine, query, tenants, limit, after)]
+
+
+def _tenant_out(row: Any) -> dict[str, Any]:
+    return {k: row[k] for k in ("id", "name", "status", "settings", "created_at", "updated_at")}
+
+
+# -- users --------------------------------------------------------------------------------------
+async def create_user(engine: AsyncEngine, actor: Actor, body: schemas.UserCreate) -> dict[str, Any]:
+    tenant_id = actor.own_tenant(body.tenant_id)
+    row = {"id": uuid.uuid4(), "tenant_id": tenant_id, "username": body.username, "email": body.email,
+           "role": body.role, "is_active": True, "created_at": utcnow(), "updated_at": utcnow()}
+    async with engine.begin() as conn:
+        await _require_tenant(conn, tenant_id)
+        try:
+            await conn.execute(sa.insert(users).values(**row))
+        except IntegrityError as exc:
+            raise _unique_violation(exc, "a user with this username or email") from None
+        await bump_version(conn)
+    return _user_out(row)
+
+
+async def list_users(engine: AsyncEngine, actor: Actor, *, limit: int, after: uuid.UUID | None) -> list[dict]:
+    query = sa.select(users).where(actor.tenant_filter(users))
+    return [_user_out(r) for r in await _page(engine, query, users, limit, after)]
+
+
+def _user_out(row: Any) -> dict[str, Any]:
+    return {k: row[k] for k in ("id", "tenant_id", "username", "email", "role", "is_active", "created_at", "updated_at")}
+
+
+async def _require_tenant(conn: AsyncConnection, tenant_id: uuid.UUID) -> None:
+    found = (await conn.execute(sa.select(tenants.c.id).where(tenants.c.id == tenant_id))).first()
+    if found is None:
+        raise NotFound("tenant not found")
+
+
+# -- API keys -----------------------------------------------------------------------------------
+async def create_api_key(engine: AsyncEngine, actor: Actor, body: schemas.ApiKeyCreate) -> dict[str, Any]:
+    minted = mint_key()
+    async with engine.begin() as conn:
+        owner = (
+            await conn.execute(
+                sa.select(users.c.id, users.c.tenant_id).where(users.c.id == body.user_id, actor.tenant_filter(users))
+            )
+        ).first()
+        if owner is None:
+            raise NotFound("user not found")
+        row = {
+            "id": uuid.uuid4(), "tenant_id": owner.tenant_id, "user_id": owner.id, "name": body.name,
+            "key_prefix": minted.prefix, "key_hash": minted.key_hash, "salt": minted.salt,
+            "scopes": sorted(set(body.scopes)), "rate_limit_per_hour": body.rate_limit_per_hour,
+            "rate_limit_per_day": body.rate_limit_per_day, "expires_at": body.expires_at, "is_active": True,
+            "created_at": utcnow(), "updated_at": utcnow(),
+        }
+        await conn.execute(sa.insert(enhanced_api_keys).values(**row))
+        await bump_version(conn)
+    out = _key_out(row)
+    out["key"] = minted.plaintext  # the only time the plaintext exists outside its owner
+    return out
+
+
+async def list_api_keys(engine: AsyncEngine, actor: Actor, *, limit: int, after: uuid.UUID | None) -> list[dict]:
+    query = sa.select(enhanced_api_keys).where(actor.tenant_filter(enhanced_api_keys))
+    return [_key_out(r) for r in await _page(engine, query, enhanced_api_keys, limit, after)]
+
+
+async def revoke_api_key(engine: AsyncEngine, actor: Actor, key_id: uuid.UUID) -> dict[str, Any]:
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            sa.update(enhanced_api_keys)
+            .where(enhanced_api_keys.c.id == key_id, actor.tenant_filter(enhanced_api_keys))
+            .values(is_active=False, updated_at=utcnow())
+            .returning(*enhanced_api_keys.c)
+        )
+        row = result.mappings().first()
+        if row is None:
+            raise NotFound("API key not found")
+        await bump_version(conn)
+    return _key_out(row)
+
+
+def _key_out(row: Any) -> dict[str, Any]:
+    return {
+        k: row[k]
+        for k in (
+            "id", "tenant_id", "user_id", "name", "key_prefix", "scopes", "rate_limit_per_hour",
+            "rate_limit_per_day", "expires_at", "is_active", "last_used_at", "created_at", "updated_at",
+        )
+        if k in row
+    }
+
+
+# -- servers ------------------------------------------------------------------------------------
+async def create_server(engine: AsyncEngine, actor: Actor, body: schemas.ServerCreate) -> dict[str, Any]:
+    tenant_id = actor.own_tenant(body.tenant_id)
+    row = {
+        "id": uuid.uuid4(), "tenant_id": tenant_id, "name": body.name, "description": body.description,
+        "endpoint_url": body.endpoint_url, "transport_type": body.transport_type, "health_status": "UNKNOWN",
+        "tags": body.tags, "capabilities": {}, "is_active": True, "created_at": utcnow(), "updated_at": utcnow(),
+    }
+    async with engine.begin() as conn:
+        await _require_tenant(conn, tenant_id)
+        try:
+            await conn.execute(sa.insert(mcp_servers).values(**row))
+        except IntegrityError as exc:
+            raise _unique_violation(exc, f"a server named '{body.name}' in this tenant") from None
+        await bump_version(conn)
+    row["avg_response_time"] = None
+    return _server_out(row)
+
+
+async def list_servers(
+    engine: AsyncEngine, actor: Actor, *, limit: int, after: uuid.UUID | None, tenant_id: uuid.UUID | None = None
+) -> list[dict]:
+    query = sa.select(mcp_servers).where(actor.tenant_filter(mcp_servers))
+    if tenant_id is not None:
+        query = query.where(mcp_servers.c.tenant_id == tenant_id)
+    return [_server_out(r) for r in await _page(engine, query, mcp_servers, limit, after)]
+
+
+async def get_server(engine: AsyncEngine, actor: Actor, server_id: uuid.UUID) -> dict[str, Any]:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                sa.select(mcp_servers).where(mcp_servers.c.id == server_id, actor.tenant_filter(mcp_servers))
+            )
+        ).mappings().first()
+    if row is None:
+        raise NotFound("server not found")
+    return _server_out(row)
+
+
+def _server_out(row: Any) -> dict[str, Any]:
+    return {
+        k: row[k]
+        for k in (
+            "id", "tenant_id", "name", "description", "endpoint_url", "transport_type", "health_status",
+            "avg_response_time", "tags", "capabilities", "is_active", "created_at", "updated_at",
+        )
+    }
+
+
+async def _page(engine: AsyncEngine, query: sa.Select, table: sa.Table, limit: int, after: uuid.UUID | None):
+    """Keyset pagination by id: stable under inserts, no OFFSET scans."""
+    if after is not None:
+        query = query.where(table.c.id > after)
+    query = query.order_by(table.c.id).limit(limit)
+    async with engine.connect() as conn:
+        return (await conn.execute(query)).mappings().all()
+
+
+# -- bootstrap ----------------------------------------------------------------------------------
+async def bootstrap(engine: AsyncEngine) -> str:
+    """Create the platform tenant, the operator and its key; return the key's plaintext.
+
+    Refuses (Conflict) when the platform tenant exists: an operator credential
+    is minted once, and further keys are made through the admin API.
+    """
+    minted = mint_key()
+    now = utcnow()
+    tenant_id, user_id = uuid.uuid4(), uuid.uuid4()
+    async with engine.begin() as conn:
+        exists = (await conn.execute(sa.select(tenants.c.id).where(tenants.c.is_platform.is_(True)))).first()
+        if exists is not None:
+            raise Conflict("the gateway is already bootstrapped (a platform tenant exists)")
+        await conn.execute(
+            sa.insert(tenants).values(id=tenant_id, name=PLATFORM_TENANT, status="active", settings={},
+                                      is_platform=True, created_at=now, updated_at=now)
+        )
+        await conn.execute(
+            sa.insert(users).values(id=user_id, tenant_id=tenant_id, username=OPERATOR_USERNAME,
+                                    email="operator@gateway.invalid", role="ADMIN", is_active=True,
+                                    created_at=now, updated_at=now)
+        )
+        await conn.execute(
+            sa.insert(enhanced_api_keys).values(
+                id=uuid.uuid4(), tenant_id=tenant_id, user_id=user_id, name="operator", key_prefix=minted.prefix,
+                key_hash=minted.key_hash, salt=minted.salt, scopes=OPERATOR_SCOPES, rate_limit_per_hour=100_000,
+                rate_limit_per_day=1_000_000, expires_at=None, is_active=True, created_at=now, updated_at=now,
+            )
+        )
+        await bump_version(conn)
+    return minted.plaintext
+
+
+async def operator_actor(engine: AsyncEngine) -> Actor:
+    """The operator as an actor, for local tools (CLI, demo) that hold the database itself."""
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                sa.select(users.c.id, users.c.tenant_id)
+                .join(tenants, tenants.c.id == users.c.tenant_id)
+                .where(tenants.c.is_platform.is_(True), users.c.username == OPERATOR_USERNAME)
+            )
+        ).first()
+    if row is None:
+        raise NotFound("the gateway is not bootstrapped: run `gateway bootstrap`")
+    return Actor(user_id=row.id, tenant_id=row.tenant_id, api_key_id=None, role="ADMIN", is_operator=True)

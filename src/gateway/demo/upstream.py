@@ -1,0 +1,70 @@
+"""A small MCP server on the official SDK: the upstream of `gateway demo` and the tests.
+
+It speaks Streamable HTTP in both eras (the SDK serves 2025-era sessions and
+2026-07-28 stateless requests on one endpoint) and offers a few tools, a
+resource and a prompt, so a new user has something to call.
+
+Run alone: `python -m gateway.demo.upstream --port 8090` (path /mcp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from datetime import datetime, timezone
+
+from mcp.server.mcpserver import Context, MCPServer
+
+
+def build_server() -> MCPServer:
+    server = MCPServer("gateway-demo", instructions="Demo tools behind the MCP gateway.")
+
+    @server.tool(description="Return the text unchanged.")
+    def echo(text: str) -> str:
+        return text
+
+    @server.tool(description="Add two numbers.")
+    def add(a: float, b: float) -> float:
+        return a + b
+
+    @server.tool(description="Count the words in a text.")
+    def word_count(text: str) -> int:
+        return len(text.split())
+
+    @server.tool(description="The current UTC time, ISO 8601.")
+    def utc_now() -> str:
+        return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    @server.tool(description="Count to n, reporting progress at each step, `delay` seconds apart.")
+    async def count(n: int, ctx: Context, delay: float = 0.0) -> str:
+        for i in range(1, n + 1):
+            if delay:
+                await asyncio.sleep(delay)
+            await ctx.report_progress(i, n, f"step {i} of {n}")
+        return f"counted to {n}"
+
+    @server.resource("demo://readme", description="What this server is.", mime_type="text/plain")
+    def readme() -> str:
+        return "A demo MCP server registered behind the gateway."
+
+    @server.prompt(description="Ask for a greeting.")
+    def greet(name: str) -> str:
+        return f"Please write a short, warm greeting for {name}."
+
+    return server
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--json-response", action="store_true", help="answer with JSON instead of SSE")
+    args = parser.parse_args(argv)
+    app = build_server().streamable_http_app(json_response=args.json_response, host=args.host)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
+
+
+if __name__ == "__main__":
+    main()
