@@ -8,7 +8,7 @@ one message per invalid or unknown field, and raises `ValidationFailed` (422).
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -79,6 +79,8 @@ def _extra_checks(cls: type, values: dict[str, Any]) -> list[dict[str, str]]:
     if cls is ApiKeyCreate and isinstance(values.get("expires_at"), datetime):
         if values["expires_at"].tzinfo is None:
             errors.append({"field": "expires_at", "message": "must include a UTC offset, e.g. 2030-01-01T00:00:00Z"})
+        elif values["expires_at"] <= datetime.now(timezone.utc):
+            errors.append({"field": "expires_at", "message": "is in the past; a new key must expire later"})
     if cls is UserCreate and isinstance(values.get("email"), str):
         values["email"] = values["email"].lower()
     return errors

@@ -1,0 +1,138 @@
+"""Helpers the tests share that are not fixtures: ports, processes, a provisioned gateway."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
+def spawn_upstream(*extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.demo.upstream", "--port", str(port), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port, proc)
+    return proc, f"http://127.0.0.1:{port}/mcp"
+
+
+def gateway_config(database_url: str, **sections):
+    """A Config on free ports with `sections` ({"dataplane": {...}}) applied."""
+    from gateway import config
+
+    env = {
+        "GATEWAY_DATABASE_URL": database_url,
+        "GATEWAY_DATAPLANE_PORT": "0",
+        "GATEWAY_CONTROLPLANE_PORT": "0",
+        "GATEWAY_WRITER_FLUSH_INTERVAL": "0.05",
+        "GATEWAY_SNAPSHOT_POLL_INTERVAL": "0.2",
+    }
+    for section, values in sections.items():
+        for key, value in values.items():
+            env[f"GATEWAY_{section.upper()}_{key.upper()}"] = str(value)
+    return config.load(None, env=env)
+
+
+@dataclass
+class Tenancy:
+    """One tenant with a user, a proxy key and a registered server, made through the admin API."""
+
+    tenant_id: str
+    user_id: str
+    api_key: str
+    api_key_id: str
+    server_id: str
+    server_name: str
+    endpoint: str
+
+
+class RunningGateway:
+    def __init__(self, gateway, admin_key: str) -> None:
+        self.gateway = gateway
+        self.admin_key = admin_key
+
+    @property
+    def url(self) -> str:
+        return self.gateway.dataplane_url
+
+    @property
+    def admin_url(self) -> str:
+        return self.gateway.controlplane_url + "/api/v1"
+
+    async def admin(self, method: str, path: str, json=None, key: str | None = None):
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            async with http.request(
+                method,
+                self.admin_url + path,
+                json=json,
+                headers={"Authorization": f"Bearer {key or self.admin_key}"},
+            ) as resp:
+                return resp.status, await resp.json()
+
+    async def tenancy(self, name: str, upstream_url: str, *, server_name: str = "demo", **key_fields) -> Tenancy:
+        status, tenant = await self.admin("POST", "/tenants", {"name": name})
+        assert status == 201, tenant
+        status, user = await self.admin(
+            "POST", "/users",
+            {"tenant_id": tenant["id"], "username": f"{name}-user", "email": f"{name}@example.com", "role": "USER"},
+        )
+        assert status == 201, user
+        status, key = await self.admin(
+            "POST", "/api-keys", {"user_id": user["id"], "name": f"{name}-key", "scopes": ["proxy"], **key_fields}
+        )
+        assert status == 201, key
+        status, server = await self.admin(
+            "POST", "/servers",
+            {"tenant_id": tenant["id"], "name": server_name, "endpoint_url": upstream_url, "transport_type": "http"},
+        )
+        assert status == 201, server
+        return Tenancy(
+            tenant_id=tenant["id"], user_id=user["id"], api_key=key["key"], api_key_id=key["id"],
+            server_id=server["id"], server_name=server_name, endpoint=f"{self.url}/servers/{server_name}/mcp",
+        )
+
+
+# The operator key of each database this run bootstrapped (a second gateway on
+# the same database shares it, as a second process in production would).
+_OPERATOR_KEYS: dict[str, str] = {}
+
+
+async def start_gateway(database_url: str, **sections) -> RunningGateway:
+    from gateway.app import Gateway
+    from gateway.controlplane import service
+    from gateway.db.engine import create_engine
+
+    if database_url not in _OPERATOR_KEYS:
+        engine = create_engine(database_url)
+        try:
+            _OPERATOR_KEYS[database_url] = await service.bootstrap(engine)
+        finally:
+            await engine.dispose()
+    gateway = Gateway(gateway_config(database_url, **sections))
+    await gateway.start()
+    return RunningGateway(gateway, _OPERATOR_KEYS[database_url])

@@ -1,0 +1,86 @@
+"""Configuration: defaults, TOML, environment overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from gateway import config
+from gateway.config import ConfigError
+
+
+def test_defaults_are_the_embedded_gateway():
+    cfg = config.load(None, env={})
+    assert cfg.database.url.startswith("sqlite:///")
+    assert cfg.redis.url == ""
+    assert (cfg.dataplane.host, cfg.dataplane.port) == ("127.0.0.1", 8080)
+    assert (cfg.controlplane.host, cfg.controlplane.port) == ("127.0.0.1", 8081)
+    assert not cfg.uses_postgres
+
+
+def test_toml_then_environment(tmp_path):
+    path = tmp_path / "gateway.toml"
+    path.write_text('[database]\nurl = "postgresql://postgres@127.0.0.1/test"\n[dataplane]\nport = 9000\n')
+    cfg = config.load(path, env={"GATEWAY_DATAPLANE_PORT": "9100", "GATEWAY_REDIS_URL": "redis://127.0.0.1:6379/0"})
+    assert cfg.uses_postgres
+    assert cfg.dataplane.port == 9100  # the environment wins
+    assert cfg.redis.url == "redis://127.0.0.1:6379/0"
+
+
+def test_gateway_config_variable(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text("[writer]\nbatch_size = 17\n")
+    assert config.load(None, env={"GATEWAY_CONFIG": str(path)}).writer.batch_size == 17
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"GATEWAY_DATAPLANE_PORT": "eighty"}, ["GATEWAY_DATAPLANE_PORT", "dataplane.port"]),
+        ({"GATEWAY_DATAPLANE_PORT": "70000"}, ["GATEWAY_DATAPLANE_PORT", "<= 65535"]),
+        ({"GATEWAY_WRITER_BATCH_SIZE": "0"}, ["writer.batch_size", ">= 1"]),
+        ({"GATEWAY_DATAPLANE_PROT": "1"}, ["GATEWAY_DATAPLANE_PROT", "unknown key"]),
+        ({"GATEWAY_NOPE_X": "1"}, ["GATEWAY_NOPE_X", "unknown setting"]),
+        ({"GATEWAY_DATABASE_URL": "mysql://x"}, ["database.url", "sqlite or postgresql"]),
+        ({"GATEWAY_LOG_LEVEL": "LOUD"}, ["log.level"]),
+    ],
+)
+def test_bad_values_name_the_key(env, names):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, env=env)
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        config.load(None, env={"GATEWAY_DATAPLANE_PORT": "x", "GATEWAY_WRITER_BATCH_SIZE": "-1"})
+    assert "dataplane.port" in str(err.value) and "writer.batch_size" in str(err.value)
+
+
+def test_bad_toml_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[dataplane\nport = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(path, env={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "missing.toml", env={})
+
+
+def test_cli_stops_on_bad_config_with_the_key_named():
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve"],
+        env={"GATEWAY_DATAPLANE_PORT": "eighty", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "GATEWAY_DATAPLANE_PORT" in proc.stderr
+
+
+def test_describe_lists_every_setting_with_its_variable():
+    rows = {key: env for key, env, _ in config.describe()}
+    assert rows["database.url"] == "GATEWAY_DATABASE_URL"
+    assert rows["redis.url"] == "GATEWAY_REDIS_URL"
+    assert rows["dataplane.max_body_bytes"] == "GATEWAY_DATAPLANE_MAX_BODY_BYTES"
