@@ -20,10 +20,10 @@ from gateway.config import Config
 from gateway.controlplane.api import ControlPlane
 from gateway.dataplane.server import DataPlane
 from gateway.db import migrate
-from gateway.db.engine import create_engine, create_pg_pool
+from gateway.db.engine import create_engine
 from gateway.limits.quotas import KeyQuotas
 from gateway.records.metrics import Registry
-from gateway.records.sinks import PostgresSink, SQLiteSink
+from gateway.records.sinks import sink_for
 from gateway.records.writer import RecordWriter
 from gateway.snapshot import SnapshotStore
 
@@ -42,7 +42,7 @@ class Gateway:
         self._runners: list[web.AppRunner] = []
         self.dataplane_port: int | None = None
         self.controlplane_port: int | None = None
-        self._pg_pool = None
+        self._sink = None
 
     @property
     def dataplane_url(self) -> str:
@@ -71,13 +71,10 @@ class Gateway:
             self.store.on_change(lambda snapshot: quotas.resize(snapshot, time.monotonic()))
         await self.store.start()
 
-        if cfg.uses_postgres:
-            self._pg_pool = await create_pg_pool(cfg.database.url, min_size=1, max_size=2)
-            sink = PostgresSink(self._pg_pool)
-        else:
-            sink = SQLiteSink(create_engine(cfg.database.url))
+        # COPY into PostgreSQL, batched INSERTs into SQLite; the sink owns its connections.
+        self._sink = await sink_for(cfg.database.url)
         self.writer = RecordWriter(
-            sink,
+            self._sink,
             max_queue=cfg.writer.max_queue,
             batch_size=cfg.writer.batch_size,
             flush_interval=cfg.writer.flush_interval,
@@ -136,8 +133,8 @@ class Gateway:
             await self.dataplane.close()
         if self.store is not None:
             await self.store.stop()
-        if self._pg_pool is not None:
-            await self._pg_pool.close()
+        if self._sink is not None:
+            await self._sink.close()
         if self.redis is not None:
             await self.redis.aclose()
         if self.engine is not None:

@@ -1,0 +1,312 @@
+"""Where record batches land: PostgreSQL through COPY, SQLite through executemany.
+
+A sink owns one database connection pool (asyncpg) or engine (SQLAlchemy) and
+writes one table's rows per call; `gateway.records.writer` decides what to
+write and when. A sink turns every driver error into one of two answers the
+writer acts on: `SinkUnavailable` (retry these rows later) or `RowsRejected`
+(these rows will never go in). Their messages are safe to log: a sink must not
+put row values into an error it raises, because rows carry user data and
+driver messages quote it (asyncpg: "invalid UUID 'abc'", SQLAlchemy: the
+statement's parameters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timezone
+from typing import Protocol
+
+import asyncpg
+import orjson
+import sqlalchemy as sa
+import sqlalchemy.exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.db import tables
+from gateway.db.engine import create_engine, create_pg_pool, is_postgres
+
+logger = logging.getLogger("gateway.records")
+
+UTC = timezone.utc
+
+
+class Sink(Protocol):
+    async def write(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+        """Write all `rows` (tuples in `columns` order) or none of them."""
+
+    async def close(self) -> None: ...
+
+
+class SinkError(Exception):
+    """A write failed. `str()` of it never contains row values."""
+
+
+class SinkUnavailable(SinkError):
+    """The database could not take the rows now (down, unreachable, timed out): retry them."""
+
+
+class RowsRejected(SinkError):
+    """The database refused the rows themselves (a NULL in a NOT NULL column, a value
+    of the wrong type or too long): retrying the same rows fails the same way."""
+
+
+def _json_positions(table: str, columns: tuple[str, ...]) -> tuple[int, ...]:
+    table_columns = tables.metadata.tables[table].columns
+    return tuple(i for i, name in enumerate(columns) if isinstance(table_columns[name].type, sa.JSON))
+
+
+def _timestamp_positions(table: str, columns: tuple[str, ...]) -> tuple[int, ...]:
+    table_columns = tables.metadata.tables[table].columns
+    return tuple(i for i, name in enumerate(columns) if isinstance(table_columns[name].type, sa.DateTime))
+
+
+# Non-str keys are serialized (as str) the way the stdlib json module, which the
+# control plane's SQLAlchemy JSON type uses, would: an audit entry must not be
+# lost over an integer key.
+_ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS
+
+
+def encode_json(value: object) -> str | None:
+    """A JSON column's value as JSON text; None stays SQL NULL on both back ends."""
+    if value is None:
+        return None
+    return orjson.dumps(value, option=_ORJSON_OPTIONS).decode()
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+# SQLSTATE class 22 (data exception) and 23 (integrity constraint violation) are
+# about the rows; asyncpg encodes values client-side and reports a bad one as a
+# plain TypeError / ValueError / OverflowError (IndexError for a short tuple).
+_PG_REJECTIONS = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    TypeError,
+    ValueError,
+    LookupError,
+    ArithmeticError,
+)
+
+
+def _pg_error(exc: Exception) -> SinkError:
+    if isinstance(exc, _PG_REJECTIONS):
+        # The server's message and the client's encoder quote the offending value:
+        # name the error and the column, never the value.
+        detail = type(exc).__name__
+        sqlstate = getattr(exc, "sqlstate", None)
+        if sqlstate:
+            detail += f" (SQLSTATE {sqlstate})"
+        column = getattr(exc, "column_name", None)
+        if column:
+            detail += f" in column {column}"
+        return RowsRejected(detail)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return SinkUnavailable("TimeoutError: the database did not answer in time")
+    # Connection and server-state errors ("connection refused", "terminating
+    # connection due to administrator command", "database ... does not exist")
+    # name hosts and objects, not row values. Of a server error only the primary
+    # message is kept: its DETAIL line is where PostgreSQL quotes rows.
+    if isinstance(exc, asyncpg.PostgresError):
+        return SinkUnavailable(f"{type(exc).__name__} (SQLSTATE {exc.sqlstate}): {exc.message}")
+    return SinkUnavailable(f"{type(exc).__name__}: {exc}")
+
+
+class PostgresSink:
+    """COPY (binary) into PostgreSQL through an asyncpg pool, which this sink owns and closes.
+
+    JSON columns are orjson-encoded here, per value, only for tables that have
+    them (audit_logs.details): asyncpg's jsonb codec takes text. That keeps the
+    pool an ordinary one (no per-connection codec setup to get right on
+    reconnect) and costs nothing for request_logs, which has no JSON column.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, timeout: float = 30.0) -> None:
+        self._pool = pool
+        # A database that stops answering (a dropped route, no RST) must fail the
+        # write instead of hanging the writer forever.
+        self._timeout = timeout
+        self._json_positions: dict[tuple[str, tuple[str, ...]], tuple[int, ...]] = {}
+
+    async def write(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+        try:
+            records = self._encoded(table, columns, rows)
+        except Exception as exc:  # noqa: BLE001 - a value orjson cannot encode
+            raise RowsRejected(f"{type(exc).__name__} while encoding a JSON value") from exc
+        try:
+            try:
+                async with self._pool.acquire(timeout=self._timeout) as conn:
+                    await conn.copy_records_to_table(
+                        table, records=records, columns=columns, timeout=self._timeout
+                    )
+            except asyncpg.UniqueViolationError:
+                # A batch whose COPY committed but whose reply was lost (connection
+                # cut at the wrong moment) comes back as a retry: insert what is new.
+                await self._insert_skipping_duplicates(table, columns, records)
+        except SinkError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every driver error is classified
+            raise _pg_error(exc) from exc
+
+    async def _insert_skipping_duplicates(
+        self, table: str, columns: tuple[str, ...], records: list[tuple]
+    ) -> None:
+        column_list = ", ".join(f'"{name}"' for name in columns)
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            async with conn.transaction():
+                await conn.execute(
+                    f'CREATE TEMPORARY TABLE "_gw_records_retry" (LIKE "{table}") ON COMMIT DROP',
+                    timeout=self._timeout,
+                )
+                await conn.copy_records_to_table(
+                    "_gw_records_retry", records=records, columns=columns, timeout=self._timeout
+                )
+                status = await conn.execute(
+                    f'INSERT INTO "{table}" ({column_list}) SELECT {column_list} FROM "_gw_records_retry" '
+                    "ON CONFLICT DO NOTHING",
+                    timeout=self._timeout,
+                )
+        inserted = int(status.rsplit(" ", 1)[-1])
+        logger.info(
+            "%s: skipped %d rows already in the database (a retried batch had been committed)",
+            table,
+            len(records) - inserted,
+        )
+
+    def _encoded(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> list[tuple]:
+        key = (table, columns)
+        positions = self._json_positions.get(key)
+        if positions is None:
+            positions = self._json_positions[key] = _json_positions(table, columns)
+        if not positions:
+            return rows
+        if len(positions) == 1:
+            (at,) = positions
+            return [(*row[:at], encode_json(row[at]), *row[at + 1 :]) for row in rows]
+        encoded = []
+        for row in rows:
+            values = list(row)
+            for at in positions:
+                values[at] = encode_json(values[at])
+            encoded.append(tuple(values))
+        return encoded
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self._pool.close(), self._timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            self._pool.terminate()
+
+
+# ---------------------------------------------------------------- SQLite
+
+
+def _sqlite_error(exc: Exception) -> SinkError:
+    # str() of a SQLAlchemy error includes the statement's parameters, i.e. the
+    # rows: describe it by the driver's own message, which names constraints
+    # and columns ("NOT NULL constraint failed: request_logs.status_code").
+    if isinstance(exc, sa_exc.DBAPIError):
+        detail = f"{type(exc.orig).__name__}: {exc.orig}"
+        if isinstance(exc, (sa_exc.IntegrityError, sa_exc.DataError)):
+            return RowsRejected(detail)
+        return SinkUnavailable(detail)  # locked, I/O error, no such table (not migrated yet)
+    if isinstance(exc, sa_exc.StatementError):
+        # Raised before the driver saw the rows: a bind processor refused a value
+        # (a str where a UUID belongs).
+        return RowsRejected(f"{type(getattr(exc, 'orig', None) or exc).__name__} while converting a value")
+    if isinstance(exc, (TypeError, ValueError, LookupError, ArithmeticError)):
+        return RowsRejected(type(exc).__name__)
+    return SinkUnavailable(f"{type(exc).__name__}: {exc}")
+
+
+class SQLiteSink:
+    """One executemany INSERT per batch, in a transaction, through a SQLAlchemy engine this sink owns.
+
+    Rows go through the tables' own column types (Uuid, DateTime), so the
+    control plane reads back what it would have written, with two exceptions
+    made on purpose, for parity with PostgreSQL: JSON values are orjson-encoded
+    here (None stays SQL NULL; SQLAlchemy's JSON type would store the text
+    'null' and reject datetimes and UUIDs inside the value), and aware
+    timestamps are converted to UTC (SQLite stores a wall-clock time without
+    its offset).
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._inserts: dict[str, sa.Insert] = {}
+        self._converters: dict[tuple[str, tuple[str, ...]], tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    async def write(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+        try:
+            params = self._params(table, columns, rows)
+        except Exception as exc:  # noqa: BLE001 - a value that is not what its column takes
+            raise RowsRejected(f"{type(exc).__name__} while converting a value") from exc
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(self._insert(table), params)
+        except SinkError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every driver error is classified
+            raise _sqlite_error(exc) from exc
+
+    def _insert(self, table: str) -> sa.Insert:
+        insert = self._inserts.get(table)
+        if insert is None:
+            # The table's columns with JSON declared as text: the values arrive encoded.
+            source = tables.metadata.tables[table]
+            shadow = sa.Table(
+                table,
+                sa.MetaData(),
+                *(
+                    sa.Column(c.name, sa.Text() if isinstance(c.type, sa.JSON) else c.type)
+                    for c in source.columns
+                ),
+            )
+            insert = self._inserts[table] = shadow.insert()
+        return insert
+
+    def _params(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> list[dict]:
+        key = (table, columns)
+        converters = self._converters.get(key)
+        if converters is None:
+            converters = self._converters[key] = (
+                _json_positions(table, columns),
+                _timestamp_positions(table, columns),
+            )
+        json_at, timestamp_at = converters
+        params = []
+        for row in rows:
+            values = list(row)
+            for at in json_at:
+                values[at] = encode_json(values[at])
+            for at in timestamp_at:
+                value = values[at]
+                if value is not None and value.tzinfo is not None and value.tzinfo is not UTC:
+                    values[at] = value.astimezone(UTC)
+            params.append(dict(zip(columns, values)))
+        return params
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+
+async def sink_for(url: str, *, timeout: float = 30.0) -> Sink:
+    """The sink for a configured database URL (PostgreSQL: COPY; otherwise SQLite)."""
+    if is_postgres(url):
+        # The writer holds one connection at a time; a second lets a retry
+        # connect while a dead one is still being torn down.
+        pool = await create_pg_pool(url, min_size=1, max_size=2)
+        return PostgresSink(pool, timeout=timeout)
+    return SQLiteSink(create_engine(url))
+
+
+__all__ = [
+    "PostgresSink",
+    "RowsRejected",
+    "SQLiteSink",
+    "Sink",
+    "SinkError",
+    "SinkUnavailable",
+    "encode_json",
+    "sink_for",
+]
