@@ -250,7 +250,16 @@ class DataPlane:
             exchange.status = upstream.status
             if upstream.is_event_stream:
                 return await self._stream(request, upstream, exchange)
-            content = await upstream.read()
+            if upstream.complete:
+                content = await upstream.read()  # the usual case: it all came with the headers
+            else:
+                try:
+                    content = await asyncio.wait_for(upstream.read(), self.config.upstream_timeout)
+                except asyncio.TimeoutError:
+                    upstream.release()
+                    raise UpstreamTimeout(
+                        f"the answer's body did not arrive within {self.config.upstream_timeout:g}s"
+                    ) from None
         except UpstreamTimeout as exc:
             raise Refusal(504, UPSTREAM_TIMEOUT, f"Server '{server.name}' did not answer in time: {exc}") from None
         except UpstreamConnectError as exc:
