@@ -53,6 +53,9 @@ class DataPlaneConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Keep-alive connections kept per upstream, and how long an idle one lives.
     upstream_pool_size: PositiveInt = 64
     upstream_idle_seconds: Positive = 30.0
+    # Browser origins allowed besides loopback ones ("*": any). Requests without
+    # an Origin header (non-browser clients) are always allowed.
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
 
 
 class ControlPlaneConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -165,6 +168,9 @@ def _validate(
             if key not in fields:
                 problems.append(f"{where}: unknown key {section}.{key} (known: {', '.join(fields)})")
                 continue
+            if isinstance(value, str) and getattr(fields[key], "__origin__", None) is list:
+                # Lists come from the environment comma-separated.
+                value = [item.strip() for item in value.split(",") if item.strip()]
             try:
                 # strict=False lets environment strings become ints, floats and bools.
                 good[key] = msgspec.convert(value, fields[key], strict=False)

@@ -46,14 +46,23 @@ class Envelope(msgspec.Struct, omit_defaults=True):
     params: msgspec.Raw = msgspec.Raw(b"")
 
 
-class _NamedParams(msgspec.Struct):
-    name: str | None = None
-    uri: str | None = None
+class _Meta(msgspec.Struct):
+    # 2026-07-28 requests carry their protocol version in params._meta.
+    protocol_version: str | None = msgspec.field(default=None, name="io.modelcontextprotocol/protocolVersion")
+
+
+class _Params(msgspec.Struct):
+    """The few params a decision needs; everything else in params is skipped unread."""
+
+    # Any here: only tools/call, prompts/get and resources/read need a string.
+    name: Any = None
+    uri: Any = None
+    meta: _Meta | None = msgspec.field(default=None, name="_meta")
 
 
 _envelope = msgspec.json.Decoder(Envelope)
 _batch = msgspec.json.Decoder(list[Envelope])
-_named = msgspec.json.Decoder(_NamedParams)
+_params = msgspec.json.Decoder(_Params)
 
 # Methods whose target is named in params: the tool, prompt or resource.
 _NAMED_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
@@ -92,6 +101,8 @@ class Call(msgspec.Struct):
     request_id: int | str | None
     target: str | None  # tool name, prompt name or resource URI
     is_batch: bool = False
+    # params._meta's protocol version: set on 2026-07-28 (stateless) requests only.
+    envelope_version: str | None = None
 
 
 def parse_body(body: bytes) -> Call:
@@ -114,18 +125,22 @@ def parse_body(body: bytes) -> Call:
         raise _decode_refusal(body, exc) from None
     _check(envelope)
     target = None
-    field = _NAMED_METHODS.get(envelope.method) if envelope.method else None
-    if field is not None and envelope.params:
+    envelope_version = None
+    if envelope.params:
         try:
-            named = _named.decode(envelope.params)
+            params = _params.decode(envelope.params)
         except msgspec.DecodeError:
-            raise Refusal(
-                400,
-                INVALID_PARAMS,
-                f"Invalid params: {envelope.method} needs params.{field} as a string",
-            ) from None
-        target = getattr(named, field)
-    return Call(method=envelope.method, request_id=envelope.id, target=target)
+            field = _NAMED_METHODS.get(envelope.method) if envelope.method else None
+            what = f"params.{field} as a string" if field else "params as an object"
+            raise Refusal(400, INVALID_PARAMS, f"Invalid params: {envelope.method} needs {what}") from None
+        field = _NAMED_METHODS.get(envelope.method) if envelope.method else None
+        if field is not None:
+            target = getattr(params, field)
+            if target is not None and not isinstance(target, str):
+                raise Refusal(400, INVALID_PARAMS, f"Invalid params: {envelope.method} needs params.{field} as a string")
+        if params.meta is not None:
+            envelope_version = params.meta.protocol_version
+    return Call(method=envelope.method, request_id=envelope.id, target=target, envelope_version=envelope_version)
 
 
 def _check(envelope: Envelope) -> None:

@@ -36,6 +36,7 @@ from gateway.dataplane.jsonrpc import (
     Refusal,
     parse_body,
 )
+from gateway.dataplane.protocol import check_message, check_origin
 from gateway.dataplane.upstream import (
     UpstreamConnectError,
     UpstreamError,
@@ -87,6 +88,7 @@ class DataPlane:
         self.quotas = quotas
         self.ready = ready
         self.pools: dict[str, UpstreamPool] = {}
+        self.allowed_origins = frozenset(config.allowed_origins)
         self.metrics = metrics
         self.requests = metrics.counter(
             "gateway_requests_total", "MCP requests by server, method and outcome", ("server", "method", "status")
@@ -151,7 +153,9 @@ class DataPlane:
         call: Call | None = None
         body = b""
         try:
-            key = authenticate(snapshot, request.headers.get("Authorization"), "proxy")
+            headers = request.headers
+            check_origin(headers.get("Origin"), self.allowed_origins)
+            key = authenticate(snapshot, headers.get("Authorization"), "proxy")
             name = request.match_info["server_name"]
             server = snapshot.server(key.tenant_id, name)
             if server is None:
@@ -160,6 +164,7 @@ class DataPlane:
             if with_body:
                 body = await self._read_body(request)
                 call = parse_body(body)
+                check_message(call, headers.items(), headers.get("MCP-Protocol-Version"))
             if self.quotas is not None:
                 self._check_quota(key)
             return await self._forward(request, server, body if with_body else None, exchange)
