@@ -19,6 +19,7 @@ from aiohttp import web
 from gateway.config import Config
 from gateway.controlplane.api import ControlPlane
 from gateway.dataplane.server import DataPlane
+from gateway.dataplane.sessions import SessionSealer, shared_secret
 from gateway.db import migrate
 from gateway.db.engine import create_engine
 from gateway.limits.quotas import KeyQuotas
@@ -82,8 +83,15 @@ class Gateway:
         await self.writer.start()
         self._register_writer_metrics()
 
+        secret = cfg.sessions.secret or await shared_secret(self.engine)
         self.dataplane = DataPlane(
-            cfg.dataplane, self.store, self.writer, self.metrics, quotas=quotas, ready=lambda: self.writer.running
+            cfg.dataplane,
+            self.store,
+            self.writer,
+            self.metrics,
+            quotas=quotas,
+            sessions=SessionSealer(secret),
+            ready=lambda: self.writer.running,
         )
         self.dataplane_port = await self._listen(self.dataplane.build_app(), cfg.dataplane.host, cfg.dataplane.port)
         if cfg.controlplane.enabled:

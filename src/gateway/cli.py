@@ -117,6 +117,8 @@ def cmd_config_get(args: argparse.Namespace) -> int:
         if args.key and key != args.key:
             continue
         value = values[section][name]
+        if key == "sessions.secret":
+            value = "(set)" if value else "(generated, kept in the database)"
         if key == "database.url" or key == "redis.url":
             from gateway.db.migrate import redact_url
 

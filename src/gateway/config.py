@@ -79,6 +79,12 @@ class SnapshotConfig(msgspec.Struct, forbid_unknown_fields=True):
     poll_interval: Positive = 1.0
 
 
+class SessionsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    # Key material for sealing session ids (any string of 32+ characters).
+    # Empty: one is generated once and kept in the database, shared by every process.
+    secret: str = ""
+
+
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool = True
 
@@ -95,6 +101,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     controlplane: ControlPlaneConfig = msgspec.field(default_factory=ControlPlaneConfig)
     writer: WriterConfig = msgspec.field(default_factory=WriterConfig)
     snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
+    sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
@@ -196,6 +203,8 @@ def _check_urls(config: Config) -> None:
             f"database.pool_min ({config.database.pool_min}) is larger than database.pool_max "
             f"({config.database.pool_max})"
         )
+    if config.sessions.secret and len(config.sessions.secret) < 32:
+        raise ConfigError("sessions.secret is too short: use at least 32 random characters")
     if config.redis.url and urlsplit(config.redis.url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"redis.url = {config.redis.url!r}: scheme must be redis, rediss or unix")
 

@@ -28,6 +28,7 @@ from gateway.config import DataPlaneConfig
 from gateway.dataplane.jsonrpc import (
     PAYLOAD_TOO_LARGE,
     RATE_LIMITED,
+    SESSION_NOT_FOUND,
     UNKNOWN_SERVER,
     UPSTREAM_BAD_RESPONSE,
     UPSTREAM_TIMEOUT,
@@ -37,6 +38,7 @@ from gateway.dataplane.jsonrpc import (
     parse_body,
 )
 from gateway.dataplane.protocol import check_message, check_origin
+from gateway.dataplane.sessions import SessionSealer
 from gateway.dataplane.upstream import (
     UpstreamConnectError,
     UpstreamError,
@@ -80,8 +82,10 @@ class DataPlane:
         metrics: Registry,
         *,
         quotas: KeyQuotas | None,
+        sessions: SessionSealer,
         ready=lambda: True,
     ) -> None:
+        self.sessions = sessions
         self.config = config
         self.store = store
         self.writer = writer
@@ -167,7 +171,7 @@ class DataPlane:
                 check_message(call, headers.items(), headers.get("MCP-Protocol-Version"))
             if self.quotas is not None:
                 self._check_quota(key)
-            return await self._forward(request, server, body if with_body else None, exchange)
+            return await self._forward(request, key, server, body if with_body else None, exchange)
         except Refusal as refusal:
             exchange.status, exchange.error_code, exchange.error = refusal.http_status, refusal.code, refusal.message
             self.refusals.inc(str(refusal.code))
@@ -236,7 +240,7 @@ class DataPlane:
             raise _too_large(limit) from None
 
     async def _forward(
-        self, request: web.Request, server: ServerEntry, body: bytes | None, exchange: _Exchange
+        self, request: web.Request, key: KeyEntry, server: ServerEntry, body: bytes | None, exchange: _Exchange
     ) -> web.StreamResponse:
         if server.transport_type != "http":
             raise Refusal(
@@ -246,15 +250,20 @@ class DataPlane:
                 "which this gateway version cannot reach yet",
             )
         pool = self.pool_for(server)
-        headers = [
-            (name, value) for name, value in request.headers.items() if name.lower() not in _REQUEST_HEADERS_DROPPED
-        ]
+        headers = []
+        for name, value in request.headers.items():
+            lowered = name.lower()
+            if lowered in _REQUEST_HEADERS_DROPPED:
+                continue
+            if lowered == "mcp-session-id":
+                value = self._open_session(value, key, server)
+            headers.append((name, value))
         payload = pool.encode_request(request.method, headers, body)
         try:
             upstream = await pool.request(payload, timeout=self.config.upstream_timeout)
             exchange.status = upstream.status
             if upstream.is_event_stream:
-                return await self._stream(request, upstream, exchange)
+                return await self._stream(request, upstream, exchange, key, server)
             if upstream.complete:
                 content = await upstream.read()  # the usual case: it all came with the headers
             else:
@@ -272,12 +281,13 @@ class DataPlane:
         except UpstreamError as exc:
             raise Refusal(502, UPSTREAM_BAD_RESPONSE, f"Server '{server.name}' broke the exchange: {exc}") from None
         exchange.sent = len(content)
-        return web.Response(body=content, status=upstream.status, headers=_response_headers(upstream))
+        return web.Response(body=content, status=upstream.status, headers=self._response_headers(upstream, key, server))
 
     async def _stream(
-        self, request: web.Request, upstream: UpstreamResponse, exchange: _Exchange
+        self, request: web.Request, upstream: UpstreamResponse, exchange: _Exchange, key: KeyEntry,
+        server: ServerEntry,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream))
+        response = web.StreamResponse(status=upstream.status, headers=self._response_headers(upstream, key, server))
         # Each chunk goes to the client as it comes: no buffering of SSE.
         await response.prepare(request)
         try:
@@ -290,6 +300,27 @@ class DataPlane:
             log.warning("upstream stream broke after %d bytes: %s", exchange.sent, exc)
         await response.write_eof()
         return response
+
+    def _open_session(self, token: str, key: KeyEntry, server: ServerEntry) -> str:
+        upstream_id = self.sessions.open(token, key.id, server.id)
+        if upstream_id is None:
+            # Unknown, forged, another key's or another server's: all look the same.
+            raise Refusal(
+                404, SESSION_NOT_FOUND, "Session not found: it has ended or is not yours; start a new one with initialize"
+            )
+        return upstream_id
+
+    def _response_headers(self, upstream: UpstreamResponse, key: KeyEntry, server: ServerEntry) -> list[tuple[str, str]]:
+        headers = []
+        for name, value in upstream.headers:
+            lowered = name.lower()
+            if lowered in _RESPONSE_HEADERS_DROPPED:
+                continue
+            text = value.decode("latin-1")
+            if lowered == b"mcp-session-id":
+                text = self.sessions.seal(text, key.id, server.id)
+            headers.append((name.decode("latin-1"), text))
+        return headers
 
     # -- operational endpoints ----------------------------------------------------------------
     async def handle_healthz(self, request: web.Request) -> web.Response:
@@ -333,9 +364,3 @@ def _too_large(limit: int) -> Refusal:
     )
 
 
-def _response_headers(upstream: UpstreamResponse) -> list[tuple[str, str]]:
-    return [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in upstream.headers
-        if name.lower() not in _RESPONSE_HEADERS_DROPPED
-    ]

@@ -252,4 +252,14 @@ config_state = sa.Table(
     sa.Column("updated_at", Timestamp, nullable=False, default=utcnow),
 )
 
+# Secrets the gateway generates for itself and every process must share (the
+# session-sealing key when none is configured). Created once, never updated.
+gateway_secrets = sa.Table(
+    "gateway_secrets",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False, default=utcnow),
+)
+
 RECORD_TABLES = ("audit_logs", "request_logs", "server_metrics")
