@@ -134,6 +134,15 @@ def mcp_upstream_json() -> str:
     proc.wait(10)
 
 
+@pytest.fixture(scope="session")
+def mcp_upstream_legacy() -> str:
+    """The same server behaving like a 2025-11-25 one: it refuses 2026-07-28 requests."""
+    proc, url = spawn_upstream("--legacy-only")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
 @pytest.fixture
 async def gateway(pg_url):
     """A gateway on PostgreSQL (in this test's loop), bootstrapped, on free ports."""

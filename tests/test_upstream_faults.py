@@ -154,3 +154,15 @@ async def test_keepalive_connections_are_reused(pg_url, make_gateway, mcp_upstre
         assert status == 200
     assert upstream.requests == 20
     assert upstream.connections == 1
+
+
+async def test_servers_sharing_an_origin_keep_their_own_paths(pg_url, make_gateway, mcp_upstream, faulty):
+    upstream, base = faulty
+    gw = await make_gateway(pg_url)
+    t = await gw.tenancy("acme", mcp_upstream)
+    await _register(gw, t, "fine", base + "/ok")
+    await _register(gw, t, "broken", base + "/close")
+    assert (await _call(gw, t, "fine"))[0] == 200
+    assert (await _call(gw, t, "broken"))[0] == 502
+    assert (await _call(gw, t, "fine"))[0] == 200
+    assert len(gw.gateway.dataplane.pools) == 1  # one pool for the origin, paths per server

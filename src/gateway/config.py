@@ -56,6 +56,8 @@ class DataPlaneConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Browser origins allowed besides loopback ones ("*": any). Requests without
     # an Origin header (non-browser clients) are always allowed.
     allowed_origins: list[str] = msgspec.field(default_factory=list)
+    # Items per page of the aggregate endpoint's (/mcp) tools/list and prompts/list.
+    aggregate_page_size: Annotated[int, Meta(ge=1, le=1000)] = 200
 
 
 class ControlPlaneConfig(msgspec.Struct, forbid_unknown_fields=True):

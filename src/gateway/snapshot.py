@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway.dataplane.upstream import request_target
 from gateway.db.tables import config_state, enhanced_api_keys, mcp_servers, tenants, users
 
 log = logging.getLogger("gateway.snapshot")
@@ -64,6 +65,7 @@ class ServerEntry:
     transport_type: str
     health_status: str
     origin: str  # scheme://host:port, the key of its connection pool
+    target: str  # path and query: the request line's target on that origin
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +74,20 @@ class Snapshot:
     tenants: dict[uuid.UUID, TenantEntry]
     keys_by_prefix: dict[str, KeyEntry]
     servers: dict[tuple[uuid.UUID, str], ServerEntry]
+    by_tenant: dict[uuid.UUID, tuple[ServerEntry, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.by_tenant and self.servers:
+            index: dict[uuid.UUID, list[ServerEntry]] = {}
+            for entry in self.servers.values():
+                index.setdefault(entry.tenant_id, []).append(entry)
+            object.__setattr__(self, "by_tenant", {t: tuple(s) for t, s in index.items()})
 
     def server(self, tenant_id: uuid.UUID, name: str) -> ServerEntry | None:
         return self.servers.get((tenant_id, name))
+
+    def servers_of(self, tenant_id: uuid.UUID) -> tuple[ServerEntry, ...]:
+        return self.by_tenant.get(tenant_id, ())
 
 
 EMPTY = Snapshot(version=0, tenants={}, keys_by_prefix={}, servers={})
@@ -146,6 +159,7 @@ async def load_snapshot(engine: AsyncEngine) -> Snapshot:
             transport_type=r["transport_type"],
             health_status=r["health_status"],
             origin=_origin(r["endpoint_url"]),
+            target=request_target(r["endpoint_url"]),
         )
         for r in server_rows
     }

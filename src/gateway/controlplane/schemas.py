@@ -76,6 +76,8 @@ def _extra_checks(cls: type, values: dict[str, Any]) -> list[dict[str, str]]:
                 errors.append({"field": "endpoint_url", "message": "must be a ws:// or wss:// URL with a host"})
         elif parts.scheme not in ("http", "https") or not parts.hostname:
             errors.append({"field": "endpoint_url", "message": "must be an http:// or https:// URL with a host"})
+    if cls is ServerCreate and "__" in values.get("name", ""):
+        errors.append({"field": "name", "message": "must not contain '__' (it separates server and tool in /mcp)"})
     if cls is ApiKeyCreate and isinstance(values.get("expires_at"), datetime):
         if values["expires_at"].tzinfo is None:
             errors.append({"field": "expires_at", "message": "must include a UTC offset, e.g. 2030-01-01T00:00:00Z"})

@@ -21,11 +21,14 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+import orjson
 from aiohttp import web
 
 from gateway.auth.authenticate import authenticate
 from gateway.config import DataPlaneConfig
+from gateway.dataplane.aggregate import Aggregate
 from gateway.dataplane.jsonrpc import (
+    INVALID_REQUEST,
     PAYLOAD_TOO_LARGE,
     RATE_LIMITED,
     SESSION_NOT_FOUND,
@@ -37,6 +40,7 @@ from gateway.dataplane.jsonrpc import (
     Refusal,
     parse_body,
 )
+from gateway.dataplane.mcp_client import UpstreamClient
 from gateway.dataplane.protocol import check_message, check_origin
 from gateway.dataplane.sessions import SessionSealer
 from gateway.dataplane.upstream import (
@@ -92,6 +96,10 @@ class DataPlane:
         self.quotas = quotas
         self.ready = ready
         self.pools: dict[str, UpstreamPool] = {}
+        self.clients: dict = {}
+        self.aggregate = Aggregate(
+            self.client_for, timeout=config.upstream_timeout, page_size=config.aggregate_page_size
+        )
         self.allowed_origins = frozenset(config.allowed_origins)
         self.metrics = metrics
         self.requests = metrics.counter(
@@ -119,6 +127,9 @@ class DataPlane:
         app.router.add_route("POST", "/servers/{server_name}/mcp", self.handle_post)
         app.router.add_route("GET", "/servers/{server_name}/mcp", self.handle_bodyless)
         app.router.add_route("DELETE", "/servers/{server_name}/mcp", self.handle_bodyless)
+        app.router.add_route("POST", "/mcp", self.handle_aggregate)
+        app.router.add_route("GET", "/mcp", self.handle_aggregate_bodyless)
+        app.router.add_route("DELETE", "/mcp", self.handle_aggregate_bodyless)
         app.router.add_get("/healthz", self.handle_healthz)
         app.router.add_get("/readyz", self.handle_readyz)
         app.router.add_get("/metrics", self.handle_metrics)
@@ -148,7 +159,21 @@ class DataPlane:
         # GET opens a legacy server-to-client SSE stream; DELETE ends a legacy session.
         return await self._proxy(request, with_body=False)
 
-    async def _proxy(self, request: web.Request, *, with_body: bool) -> web.StreamResponse:
+    async def handle_aggregate(self, request: web.Request) -> web.StreamResponse:
+        return await self._proxy(request, with_body=True, aggregate=True)
+
+    async def handle_aggregate_bodyless(self, request: web.Request) -> web.StreamResponse:
+        return await self._proxy(request, with_body=False, aggregate=True)
+
+    def client_for(self, server: ServerEntry) -> UpstreamClient:
+        """The gateway's own MCP client of `server` (one per server and endpoint, era cached)."""
+        client = self.clients.get(server.id)
+        if client is None or client.pool is not self.pool_for(server) or client.target != server.target:
+            client = UpstreamClient(self.pool_for(server), server.target, timeout=self.config.upstream_timeout)
+            self.clients[server.id] = client
+        return client
+
+    async def _proxy(self, request: web.Request, *, with_body: bool, aggregate: bool = False) -> web.StreamResponse:
         started = time.perf_counter()
         snapshot = self.store.current
         exchange = _Exchange()
@@ -160,17 +185,36 @@ class DataPlane:
             headers = request.headers
             check_origin(headers.get("Origin"), self.allowed_origins)
             key = authenticate(snapshot, headers.get("Authorization"), "proxy")
-            name = request.match_info["server_name"]
-            server = snapshot.server(key.tenant_id, name)
-            if server is None:
-                # Same answer whether the name is unused or another tenant's.
-                raise Refusal(404, UNKNOWN_SERVER, f"No MCP server named '{name}' is available to you")
+            if aggregate:
+                if not with_body:
+                    raise Refusal(
+                        405, INVALID_REQUEST, "/mcp keeps no session and opens no stream: POST one message per request",
+                        headers={"Allow": "POST"},
+                    )
+            else:
+                name = request.match_info["server_name"]
+                server = snapshot.server(key.tenant_id, name)
+                if server is None:
+                    # Same answer whether the name is unused or another tenant's.
+                    raise Refusal(404, UNKNOWN_SERVER, f"No MCP server named '{name}' is available to you")
             if with_body:
                 body = await self._read_body(request)
                 call = parse_body(body)
                 check_message(call, headers.items(), headers.get("MCP-Protocol-Version"))
             if self.quotas is not None:
                 self._check_quota(key)
+            if aggregate:
+                if call.is_batch:
+                    raise Refusal(400, INVALID_REQUEST, "Invalid Request: /mcp takes one JSON-RPC message per request")
+                answer = await self.aggregate.answer(snapshot, key, body)
+                server = answer.server
+                exchange.status = answer.status
+                payload = orjson.dumps(answer.message) if answer.message is not None else b""
+                exchange.sent = len(payload)
+                if answer.message is not None and "error" in answer.message:
+                    exchange.error_code = answer.message["error"].get("code")
+                return web.Response(body=payload, status=answer.status,
+                                    content_type=_JSON if payload else None)
             return await self._forward(request, key, server, body if with_body else None, exchange)
         except Refusal as refusal:
             exchange.status, exchange.error_code, exchange.error = refusal.http_status, refusal.code, refusal.message
@@ -258,7 +302,7 @@ class DataPlane:
             if lowered == "mcp-session-id":
                 value = self._open_session(value, key, server)
             headers.append((name, value))
-        payload = pool.encode_request(request.method, headers, body)
+        payload = pool.encode_request(request.method, server.target, headers, body)
         try:
             upstream = await pool.request(payload, timeout=self.config.upstream_timeout)
             exchange.status = upstream.status

@@ -270,8 +270,14 @@ class _Connection(asyncio.Protocol):
             self.pool._forget(self)
 
 
+def request_target(url: str) -> str:
+    """The path and query of `url`: what goes on the request line."""
+    parts = urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
 class UpstreamPool:
-    """Keep-alive connections to one upstream origin (scheme, host, port).
+    """Keep-alive connections to one upstream origin (scheme, host, port); servers sharing it share the pool.
 
     At most `max_connections` are open; callers beyond that wait for one to be
     released (bounded by the connect timeout). Idle connections older than
@@ -290,10 +296,8 @@ class UpstreamPool:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
-        self.url = url
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.ssl = (ssl_context or ssl.create_default_context()) if parts.scheme == "https" else None
         default_port = 443 if parts.scheme == "https" else 80
         host_header = self.host if self.port == default_port else f"{self.host}:{self.port}"
@@ -318,9 +322,11 @@ class UpstreamPool:
     def idle_connections(self) -> int:
         return len(self._idle)
 
-    def encode_request(self, method: str, headers: Iterable[tuple[str, str]], body: bytes | None) -> bytes:
-        """Frame one request to this upstream's path (no pipelining, no Expect)."""
-        parts = [f"{method} {self.path} HTTP/1.1\r\n".encode("latin-1"), self._host_line]
+    def encode_request(
+        self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes | None
+    ) -> bytes:
+        """Frame one request for `target` (path and query) on this origin (no pipelining, no Expect)."""
+        parts = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), self._host_line]
         for name, value in headers:
             parts.append(f"{name}: {value}\r\n".encode("latin-1"))
         if body is not None:

@@ -61,9 +61,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8090)
     parser.add_argument("--json-response", action="store_true", help="answer with JSON instead of SSE")
+    parser.add_argument(
+        "--legacy-only", action="store_true", help="behave like a 2025-11-25 server: refuse 2026-07-28 requests"
+    )
     args = parser.parse_args(argv)
     app = build_server().streamable_http_app(json_response=args.json_response, host=args.host)
+    if args.legacy_only:
+        app = _LegacyOnly(app)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
+
+
+class _LegacyOnly:
+    """ASGI wrapper answering a 2026-07-28 request as a 2025-11-25 server does: 400, unsupported version."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            version = dict(scope["headers"]).get(b"mcp-protocol-version", b"")
+            if version == b"2026-07-28":
+                body = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Bad Request: Unsupported protocol version: 2026-07-28"}}'
+                await send({"type": "http.response.start", "status": 400,
+                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
 
 
 if __name__ == "__main__":

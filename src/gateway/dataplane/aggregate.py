@@ -1,0 +1,238 @@
+"""`/mcp`: the caller's tenant as one virtual MCP server.
+
+The gateway answers here itself, in the client's era: `initialize` (2025-era)
+or `server/discover` (2026-07-28), `ping`, and the tools and prompts of every
+server the caller's tenant has, named `{server}__{name}`. A call to
+`{server}__{tool}` goes to that server with the original name, through
+`UpstreamClient` (which speaks each upstream's own era). The session-less
+design means any replica answers any request.
+
+Lists are fetched from every server at once, each with its own deadline; a
+server that fails is left out of the answer and named in
+`_meta["mcp-gateway/unavailable"]`, so one broken upstream does not hide the
+others. Each server's list is cached for `LIST_TTL` seconds and for one
+configuration version. Names that would not fit the MCP tool-name rule
+(1-128 of `[A-Za-z0-9_.-]`) once prefixed are left out and logged.
+
+Not yet aggregated: resources (their URIs need a namespacing scheme that
+keeps them valid URIs), server-to-client requests and progress streaming.
+The `resources` capability is therefore not advertised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import orjson
+
+from gateway.dataplane.jsonrpc import INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, Refusal
+from gateway.dataplane.mcp_client import UpstreamClient, UpstreamRpcError
+from gateway.dataplane.protocol import HANDSHAKE_VERSIONS, MODERN_VERSIONS
+from gateway.dataplane.upstream import UpstreamError, UpstreamTimeout
+from gateway.snapshot import KeyEntry, ServerEntry, Snapshot
+
+log = logging.getLogger("gateway.aggregate")
+
+SEPARATOR = "__"
+LIST_TTL = 5.0
+MAX_UPSTREAM_PAGES = 100
+SERVER_INFO = {"name": "mcp-gateway", "version": "0.1.0"}
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+_ENVELOPE_PREFIX = "io.modelcontextprotocol/"
+# What a 2026-07-28 server sends with a JSON-RPC error (the SDK's table).
+_MODERN_ERROR_STATUS = {-32700: 400, -32600: 400, -32602: 400, -32020: 400, -32021: 400, -32022: 400, -32601: 404}
+_KINDS = {"tools/list": "tools", "prompts/list": "prompts"}
+_ROUTED = {"tools/call": "tools", "prompts/get": "prompts"}
+# Results that carry 2026-07-28 caching hints (SEP-2549).
+_CACHEABLE = {"server/discover", "tools/list", "prompts/list"}
+
+
+class Answer:
+    """A JSON-RPC answer the aggregate composed: HTTP status, the message, and the server it involved."""
+
+    __slots__ = ("status", "message", "server")
+
+    def __init__(self, status: int, message: dict[str, Any] | None, server: ServerEntry | None = None) -> None:
+        self.status, self.message, self.server = status, message, server
+
+
+class Aggregate:
+    def __init__(self, client_for, *, timeout: float, page_size: int = 200) -> None:
+        # client_for(server) -> UpstreamClient: the data plane owns pools and clients.
+        self.client_for = client_for
+        self.timeout = timeout
+        self.page_size = page_size
+        self._cache: dict[tuple[uuid.UUID, str, int], tuple[float, list[dict]]] = {}
+
+    async def answer(self, snapshot: Snapshot, key: KeyEntry, body: bytes) -> Answer:
+        message = orjson.loads(body)
+        if not isinstance(message, dict):
+            raise Refusal(400, INVALID_REQUEST, "Invalid Request: /mcp takes one JSON-RPC message per request")
+        method = message.get("method")
+        if method is None or "id" not in message:
+            return Answer(202, None)  # a notification, or a response to nothing we asked
+        request_id = message["id"]
+        params = message.get("params") or {}
+        modern = isinstance(params.get("_meta"), dict) and (
+            params["_meta"].get(_ENVELOPE_PREFIX + "protocolVersion") in MODERN_VERSIONS
+        )
+        try:
+            if method == "initialize":
+                result, server = self._initialize(params), None
+            elif method == "server/discover":
+                result, server = self._discover(), None
+            elif method == "ping":
+                result, server = {}, None
+            elif method in _KINDS:
+                result, server = await self._list(snapshot, key, method, params), None
+            elif method in _ROUTED:
+                result, server = await self._route(snapshot, key, method, params)
+            else:
+                raise UpstreamRpcError({"code": METHOD_NOT_FOUND, "message": f"Method not found: {method}"})
+        except UpstreamRpcError as exc:
+            status = _MODERN_ERROR_STATUS.get(exc.error.get("code"), 200) if modern else 200
+            return Answer(status, {"jsonrpc": "2.0", "id": request_id, "error": exc.error})
+        if modern:
+            result.setdefault("resultType", "complete")
+            if method in _CACHEABLE:
+                # The answer depends on who asks, and the tenant's servers can change
+                # at any moment: private, and stale at once.
+                result.setdefault("ttlMs", 0)
+                result.setdefault("cacheScope", "private")
+        return Answer(200, {"jsonrpc": "2.0", "id": request_id, "result": result}, server)
+
+    # -- the gateway's own answers ------------------------------------------------------------
+    @staticmethod
+    def _capabilities() -> dict[str, Any]:
+        return {"tools": {"listChanged": False}, "prompts": {"listChanged": False}}
+
+    def _initialize(self, params: dict[str, Any]) -> dict[str, Any]:
+        requested = params.get("protocolVersion")
+        version = requested if requested in HANDSHAKE_VERSIONS else HANDSHAKE_VERSIONS[-1]
+        return {
+            "protocolVersion": version,
+            "capabilities": self._capabilities(),
+            "serverInfo": SERVER_INFO,
+            "instructions": "Every MCP server of your tenant behind one endpoint; tools are named server__tool.",
+        }
+
+    def _discover(self) -> dict[str, Any]:
+        return {
+            "supportedVersions": list(MODERN_VERSIONS),
+            "capabilities": self._capabilities(),
+            "_meta": {_ENVELOPE_PREFIX + "serverInfo": SERVER_INFO},
+        }
+
+    # -- lists ----------------------------------------------------------------------------------
+    async def _list(self, snapshot: Snapshot, key: KeyEntry, method: str, params: dict) -> dict[str, Any]:
+        kind = _KINDS[method]
+        offset = _read_cursor(params.get("cursor"), snapshot.version)
+        servers = sorted(snapshot.servers_of(key.tenant_id), key=lambda s: s.name)
+        lists = await asyncio.gather(*(self._server_list(s, kind, method, snapshot.version) for s in servers))
+        items: list[dict] = []
+        unavailable = []
+        for server, listed in zip(servers, lists):
+            if listed is None:
+                unavailable.append(server.name)
+                continue
+            for item in listed:
+                name = f"{server.name}{SEPARATOR}{item.get('name', '')}"
+                if kind == "tools" and not _TOOL_NAME.fullmatch(name):
+                    log.warning("left out tool %r of server %s: the prefixed name breaks the tool-name rule",
+                                item.get("name"), server.name)
+                    continue
+                items.append({**item, "name": name})
+        end = offset + self.page_size
+        result: dict[str, Any] = {kind: items[offset:end]}
+        if end < len(items):
+            result["nextCursor"] = _make_cursor(end, snapshot.version)
+        if unavailable:
+            result["_meta"] = {"mcp-gateway/unavailable": unavailable}
+        return result
+
+    async def _server_list(self, server: ServerEntry, kind: str, method: str, version: int) -> list[dict] | None:
+        cache_key = (server.id, kind, version)
+        cached = self._cache.get(cache_key)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        client = self.client_for(server)
+        items: list[dict] = []
+        cursor = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                for _ in range(MAX_UPSTREAM_PAGES):
+                    result = await client.request(method, {"cursor": cursor} if cursor else {})
+                    items.extend(i for i in result.get(kind, []) if isinstance(i, dict))
+                    cursor = result.get("nextCursor")
+                    if not cursor:
+                        break
+        except UpstreamRpcError as exc:
+            if exc.error.get("code") == METHOD_NOT_FOUND:
+                items = []  # the server has no such capability: an empty list, not an outage
+            else:
+                log.warning("server %s refused %s: %s", server.name, method, exc)
+                return None
+        except (UpstreamError, TimeoutError, OSError) as exc:
+            log.warning("server %s did not answer %s: %s", server.name, method, exc)
+            return None
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[cache_key] = (now + LIST_TTL, items)
+        return items
+
+    # -- calls ----------------------------------------------------------------------------------
+    async def _route(self, snapshot: Snapshot, key: KeyEntry, method: str, params: dict):
+        full = params.get("name")
+        if not isinstance(full, str):
+            raise UpstreamRpcError({"code": INVALID_PARAMS, "message": f"{method} needs params.name as a string"})
+        server_name, sep, name = full.partition(SEPARATOR)
+        server = snapshot.server(key.tenant_id, server_name) if sep and name else None
+        if server is None:
+            what = "tool" if method == "tools/call" else "prompt"
+            raise UpstreamRpcError({"code": INVALID_PARAMS, "message": f"Unknown {what}: {full}"})
+        forwarded = {k: v for k, v in params.items() if k != "_meta"}
+        forwarded["name"] = name
+        meta = {k: v for k, v in (params.get("_meta") or {}).items() if not k.startswith(_ENVELOPE_PREFIX)}
+        if meta:
+            forwarded["_meta"] = meta
+        try:
+            result = await self.client_for(server).request(method, forwarded)
+        except UpstreamTimeout as exc:
+            raise _upstream_refusal(504, server, f"did not answer in time: {exc}") from None
+        except (UpstreamError, OSError) as exc:
+            raise _upstream_refusal(502, server, f"is unreachable or broke the exchange: {exc}") from None
+        return result, server
+
+
+def _upstream_refusal(status: int, server: ServerEntry, what: str) -> Refusal:
+    from gateway.dataplane.jsonrpc import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE
+
+    code = UPSTREAM_TIMEOUT if status == 504 else UPSTREAM_UNAVAILABLE
+    return Refusal(status, code, f"Server '{server.name}' {what}")
+
+
+def _make_cursor(offset: int, version: int) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps({"o": offset, "v": version})).decode("ascii")
+
+
+def _read_cursor(cursor: Any, version: int) -> int:
+    if cursor is None:
+        return 0
+    try:
+        data = orjson.loads(base64.urlsafe_b64decode(cursor))
+        offset = int(data["o"])
+        if offset < 0:
+            raise ValueError
+    except (ValueError, TypeError, KeyError, orjson.JSONDecodeError):
+        raise UpstreamRpcError({"code": INVALID_PARAMS, "message": "Invalid cursor"}) from None
+    if data.get("v") != version:
+        # The servers behind the list changed since this cursor was made.
+        raise UpstreamRpcError({"code": INVALID_PARAMS, "message": "Invalid cursor: the list changed; start over"})
+    return offset

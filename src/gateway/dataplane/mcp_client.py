@@ -1,0 +1,181 @@
+"""The gateway as an MCP client of one upstream, for answers the gateway composes itself.
+
+`/servers/{name}/mcp` relays bytes and needs none of this. The aggregate
+endpoint (`/mcp`) does: it lists every server's tools and calls them on the
+client's behalf, so it must speak each upstream's era.
+
+- Era: detected once per upstream with `server/discover` (2026-07-28); an
+  upstream that does not answer it speaks the handshake era. Cached here.
+- 2026-07-28 upstreams get stateless requests with the `_meta` envelope and
+  the `Mcp-Method`/`Mcp-Name` headers; nothing to hold.
+- Handshake-era upstreams get one session per upstream and gateway process,
+  opened on first use (initialize + initialized) and opened again when the
+  upstream says it has ended (404). Request ids are the gateway's own, unique
+  per session, so concurrent clients sharing the session never collide.
+
+The client's credentials are never sent: the gateway speaks as itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+from typing import Any
+
+import orjson
+
+from gateway.dataplane.upstream import UpstreamError, UpstreamPool
+
+MODERN = "2026-07-28"
+HANDSHAKE = "2025-11-25"
+CLIENT_INFO = {"name": "mcp-gateway", "version": "0.1.0"}
+_ACCEPT = "application/json, text/event-stream"
+_NAME_FIELDS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+
+
+class UpstreamRpcError(Exception):
+    """The upstream answered with a JSON-RPC error (passed on to the client as it is)."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error.get("message", "upstream error"))
+        self.error = error
+
+
+def header_value(text: str) -> str:
+    """A header-safe form of a name: as it is if visible ASCII, else the spec's base64 form."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "=?base64?" + base64.b64encode(text.encode()).decode("ascii") + "?="
+
+
+def parse_answer(body: bytes, content_type: bytes, request_id: int) -> dict[str, Any]:
+    """The JSON-RPC response to `request_id` in a JSON or SSE body."""
+    if content_type.startswith(b"text/event-stream"):
+        for event in body.replace(b"\r\n", b"\n").split(b"\n\n"):
+            data = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
+            if not data:
+                continue
+            message = orjson.loads(data)
+            if isinstance(message, dict) and message.get("id") == request_id and "method" not in message:
+                return message
+        raise UpstreamError("the upstream's event stream ended without an answer")
+    message = orjson.loads(body)
+    if not isinstance(message, dict):
+        raise UpstreamError("the upstream answered with something that is not a JSON-RPC response")
+    return message
+
+
+class UpstreamClient:
+    def __init__(self, pool: UpstreamPool, target: str, *, timeout: float) -> None:
+        self.pool = pool
+        self.target = target
+        self.timeout = timeout
+        self.era: str | None = None  # "modern" or "legacy", once known
+        self.server_capabilities: dict[str, Any] = {}
+        self._session_id: str | None = None
+        self._ids = itertools.count(1)
+        self._opening: asyncio.Lock = asyncio.Lock()
+
+    async def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Send one request; return its result or raise UpstreamRpcError / UpstreamError."""
+        if self.era is None:
+            await self._detect()
+        if self.era == "modern":
+            return await self._modern(method, params or {})
+        for attempt in (0, 1):
+            if self._session_id is None:
+                await self._open_legacy_session()
+            status, answer = await self._exchange(method, params or {}, self._legacy_headers(method))
+            if status == 404 and attempt == 0:
+                self._session_id = None  # the upstream ended the session; open a new one once
+                continue
+            return _result(answer, status)
+        raise AssertionError("unreachable")
+
+    async def _modern(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        params = dict(params)
+        meta = dict(params.get("_meta") or {})
+        meta.setdefault("io.modelcontextprotocol/protocolVersion", MODERN)
+        meta.setdefault("io.modelcontextprotocol/clientCapabilities", {})
+        meta.setdefault("io.modelcontextprotocol/clientInfo", CLIENT_INFO)
+        params["_meta"] = meta
+        headers = [("MCP-Protocol-Version", MODERN), ("Mcp-Method", method)]
+        field = _NAME_FIELDS.get(method)
+        if field is not None and isinstance(params.get(field), str):
+            headers.append(("Mcp-Name", header_value(params[field])))
+        status, answer = await self._exchange(method, params, headers)
+        return _result(answer, status)
+
+    def _legacy_headers(self, method: str) -> list[tuple[str, str]]:
+        headers = [("MCP-Protocol-Version", HANDSHAKE)]
+        if self._session_id:
+            headers.append(("Mcp-Session-Id", self._session_id))
+        return headers
+
+    async def _exchange(
+        self, method: str, params: dict[str, Any] | None, headers: list[tuple[str, str]], *, notify: bool = False
+    ) -> tuple[int, dict[str, Any] | None]:
+        request_id = next(self._ids)
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if not notify:
+            message["id"] = request_id
+        if params is not None:
+            message["params"] = params
+        body = orjson.dumps(message)
+        framed = self.pool.encode_request(
+            "POST", self.target, [("Content-Type", "application/json"), ("Accept", _ACCEPT), *headers], body
+        )
+        response = await self.pool.request(framed, timeout=self.timeout)
+        content = await asyncio.wait_for(response.read(), self.timeout)
+        if method == "initialize":
+            sid = response.header(b"mcp-session-id")
+            self._session_id = sid.decode("latin-1") if sid else None
+        if notify or not content:
+            return response.status, None
+        try:
+            return response.status, parse_answer(content, response.content_type, request_id)
+        except (orjson.JSONDecodeError, UpstreamError) as exc:
+            if response.status >= 400:
+                raise UpstreamError(f"the upstream answered HTTP {response.status}") from None
+            raise UpstreamError(f"unreadable answer to {method}: {exc}") from None
+
+    async def _detect(self) -> None:
+        async with self._opening:
+            if self.era is not None:
+                return
+            try:
+                answer = await self._modern("server/discover", {})
+            except (UpstreamRpcError, UpstreamError):
+                answer = None
+            if answer is not None and MODERN in answer.get("supportedVersions", []):
+                self.era = "modern"
+                self.server_capabilities = answer.get("capabilities", {})
+            else:
+                self.era = "legacy"
+
+    async def _open_legacy_session(self) -> None:
+        async with self._opening:
+            if self._session_id is not None:
+                return
+            status, answer = await self._exchange(
+                "initialize",
+                {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": CLIENT_INFO},
+                [],
+            )
+            result = _result(answer, status)
+            self.server_capabilities = result.get("capabilities", {})
+            await self._exchange(
+                "notifications/initialized", None, self._legacy_headers("notifications/initialized"), notify=True
+            )
+
+
+def _result(answer: dict[str, Any] | None, status: int) -> dict[str, Any]:
+    if answer is None:
+        raise UpstreamError(f"the upstream answered HTTP {status} with no JSON-RPC message")
+    if "error" in answer:
+        raise UpstreamRpcError(answer["error"])
+    result = answer.get("result")
+    if not isinstance(result, dict):
+        raise UpstreamError("the upstream's answer has no result object")
+    return result
