@@ -334,15 +334,24 @@ class DataPlane:
         response = web.StreamResponse(status=upstream.status, headers=self._response_headers(upstream, key, server))
         # Each chunk goes to the client as it comes: no buffering of SSE.
         await response.prepare(request)
+        chunks = upstream.iter_chunks()
         try:
-            async for chunk in upstream.iter_chunks():
+            async for chunk in chunks:
                 await response.write(chunk)
                 exchange.sent += len(chunk)
+            await response.write_eof()
         except UpstreamError as exc:
             # The headers are gone already; all that is left is to end the stream.
             exchange.error = f"upstream stream broke: {exc}"
             log.warning("upstream stream broke after %d bytes: %s", exchange.sent, exc)
-        await response.write_eof()
+            await _end_quietly(response)
+        except ConnectionResetError:
+            # The client closed its end (routine: a 2025-era client ending its
+            # session drops its streams). Not an error of ours to log loudly.
+            exchange.error = "client closed the connection"
+        finally:
+            # Release the upstream exchange now, not when the generator is collected.
+            await chunks.aclose()
         return response
 
     def _open_session(self, token: str, key: KeyEntry, server: ServerEntry) -> str:
@@ -386,6 +395,13 @@ class DataPlane:
                 body=refusal.body(), status=refusal.http_status, headers=refusal.headers, content_type=_JSON
             )
         return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+async def _end_quietly(response: web.StreamResponse) -> None:
+    try:
+        await response.write_eof()
+    except ConnectionResetError:
+        pass
 
 
 class _Exchange:
