@@ -93,11 +93,15 @@ class Gateway:
             sessions=SessionSealer(secret),
             ready=lambda: self.writer.running,
         )
-        self.dataplane_port = await self._listen(self.dataplane.build_app(), cfg.dataplane.host, cfg.dataplane.port)
+        self.dataplane_port = await self._listen(
+            web.ServerRunner(self.dataplane.build_server(), shutdown_timeout=10.0), cfg.dataplane.host, cfg.dataplane.port
+        )
         if cfg.controlplane.enabled:
             control = ControlPlane(self.engine, self.store.publish_change)
             self.controlplane_port = await self._listen(
-                control.build_app(), cfg.controlplane.host, cfg.controlplane.port
+                web.AppRunner(control.build_app(), access_log=None, shutdown_timeout=10.0),
+                cfg.controlplane.host,
+                cfg.controlplane.port,
             )
         log.info(
             "gateway serving MCP on %s%s",
@@ -105,10 +109,7 @@ class Gateway:
             f", admin API on {self.controlplane_url}" if self.controlplane_port else "",
         )
 
-    async def _listen(self, app: web.Application, host: str, port: int) -> int:
-        # handler_cancellation: a client that goes away cancels its request, so
-        # the upstream exchange (and, in the modern era, the call) is cancelled too.
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=10.0)
+    async def _listen(self, runner: web.BaseRunner, host: str, port: int) -> int:
         await runner.setup()
         site = web.TCPSite(runner, host, port, backlog=1024)
         await site.start()

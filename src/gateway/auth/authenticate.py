@@ -35,13 +35,61 @@ def unauthenticated(message: str, error: str | None = "invalid_token") -> Refusa
     return Refusal(401, UNAUTHENTICATED, message, headers={"WWW-Authenticate": _challenge(error, message)})
 
 
-def authenticate(snapshot: Snapshot, authorization: str | None, scope: str, now: float | None = None) -> KeyEntry:
+class VerifiedKeys:
+    """Keys whose secret this process has already verified against the current snapshot.
+
+    Verifying costs a parse and a SHA-256 per request; a hit here costs one dict
+    lookup. Only successful verifications are remembered (a flood of bad keys
+    cannot fill it), the whole cache is dropped when the snapshot changes (a
+    rotated or deleted key is verified afresh), and it is bounded. Everything
+    that can change per request (revoked, expired, deactivated, suspended,
+    scope) is still checked on every request, from the entry.
+
+    The cost: presented keys stay in this process's memory while they are in
+    use, as they already do in request buffers.
+    """
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self) -> None:
+        self._snapshot: Snapshot | None = None
+        self._entries: dict[str, KeyEntry] = {}
+
+    def get(self, snapshot: Snapshot, token: str) -> KeyEntry | None:
+        if snapshot is not self._snapshot:
+            self._snapshot = snapshot
+            self._entries = {}
+            return None
+        return self._entries.get(token)
+
+    def put(self, token: str, entry: KeyEntry) -> None:
+        if len(self._entries) >= self.MAX_ENTRIES:
+            self._entries = {}
+        self._entries[token] = entry
+
+
+def authenticate(
+    snapshot: Snapshot,
+    authorization: str | None,
+    scope: str,
+    now: float | None = None,
+    verified: VerifiedKeys | None = None,
+) -> KeyEntry:
     """The key presented in `Authorization`, or a Refusal (401, or 403 for scope and suspension)."""
     token = bearer_token(authorization)
     if token is None:
         raise unauthenticated(
             "Authentication required: send 'Authorization: Bearer <api key>'", error=None
         )
+    entry = verified.get(snapshot, token) if verified is not None else None
+    if entry is None:
+        entry = _verify(snapshot, token)
+        if verified is not None:
+            verified.put(token, entry)
+    return _admit(snapshot, entry, scope, now)
+
+
+def _verify(snapshot: Snapshot, token: str) -> KeyEntry:
     parsed = parse_key(token)
     entry = snapshot.keys_by_prefix.get(parsed.prefix) if parsed is not None else None
     if entry is None:
@@ -49,6 +97,10 @@ def authenticate(snapshot: Snapshot, authorization: str | None, scope: str, now:
         raise unauthenticated("Invalid API key")
     if not verify_key(parsed.plaintext, entry.salt, entry.key_hash):
         raise unauthenticated("Invalid API key")
+    return entry
+
+
+def _admit(snapshot: Snapshot, entry: KeyEntry, scope: str, now: float | None) -> KeyEntry:
     if not entry.key_active:
         raise unauthenticated("This API key has been revoked")
     now = time.time() if now is None else now

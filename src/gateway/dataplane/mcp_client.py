@@ -123,8 +123,9 @@ class UpstreamClient:
         if params is not None:
             message["params"] = params
         body = orjson.dumps(message)
+        all_headers = [("Content-Type", "application/json"), ("Accept", _ACCEPT), *headers]
         framed = self.pool.encode_request(
-            "POST", self.target, [("Content-Type", "application/json"), ("Accept", _ACCEPT), *headers], body
+            "POST", self.target, [(n.encode("latin-1"), v.encode("utf-8")) for n, v in all_headers], body
         )
         response = await self.pool.request(framed, timeout=self.timeout)
         content = await asyncio.wait_for(response.read(), self.timeout)

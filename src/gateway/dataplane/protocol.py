@@ -20,8 +20,9 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterable
 from urllib.parse import urlsplit
+
+from multidict import CIMultiDictProxy
 
 from gateway.dataplane.jsonrpc import FORBIDDEN, INVALID_REQUEST, Call, Refusal
 
@@ -65,19 +66,15 @@ def _mismatch(message: str) -> Refusal:
     return Refusal(400, HEADER_MISMATCH, message)
 
 
-def check_message(call: Call, raw_headers: Iterable[tuple[str, str]], header_version: str | None) -> None:
+def check_message(call: Call, headers: CIMultiDictProxy[str]) -> None:
     """Refuse a POSTed message whose headers and body disagree or whose version is unknown."""
-    seen: set[str] = set()
-    for name, _ in raw_headers:
-        key = name.lower()
-        if key in _ROUTING_HEADERS:
-            if key in seen:
-                # First-copy and last-copy readers would disagree about the message.
-                raise _mismatch(f"Header mismatch: {key} appears more than once")
-            seen.add(key)
-
+    for name in _ROUTING_HEADERS:
+        if len(headers.getall(name, ())) > 1:
+            # First-copy and last-copy readers would disagree about the message.
+            raise _mismatch(f"Header mismatch: {name} appears more than once")
+    header_version = headers.get("mcp-protocol-version")
     if call.envelope_version is not None:
-        _check_modern(call, raw_headers, header_version)
+        _check_modern(call, headers, header_version)
         return
     if header_version is not None and header_version not in KNOWN_VERSIONS:
         raise Refusal(
@@ -96,8 +93,7 @@ def check_message(call: Call, raw_headers: Iterable[tuple[str, str]], header_ver
             )
 
 
-def _check_modern(call: Call, raw_headers: Iterable[tuple[str, str]], header_version: str | None) -> None:
-    headers = {name.lower(): value for name, value in raw_headers}
+def _check_modern(call: Call, headers: CIMultiDictProxy[str], header_version: str | None) -> None:
     if header_version != call.envelope_version:
         raise _mismatch(
             "Header mismatch: MCP-Protocol-Version header does not match params._meta's protocol version"

@@ -175,6 +175,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._paused = False
         self._eof_body = False
+        self._has_length = False
 
     # asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -204,21 +205,24 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks ------------------------------------------------------------
     def on_message_begin(self) -> None:
         self.response = UpstreamResponse(self)
+        self._has_length = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self.response
         response.headers.append((name, value))
-        if len(name) == 12 and name.lower() == b"content-type":
-            response.content_type = value.lower()
+        size = len(name)
+        if size == 12 or size == 14 or size == 17:
+            lowered = name.lower()
+            if lowered == b"content-type":
+                response.content_type = value.lower()
+            elif lowered == b"content-length" or lowered == b"transfer-encoding":
+                self._has_length = True
 
     def on_headers_complete(self) -> None:
         response = self.response
         response.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
-        has_length = any(
-            k.lower() in (b"content-length", b"transfer-encoding") for k, _ in response.headers
-        )
-        self._eof_body = not has_length and response.status not in (204, 304)
+        self._eof_body = not self._has_length and response.status not in (204, 304)
         waiter = self.headers_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(response)
@@ -323,12 +327,15 @@ class UpstreamPool:
         return len(self._idle)
 
     def encode_request(
-        self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes | None
+        self, method: str, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes | None
     ) -> bytes:
-        """Frame one request for `target` (path and query) on this origin (no pipelining, no Expect)."""
+        """Frame one request for `target` (path and query) on this origin (no pipelining, no Expect).
+
+        Headers are bytes as they came off the wire: no decoding and re-encoding per header.
+        """
         parts = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), self._host_line]
         for name, value in headers:
-            parts.append(f"{name}: {value}\r\n".encode("latin-1"))
+            parts += (name, b": ", value, b"\r\n")
         if body is not None:
             parts.append(b"Content-Length: %d\r\n\r\n" % len(body))
             parts.append(body)

@@ -7,6 +7,7 @@ outcome), never user input of unbounded variety such as tool arguments.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
@@ -48,10 +49,9 @@ class Histogram:
         series = self.series.get(labels)
         if series is None:
             series = self.series[labels] = [0.0] * (len(BUCKETS) + 2)  # buckets, count, sum
-        for i, bound in enumerate(BUCKETS):
-            if value <= bound:
-                series[i] += 1
-                break
+        index = bisect_left(BUCKETS, value)
+        if index < len(BUCKETS):
+            series[index] += 1
         series[-2] += 1
         series[-1] += value
 

@@ -1,0 +1,854 @@
+"""Benchmark: the gateway's proxy path against a plain aiohttp proxy and the bare upstream.
+
+    python bench/proxy.py
+    python bench/proxy.py --duration 8 --connections 32 --payload-bytes 256 --rounds 3
+    python bench/proxy.py --database sqlite
+    BENCH_PG_URL=postgresql://user@host:5432/postgres python bench/proxy.py
+
+It starts, as child processes on free 127.0.0.1 ports: the stub upstream
+(bench/stub_upstream.py), the baseline proxy (bench/baseline_proxy.py: aiohttp
+server + one aiohttp ClientSession) and the gateway (`gateway serve`, one
+process) on a database of its own: `gwbench_proxy_<random>`, created on the
+PostgreSQL server BENCH_PG_URL names (default postgres@127.0.0.1:5432) and
+dropped WITH (FORCE) at the end, or a temporary SQLite file. The gateway runs
+as in production: API-key authentication, per-key hour/day quotas and one
+`request_logs` row per request through the batched writer are all on.
+
+It drives keep-alive POSTs (a JSON-RPC tools/call) at fixed concurrency with
+wrk (one thread, a generated Lua script; an aiohttp client if wrk is not on
+PATH) at three targets in turn: the upstream directly, the baseline, the
+gateway. Each gets a warm-up, then a measured run; `--rounds` repeats the
+three, alternating the order of baseline and gateway, and the medians count.
+
+Placement on two cores: the proxy under test (baseline or gateway) is pinned
+to CPU 0, the load generator and the stub to CPU 1, so each proxy has one core
+of its own. "upstream direct" is wrk + stub sharing CPU 1: the ceiling of this
+harness, not a proxy. For each measured run the script also reads the proxy's
+CPU time (so CPU us per request, which other load on the machine disturbs less
+than req/s) and the largest share of either pinned CPU that went to other work;
+it warns when the machine was not quiet.
+
+Quotas are real, so they must never refuse a measured request: every gateway
+phase gets fresh keys (100000 requests/hour each, the API's maximum), enough
+that none can run dry even at the harness's ceiling, and the script sends
+round-robin across them (the same work per request as with one key).
+Non-2xx answers are counted (wrk) and, for the gateway, broken down by status
+from its /metrics; a 429 aborts the run. (A few 499s there are normal: wrk
+closes its connections with requests in flight when time is up.)
+
+Prints the table, gateway/baseline (target: >= 1.5x) and gateway/upstream,
+then the conditions; writes the same to bench/results/proxy-<time>.json.
+Children are stopped and the database dropped on every exit (errors, Ctrl-C,
+SIGTERM); if this script is killed outright, setpriv's parent-death signal
+still stops the children (only the database would stay: gwbench_proxy_*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+PG_ADMIN_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+HOST = "127.0.0.1"
+
+PROXY_CPU = 0  # the process under test: baseline proxy or gateway
+LOAD_CPU = 1  # load generator, stub upstream and this script
+WARMUP_SECONDS = 2.0
+PROTOCOL_VERSION = "2025-11-25"
+SERVER_NAME = "bench"
+# A key allows at most 100000 requests an hour and its bucket starts full;
+# plan for at most KEY_BUDGET requests per key per phase.
+KEY_PER_HOUR = 100_000
+KEY_PER_DAY = 1_000_000
+KEY_BUDGET = 80_000
+# What the upstream and the baseline get in `Authorization`: a well-formed key
+# nobody holds, so every target parses requests of the same length.
+NO_KEY = "gw_" + "0" * 10 + "_" + "0" * 40
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0  # the gateway flushes its queued records before it exits
+NOISE_PCT = 10.0  # other work above this share of a pinned CPU in a measured run: warn
+TARGETS = ("upstream", "baseline", "gateway")
+LABELS = {"upstream": "upstream direct", "baseline": "baseline (aiohttp)", "gateway": "gateway"}
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on (or its figures would be wrong)."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- child processes ----------------------------------------------------------------------------
+class Children:
+    """Child processes, each pinned to one CPU, logging to files; stopped newest first."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen] = []
+        self._setpriv = shutil.which("setpriv")
+        self._taskset = shutil.which("taskset")
+
+    def command(self, argv: list[str], cpu: int) -> list[str]:
+        prefix: list[str] = []
+        if self._setpriv:
+            # Should this script die without cleaning up (SIGKILL), the child gets SIGTERM.
+            prefix += [self._setpriv, "--pdeathsig", "TERM"]
+        if self._taskset:
+            prefix += [self._taskset, "-c", str(cpu)]
+        return prefix + argv
+
+    def start(self, name: str, argv: list[str], *, cpu: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+        with open(self.log_dir / f"{name}.log", "wb") as out:
+            # A session of its own: a Ctrl-C in the terminal reaches this script
+            # only, which then stops the children in order.
+            proc = subprocess.Popen(self.command(argv, cpu), stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        if not self._taskset:
+            # Without taskset, pin after the start (children inherit this script's CPU meanwhile).
+            os.sched_setaffinity(proc.pid, {cpu})
+        self.procs.append(proc)
+        return proc
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        try:
+            return "\n".join((self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    @staticmethod
+    def stop(proc: subprocess.Popen) -> None:
+        if proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def stop_all(self) -> None:
+        while self.procs:
+            proc = self.procs.pop()
+            try:
+                self.stop(proc)
+            except Exception as exc:  # noqa: BLE001 - keep stopping the others
+                log(f"bench: could not stop pid {proc.pid}: {exc}")
+
+    def wait_ready(self, name: str, proc: subprocess.Popen, ready, what: str) -> None:
+        """Poll `ready()` until true; fail with the child's log if it exits or time runs out."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise BenchError(f"{name} exited with status {proc.returncode}:\n{self.log_tail(name)}")
+            if ready():
+                return
+            time.sleep(0.05)
+        raise BenchError(f"{name}: {what} after {START_TIMEOUT:g}s:\n{self.log_tail(name)}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:  # HTTPError included
+        return False
+
+
+# -- the database ----------------------------------------------------------------------------------
+class Database:
+    """A database of this run's own: created at the start, dropped (or deleted) at the end."""
+
+    def __init__(self, kind: str, work_dir: Path) -> None:
+        self.kind = kind
+        self.name = f"gwbench_proxy_{uuid.uuid4().hex[:10]}"
+        self.created: bool | None = False
+        self.server_version = ""
+        if kind == "postgres":
+            self.url = f"{PG_ADMIN_URL.rpartition('/')[0]}/{self.name}"
+        else:
+            self.path = work_dir / "gateway.db"  # goes with the work directory
+            self.url = f"sqlite:///{self.path}"
+
+    @staticmethod
+    def _pg(url: str, *statements: str):
+        async def go():
+            import asyncpg
+
+            conn = await asyncpg.connect(url, timeout=10)
+            try:
+                return [await conn.fetchval(sql) for sql in statements]
+            finally:
+                await conn.close()
+
+        return asyncio.run(go())
+
+    def create(self) -> None:
+        if self.kind == "postgres":
+            self.created = None  # maybe: an interrupted CREATE is dropped too (IF EXISTS)
+            try:
+                self._pg(PG_ADMIN_URL, f'CREATE DATABASE "{self.name}"')
+            except (OSError, asyncio.TimeoutError, ImportError) as exc:
+                from gateway.db.migrate import redact_url
+
+                raise BenchError(f"cannot reach PostgreSQL at {redact_url(PG_ADMIN_URL)} (BENCH_PG_URL): {exc}; "
+                                 "or use --database sqlite") from None
+            except Exception as exc:  # asyncpg's errors: authentication, privileges
+                raise BenchError(f"cannot create database {self.name}: {exc}") from None
+            self.created = True
+            self.server_version = self._pg(PG_ADMIN_URL, "SHOW server_version")[0]
+
+    def drop(self) -> None:
+        if self.kind != "postgres" or self.created is False:
+            return
+        try:
+            self._pg(PG_ADMIN_URL, f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        except Exception as exc:  # noqa: BLE001 - reported; the rest of the cleanup goes on
+            if self.created:
+                log(f"bench: could not drop database {self.name}: {exc}; drop it by hand")
+        self.created = False
+
+    def count_request_logs(self) -> int | None:
+        try:
+            if self.kind == "postgres":
+                return self._pg(self.url, "SELECT count(*) FROM request_logs")[0]
+            import sqlite3
+
+            with sqlite3.connect(self.path) as conn:
+                return conn.execute("SELECT count(*) FROM request_logs").fetchone()[0]
+        except Exception as exc:  # noqa: BLE001 - a figure for the report, not a reason to fail
+            log(f"bench: could not count request_logs rows: {exc}")
+            return None
+
+    def describe(self) -> str:
+        from gateway.db.migrate import redact_url
+
+        if self.kind == "postgres":
+            return f"PostgreSQL {self.server_version} ({redact_url(self.url)}, made and dropped by this run)"
+        return "SQLite (a temporary file)"
+
+
+# -- the gateway -----------------------------------------------------------------------------------
+def gateway_env(db_url: str, dataplane_port: int = 0, controlplane_port: int = 0) -> dict[str, str]:
+    # Only our settings: a GATEWAY_* variable in the caller's environment would
+    # change what is measured. GATEWAY_NO_EXTENSIONS is kept, and reported.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") or k == "GATEWAY_NO_EXTENSIONS"}
+    env.update(
+        GATEWAY_DATABASE_URL=db_url,
+        GATEWAY_DATAPLANE_HOST=HOST,
+        GATEWAY_DATAPLANE_PORT=str(dataplane_port),
+        GATEWAY_CONTROLPLANE_HOST=HOST,
+        GATEWAY_CONTROLPLANE_PORT=str(controlplane_port),
+        GATEWAY_LOG_LEVEL="WARNING",
+    )
+    return env
+
+
+def gateway_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gateway.cli", *args]
+
+
+class Gateway:
+    """The gateway process, provisioned through its admin API."""
+
+    def __init__(self, children: Children, db: Database, upstream_url: str) -> None:
+        env = gateway_env(db.url)
+        for command in ("migrate", "bootstrap"):
+            done = subprocess.run(gateway_cli(command), env=env, capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise BenchError(f"`gateway {command}` failed with {done.returncode}:\n{done.stderr}")
+        match = re.search(r"^admin_key=(\S+)$", done.stdout, re.MULTILINE)
+        if not match:
+            raise BenchError(f"`gateway bootstrap` printed no admin_key= line:\n{done.stdout}")
+        self.admin_key = match.group(1)
+        dataplane, controlplane = free_port(), free_port()
+        self.proc = children.start("gateway", gateway_cli("serve"), cpu=PROXY_CPU,
+                                   env=gateway_env(db.url, dataplane, controlplane))
+        self.url = f"http://{HOST}:{dataplane}"
+        self.admin_url = f"http://{HOST}:{controlplane}/api/v1"
+        self.endpoint = f"{self.url}/servers/{SERVER_NAME}/mcp"
+        children.wait_ready("gateway", self.proc, lambda: http_ok(self.url + "/readyz"), "/readyz is not 200")
+        tenant = self.admin("POST", "/tenants", {"name": "bench"})
+        user = self.admin("POST", "/users", {"tenant_id": tenant["id"], "username": "bench",
+                                             "email": "bench@bench.invalid", "role": "USER"})
+        self.user_id = user["id"]
+        self.admin("POST", "/servers", {"tenant_id": tenant["id"], "name": SERVER_NAME,
+                                        "endpoint_url": upstream_url, "transport_type": "http"})
+        self.keys_made = 0
+        self.metrics_key = self._key(["metrics"])
+
+    def admin(self, method: str, path: str, body: dict) -> dict:
+        request = urllib.request.Request(
+            self.admin_url + path, data=json.dumps(body).encode(), method=method,
+            headers={"Authorization": f"Bearer {self.admin_key}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise BenchError(f"admin API {method} {path}: {exc.code} {exc.read().decode(errors='replace')}") from None
+
+    def _key(self, scopes: list[str]) -> str:
+        self.keys_made += 1
+        return self.admin("POST", "/api-keys", {
+            "user_id": self.user_id, "name": f"bench-{self.keys_made}", "scopes": scopes,
+            "rate_limit_per_hour": KEY_PER_HOUR, "rate_limit_per_day": KEY_PER_DAY,
+        })["key"]
+
+    def fresh_keys(self, count: int, body: bytes) -> list[str]:
+        """`count` new proxy keys, each checked end to end with one request."""
+        keys = [self._key(["proxy"]) for _ in range(count)]
+        deadline = time.monotonic() + 15
+        for key in keys:
+            while (answer := post(self.endpoint, body, key))[0] != 200:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the gateway refuses a fresh key: HTTP {answer[0]}: {answer[1][:300]}")
+                time.sleep(0.1)
+        return keys
+
+    def statuses(self) -> dict[str, float]:
+        """Requests by HTTP status so far, as the gateway's /metrics counts them."""
+        request = urllib.request.Request(self.url + "/metrics", headers={"Authorization": f"Bearer {self.metrics_key}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            text = response.read().decode()
+        counts: dict[str, float] = {}
+        for match in re.finditer(r'^gateway_requests_total\{.*status="([^"]*)"\}\s+(\S+)$', text, re.MULTILINE):
+            counts[match[1]] = counts.get(match[1], 0) + float(match[2])
+        return counts
+
+
+# -- the request ---------------------------------------------------------------------------------
+def make_body(size: int) -> bytes:
+    """A JSON-RPC tools/call of `size` bytes (or the bare envelope, if that is longer)."""
+    def build(text: str) -> bytes:
+        message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                   "params": {"name": "echo", "arguments": {"text": text}}}
+        return json.dumps(message, separators=(",", ":")).encode()
+
+    return build("x" * max(0, size - len(build(""))))
+
+
+def headers_for(key: str) -> dict[str, str]:
+    # Every target gets the same request, credentials included; only the gateway checks them.
+    return {
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": PROTOCOL_VERSION,
+        "Authorization": f"Bearer {key}",
+    }
+
+
+def post(url: str, body: bytes, key: str) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers_for(key))
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except OSError as exc:
+        return 0, str(exc)
+
+
+# -- load generators -------------------------------------------------------------------------------
+@dataclass
+class Load:
+    """One run against one target."""
+
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int  # answers with status >= 400 (as wrk counts them)
+    socket_errors: int  # connect, read and write errors, timeouts
+    statuses: dict[str, float] = field(default_factory=dict)  # the gateway's own count, by status
+    # CPU use of the process under test (the stub for "upstream direct"), and
+    # the larger share of a pinned CPU that went to other work (other users of
+    # the machine, the database server).
+    cpu_pct: float = math.nan
+    others_pct: float = math.nan
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx + self.socket_errors
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return self.cpu_pct / 100 / self.rps * 1e6 if self.rps else math.nan
+
+
+_WRK_SCRIPT = """\
+-- Generated by bench/proxy.py. Requests are formatted once; request() only
+-- picks the next (round-robin over the API keys).
+local body = [==[{body}]==]
+local keys = {{ {keys} }}
+local requests, n, i = {{}}, 0, 0
+
+function init(args)
+  for _, key in ipairs(keys) do
+    n = n + 1
+    requests[n] = wrk.format("POST", nil, {{
+      ["Content-Type"] = "application/json",
+      ["Accept"] = "application/json, text/event-stream",
+      ["MCP-Protocol-Version"] = "{version}",
+      ["Authorization"] = "Bearer " .. key,
+    }}, body)
+  end
+end
+
+function request()
+  i = i % n + 1
+  return requests[i]
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_RESULT {{"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,'
+    .. '"status":%d,"timeout":%d,"p50_us":%d,"p99_us":%d}}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+class WrkLoad:
+    """wrk, one thread on the load CPU, latency percentiles from its own histogram."""
+
+    def __init__(self, children: Children, work_dir: Path, connections: int) -> None:
+        self.children = children
+        self.work_dir = work_dir
+        self.connections = connections
+        self.binary = shutil.which("wrk") or "wrk"
+        self.runs = 0
+
+    def describe(self) -> str:
+        done = subprocess.run([self.binary, "-v"], capture_output=True, text=True, timeout=10)
+        first = (done.stdout + done.stderr).strip().splitlines()
+        return f"{first[0].split(' Copyright')[0] if first else 'wrk'}, 1 thread"
+
+    def run(self, url: str, body: bytes, keys: list[str], seconds: float) -> Load:
+        text = body.decode()
+        if "]==]" in text:
+            raise BenchError("the request body cannot be quoted in Lua")
+        self.runs += 1
+        script = self.work_dir / f"load-{self.runs}.lua"
+        script.write_text(_WRK_SCRIPT.format(body=text, keys=", ".join(json.dumps(k) for k in keys),
+                                             version=PROTOCOL_VERSION))
+        argv = [self.binary, "-t1", f"-c{self.connections}", f"-d{seconds:g}s", "--timeout", "10s",
+                "-s", str(script), url]
+        proc = subprocess.Popen(self.children.command(argv, LOAD_CPU), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=seconds + 60)
+        except BaseException:
+            # subprocess.run would not wait for it after a Ctrl-C: no zombie left behind.
+            proc.kill()
+            proc.wait()
+            raise
+        match = re.search(r"^BENCH_RESULT (\{.*\})$", stdout, re.MULTILINE)
+        if proc.returncode != 0 or not match:
+            raise BenchError(f"wrk failed ({proc.returncode}):\n{stdout}\n{stderr}")
+        r = json.loads(match[1])
+        elapsed = r["duration_us"] / 1e6
+        return Load(requests=r["requests"], seconds=elapsed, rps=r["requests"] / elapsed,
+                    p50_ms=r["p50_us"] / 1000, p99_ms=r["p99_us"] / 1000, non_2xx=r["status"],
+                    socket_errors=r["connect"] + r["read"] + r["write"] + r["timeout"])
+
+
+class AiohttpLoad:
+    """Without wrk: an aiohttp client at the same concurrency, in this process (on the load CPU).
+
+    It costs far more per request than wrk (aiohttp's client is ~150 us a
+    request on one core), so it may be the bottleneck: trust its ratios less.
+    """
+
+    def __init__(self, connections: int) -> None:
+        self.connections = connections
+
+    def describe(self) -> str:
+        import aiohttp
+
+        return f"aiohttp {aiohttp.__version__} client, {self.connections} tasks (wrk not found)"
+
+    def run(self, url: str, body: bytes, keys: list[str], seconds: float) -> Load:
+        import uvloop
+
+        return uvloop.run(self._run(url, body, [headers_for(k) for k in keys], seconds))
+
+    async def _run(self, url: str, body: bytes, headers: list[dict], seconds: float) -> Load:
+        import aiohttp
+
+        latencies: list[float] = []
+        counts = {"bad": 0, "socket": 0, "sent": 0}
+        clock = time.perf_counter
+        connector = aiohttp.TCPConnector(limit=self.connections)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
+            started = clock()
+            deadline = started + seconds
+
+            async def worker() -> None:
+                while clock() < deadline:
+                    counts["sent"] += 1
+                    t0 = clock()
+                    try:
+                        async with session.post(url, data=body, headers=headers[counts["sent"] % len(headers)]) as r:
+                            await r.read()
+                    except (aiohttp.ClientError, asyncio.TimeoutError):
+                        counts["socket"] += 1
+                        continue
+                    latencies.append(clock() - t0)
+                    counts["bad"] += r.status >= 400
+
+            await asyncio.gather(*(worker() for _ in range(self.connections)))
+            elapsed = clock() - started
+        latencies.sort()
+        n = len(latencies)
+
+        def percentile(p: float) -> float:
+            return latencies[min(n - 1, int(p / 100 * n))] * 1000 if n else math.nan
+
+        return Load(requests=n, seconds=elapsed, rps=n / elapsed, p50_ms=percentile(50), p99_ms=percentile(99),
+                    non_2xx=counts["bad"], socket_errors=counts["socket"])
+
+
+# -- CPU accounting -------------------------------------------------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far, all threads."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def cpu_busy_seconds(cpu: int) -> float:
+    """Seconds CPU `cpu` ran processes (user, nice, system) or was taken by the hypervisor (steal).
+
+    Interrupt time is left out: most of it is the loopback traffic of the
+    benchmark itself, which no process's CPU time includes.
+    """
+    with open("/proc/stat") as fh:
+        for line in fh:
+            if line.startswith(f"cpu{cpu} "):
+                user, nice, system, _idle, _iowait, _irq, _softirq, steal = map(int, line.split()[1:9])
+                return (user + nice + system + steal) / _TICK
+    return math.nan
+
+
+def our_cpu_seconds() -> float:
+    """This process and its reaped children (wrk, once a run is over)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def run_sampled(load, url: str, body: bytes, keys: list[str], seconds: float, pid: int, stub_pid: int) -> Load:
+    """A load run, with the CPU use of the process under test (`pid`) and of other work on both CPUs.
+
+    Other work on a CPU is its busy time less ours there: the proxy on the
+    proxy CPU; the stub and the load generator on the load CPU.
+    """
+    pids = {pid, stub_pid}
+    t0, o0 = time.monotonic(), our_cpu_seconds()
+    p0 = {p: process_cpu_seconds(p) for p in pids}
+    c0 = {c: cpu_busy_seconds(c) for c in (PROXY_CPU, LOAD_CPU)}
+    result = load.run(url, body, keys, seconds)
+    elapsed = time.monotonic() - t0
+    used = {p: process_cpu_seconds(p) - p0[p] for p in pids}
+    ours = {PROXY_CPU: used[pid] if pid != stub_pid else 0.0, LOAD_CPU: used[stub_pid] + our_cpu_seconds() - o0}
+    result.cpu_pct = 100 * used[pid] / elapsed
+    result.others_pct = max(100 * max(0.0, cpu_busy_seconds(c) - c0[c] - ours[c]) / elapsed for c in ours)
+    return result
+
+
+# -- one target ---------------------------------------------------------------------------------
+def keys_needed(rate_ceiling: float, seconds: float) -> int:
+    return max(1, math.ceil(rate_ceiling * seconds * 1.25 / KEY_BUDGET))
+
+
+def measure(target: str, url: str, pids: dict[str, int], load, body: bytes, gateway: Gateway, duration: float,
+            rate_ceiling: float) -> Load:
+    """A warm-up, then a measured run; the gateway with fresh keys for each."""
+    pid, stub_pid = pids[target], pids["upstream"]
+    if target != "gateway":
+        load.run(url, body, [NO_KEY], WARMUP_SECONDS)
+        return run_sampled(load, url, body, [NO_KEY], duration, pid, stub_pid)
+    load.run(url, body, gateway.fresh_keys(keys_needed(rate_ceiling, WARMUP_SECONDS), body), WARMUP_SECONDS)
+    keys = gateway.fresh_keys(keys_needed(rate_ceiling, duration), body)
+    log(f"    {len(keys)} fresh key(s) of {KEY_PER_HOUR}/h for the measured run (ceiling {rate_ceiling:,.0f} req/s)")
+    before = gateway.statuses()
+    result = run_sampled(load, url, body, keys, duration, pid, stub_pid)
+    after = gateway.statuses()
+    result.statuses = {s: n - before.get(s, 0) for s, n in after.items() if n != before.get(s, 0)}
+    if result.statuses.get("429"):
+        raise BenchError(
+            f"the gateway refused {result.statuses['429']:.0f} measured requests with 429: a key's quota ran "
+            f"out, so the figures would measure refusals (statuses {result.statuses})"
+        )
+    return result
+
+
+# -- the report ---------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def gateway_source() -> str:
+    """The commit the measured gateway was built from, and whether its sources differ from it."""
+    import gateway
+
+    src = Path(gateway.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"{src} (not a git checkout)"
+    if not commit:
+        return f"{src} (not a git checkout)"
+    return f"{commit}" + (" + uncommitted changes under src/gateway" if dirty else "")
+
+
+def conditions(args, body: bytes, load, db: Database, pids: dict[str, int], load_at_start, source: str) -> dict:
+    import aiohttp
+    import httptools
+    import uvloop
+
+    from gateway._fast import compiled_modules
+
+    def cpus(pid: int) -> str:
+        return ",".join(map(str, sorted(os.sched_getaffinity(pid))))
+
+    return {
+        "cpus": f"{os.cpu_count()} x {cpu_model()}",
+        "kernel": platform.release(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "libraries": f"uvloop {uvloop.__version__}, aiohttp {aiohttp.__version__}, httptools {httptools.__version__}",
+        "load_generator": load.describe(),
+        "connections": args.connections,
+        "payload_bytes": len(body),
+        "duration_s": f"{args.duration:g} measured + {WARMUP_SECONDS:g} warm-up per target, {args.rounds} round(s)",
+        "database": db.describe(),
+        "pinning": (
+            f"proxy under test on CPU {PROXY_CPU} (baseline: cpus {cpus(pids['baseline'])}, gateway: cpus "
+            f"{cpus(pids['gateway'])}); wrk + stub on CPU {LOAD_CPU} (stub: cpus {cpus(pids['upstream'])}); "
+            "database server not pinned"
+        ),
+        "gateway": (
+            f"1 process; API-key auth, per-key quotas ({KEY_PER_HOUR}/h, {KEY_PER_DAY}/day, fresh keys per "
+            "run) and request_logs through the batched writer on; log level WARNING; no Redis"
+        ),
+        "gateway_source": source,
+        "fast_modules_compiled": compiled_modules(),
+        "GATEWAY_NO_EXTENSIONS": os.environ.get("GATEWAY_NO_EXTENSIONS", "(unset)"),
+        "load_average_at_start": " ".join(f"{x:.2f}" for x in load_at_start),
+    }
+
+
+def summarize(loads: list[Load]) -> dict:
+    return {
+        "rps": statistics.median(x.rps for x in loads),
+        "p50_ms": statistics.median(x.p50_ms for x in loads),
+        "p99_ms": statistics.median(x.p99_ms for x in loads),
+        "cpu_us_per_request": statistics.median(x.cpu_us_per_request for x in loads),
+        "cpu_pct": statistics.median(x.cpu_pct for x in loads),
+        "others_pct": max(x.others_pct for x in loads),
+        "errors": sum(x.errors for x in loads),
+        "requests": sum(x.requests for x in loads),
+    }
+
+
+def report(results: dict[str, list[Load]], cond: dict) -> dict:
+    medians = {t: summarize(results[t]) for t in TARGETS}
+    gateway, baseline = medians["gateway"], medians["baseline"]
+    ratios = {
+        "gateway/baseline": gateway["rps"] / baseline["rps"],
+        "gateway/upstream": gateway["rps"] / medians["upstream"]["rps"],
+        "baseline/gateway CPU per request": baseline["cpu_us_per_request"] / gateway["cpu_us_per_request"],
+    }
+    rounds = len(results["gateway"])
+    print(f"\n{'target':<20} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'CPU us/req':>10} "
+          f"{'CPU%':>5} {'others%':>7}" + (f"   median of {rounds} rounds" if rounds > 1 else ""))
+    for t in TARGETS:
+        m = medians[t]
+        print(f"{LABELS[t]:<20} {m['rps']:>9,.0f} {m['p50_ms']:>7.2f} {m['p99_ms']:>7.2f} {m['errors']:>6} "
+              f"{m['cpu_us_per_request']:>10.1f} {m['cpu_pct']:>5.0f} {m['others_pct']:>7.0f}")
+    print("(CPU: the proxy's own, the stub's for upstream direct; others%: the most either pinned CPU gave to "
+          "other work in a measured run)")
+    noisy = max(m["others_pct"] for m in medians.values())
+    if noisy > NOISE_PCT:
+        print(f"WARNING: other work took up to {noisy:.0f}% of a pinned CPU during a measured run: the machine "
+              "was not quiet, req/s are disturbed (CPU us/req less so)")
+    verdict = "meets" if ratios["gateway/baseline"] >= 1.5 else "BELOW"
+    print(f"\ngateway/baseline = {ratios['gateway/baseline']:.2f}x   ({verdict} the target of 1.50x; "
+          f"by CPU per request {ratios['baseline/gateway CPU per request']:.2f}x)")
+    print(f"gateway/upstream = {ratios['gateway/upstream']:.2f}x   (upstream direct = load generator + stub on "
+          "one core, this harness's ceiling)")
+    print("\nconditions:")
+    for name, value in cond.items():
+        print(f"  {name:<22} {value}")
+    return {"medians": medians, "ratios": ratios}
+
+
+# -- main ------------------------------------------------------------------------------------------
+def run(args, work_dir: Path, children: Children, db: Database) -> int:
+    load_at_start = os.getloadavg()
+    source = gateway_source()  # before the gateway starts: what it loads is what was measured
+    body = make_body(args.payload_bytes)
+    if args.load == "wrk" or (args.load == "auto" and shutil.which("wrk")):
+        load = WrkLoad(children, work_dir, args.connections)
+    else:
+        log("bench: wrk is not on PATH; an aiohttp client drives the load instead (it may be the bottleneck)")
+        load = AiohttpLoad(args.connections)
+
+    db.create()
+    log("starting the stub upstream, the baseline proxy and the gateway ...")
+    stub_port, baseline_port = free_port(), free_port()
+    stub = children.start("stub", [sys.executable, str(BENCH_DIR / "stub_upstream.py"), "--port", str(stub_port)],
+                          cpu=LOAD_CPU)
+    children.wait_ready("stub", stub, lambda: listening(stub_port), f"not listening on {stub_port}")
+    stub_url = f"http://{HOST}:{stub_port}/mcp"
+    baseline = children.start("baseline", [sys.executable, str(BENCH_DIR / "baseline_proxy.py"), "--port",
+                                           str(baseline_port), "--upstream", stub_url,
+                                           "--connections", str(args.connections)], cpu=PROXY_CPU)
+    children.wait_ready("baseline", baseline, lambda: listening(baseline_port), f"not listening on {baseline_port}")
+    gateway = Gateway(children, db, stub_url)
+    urls = {"upstream": stub_url, "baseline": f"http://{HOST}:{baseline_port}/mcp", "gateway": gateway.endpoint}
+    pids = {"upstream": stub.pid, "baseline": baseline.pid, "gateway": gateway.proc.pid}
+    for target in ("upstream", "baseline"):
+        status, text = post(urls[target], body, NO_KEY)
+        if status != 200:
+            raise BenchError(f"{target} does not answer the benchmark request: HTTP {status}: {text[:300]}")
+
+    results: dict[str, list[Load]] = {t: [] for t in TARGETS}
+    ceiling = 0.0
+    for r in range(args.rounds):
+        for target in ("upstream", "baseline", "gateway") if r % 2 == 0 else ("upstream", "gateway", "baseline"):
+            log(f"round {r + 1}/{args.rounds}: {LABELS[target]} ...")
+            result = measure(target, urls[target], pids, load, body, gateway, args.duration, ceiling)
+            if target == "upstream":
+                # Nothing behind this harness goes faster than wrk + stub alone.
+                ceiling = max(ceiling, result.rps)
+            results[target].append(result)
+            statuses = f", gateway statuses {result.statuses}" if result.statuses else ""
+            log(f"    {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, "
+                f"{result.requests} requests, {result.non_2xx} non-2xx, {result.socket_errors} socket errors, "
+                f"CPU {result.cpu_pct:.0f}% ({result.cpu_us_per_request:.1f} us/request), other work on the pinned "
+                f"CPUs up to {result.others_pct:.0f}%{statuses}")
+
+    cond = conditions(args, body, load, db, pids, load_at_start, source)
+    # Stopped first, the gateway flushes every record it queued; then count them.
+    Children.stop(gateway.proc)
+    rows = db.count_request_logs()
+    cond["request_logs_rows"] = (f"{rows} for the run ({sum(x.requests for x in results['gateway'])} measured "
+                                 "gateway requests, plus warm-ups and probes)")
+    summary = report(results, cond)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = RESULTS_DIR / f"proxy-{stamp}.json"
+    runs = {t: [{**asdict(x), "cpu_us_per_request": x.cpu_us_per_request} for x in results[t]] for t in TARGETS}
+    out.write_text(json.dumps({"benchmark": "proxy", "timestamp": stamp, **summary, "runs": runs,
+                               "conditions": cond, "request_logs_rows": rows}, indent=2) + "\n")
+    print(f"\nfigures written to {out.relative_to(BENCH_DIR.parent)}")
+    errors = {t: sum(x.errors for x in results[t]) for t in TARGETS}
+    if any(errors.values()):
+        log(f"bench: errors in measured runs {errors}: the figures are suspect")
+        return 1
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Proxy benchmark: upstream direct, baseline aiohttp proxy, gateway.")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per target (default 8)")
+    parser.add_argument("--connections", type=int, default=32, help="concurrent keep-alive connections (default 32)")
+    parser.add_argument("--payload-bytes", type=int, default=256, help="request body size (default 256)")
+    parser.add_argument("--database", choices=("postgres", "sqlite"), default="postgres")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the three targets; report medians")
+    parser.add_argument("--load", choices=("auto", "wrk", "aiohttp"), default="auto",
+                        help="load generator (auto: wrk if on PATH)")
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.connections < 1 or args.rounds < 1:
+        parser.error("--duration, --connections and --rounds must be positive")
+    if len(os.sched_getaffinity(0)) < 2:
+        parser.error("needs two CPUs (one for the proxy under test, one for the load)")
+    # SIGTERM and SIGHUP unwind like Ctrl-C, through the cleanup below.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    # This script (and the aiohttp fallback client) keeps off the proxy's core.
+    os.sched_setaffinity(0, {LOAD_CPU})
+
+    work_dir = Path(tempfile.mkdtemp(prefix="gwbench-proxy-"))
+    children = Children(work_dir)
+    db = Database(args.database, work_dir)
+    try:
+        return run(args, work_dir, children, db)
+    except BenchError as exc:
+        log(f"bench: {exc}")
+        tail = children.log_tail("gateway")
+        if tail:
+            log(f"bench: the gateway's log ends with:\n{tail}")
+        return 1
+    except KeyboardInterrupt:
+        log("bench: interrupted; cleaning up")
+        return 130
+    finally:
+        # No interruptions while cleaning up: half a cleanup leaves things behind.
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            children.stop_all()
+            db.drop()
+            shutil.rmtree(work_dir, ignore_errors=True)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
