@@ -10,6 +10,7 @@ connections close. `serve` runs this under uvloop until SIGINT or SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -103,6 +104,7 @@ class Gateway:
                 cfg.controlplane.host,
                 cfg.controlplane.port,
             )
+        _tune_gc()
         log.info(
             "gateway serving MCP on %s%s",
             self.dataplane_url,
@@ -148,6 +150,21 @@ class Gateway:
             await self.redis.aclose()
         if self.engine is not None:
             await self.engine.dispose()
+
+
+def _tune_gc() -> None:
+    """Move everything built at start-up out of the collector's way, and collect young objects less often.
+
+    A request allocates many short-lived objects while tens of thousands of
+    long-lived ones (SQLAlchemy, the MCP SDK, the snapshot) sit in the tracked
+    generations; freezing them makes each full collection skip them, and a
+    larger first-generation threshold runs the collector less often. Request
+    objects form no cycles of note, so memory does not grow from this.
+    """
+    gc.collect()
+    gc.freeze()
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(20_000, second, third)
 
 
 def _host(host: str) -> str:
