@@ -17,6 +17,11 @@ configuration version. Names that would not fit the MCP tool-name rule
 Not yet aggregated: resources (their URIs need a namespacing scheme that
 keeps them valid URIs), server-to-client requests and progress streaming.
 The `resources` capability is therefore not advertised.
+
+The same machinery, given one server (`only=`), is the facade for upstreams
+that do not speak HTTP (stdio): names stay as they are, resources pass
+through, the upstream's own capabilities are announced, and any other method
+is forwarded as it is.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ _MODERN_ERROR_STATUS = {-32700: 400, -32600: 400, -32602: 400, -32020: 400, -320
 _KINDS = {"tools/list": "tools", "prompts/list": "prompts"}
 _ROUTED = {"tools/call": "tools", "prompts/get": "prompts"}
 # Results that carry 2026-07-28 caching hints (SEP-2549).
-_CACHEABLE = {"server/discover", "tools/list", "prompts/list"}
+_CACHEABLE = {"server/discover", "tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read"}
 
 
 class Answer:
@@ -70,7 +75,8 @@ class Aggregate:
         self.page_size = page_size
         self._cache: dict[tuple[uuid.UUID, str, int], tuple[float, list[dict]]] = {}
 
-    async def answer(self, snapshot: Snapshot, key: KeyEntry, body: bytes) -> Answer:
+    async def answer(self, snapshot: Snapshot, key: KeyEntry, body: bytes, only: ServerEntry | None = None) -> Answer:
+        """Answer one message: for the tenant's aggregate, or as the facade of server `only`."""
         message = orjson.loads(body)
         if not isinstance(message, dict):
             raise Refusal(400, INVALID_REQUEST, "Invalid Request: /mcp takes one JSON-RPC message per request")
@@ -83,10 +89,12 @@ class Aggregate:
             params["_meta"].get(_ENVELOPE_PREFIX + "protocolVersion") in MODERN_VERSIONS
         )
         try:
-            if method == "initialize":
-                result, server = self._initialize(params), None
+            if only is not None:
+                result, server = await self._single(only, method, params), only
+            elif method == "initialize":
+                result, server = self._initialize(params, self._capabilities()), None
             elif method == "server/discover":
-                result, server = self._discover(), None
+                result, server = self._discover(self._capabilities()), None
             elif method == "ping":
                 result, server = {}, None
             elif method in _KINDS:
@@ -112,22 +120,49 @@ class Aggregate:
     def _capabilities() -> dict[str, Any]:
         return {"tools": {"listChanged": False}, "prompts": {"listChanged": False}}
 
-    def _initialize(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _initialize(self, params: dict[str, Any], capabilities: dict[str, Any], instructions: str = "") -> dict:
         requested = params.get("protocolVersion")
         version = requested if requested in HANDSHAKE_VERSIONS else HANDSHAKE_VERSIONS[-1]
         return {
             "protocolVersion": version,
-            "capabilities": self._capabilities(),
+            "capabilities": capabilities,
             "serverInfo": SERVER_INFO,
-            "instructions": "Every MCP server of your tenant behind one endpoint; tools are named server__tool.",
+            "instructions": instructions
+            or "Every MCP server of your tenant behind one endpoint; tools are named server__tool.",
         }
 
-    def _discover(self) -> dict[str, Any]:
+    def _discover(self, capabilities: dict[str, Any]) -> dict[str, Any]:
         return {
             "supportedVersions": list(MODERN_VERSIONS),
-            "capabilities": self._capabilities(),
+            "capabilities": capabilities,
             "_meta": {_ENVELOPE_PREFIX + "serverInfo": SERVER_INFO},
         }
+
+    # -- one server behind a facade (stdio upstreams) ---------------------------------------------
+    async def _single(self, server: ServerEntry, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        client = self.client_for(server)
+        try:
+            if method in ("initialize", "server/discover"):
+                capabilities = await client.ensure_ready()
+                # What the gateway relays: no server-to-client requests, no subscriptions yet.
+                relayed = {k: v for k, v in capabilities.items() if k in ("tools", "prompts", "resources", "completions")}
+                if "resources" in relayed:
+                    relayed["resources"] = {k: v for k, v in relayed["resources"].items() if k != "subscribe"}
+                instructions = f"The MCP server '{server.name}' through the gateway."
+                if method == "initialize":
+                    return self._initialize(params, relayed, instructions)
+                return self._discover(relayed)
+            if method == "ping":
+                return {}
+            forwarded = {k: v for k, v in params.items() if k != "_meta"}
+            meta = {k: v for k, v in (params.get("_meta") or {}).items() if not k.startswith(_ENVELOPE_PREFIX)}
+            if meta:
+                forwarded["_meta"] = meta
+            return await client.request(method, forwarded)
+        except UpstreamTimeout as exc:
+            raise _upstream_refusal(504, server, f"did not answer in time: {exc}") from None
+        except (UpstreamError, OSError) as exc:
+            raise _upstream_refusal(502, server, f"is unreachable or broke the exchange: {exc}") from None
 
     # -- lists ----------------------------------------------------------------------------------
     async def _list(self, snapshot: Snapshot, key: KeyEntry, method: str, params: dict) -> dict[str, Any]:

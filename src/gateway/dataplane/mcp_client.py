@@ -77,6 +77,14 @@ class UpstreamClient:
         self._ids = itertools.count(1)
         self._opening: asyncio.Lock = asyncio.Lock()
 
+    async def ensure_ready(self) -> dict[str, Any]:
+        """Detect the era and open a session if one is needed; return the server's capabilities."""
+        if self.era is None:
+            await self._detect()
+        if self.era == "legacy" and self._session_id is None:
+            await self._open_legacy_session()
+        return self.server_capabilities
+
     async def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send one request; return its result or raise UpstreamRpcError / UpstreamError."""
         if self.era is None:
