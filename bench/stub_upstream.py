@@ -44,6 +44,7 @@ _decode_one = msgspec.json.Decoder(_Message).decode
 _decode_batch = msgspec.json.Decoder(list[_Message]).decode
 
 _RESULT_HEAD = b'{"jsonrpc":"2.0","id":'
+_SESSION_HEADER = b"Mcp-Session-Id: bench-session\r\n"
 _RESULT_TAIL = b',"result":{"content":[{"type":"text","text":"ok"}],"isError":false}}'
 _PARSE_ERROR = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"Parse error"}}'
 _INVALID_REQUEST = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Invalid Request"}}'
@@ -123,7 +124,10 @@ class StubProtocol(asyncio.Protocol):
             return
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         status, payload = answer_body(body)
-        self._reply(status, payload, close=close)
+        # initialize opens a session (bench/proxy.py --case legacy-session); later requests
+        # carry its id, which this stub accepts without looking, like a cheap real server.
+        extra = _SESSION_HEADER if b'"initialize"' in body else b""
+        self._reply(status, payload, close=close, extra=extra)
 
     def _reply(self, status: int, payload: bytes, *, close: bool, extra: bytes = b"") -> None:
         transport = self.transport
