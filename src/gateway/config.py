@@ -56,6 +56,12 @@ class DataPlaneConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Browser origins allowed besides loopback ones ("*": any). Requests without
     # an Origin header (non-browser clients) are always allowed.
     allowed_origins: list[str] = msgspec.field(default_factory=list)
+    # Relayed SSE streams: a GET stream with no byte for this long is ended (the
+    # client reconnects); a call's stream (POST) idles out after upstream_timeout
+    # instead. Any byte, a progress event included, restarts the clock.
+    stream_idle_timeout: Positive = 300.0
+    # No relayed stream lives longer than this.
+    stream_max_duration: Positive = 3600.0
     # Items per page of the aggregate endpoint's (/mcp) tools/list and prompts/list.
     aggregate_page_size: Annotated[int, Meta(ge=1, le=1000)] = 200
 

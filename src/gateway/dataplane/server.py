@@ -239,7 +239,9 @@ class DataPlane:
                     exchange.error_code = answer.message["error"].get("code")
                 return web.Response(body=payload, status=answer.status,
                                     content_type=_JSON if payload else None)
-            return await self._forward(request, key, server, body if with_body else None, exchange)
+            return await self._forward(
+                request, key, server, body if with_body else None, exchange, call.request_id if call else None
+            )
         except Refusal as refusal:
             exchange.status, exchange.error_code, exchange.error = refusal.http_status, refusal.code, refusal.message
             self.refusals.inc(str(refusal.code))
@@ -308,7 +310,13 @@ class DataPlane:
             raise _too_large(limit) from None
 
     async def _forward(
-        self, request: web.BaseRequest, key: KeyEntry, server: ServerEntry, body: bytes | None, exchange: _Exchange
+        self,
+        request: web.BaseRequest,
+        key: KeyEntry,
+        server: ServerEntry,
+        body: bytes | None,
+        exchange: _Exchange,
+        request_id: int | str | None = None,
     ) -> web.StreamResponse:
         if server.transport_type != "http":
             raise Refusal(
@@ -331,7 +339,7 @@ class DataPlane:
             upstream = await pool.request(payload, timeout=self.config.upstream_timeout)
             exchange.status = upstream.status
             if upstream.is_event_stream:
-                return await self._stream(request, upstream, exchange, key, server)
+                return await self._stream(request, upstream, exchange, key, server, request_id)
             if upstream.complete:
                 content = await upstream.read()  # the usual case: it all came with the headers
             else:
@@ -353,17 +361,31 @@ class DataPlane:
 
     async def _stream(
         self, request: web.BaseRequest, upstream: UpstreamResponse, exchange: _Exchange, key: KeyEntry,
-        server: ServerEntry,
+        server: ServerEntry, request_id: int | str | None,
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, headers=self._response_headers(upstream, key, server))
         # Each chunk goes to the client as it comes: no buffering of SSE.
         await response.prepare(request)
-        chunks = upstream.iter_chunks()
+        # A call's stream (POST) must keep moving like any answer; a GET stream may idle longer.
+        idle = self.config.upstream_timeout if request.method == "POST" else self.config.stream_idle_timeout
+        chunks = upstream.iter_chunks(idle_timeout=idle, max_duration=self.config.stream_max_duration)
         try:
             async for chunk in chunks:
                 await response.write(chunk)
                 exchange.sent += len(chunk)
             await response.write_eof()
+        except UpstreamTimeout as exc:
+            exchange.error = f"stream ended by the gateway: {exc}"
+            if request_id is not None:
+                # The client is waiting for this request's answer: give it one.
+                refusal = Refusal(504, UPSTREAM_TIMEOUT, f"Server '{server.name}' {exc}; the call was abandoned")
+                event = b"event: message\ndata: " + refusal.body(request_id) + b"\n\n"
+                try:
+                    await response.write(event)
+                    exchange.error_code = UPSTREAM_TIMEOUT
+                except ConnectionResetError:
+                    pass
+            await _end_quietly(response)
         except UpstreamError as exc:
             # The headers are gone already; all that is left is to end the stream.
             exchange.error = f"upstream stream broke: {exc}"

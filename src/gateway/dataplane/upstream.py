@@ -109,12 +109,17 @@ class UpstreamResponse:
             waiter.set_result(None)
 
     # -- read by the proxy ------------------------------------------------------
-    async def _wait(self) -> None:
-        self._waiter = self._conn.loop.create_future()
+    async def _wait(self, timeout: float | None = None) -> None:
+        waiter = self._waiter = self._conn.loop.create_future()
+        timer = None
+        if timeout is not None:
+            timer = self._conn.loop.call_later(max(0.0, timeout), _idle_expire, waiter, timeout)
         try:
-            await self._waiter
+            await waiter
         finally:
             self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
     def _take(self) -> bytes:
         chunk = self._chunks.popleft()
@@ -135,8 +140,15 @@ class UpstreamResponse:
         self.release()
         return body
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive (for SSE); releases the connection at the end."""
+    async def iter_chunks(self, idle_timeout: float | None = None, max_duration: float | None = None) -> AsyncIterator[bytes]:
+        """Body chunks as they arrive (for SSE); releases the connection at the end.
+
+        Raises UpstreamTimeout when no byte arrives for `idle_timeout` seconds
+        (every chunk, a progress event included, restarts that clock) or when
+        the stream has run for `max_duration` seconds.
+        """
+        loop = self._conn.loop
+        deadline = loop.time() + max_duration if max_duration is not None else None
         try:
             while True:
                 if self._chunks:
@@ -146,7 +158,20 @@ class UpstreamResponse:
                     break
                 if self._error is not None:
                     raise self._error
-                await self._wait()
+                wait = idle_timeout
+                if deadline is not None:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise UpstreamTimeout(f"the stream reached its maximum duration of {max_duration:g}s")
+                    wait = left if wait is None else min(wait, left)
+                try:
+                    await self._wait(wait)
+                except UpstreamTimeout:
+                    if deadline is not None and loop.time() >= deadline:
+                        raise UpstreamTimeout(
+                            f"the stream reached its maximum duration of {max_duration:g}s"
+                        ) from None
+                    raise
         finally:
             self.release()
 
@@ -448,6 +473,11 @@ class UpstreamPool:
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
+
+
+def _idle_expire(waiter: asyncio.Future, timeout: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamTimeout(f"the upstream sent nothing for {timeout:g}s"))
 
 
 def _expire(waiter: asyncio.Future, timeout: float) -> None:
