@@ -116,31 +116,29 @@ def pytest_asyncio_loop_factories(config, item):
 
 
 # -- real MCP peers and a real gateway ---------------------------------------------------------
-@pytest.fixture(scope="session")
-def mcp_upstream() -> str:
-    """The demo MCP server (official SDK, both eras, SSE answers), once per run."""
-    proc, url = spawn_upstream()
+def _upstream(*flags: str):
+    proc, url = spawn_upstream(*flags)
     yield url
     proc.terminate()
     proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def mcp_upstream() -> str:
+    """The demo MCP server (official SDK, both eras, SSE answers), once per run."""
+    yield from _upstream()
 
 
 @pytest.fixture(scope="session")
 def mcp_upstream_json() -> str:
     """The same server answering with JSON bodies instead of SSE."""
-    proc, url = spawn_upstream("--json-response")
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    yield from _upstream("--json-response")
 
 
 @pytest.fixture(scope="session")
 def mcp_upstream_legacy() -> str:
     """The same server behaving like a 2025-11-25 one: it refuses 2026-07-28 requests."""
-    proc, url = spawn_upstream("--legacy-only")
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    yield from _upstream("--legacy-only")
 
 
 @pytest.fixture

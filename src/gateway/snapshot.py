@@ -103,17 +103,18 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}:{port}"
 
 
+_VERSION = sa.select(config_state.c.version).where(config_state.c.id == 1)
+
+
 async def read_version(engine: AsyncEngine) -> int:
     async with engine.connect() as conn:
-        return (await conn.execute(sa.select(config_state.c.version).where(config_state.c.id == 1))).scalar_one()
+        return (await conn.execute(_VERSION)).scalar_one()
 
 
 async def load_snapshot(engine: AsyncEngine) -> Snapshot:
     """Read everything the data plane needs in one transaction."""
     async with engine.connect() as conn:
-        version = (
-            await conn.execute(sa.select(config_state.c.version).where(config_state.c.id == 1))
-        ).scalar_one()
+        version = (await conn.execute(_VERSION)).scalar_one()
         tenant_rows = (await conn.execute(sa.select(tenants))).mappings().all()
         key_rows = (
             await conn.execute(
