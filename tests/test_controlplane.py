@@ -185,3 +185,17 @@ async def test_openapi_document(gateway):
     server = doc["components"]["schemas"]["ServerCreate"]
     assert server["properties"]["name"]["maxLength"] == 255
     assert server["properties"]["endpoint_url"]["maxLength"] == 500
+
+
+async def test_only_the_operator_registers_stdio_servers(gateway, mcp_upstream):
+    t = await gateway.tenancy("acme", mcp_upstream)
+    _, admin_user = await gateway.admin(
+        "POST", "/users", {"tenant_id": t.tenant_id, "username": "acme-admin", "email": "adm@acme.test", "role": "ADMIN"}
+    )
+    _, admin_key = await gateway.admin("POST", "/api-keys", {"user_id": admin_user["id"], "name": "adm",
+                                                             "scopes": ["admin"]})
+    stdio = {"name": "shell", "endpoint_url": "python -m something", "transport_type": "stdio"}
+    status, body = await gateway.admin("POST", "/servers", stdio, key=admin_key["key"])
+    assert status == 403 and "operator" in body["error"]["message"]
+    status, _ = await gateway.admin("POST", "/servers", {**stdio, "tenant_id": t.tenant_id})
+    assert status == 201

@@ -242,6 +242,10 @@ def _key_out(row: Any) -> dict[str, Any]:
 
 # -- servers ------------------------------------------------------------------------------------
 async def create_server(engine: AsyncEngine, actor: Actor, body: schemas.ServerCreate) -> dict[str, Any]:
+    if body.transport_type == "stdio" and not actor.is_operator:
+        # A stdio server is a command the gateway runs on its own host: letting a
+        # tenant admin choose it would hand every tenant a shell on the gateway.
+        raise Forbidden("only the gateway operator registers stdio servers (they run commands on the gateway host)")
     tenant_id = actor.own_tenant(body.tenant_id)
     row = {
         "id": uuid.uuid4(), "tenant_id": tenant_id, "name": body.name, "description": body.description,
