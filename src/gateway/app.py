@@ -94,6 +94,7 @@ class Gateway:
             sessions=SessionSealer(secret),
             ready=lambda: self.writer.running,
         )
+        self.store.on_change(self.dataplane.on_snapshot)
         self.dataplane_port = await self._listen(
             web.ServerRunner(self.dataplane.build_server(), shutdown_timeout=10.0), cfg.dataplane.host, cfg.dataplane.port
         )

@@ -44,6 +44,7 @@ from gateway.dataplane.jsonrpc import (
 from gateway.dataplane.mcp_client import UpstreamClient
 from gateway.dataplane.protocol import check_message, check_origin
 from gateway.dataplane.sessions import SessionSealer
+from gateway.dataplane.stdio import StdioUpstream
 from gateway.dataplane.upstream import (
     UpstreamConnectError,
     UpstreamError,
@@ -98,6 +99,9 @@ class DataPlane:
         self.ready = ready
         self.pools: dict[str, UpstreamPool] = {}
         self.clients: dict = {}
+        # Upstream processes the gateway runs for stdio servers, by server id.
+        self.stdio_clients: dict[uuid.UUID, StdioUpstream] = {}
+        self._closing: set[asyncio.Task] = set()
         self.aggregate = Aggregate(
             self.client_for, timeout=config.upstream_timeout, page_size=config.aggregate_page_size
         )
@@ -159,6 +163,12 @@ class DataPlane:
                     # GET opens a legacy server-to-client SSE stream; DELETE ends a legacy session.
                     return await self._proxy(request, name, with_body=False)
                 return _not_allowed("POST, GET, DELETE")
+            if name and sep and rest in ("sse", "messages", "ws"):
+                # The 2024-11-05 HTTP+SSE and WebSocket transports, bridged to Streamable HTTP.
+                # Imported here: bridge.py builds on this module.
+                from gateway.dataplane.bridge import transports_for
+
+                return await transports_for(self).handle(request, name, rest)
         elif path == "/mcp":
             if method == "POST":
                 return await self._proxy(request, None, with_body=True, aggregate=True)
@@ -171,7 +181,21 @@ class DataPlane:
             return await self._operational[path](request)
         return web.json_response({"error": f"no such endpoint: {path}"}, status=404)
 
+    def _retire(self, process: StdioUpstream) -> None:
+        task = asyncio.ensure_future(process.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def on_snapshot(self, snapshot) -> None:
+        """Stop the processes of stdio servers that are gone from the configuration."""
+        live = {s.id for s in snapshot.servers.values() if s.transport_type == "stdio"}
+        for server_id in [i for i in self.stdio_clients if i not in live]:
+            self._retire(self.stdio_clients.pop(server_id))
+
     async def close(self) -> None:
+        # Every child process is stopped (stdin closed, SIGTERM, SIGKILL) before the loop ends.
+        await asyncio.gather(*(p.close() for p in self.stdio_clients.values()), *self._closing)
+        self.stdio_clients.clear()
         for pool in self.pools.values():
             await pool.close()
         self.pools.clear()
@@ -188,8 +212,16 @@ class DataPlane:
         return pool
 
     # -- the MCP endpoint ------------------------------------------------------------------
-    def client_for(self, server: ServerEntry) -> UpstreamClient:
+    def client_for(self, server: ServerEntry) -> UpstreamClient | StdioUpstream:
         """The gateway's own MCP client of `server` (one per server and endpoint, era cached)."""
+        if server.transport_type == "stdio":
+            process = self.stdio_clients.get(server.id)
+            if process is None or process.command != server.endpoint_url:
+                if process is not None:
+                    self._retire(process)
+                process = StdioUpstream(server.endpoint_url, timeout=self.config.upstream_timeout)
+                self.stdio_clients[server.id] = process
+            return process
         client = self.clients.get(server.id)
         if client is None or client.pool is not self.pool_for(server) or client.target != server.target:
             client = UpstreamClient(self.pool_for(server), server.target, timeout=self.config.upstream_timeout)
@@ -227,10 +259,18 @@ class DataPlane:
                 check_message(call, headers)
             if self.quotas is not None:
                 self._check_quota(key)
+            if server is not None and server.transport_type == "stdio":
+                if not with_body:
+                    raise Refusal(
+                        405, INVALID_REQUEST,
+                        f"Server '{server.name}' speaks stdio behind the gateway: POST one message per request",
+                        headers={"Allow": "POST"},
+                    )
+                aggregate = True
             if aggregate:
                 if call.is_batch:
                     raise Refusal(400, INVALID_REQUEST, "Invalid Request: /mcp takes one JSON-RPC message per request")
-                answer = await self.aggregate.answer(snapshot, key, body)
+                answer = await self.aggregate.answer(snapshot, key, body, only=server)
                 server = answer.server
                 exchange.status = answer.status
                 payload = orjson.dumps(answer.message) if answer.message is not None else b""
