@@ -39,9 +39,15 @@ _SECRET_NAME = "session_key"
 
 
 class SessionSealer:
+    # Tokens opened recently: a token is authenticated ciphertext, so it always
+    # opens to the same contents; remembering them saves an AES-GCM open (about
+    # 10 us) on every request of a session. Bounded; owner checks still run.
+    MAX_OPENED = 10_000
+
     def __init__(self, secret: str) -> None:
         key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_AAD).derive(secret.encode())
         self._aead = AESGCM(key)
+        self._opened: dict[str, bytes] = {}
 
     def seal(self, upstream_session_id: str, key_id: uuid.UUID, server_id: uuid.UUID) -> str:
         nonce = os.urandom(12)
@@ -50,14 +56,19 @@ class SessionSealer:
 
     def open(self, token: str, key_id: uuid.UUID, server_id: uuid.UUID) -> str | None:
         """The upstream session id, or None if the token is not one of ours for this key and server."""
-        if not token.startswith(TOKEN_PREFIX) or len(token) > 2048:
-            return None
-        data = token[len(TOKEN_PREFIX) :]
-        try:
-            raw = base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
-            plain = self._aead.decrypt(raw[:12], raw[12:], _AAD)
-        except (ValueError, InvalidTag):
-            return None
+        plain = self._opened.get(token)
+        if plain is None:
+            if not token.startswith(TOKEN_PREFIX) or len(token) > 2048:
+                return None
+            data = token[len(TOKEN_PREFIX) :]
+            try:
+                raw = base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
+                plain = self._aead.decrypt(raw[:12], raw[12:], _AAD)
+            except (ValueError, InvalidTag):
+                return None
+            if len(self._opened) >= self.MAX_OPENED:
+                self._opened = {}
+            self._opened[token] = plain
         if plain[:16] != key_id.bytes or plain[16:32] != server_id.bytes:
             return None
         try:
