@@ -102,6 +102,10 @@ class DataPlane:
         # Upstream processes the gateway runs for stdio servers, by server id.
         self.stdio_clients: dict[uuid.UUID, StdioUpstream] = {}
         self._closing: set[asyncio.Task] = set()
+        # Imported here: bridge.py builds on this module.
+        from gateway.dataplane.bridge import Transports
+
+        self.transports = Transports(self)
         self.aggregate = Aggregate(
             self.client_for, timeout=config.upstream_timeout, page_size=config.aggregate_page_size
         )
@@ -165,10 +169,7 @@ class DataPlane:
                 return _not_allowed("POST, GET, DELETE")
             if name and sep and rest in ("sse", "messages", "ws"):
                 # The 2024-11-05 HTTP+SSE and WebSocket transports, bridged to Streamable HTTP.
-                # Imported here: bridge.py builds on this module.
-                from gateway.dataplane.bridge import transports_for
-
-                return await transports_for(self).handle(request, name, rest)
+                return await self.transports.handle(request, name, rest)
         elif path == "/mcp":
             if method == "POST":
                 return await self._proxy(request, None, with_body=True, aggregate=True)
@@ -193,6 +194,7 @@ class DataPlane:
             self._retire(self.stdio_clients.pop(server_id))
 
     async def close(self) -> None:
+        await self.transports.close()
         # Every child process is stopped (stdin closed, SIGTERM, SIGKILL) before the loop ends.
         await asyncio.gather(*(p.close() for p in self.stdio_clients.values()), *self._closing)
         self.stdio_clients.clear()
