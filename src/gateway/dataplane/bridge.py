@@ -63,7 +63,6 @@ import contextlib
 import logging
 import secrets
 import time
-import weakref
 from collections import deque
 from typing import Any, Callable
 from urllib.parse import quote
@@ -373,24 +372,16 @@ class Bridge:
         return self._closing
 
     async def _teardown(self, abort: bool) -> None:
-        log.warning("DBG teardown start %s %s", id(self), self.reason)
-        try:
-            await self._teardown2(abort)
-        finally:
-            log.warning("DBG teardown end %s", id(self))
-
-    async def _teardown2(self, abort: bool) -> None:
-        tasks = [t for t in (self._pump, self._listener, *self._in_flight) if t is not None and not t.done()]
-        current = asyncio.current_task()
-        tasks = [t for t in tasks if t is not current]
-        for task in tasks:
-            task.cancel()
+        pending = {t for t in (self._pump, self._listener, *self._in_flight) if t is not None and not t.done()}
         if abort:
             self.outbox.close()
             self._abort()
-        log.warning("DBG gather %s %s", id(self), tasks)
-        await asyncio.gather(*tasks, return_exceptions=True)
-        log.warning("DBG gathered %s", id(self))
+        while pending:
+            # Cancelled again until done: Python 3.11's asyncio.wait_for (used by the
+            # pool to connect) can swallow a cancellation that races a completion.
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=1.0)
         self.outbox.close()
         self.transports.bridges.discard(self)
         self._drain_inbox()
@@ -715,7 +706,7 @@ class Bridge:
         pool = self.transports.stream_pool(self.server)
         delay = _RECONNECT_MIN
         parser = _EventParser(_MAX_EVENT_BYTES)
-        while True:
+        while not self.closed:
             headers = self._headers(b"text/event-stream")
             if parser.last_id is not None:
                 headers.append((b"Last-Event-ID", parser.last_id))
@@ -796,17 +787,11 @@ class Transports:
     """The bridged connections of one data plane (this process): the SSE session table and the stream pools."""
 
     def __init__(self, plane: DataPlane) -> None:
-        # Weak: the registry maps the plane to this object weakly, which a strong
-        # reference back would defeat (the plane would never be collected).
-        self._plane = weakref.ref(plane)
+        self.plane = plane
         self.sessions: dict[str, Bridge] = {}  # SSE session id -> its bridge
         self.bridges: set[Bridge] = set()  # every open bridge, SSE and WebSocket
         self._stream_pools: dict[str, UpstreamPool] = {}
         self._tasks: set[asyncio.Task] = set()
-
-    @property
-    def plane(self) -> DataPlane:
-        return self._plane()
 
     def _track(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -924,7 +909,6 @@ class Transports:
             while True:
                 message = await bridge.outbox.get(_KEEPALIVE_SECONDS)
                 if message is None:
-                    log.warning("DBG sse loop end %s", id(bridge))
                     break
                 if message is TICK:
                     try:
