@@ -141,6 +141,12 @@ def mcp_upstream_legacy() -> str:
     yield from _upstream("--legacy-only")
 
 
+@pytest.fixture(scope="session")
+def mcp_upstream_modern() -> str:
+    """The same server taking 2026-07-28 requests only: it refuses the 2025-era handshake."""
+    yield from _upstream("--modern-only")
+
+
 @pytest.fixture
 async def gateway(pg_url):
     """A gateway on PostgreSQL (in this test's loop), bootstrapped, on free ports."""

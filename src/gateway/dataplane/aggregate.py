@@ -148,10 +148,16 @@ class Aggregate:
                 relayed = {k: v for k, v in capabilities.items() if k in ("tools", "prompts", "resources", "completions")}
                 if "resources" in relayed:
                     relayed["resources"] = {k: v for k, v in relayed["resources"].items() if k != "subscribe"}
-                instructions = f"The MCP server '{server.name}' through the gateway."
+                # The server's own name and instructions: the client should not see a difference.
+                instructions = client.instructions or f"The MCP server '{server.name}' through the gateway."
+                info = client.server_info or SERVER_INFO
                 if method == "initialize":
-                    return self._initialize(params, relayed, instructions)
-                return self._discover(relayed)
+                    return {**self._initialize(params, relayed, instructions), "serverInfo": info}
+                result = self._discover(relayed)
+                result["_meta"] = {_ENVELOPE_PREFIX + "serverInfo": info}
+                if client.instructions:
+                    result["instructions"] = client.instructions
+                return result
             if method == "ping":
                 return {}
             forwarded = {k: v for k, v in params.items() if k != "_meta"}

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from gateway.dataplane.upstream import UpstreamError, UpstreamPool
+from gateway.dataplane.upstream import UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamTimeout
 
 MODERN = "2026-07-28"
 HANDSHAKE = "2025-11-25"
@@ -72,10 +72,37 @@ class UpstreamClient:
         self.target = target
         self.timeout = timeout
         self.era: str | None = None  # "modern" or "legacy", once known
+        # For a modern upstream: whether it also takes a 2025-era handshake (None: not probed yet).
+        self.accepts_handshake: bool | None = None
         self.server_capabilities: dict[str, Any] = {}
+        self.server_info: dict[str, Any] = {}
+        self.instructions: str | None = None
         self._session_id: str | None = None
         self._ids = itertools.count(1)
         self._opening: asyncio.Lock = asyncio.Lock()
+
+    async def detect(self) -> str:
+        """The upstream's era ("modern" or "legacy"), asked once and then remembered."""
+        if self.era is None:
+            await self._detect()
+        return self.era  # type: ignore[return-value]
+
+    async def probe_handshake(self) -> bool:
+        """Whether a modern upstream also serves 2025-era clients; asked once.
+
+        An initialize is sent; a session it opens is ended at once with DELETE.
+        """
+        if self.accepts_handshake is not None:
+            return self.accepts_handshake
+        async with self._opening:
+            if self.accepts_handshake is None:
+                params = {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": CLIENT_INFO}
+                try:
+                    status, answer = await self._exchange("initialize", params, [], keep_session=False)
+                    self.accepts_handshake = status < 400 and answer is not None and "result" in answer
+                except UpstreamError:
+                    self.accepts_handshake = False
+        return self.accepts_handshake
 
     async def ensure_ready(self) -> dict[str, Any]:
         """Detect the era and open a session if one is needed; return the server's capabilities."""
@@ -122,7 +149,13 @@ class UpstreamClient:
         return headers
 
     async def _exchange(
-        self, method: str, params: dict[str, Any] | None, headers: list[tuple[str, str]], *, notify: bool = False
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        headers: list[tuple[str, str]],
+        *,
+        notify: bool = False,
+        keep_session: bool = True,
     ) -> tuple[int, dict[str, Any] | None]:
         request_id = next(self._ids)
         message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
@@ -139,7 +172,10 @@ class UpstreamClient:
         content = await asyncio.wait_for(response.read(), self.timeout)
         if method == "initialize":
             sid = response.header(b"mcp-session-id")
-            self._session_id = sid.decode("latin-1") if sid else None
+            if keep_session:
+                self._session_id = sid.decode("latin-1") if sid else None
+            elif sid:
+                await self._end_session(sid)
         if notify or not content:
             return response.status, None
         try:
@@ -149,17 +185,30 @@ class UpstreamClient:
                 raise UpstreamError(f"the upstream answered HTTP {response.status}") from None
             raise UpstreamError(f"unreadable answer to {method}: {exc}") from None
 
+    async def _end_session(self, session_id: bytes) -> None:
+        headers = [(b"MCP-Protocol-Version", HANDSHAKE.encode()), (b"Mcp-Session-Id", session_id)]
+        framed = self.pool.encode_request("DELETE", self.target, headers, None)
+        try:
+            response = await self.pool.request(framed, timeout=self.timeout)
+            await asyncio.wait_for(response.read(), self.timeout)
+        except (UpstreamError, asyncio.TimeoutError):
+            pass  # the upstream will expire it
+
     async def _detect(self) -> None:
         async with self._opening:
             if self.era is not None:
                 return
             try:
                 answer = await self._modern("server/discover", {})
+            except (UpstreamConnectError, UpstreamTimeout):
+                raise  # no answer at all says nothing about the era: ask again next time
             except (UpstreamRpcError, UpstreamError):
-                answer = None
+                answer = None  # refused or not understood: a 2025-era server
             if answer is not None and MODERN in answer.get("supportedVersions", []):
                 self.era = "modern"
                 self.server_capabilities = answer.get("capabilities", {})
+                self.server_info = (answer.get("_meta") or {}).get("io.modelcontextprotocol/serverInfo") or {}
+                self.instructions = answer.get("instructions")
             else:
                 self.era = "legacy"
 
@@ -174,6 +223,8 @@ class UpstreamClient:
             )
             result = _result(answer, status)
             self.server_capabilities = result.get("capabilities", {})
+            self.server_info = result.get("serverInfo") or {}
+            self.instructions = result.get("instructions")
             await self._exchange(
                 "notifications/initialized", None, self._legacy_headers("notifications/initialized"), notify=True
             )

@@ -102,6 +102,8 @@ class DataPlane:
         # Upstream processes the gateway runs for stdio servers, by server id.
         self.stdio_clients: dict[uuid.UUID, StdioUpstream] = {}
         self._closing: set[asyncio.Task] = set()
+        # (server id, modern client?) -> whether the facade must translate between eras.
+        self._era_gaps: dict[tuple[uuid.UUID, bool], bool] = {}
         # Imported here: bridge.py builds on this module.
         from gateway.dataplane.bridge import Transports
 
@@ -188,7 +190,8 @@ class DataPlane:
         task.add_done_callback(self._closing.discard)
 
     def on_snapshot(self, snapshot) -> None:
-        """Stop the processes of stdio servers that are gone from the configuration."""
+        """Forget era decisions (endpoints may have changed); stop stdio servers that are gone."""
+        self._era_gaps.clear()
         live = {s.id for s in snapshot.servers.values() if s.transport_type == "stdio"}
         for server_id in [i for i in self.stdio_clients if i not in live]:
             self._retire(self.stdio_clients.pop(server_id))
@@ -230,6 +233,28 @@ class DataPlane:
             self.clients[server.id] = client
         return client
 
+    async def _era_gap(self, server: ServerEntry, modern: bool) -> bool:
+        """Whether a client of this era needs the facade to use `server` (decided once per process).
+
+        A 2026-07-28 client and a 2025-era server: the gateway holds the upstream
+        session and speaks for the server. A 2025-era client and a server that
+        takes only 2026-07-28 requests: the gateway answers the handshake itself.
+        Otherwise bytes pass through unchanged.
+        """
+        client = self.client_for(server)
+        try:
+            era = await client.detect()
+            gap = era == "legacy" if modern else (era == "modern" and not await client.probe_handshake())
+        except (UpstreamError, OSError) as exc:
+            # Unreachable just now: pass the request through (its error is the answer) and ask again later.
+            log.debug("could not learn the era of server %s: %s", server.name, exc)
+            return False
+        self._era_gaps[(server.id, modern)] = gap
+        if gap:
+            log.info("server %s speaks the %s era: %s clients are translated by the gateway",
+                     server.name, era, "2026-07-28" if modern else "2025-era")
+        return gap
+
     async def _proxy(
         self, request: web.BaseRequest, name: str | None, *, with_body: bool, aggregate: bool = False
     ) -> web.StreamResponse:
@@ -261,6 +286,12 @@ class DataPlane:
                 check_message(call, headers)
             if self.quotas is not None:
                 self._check_quota(key)
+            if call is not None and server is not None and server.transport_type == "http":
+                gap = self._era_gaps.get((server.id, call.envelope_version is not None))
+                if gap is None:
+                    gap = await self._era_gap(server, call.envelope_version is not None)
+                if gap:
+                    aggregate = True  # client and server speak different eras: the facade translates
             if server is not None and server.transport_type == "stdio":
                 if not with_body:
                     raise Refusal(

@@ -98,6 +98,7 @@ class StdioUpstream:
         self.era = "legacy"  # stdio servers speak the handshake era
         self.server_capabilities: dict[str, Any] = {}
         self.server_info: dict[str, Any] = {}
+        self.instructions: str | None = None
         self.protocol_version: str | None = None
         self.restarts = 0
         try:
@@ -271,6 +272,7 @@ class StdioUpstream:
             raise
         self.server_capabilities = result.get("capabilities") or {}
         self.server_info = result.get("serverInfo") or {}
+        self.instructions = result.get("instructions")
         self.protocol_version = result.get("protocolVersion")
         return process
 

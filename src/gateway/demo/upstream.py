@@ -2,7 +2,7 @@
 
 It speaks Streamable HTTP in both eras (the SDK serves 2025-era sessions and
 2026-07-28 stateless requests on one endpoint) and offers a few tools, a
-resource and a prompt, so a new user has something to call.
+resource, a resource template and a prompt, so a new user has something to call.
 
 Run alone: `python -m gateway.demo.upstream --port 8090` (path /mcp).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from datetime import datetime, timezone
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -47,6 +48,10 @@ def build_server() -> MCPServer:
     def readme() -> str:
         return "A demo MCP server registered behind the gateway."
 
+    @server.resource("demo://notes/{topic}", description="A short note on a topic.", mime_type="text/plain")
+    def note(topic: str) -> str:
+        return f"A note on {topic}."
+
     @server.prompt(description="Ask for a greeting.")
     def greet(name: str) -> str:
         return f"Please write a short, warm greeting for {name}."
@@ -64,24 +69,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--legacy-only", action="store_true", help="behave like a 2025-11-25 server: refuse 2026-07-28 requests"
     )
+    parser.add_argument(
+        "--modern-only", action="store_true", help="take 2026-07-28 requests only: refuse the 2025-era handshake"
+    )
     args = parser.parse_args(argv)
     app = build_server().streamable_http_app(json_response=args.json_response, host=args.host)
     if args.legacy_only:
-        app = _LegacyOnly(app)
+        app = _OneEra(app, modern=False)
+    elif args.modern_only:
+        app = _OneEra(app, modern=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
 
 
-class _LegacyOnly:
-    """ASGI wrapper answering a 2026-07-28 request as a 2025-11-25 server does: 400, unsupported version."""
+class _OneEra:
+    """ASGI wrapper making the server speak one era only, refusing the other with 400 as such servers do.
 
-    def __init__(self, app) -> None:
+    `modern=False`: a 2025-11-25 server (a 2026-07-28 request is refused).
+    `modern=True`: a server that dropped the handshake (anything not 2026-07-28 is refused).
+    """
+
+    def __init__(self, app, *, modern: bool) -> None:
         self.app = app
+        self.modern = modern
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
             version = dict(scope["headers"]).get(b"mcp-protocol-version", b"")
-            if version == b"2026-07-28":
-                body = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Bad Request: Unsupported protocol version: 2026-07-28"}}'
+            if (version == b"2026-07-28") != self.modern:
+                shown = version.decode("latin-1") or "none given"
+                error = {"code": -32600, "message": f"Bad Request: Unsupported protocol version: {shown}"}
+                body = json.dumps({"jsonrpc": "2.0", "id": None, "error": error}).encode()
                 await send({"type": "http.response.start", "status": 400,
                             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})
