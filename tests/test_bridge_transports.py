@@ -22,7 +22,7 @@ from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.shared.message import SessionMessage
 
-from gateway.dataplane import bridge, jsonrpc
+from gateway.dataplane import bridge, jsonrpc, sse
 
 ACCEPT = "application/json, text/event-stream"
 INIT = {
@@ -637,7 +637,7 @@ async def test_a_client_that_does_not_read_is_dropped(gateway, mcp_upstream, mon
 
 # -- pieces ------------------------------------------------------------------------------------------
 def test_event_parser_handles_split_lines_and_crlf():
-    parser = bridge._EventParser(1024)
+    parser = sse.EventParser(1024)
     stream = b"event: message\r\nid: 7\r\ndata: {\"a\":\r\ndata: 1}\r\n\r\n: comment\n\ndata: [2]\r\r"
     events = []
     for i in range(len(stream)):  # one byte at a time: every split point
@@ -645,9 +645,9 @@ def test_event_parser_handles_split_lines_and_crlf():
     assert events == [(b"message", b'{"a":\n1}'), (b"", b"[2]")]
     assert parser.last_id == b"7"
     with pytest.raises(bridge.UpstreamError):
-        bridge._EventParser(16).feed(b"data: " + b"x" * 64)
+        sse.EventParser(16).feed(b"data: " + b"x" * 64)
 
 
 def test_sse_frame_keeps_multiline_json_one_event():
-    frame = bridge._sse_frame(b'{\n"a": 1\r\n}')
+    frame = sse.sse_frame(b'{\n"a": 1\r\n}')
     assert frame == b'event: message\ndata: {\ndata: "a": 1\ndata: }\n\n'
