@@ -115,6 +115,111 @@ async def test_get_and_delete_are_405_and_calls_are_recorded(setup, pg_url):
     assert dict(row) == {"server_name": "beta", "tool_name": "beta__echo", "status_code": 200}
 
 
+@pytest.mark.parametrize("mode", MODES)
+async def test_resources_and_templates_of_every_server(setup, mode):
+    gw, t, _ = setup
+    async with gateway_client(f"{gw.url}/mcp", t.api_key, mode=mode) as client:
+        listed = {r.uri: r.name for r in (await client.list_resources()).resources}
+        assert listed == {"mcpgw://alpha/demo://readme": "readme", "mcpgw://beta/demo://readme": "readme"}
+        templates = {r.uri_template for r in (await client.list_resource_templates()).resource_templates}
+        assert templates == {"mcpgw://alpha/demo://notes/{topic}", "mcpgw://beta/demo://notes/{topic}"}
+
+        read = await client.read_resource("mcpgw://beta/demo://readme")
+        assert read.contents[0].uri == "mcpgw://beta/demo://readme"
+        assert read.contents[0].text == "A demo MCP server registered behind the gateway."
+        # The template, expanded as a client expands it, reads the expanded original.
+        expanded = "mcpgw://alpha/demo://notes/{topic}".replace("{topic}", "gateways")
+        read = await client.read_resource(expanded)
+        assert read.contents[0].uri == "mcpgw://alpha/demo://notes/gateways"
+        assert read.contents[0].text == "A note on gateways."
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])  # "auto" learns capabilities from server/discover
+async def test_resources_are_announced_without_subscriptions(setup, mode):
+    gw, t, _ = setup
+    async with gateway_client(f"{gw.url}/mcp", t.api_key, mode=mode) as client:
+        assert client.protocol_version == ("2026-07-28" if mode == "auto" else "2025-11-25")
+        resources = client.server_capabilities.resources
+        assert resources is not None and not resources.subscribe and not resources.list_changed
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_unknown_foreign_and_unnamespaced_resources(setup, mode):
+    gw, t, _ = setup
+    async with gateway_client(f"{gw.url}/mcp", t.api_key, mode=mode) as client:
+        messages = []
+        for uri in ("mcpgw://nope/demo://readme", "mcpgw://secret/demo://readme"):  # secret: globex's server
+            with pytest.raises(MCPError) as err:
+                await client.read_resource(uri)
+            assert err.value.error.code == -32602 and err.value.error.data == {"uri": uri}
+            messages.append(err.value.error.message.replace(uri, "<uri>"))
+        assert messages == ["Unknown resource: <uri>"] * 2
+        for uri in ("demo://readme", "mcpgw://alpha", "mcpgw://alpha/", "mcpgw:///demo://readme"):
+            with pytest.raises(MCPError) as err:
+                await client.read_resource(uri)
+            assert err.value.error.code == -32602 and err.value.error.data == {"uri": uri}
+            assert "mcpgw://{server}/" in err.value.error.message
+        # A known server without such a resource: its own error, naming the URI the client used.
+        with pytest.raises(MCPError) as err:
+            await client.read_resource("mcpgw://alpha/demo://nothing-here")
+        assert err.value.error.code == -32602
+        assert err.value.error.data == {"uri": "mcpgw://alpha/demo://nothing-here"}
+
+
+async def test_resource_pages_span_servers(pg_url, make_gateway, mcp_upstream, mcp_upstream_legacy):
+    gw = await make_gateway(pg_url, dataplane={"aggregate_page_size": 1})
+    t = await gw.tenancy("acme", mcp_upstream, server_name="alpha")
+    await gw.admin("POST", "/servers", {"tenant_id": t.tenant_id, "name": "beta", "endpoint_url": mcp_upstream_legacy})
+    for method, kind, field in (("resources/list", "resources", "uri"),
+                                ("resources/templates/list", "resourceTemplates", "uriTemplate")):
+        seen, cursor = [], None
+        while True:
+            params = {"cursor": cursor} if cursor else {}
+            status, answer = await _post(gw, t, {"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+            assert status == 200
+            assert len(answer["result"][kind]) == 1
+            seen += [item[field] for item in answer["result"][kind]]
+            cursor = answer["result"].get("nextCursor")
+            if not cursor:
+                break
+        assert [uri.split("/")[2] for uri in seen] == ["alpha", "beta"]  # one page per server, in order
+    async with gateway_client(f"{gw.url}/mcp", t.api_key, mode="2026-07-28") as client:
+        page = await client.list_resources()
+        assert len(page.resources) == 1 and page.next_cursor
+        page = await client.list_resources(cursor=page.next_cursor)
+        assert [r.uri for r in page.resources] == ["mcpgw://beta/demo://readme"] and not page.next_cursor
+
+
+async def test_an_unreachable_server_is_left_out_of_resource_lists(setup):
+    gw, t, _ = setup
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+    await gw.admin("POST", "/servers", {"tenant_id": t.tenant_id, "name": "gone", "endpoint_url": dead})
+    for method, kind in (("resources/list", "resources"), ("resources/templates/list", "resourceTemplates")):
+        status, answer = await _post(gw, t, {"jsonrpc": "2.0", "id": 1, "method": method})
+        assert status == 200 and len(answer["result"][kind]) == 2
+        assert answer["result"]["_meta"]["mcp-gateway/unavailable"] == ["gone"]
+    status, answer = await _post(
+        gw, t, {"jsonrpc": "2.0", "id": 2, "method": "resources/read", "params": {"uri": "mcpgw://gone/demo://readme"}}
+    )
+    assert status == 502 and answer["error"]["message"].startswith("Server 'gone'")
+
+
+async def test_resource_reads_are_recorded_against_their_server(setup, pg_url):
+    gw, t, _ = setup
+    uri = "mcpgw://beta/demo://readme"
+    status, answer = await _post(gw, t, {"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": uri}})
+    assert status == 200 and answer["result"]["contents"][0]["uri"] == uri
+    await gw.gateway.writer.flush()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        row = await conn.fetchrow("SELECT server_name, tool_name FROM request_logs WHERE method = 'resources/read'")
+    finally:
+        await conn.close()
+    assert dict(row) == {"server_name": "beta", "tool_name": uri}
+
+
 async def _post(gw, t, message: dict):
     async with aiohttp.ClientSession() as http:
         async with http.post(

@@ -60,6 +60,10 @@ async def test_stdio_server_in_the_aggregate(stdio_tenancy, mode):
         assert {"local__echo", "web__echo"} <= names
         assert (await client.call_tool("local__echo", {"text": "via stdio"})).content[0].text == "via stdio"
         assert (await client.call_tool("web__add", {"a": 1, "b": 2})).content[0].text == "3.0"
+        uris = {r.uri for r in (await client.list_resources()).resources}
+        assert {"mcpgw://local/test://readme", "mcpgw://web/demo://readme"} <= uris
+        read = await client.read_resource("mcpgw://local/test://readme")
+        assert (read.contents[0].uri, read.contents[0].text) == ("mcpgw://local/test://readme", "a test server")
 
 
 async def test_removed_or_changed_servers_stop_their_process(stdio_tenancy):

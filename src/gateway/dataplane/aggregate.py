@@ -4,8 +4,10 @@ The gateway answers here itself, in the client's era: `initialize` (2025-era)
 or `server/discover` (2026-07-28), `ping`, and the tools and prompts of every
 server the caller's tenant has, named `{server}__{name}`. A call to
 `{server}__{tool}` goes to that server with the original name, through
-`UpstreamClient` (which speaks each upstream's own era). The session-less
-design means any replica answers any request.
+`UpstreamClient` (which speaks each upstream's own era). Resources and
+resource templates are listed with URIs `mcpgw://{server}/{original URI}`
+(see `namespaced_uri`); `resources/read` of such a URI reads the original one
+on that server. The session-less design means any replica answers any request.
 
 Lists are fetched from every server at once, each with its own deadline; a
 server that fails is left out of the answer and named in
@@ -14,9 +16,8 @@ others. Each server's list is cached for `LIST_TTL` seconds and for one
 configuration version. Names that would not fit the MCP tool-name rule
 (1-128 of `[A-Za-z0-9_.-]`) once prefixed are left out and logged.
 
-Not yet aggregated: resources (their URIs need a namespacing scheme that
-keeps them valid URIs), server-to-client requests and progress streaming.
-The `resources` capability is therefore not advertised.
+Not yet aggregated: resource subscriptions (so `resources` is announced
+without `subscribe`), server-to-client requests and progress streaming.
 
 The same machinery, given one server (`only=`), is the facade for upstreams
 that do not speak HTTP (stdio): names stay as they are, resources pass
@@ -52,8 +53,31 @@ _TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 _ENVELOPE_PREFIX = "io.modelcontextprotocol/"
 # What a 2026-07-28 server sends with a JSON-RPC error (the SDK's table).
 _MODERN_ERROR_STATUS = {-32700: 400, -32600: 400, -32602: 400, -32020: 400, -32021: 400, -32022: 400, -32601: 404}
-_KINDS = {"tools/list": "tools", "prompts/list": "prompts"}
-_ROUTED = {"tools/call": "tools", "prompts/get": "prompts"}
+# List method -> the key of its items in the result.
+_KINDS = {
+    "tools/list": "tools",
+    "prompts/list": "prompts",
+    "resources/list": "resources",
+    "resources/templates/list": "resourceTemplates",
+}
+_ROUTED = {"tools/call": "tools", "prompts/get": "prompts", "resources/read": "resources"}
+# Resource URIs on /mcp are `mcpgw://{server}/{original URI}`, the original
+# appended as it is. Why this form:
+# - It is a URI (RFC 3986): the server name is the authority (server names are
+#   `[A-Za-z0-9][A-Za-z0-9_.-]*`, all reg-name characters) and the original,
+#   scheme and all, is path, where ':' and '//' are allowed.
+# - It reverses without decoding anything: a server name cannot contain '/', so
+#   the first '/' after the prefix ends it and the rest is the original, byte
+#   for byte. A URI template stays a template of the same variables
+#   (`file:///{path}` -> `mcpgw://docs/file:///{path}`), and the client's
+#   expansion of it is the prefix plus the expansion of the original.
+#   Percent-encoding the original (into a query parameter, say) would not
+#   survive a client expanding the template inside the encoded text.
+# - The server name is compared exactly, as in `{server}__{name}`. RFC 3986
+#   calls a host case-insensitive, but neither the MCP SDK (URIs are strings)
+#   nor pydantic's URL type changes the case of a non-special scheme's host.
+URI_SCHEME = "mcpgw"
+_URI_PREFIX = URI_SCHEME + "://"
 # Results that carry 2026-07-28 caching hints (SEP-2549).
 _CACHEABLE = {"server/discover", "tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read"}
 
@@ -118,7 +142,8 @@ class Aggregate:
     # -- the gateway's own answers ------------------------------------------------------------
     @staticmethod
     def _capabilities() -> dict[str, Any]:
-        return {"tools": {"listChanged": False}, "prompts": {"listChanged": False}}
+        # No `subscribe`: resource subscriptions are not relayed.
+        return {"tools": {"listChanged": False}, "prompts": {"listChanged": False}, "resources": {"listChanged": False}}
 
     def _initialize(self, params: dict[str, Any], capabilities: dict[str, Any], instructions: str = "") -> dict:
         requested = params.get("protocolVersion")
@@ -128,7 +153,8 @@ class Aggregate:
             "capabilities": capabilities,
             "serverInfo": SERVER_INFO,
             "instructions": instructions
-            or "Every MCP server of your tenant behind one endpoint; tools are named server__tool.",
+            or "Every MCP server of your tenant behind one endpoint; tools and prompts are named "
+            "server__name, resources mcpgw://server/original-uri.",
         }
 
     def _discover(self, capabilities: dict[str, Any]) -> dict[str, Any]:
@@ -183,6 +209,15 @@ class Aggregate:
                 unavailable.append(server.name)
                 continue
             for item in listed:
+                if kind in ("resources", "resourceTemplates"):
+                    # Resources keep their name; their URI says which server they are on.
+                    field = "uri" if kind == "resources" else "uriTemplate"
+                    uri = item.get(field)
+                    if not isinstance(uri, str) or not uri:
+                        log.warning("left out a resource of server %s without a %s", server.name, field)
+                        continue
+                    items.append({**item, field: namespaced_uri(server.name, uri)})
+                    continue
                 name = f"{server.name}{SEPARATOR}{item.get('name', '')}"
                 if kind == "tools" and not _TOOL_NAME.fullmatch(name):
                     log.warning("left out tool %r of server %s: the prefixed name breaks the tool-name rule",
@@ -230,6 +265,8 @@ class Aggregate:
 
     # -- calls ----------------------------------------------------------------------------------
     async def _route(self, snapshot: Snapshot, key: KeyEntry, method: str, params: dict):
+        if method == "resources/read":
+            return await self._read_resource(snapshot, key, params)
         full = params.get("name")
         if not isinstance(full, str):
             raise UpstreamRpcError({"code": INVALID_PARAMS, "message": f"{method} needs params.name as a string"})
@@ -238,18 +275,68 @@ class Aggregate:
         if server is None:
             what = "tool" if method == "tools/call" else "prompt"
             raise UpstreamRpcError({"code": INVALID_PARAMS, "message": f"Unknown {what}: {full}"})
+        return await self._forward(server, method, params, "name", name), server
+
+    async def _read_resource(self, snapshot: Snapshot, key: KeyEntry, params: dict):
+        uri = params.get("uri")
+        if not isinstance(uri, str):
+            raise UpstreamRpcError({"code": INVALID_PARAMS, "message": "resources/read needs params.uri as a string"})
+        server_name, original = original_uri(uri)
+        server = snapshot.server(key.tenant_id, server_name) if server_name else None
+        if server is None:
+            # An unknown resource is -32602 with the URI in `data` (SEP-2164, the
+            # 2026-07-28 spec; its earlier -32002 is retired and never reused). The
+            # SDK's servers answer so in every era, and so does the gateway. The same
+            # answer whether the server does not exist or is another tenant's.
+            message = f"Unknown resource: {uri}"
+            if server_name is None:
+                message += f" (resources here are named {_URI_PREFIX}{{server}}/{{original URI}})"
+            raise UpstreamRpcError({"code": INVALID_PARAMS, "message": message, "data": {"uri": uri}})
+        try:
+            result = await self._forward(server, "resources/read", params, "uri", original)
+        except UpstreamRpcError as exc:
+            data = exc.error.get("data")
+            if isinstance(data, dict) and data.get("uri") == original:
+                exc.error["data"] = {**data, "uri": uri}  # the URI the client knows
+            raise
+        contents = result.get("contents")
+        if isinstance(contents, list):
+            result["contents"] = [
+                {**c, "uri": namespaced_uri(server.name, c["uri"])}
+                if isinstance(c, dict) and isinstance(c.get("uri"), str) else c
+                for c in contents
+            ]
+        return result, server
+
+    async def _forward(self, server: ServerEntry, method: str, params: dict, field: str, value: str) -> dict:
+        """`method` on `server` with params[field] = value and the client's own `_meta` keys only."""
         forwarded = {k: v for k, v in params.items() if k != "_meta"}
-        forwarded["name"] = name
+        forwarded[field] = value
         meta = {k: v for k, v in (params.get("_meta") or {}).items() if not k.startswith(_ENVELOPE_PREFIX)}
         if meta:
             forwarded["_meta"] = meta
         try:
-            result = await self.client_for(server).request(method, forwarded)
+            return await self.client_for(server).request(method, forwarded)
         except UpstreamTimeout as exc:
             raise _upstream_refusal(504, server, f"did not answer in time: {exc}") from None
         except (UpstreamError, OSError) as exc:
             raise _upstream_refusal(502, server, f"is unreachable or broke the exchange: {exc}") from None
-        return result, server
+
+
+def namespaced_uri(server: str, uri: str) -> str:
+    """The URI (or URI template) `uri` of server `server` as `/mcp` names it."""
+    return f"{_URI_PREFIX}{server}/{uri}"
+
+
+def original_uri(uri: str) -> tuple[str, str] | tuple[None, None]:
+    """(server, original URI) of a URI `namespaced_uri` made; (None, None) for any other URI."""
+    # The scheme is case-insensitive (RFC 3986 3.1); the rest is taken as it is.
+    if uri[: len(_URI_PREFIX)].lower() != _URI_PREFIX:
+        return None, None
+    server, sep, original = uri[len(_URI_PREFIX):].partition("/")
+    if not (sep and server and original):
+        return None, None
+    return server, original
 
 
 def _upstream_refusal(status: int, server: ServerEntry, what: str) -> Refusal:
