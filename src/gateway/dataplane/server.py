@@ -28,6 +28,7 @@ from aiohttp import web
 from gateway.auth.authenticate import VerifiedKeys, authenticate
 from gateway.config import DataPlaneConfig
 from gateway.dataplane.aggregate import Aggregate
+from gateway.dataplane.channels import ChannelUpstream, SseUpstream, WebSocketUpstream
 from gateway.dataplane.jsonrpc import (
     INVALID_REQUEST,
     PAYLOAD_TOO_LARGE,
@@ -75,6 +76,10 @@ _RESPONSE_HEADERS_DROPPED = frozenset(
     }
 )
 _JSON = "application/json"
+# Transports the gateway reaches over one long-lived connection (channels.py).
+_CHANNEL_UPSTREAMS: dict[str, type[ChannelUpstream]] = {"sse": SseUpstream, "websocket": WebSocketUpstream}
+# Servers answered by the single-server facade, and how refusals describe each.
+_FACADE_TRANSPORTS = {"stdio": "stdio", "sse": "the 2024-11-05 HTTP+SSE transport", "websocket": "WebSocket"}
 # Status recorded for a request whose client left before any answer (as nginx logs it).
 CLIENT_CLOSED = 499
 
@@ -101,6 +106,8 @@ class DataPlane:
         self.clients: dict = {}
         # Upstream processes the gateway runs for stdio servers, by server id.
         self.stdio_clients: dict[uuid.UUID, StdioUpstream] = {}
+        # Connections the gateway holds to SSE (2024-11-05) and WebSocket servers, by server id.
+        self.channel_clients: dict[uuid.UUID, ChannelUpstream] = {}
         self._closing: set[asyncio.Task] = set()
         # (server id, modern client?) -> whether the facade must translate between eras.
         self._era_gaps: dict[tuple[uuid.UUID, bool], bool] = {}
@@ -184,7 +191,7 @@ class DataPlane:
             return await self._operational[path](request)
         return web.json_response({"error": f"no such endpoint: {path}"}, status=404)
 
-    def _retire(self, process: StdioUpstream) -> None:
+    def _retire(self, process: StdioUpstream | ChannelUpstream) -> None:
         task = asyncio.ensure_future(process.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -195,12 +202,20 @@ class DataPlane:
         live = {s.id for s in snapshot.servers.values() if s.transport_type == "stdio"}
         for server_id in [i for i in self.stdio_clients if i not in live]:
             self._retire(self.stdio_clients.pop(server_id))
+        live = {s.id for s in snapshot.servers.values() if s.transport_type in _CHANNEL_UPSTREAMS}
+        for server_id in [i for i in self.channel_clients if i not in live]:
+            self._retire(self.channel_clients.pop(server_id))
 
     async def close(self) -> None:
         await self.transports.close()
         # Every child process is stopped (stdin closed, SIGTERM, SIGKILL) before the loop ends.
-        await asyncio.gather(*(p.close() for p in self.stdio_clients.values()), *self._closing)
+        await asyncio.gather(
+            *(p.close() for p in self.stdio_clients.values()),
+            *(c.close() for c in self.channel_clients.values()),
+            *self._closing,
+        )
         self.stdio_clients.clear()
+        self.channel_clients.clear()
         for pool in self.pools.values():
             await pool.close()
         self.pools.clear()
@@ -217,7 +232,7 @@ class DataPlane:
         return pool
 
     # -- the MCP endpoint ------------------------------------------------------------------
-    def client_for(self, server: ServerEntry) -> UpstreamClient | StdioUpstream:
+    def client_for(self, server: ServerEntry) -> UpstreamClient | StdioUpstream | ChannelUpstream:
         """The gateway's own MCP client of `server` (one per server and endpoint, era cached)."""
         if server.transport_type == "stdio":
             process = self.stdio_clients.get(server.id)
@@ -227,6 +242,19 @@ class DataPlane:
                 process = StdioUpstream(server.endpoint_url, timeout=self.config.upstream_timeout)
                 self.stdio_clients[server.id] = process
             return process
+        channel_type = _CHANNEL_UPSTREAMS.get(server.transport_type)
+        if channel_type is not None:
+            channel = self.channel_clients.get(server.id)
+            if channel is None or type(channel) is not channel_type or channel.url != server.endpoint_url:
+                if channel is not None:
+                    self._retire(channel)
+                channel = channel_type(
+                    server.endpoint_url,
+                    timeout=self.config.upstream_timeout,
+                    connect_timeout=self.config.upstream_connect_timeout,
+                )
+                self.channel_clients[server.id] = channel
+            return channel
         client = self.clients.get(server.id)
         if client is None or client.pool is not self.pool_for(server) or client.target != server.target:
             client = UpstreamClient(self.pool_for(server), server.target, timeout=self.config.upstream_timeout)
@@ -292,11 +320,12 @@ class DataPlane:
                     gap = await self._era_gap(server, call.envelope_version is not None)
                 if gap:
                     aggregate = True  # client and server speak different eras: the facade translates
-            if server is not None and server.transport_type == "stdio":
+            if server is not None and server.transport_type in _FACADE_TRANSPORTS:
                 if not with_body:
                     raise Refusal(
                         405, INVALID_REQUEST,
-                        f"Server '{server.name}' speaks stdio behind the gateway: POST one message per request",
+                        f"Server '{server.name}' speaks {_FACADE_TRANSPORTS[server.transport_type]} behind the "
+                        "gateway: POST one message per request",
                         headers={"Allow": "POST"},
                     )
                 aggregate = True
