@@ -72,8 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--modern-only", action="store_true", help="take 2026-07-28 requests only: refuse the 2025-era handshake"
     )
+    parser.add_argument(
+        "--transport", choices=("streamable-http", "sse"), default="streamable-http",
+        help="sse: the 2024-11-05 HTTP+SSE transport instead (GET /sse, POST /messages/)",
+    )
     args = parser.parse_args(argv)
-    app = build_server().streamable_http_app(json_response=args.json_response, host=args.host)
+    if args.transport == "sse":
+        app = build_server().sse_app(host=args.host)
+    else:
+        app = build_server().streamable_http_app(json_response=args.json_response, host=args.host)
     if args.legacy_only:
         app = _OneEra(app, modern=False)
     elif args.modern_only:
