@@ -39,6 +39,7 @@ import orjson
 
 from gateway.dataplane.jsonrpc import INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, Refusal
 from gateway.dataplane.mcp_client import UpstreamClient, UpstreamRpcError
+from gateway.dataplane.relay import Downstream, Relay
 from gateway.dataplane.protocol import HANDSHAKE_VERSIONS, MODERN_VERSIONS
 from gateway.dataplane.upstream import UpstreamError, UpstreamTimeout
 from gateway.snapshot import KeyEntry, ServerEntry, Snapshot
@@ -98,15 +99,30 @@ class Aggregate:
         self.timeout = timeout
         self.page_size = page_size
         self._cache: dict[tuple[uuid.UUID, str, int], tuple[float, list[dict]]] = {}
+        self.relay = Relay(timeout=timeout)
 
-    async def answer(self, snapshot: Snapshot, key: KeyEntry, body: bytes, only: ServerEntry | None = None) -> Answer:
-        """Answer one message: for the tenant's aggregate, or as the facade of server `only`."""
+    async def answer(
+        self,
+        snapshot: Snapshot,
+        key: KeyEntry,
+        body: bytes,
+        only: ServerEntry | None = None,
+        down: Downstream | None = None,
+    ) -> Answer:
+        """Answer one message: for the tenant's aggregate, or as the facade of server `only`.
+
+        `down` is the client's side of a call (progress, questions for the client:
+        see relay.py); without it a call's answer is all the client gets.
+        """
         message = orjson.loads(body)
         if not isinstance(message, dict):
             raise Refusal(400, INVALID_REQUEST, "Invalid Request: /mcp takes one JSON-RPC message per request")
         method = message.get("method")
         if method is None or "id" not in message:
-            return Answer(202, None)  # a notification, or a response to nothing we asked
+            if method is None:
+                # A client's answer to a question relayed from an upstream (or to nothing we asked).
+                self.relay.accept_answer(key.id, message)
+            return Answer(202, None)
         request_id = message["id"]
         params = message.get("params") or {}
         modern = isinstance(params.get("_meta"), dict) and (
@@ -114,7 +130,7 @@ class Aggregate:
         )
         try:
             if only is not None:
-                result, server = await self._single(only, method, params), only
+                result, server = await self._single(only, method, params, down), only
             elif method == "initialize":
                 result, server = self._initialize(params, self._capabilities()), None
             elif method == "server/discover":
@@ -124,7 +140,7 @@ class Aggregate:
             elif method in _KINDS:
                 result, server = await self._list(snapshot, key, method, params), None
             elif method in _ROUTED:
-                result, server = await self._route(snapshot, key, method, params)
+                result, server = await self._route(snapshot, key, method, params, down)
             else:
                 raise UpstreamRpcError({"code": METHOD_NOT_FOUND, "message": f"Method not found: {method}"})
         except UpstreamRpcError as exc:
@@ -165,13 +181,17 @@ class Aggregate:
         }
 
     # -- one server behind a facade (stdio upstreams) ---------------------------------------------
-    async def _single(self, server: ServerEntry, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    async def _single(
+        self, server: ServerEntry, method: str, params: dict[str, Any], down: Downstream | None
+    ) -> dict[str, Any]:
         client = self.client_for(server)
         try:
             if method in ("initialize", "server/discover"):
                 capabilities = await client.ensure_ready()
-                # What the gateway relays: no server-to-client requests, no subscriptions yet.
-                relayed = {k: v for k, v in capabilities.items() if k in ("tools", "prompts", "resources", "completions")}
+                # What the gateway relays: no resource subscriptions yet.
+                relayed = {
+                    k: v for k, v in capabilities.items() if k in ("tools", "prompts", "resources", "completions", "logging")
+                }
                 if "resources" in relayed:
                     relayed["resources"] = {k: v for k, v in relayed["resources"].items() if k != "subscribe"}
                 # The server's own name and instructions: the client should not see a difference.
@@ -190,11 +210,16 @@ class Aggregate:
             meta = {k: v for k, v in (params.get("_meta") or {}).items() if not k.startswith(_ENVELOPE_PREFIX)}
             if meta:
                 forwarded["_meta"] = meta
-            return await client.request(method, forwarded)
+            return await self._call(client, method, forwarded, down)
         except UpstreamTimeout as exc:
             raise _upstream_refusal(504, server, f"did not answer in time: {exc}") from None
         except (UpstreamError, OSError) as exc:
             raise _upstream_refusal(502, server, f"is unreachable or broke the exchange: {exc}") from None
+
+    async def _call(self, client, method: str, params: dict[str, Any], down: Downstream | None) -> dict[str, Any]:
+        if down is None:
+            return await client.request(method, params)
+        return await self.relay.call(client, method, params, down)
 
     # -- lists ----------------------------------------------------------------------------------
     async def _list(self, snapshot: Snapshot, key: KeyEntry, method: str, params: dict) -> dict[str, Any]:
@@ -264,9 +289,9 @@ class Aggregate:
         return items
 
     # -- calls ----------------------------------------------------------------------------------
-    async def _route(self, snapshot: Snapshot, key: KeyEntry, method: str, params: dict):
+    async def _route(self, snapshot: Snapshot, key: KeyEntry, method: str, params: dict, down: Downstream | None):
         if method == "resources/read":
-            return await self._read_resource(snapshot, key, params)
+            return await self._read_resource(snapshot, key, params, down)
         full = params.get("name")
         if not isinstance(full, str):
             raise UpstreamRpcError({"code": INVALID_PARAMS, "message": f"{method} needs params.name as a string"})
@@ -275,9 +300,9 @@ class Aggregate:
         if server is None:
             what = "tool" if method == "tools/call" else "prompt"
             raise UpstreamRpcError({"code": INVALID_PARAMS, "message": f"Unknown {what}: {full}"})
-        return await self._forward(server, method, params, "name", name), server
+        return await self._forward(server, method, params, "name", name, down), server
 
-    async def _read_resource(self, snapshot: Snapshot, key: KeyEntry, params: dict):
+    async def _read_resource(self, snapshot: Snapshot, key: KeyEntry, params: dict, down: Downstream | None):
         uri = params.get("uri")
         if not isinstance(uri, str):
             raise UpstreamRpcError({"code": INVALID_PARAMS, "message": "resources/read needs params.uri as a string"})
@@ -293,7 +318,7 @@ class Aggregate:
                 message += f" (resources here are named {_URI_PREFIX}{{server}}/{{original URI}})"
             raise UpstreamRpcError({"code": INVALID_PARAMS, "message": message, "data": {"uri": uri}})
         try:
-            result = await self._forward(server, "resources/read", params, "uri", original)
+            result = await self._forward(server, "resources/read", params, "uri", original, down)
         except UpstreamRpcError as exc:
             data = exc.error.get("data")
             if isinstance(data, dict) and data.get("uri") == original:
@@ -308,7 +333,9 @@ class Aggregate:
             ]
         return result, server
 
-    async def _forward(self, server: ServerEntry, method: str, params: dict, field: str, value: str) -> dict:
+    async def _forward(
+        self, server: ServerEntry, method: str, params: dict, field: str, value: str, down: Downstream | None
+    ) -> dict:
         """`method` on `server` with params[field] = value and the client's own `_meta` keys only."""
         forwarded = {k: v for k, v in params.items() if k != "_meta"}
         forwarded[field] = value
@@ -316,7 +343,7 @@ class Aggregate:
         if meta:
             forwarded["_meta"] = meta
         try:
-            return await self.client_for(server).request(method, forwarded)
+            return await self._call(self.client_for(server), method, forwarded, down)
         except UpstreamTimeout as exc:
             raise _upstream_refusal(504, server, f"did not answer in time: {exc}") from None
         except (UpstreamError, OSError) as exc:

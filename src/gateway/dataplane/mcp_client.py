@@ -20,17 +20,30 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import itertools
 from typing import Any
 
 import orjson
 
-from gateway.dataplane.upstream import UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamTimeout
+from gateway.dataplane.sse import EventParser
+from gateway.dataplane.upstream import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 
 MODERN = "2026-07-28"
 HANDSHAKE = "2025-11-25"
 CLIENT_INFO = {"name": "mcp-gateway", "version": "0.1.0"}
 _ACCEPT = "application/json, text/event-stream"
+# What the gateway announces to upstreams as a client: it relays these to its own clients.
+RELAYED_CLIENT_CAPABILITIES: dict[str, Any] = {"sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {}}
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+# Fire-and-forget cancellations, held until they finish.
+_BACKGROUND: set[asyncio.Future] = set()
 _NAME_FIELDS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 
 
@@ -129,24 +142,50 @@ class UpstreamClient:
         raise AssertionError("unreachable")
 
     async def _modern(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        params, headers = self._modern_envelope(method, params)
+        status, answer = await self._exchange(method, params, headers)
+        return _result(answer, status)
+
+    def _modern_envelope(
+        self, method: str, params: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         params = dict(params)
         meta = dict(params.get("_meta") or {})
         meta.setdefault("io.modelcontextprotocol/protocolVersion", MODERN)
-        meta.setdefault("io.modelcontextprotocol/clientCapabilities", {})
+        # The gateway relays sampling, elicitation and roots (as input requests) to its clients.
+        meta.setdefault("io.modelcontextprotocol/clientCapabilities", RELAYED_CLIENT_CAPABILITIES)
         meta.setdefault("io.modelcontextprotocol/clientInfo", CLIENT_INFO)
         params["_meta"] = meta
         headers = [("MCP-Protocol-Version", MODERN), ("Mcp-Method", method)]
         field = _NAME_FIELDS.get(method)
         if field is not None and isinstance(params.get(field), str):
             headers.append(("Mcp-Name", header_value(params[field])))
-        status, answer = await self._exchange(method, params, headers)
-        return _result(answer, status)
+        return params, headers
 
     def _legacy_headers(self, method: str) -> list[tuple[str, str]]:
         headers = [("MCP-Protocol-Version", HANDSHAKE)]
         if self._session_id:
             headers.append(("Mcp-Session-Id", self._session_id))
         return headers
+
+    async def _send(
+        self, method: str, params: dict[str, Any] | None, headers: list[tuple[str, str]], *, notify: bool = False
+    ) -> tuple[int, UpstreamResponse]:
+        """POST one message; return its id and the response once its headers are in."""
+        request_id = next(self._ids)
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if not notify:
+            message["id"] = request_id
+        if params is not None:
+            message["params"] = params
+        return request_id, await self._post(orjson.dumps(message), headers)
+
+    async def _post(self, body: bytes, headers: list[tuple[str, str]]) -> UpstreamResponse:
+        all_headers = [("Content-Type", "application/json"), ("Accept", _ACCEPT), *headers]
+        framed = self.pool.encode_request(
+            "POST", self.target, [(n.encode("latin-1"), v.encode("utf-8")) for n, v in all_headers], body
+        )
+        return await self.pool.request(framed, timeout=self.timeout)
 
     async def _exchange(
         self,
@@ -157,19 +196,8 @@ class UpstreamClient:
         notify: bool = False,
         keep_session: bool = True,
     ) -> tuple[int, dict[str, Any] | None]:
-        request_id = next(self._ids)
-        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
-        if not notify:
-            message["id"] = request_id
-        if params is not None:
-            message["params"] = params
-        body = orjson.dumps(message)
-        all_headers = [("Content-Type", "application/json"), ("Accept", _ACCEPT), *headers]
-        framed = self.pool.encode_request(
-            "POST", self.target, [(n.encode("latin-1"), v.encode("utf-8")) for n, v in all_headers], body
-        )
-        response = await self.pool.request(framed, timeout=self.timeout)
-        content = await asyncio.wait_for(response.read(), self.timeout)
+        request_id, response = await self._send(method, params, headers, notify=notify)
+        content = await _read(response, self.timeout)
         if method == "initialize":
             sid = response.header(b"mcp-session-id")
             if keep_session:
@@ -184,6 +212,47 @@ class UpstreamClient:
             if response.status >= 400:
                 raise UpstreamError(f"the upstream answered HTTP {response.status}") from None
             raise UpstreamError(f"unreadable answer to {method}: {exc}") from None
+
+    # -- calls that stream ----------------------------------------------------------------------
+    async def start(self, method: str, params: dict[str, Any]) -> UpstreamCall:
+        """Send one request and return it in flight, to read what the upstream sends before its answer."""
+        if self.era is None:
+            await self._detect()
+        if self.era == "modern":
+            params, headers = self._modern_envelope(method, params)
+            request_id, response = await self._send(method, params, headers)
+            return UpstreamCall(self, request_id, response, None)
+        for attempt in (0, 1):
+            if self._session_id is None:
+                await self._open_legacy_session()
+            session_id = self._session_id
+            request_id, response = await self._send(method, params, self._legacy_headers(method))
+            if response.status == 404 and attempt == 0:
+                await _read(response, self.timeout)
+                if self._session_id == session_id:
+                    self._session_id = None  # the upstream ended the session; open a new one once
+                continue
+            return UpstreamCall(self, request_id, response, session_id)
+        raise AssertionError("unreachable")
+
+    async def reply(self, message: dict[str, Any], session_id: str | None) -> None:
+        """Send a response to a server-to-client request (2025 era: POSTed on the session, answered 202)."""
+        headers = [("MCP-Protocol-Version", HANDSHAKE)]
+        if session_id:
+            headers.append(("Mcp-Session-Id", session_id))
+        response = await self._post(orjson.dumps(message), headers)
+        await _read(response, self.timeout)
+        if response.status >= 400:
+            raise UpstreamError(f"the upstream refused the client's answer with HTTP {response.status}")
+
+    async def cancel(self, request_id: int, session_id: str | None, reason: str) -> None:
+        """Tell a 2025-era upstream to stop working on a request (closing its stream does not)."""
+        message = {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                   "params": {"requestId": request_id, "reason": reason}}
+        try:
+            await self.reply(message, session_id)
+        except (UpstreamError, OSError):
+            pass  # best effort: the answer, if it comes, goes nowhere
 
     async def _end_session(self, session_id: bytes) -> None:
         headers = [(b"MCP-Protocol-Version", HANDSHAKE.encode()), (b"Mcp-Session-Id", session_id)]
@@ -218,7 +287,7 @@ class UpstreamClient:
                 return
             status, answer = await self._exchange(
                 "initialize",
-                {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": CLIENT_INFO},
+                {"protocolVersion": HANDSHAKE, "capabilities": RELAYED_CLIENT_CAPABILITIES, "clientInfo": CLIENT_INFO},
                 [],
             )
             result = _result(answer, status)
@@ -228,6 +297,79 @@ class UpstreamClient:
             await self._exchange(
                 "notifications/initialized", None, self._legacy_headers("notifications/initialized"), notify=True
             )
+
+
+class UpstreamCall:
+    """One request in flight to an HTTP upstream: what it sends before its answer, then the answer.
+
+    A JSON body is the answer alone. An SSE body may first carry notifications
+    (progress, log messages) and server-to-client requests (sampling,
+    elicitation, roots, ping), which the caller answers with `reply`; the
+    response to our request comes last. Reading waits as long as the caller
+    says: a call paused on its client's input may sit idle for minutes.
+    """
+
+    def __init__(self, client: UpstreamClient, request_id: int, response: UpstreamResponse, session_id: str | None):
+        self.client = client
+        self.request_id = request_id
+        self.session_id = session_id
+        self.status = response.status
+        self.answered = False
+        self._response = response
+        self._parser = EventParser(MAX_EVENT_BYTES) if response.is_event_stream else None
+        self._queue: collections.deque[dict[str, Any]] = collections.deque()
+
+    async def next(self, timeout: float | None) -> dict[str, Any]:
+        """The next message of this call; the answer (our id, no method) is the last."""
+        while not self._queue:
+            if self._parser is None:
+                content = await _read(self._response, timeout)
+                try:
+                    message = orjson.loads(content)
+                except orjson.JSONDecodeError:
+                    raise UpstreamError(f"the upstream answered HTTP {self.status} with no JSON-RPC message") from None
+                if not isinstance(message, dict):
+                    raise UpstreamError("the upstream answered with something that is not a JSON-RPC response")
+                self._queue.append(message)
+                break
+            chunk = await self._response.next_chunk(timeout)
+            if chunk is None:
+                raise UpstreamError("the upstream's event stream ended without an answer")
+            for _event, data in self._parser.feed(chunk):
+                try:
+                    message = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise UpstreamError("the upstream sent an event that is not JSON") from None
+                if isinstance(message, dict):
+                    self._queue.append(message)
+        message = self._queue.popleft()
+        if "method" not in message and message.get("id") == self.request_id:
+            self.answered = True
+            self._response.release()
+        return message
+
+    async def reply(self, message: dict[str, Any]) -> None:
+        """Answer a server-to-client request of this call."""
+        await self.client.reply(message, self.session_id)
+
+    def close(self, reason: str = "the client went away") -> None:
+        """Stop reading; an unanswered call is cancelled upstream (closing a 2026-07-28 stream is enough)."""
+        self._response.release()
+        if not self.answered:
+            self.answered = True
+            if self.client.era == "legacy":
+                task = asyncio.ensure_future(self.client.cancel(self.request_id, self.session_id, reason))
+                _BACKGROUND.add(task)
+                task.add_done_callback(_BACKGROUND.discard)
+
+
+async def _read(response: UpstreamResponse, timeout: float | None) -> bytes:
+    """The whole body; on timeout the exchange is abandoned (its connection closed, not reused)."""
+    try:
+        return await asyncio.wait_for(response.read(), timeout)
+    except asyncio.TimeoutError:
+        response.release()
+        raise UpstreamTimeout(f"the answer's body did not arrive within {timeout:g}s") from None
 
 
 def _result(answer: dict[str, Any] | None, status: int) -> dict[str, Any]:

@@ -44,7 +44,9 @@ from gateway.dataplane.jsonrpc import (
 )
 from gateway.dataplane.mcp_client import UpstreamClient
 from gateway.dataplane.protocol import check_message, check_origin
+from gateway.dataplane.relay import Downstream
 from gateway.dataplane.sessions import SessionSealer
+from gateway.dataplane.sse import sse_frame
 from gateway.dataplane.stdio import StdioUpstream
 from gateway.dataplane.upstream import (
     UpstreamConnectError,
@@ -208,6 +210,7 @@ class DataPlane:
 
     async def close(self) -> None:
         await self.transports.close()
+        self.aggregate.relay.close()  # calls paused for their clients' input are cancelled upstream
         # Every child process is stopped (stdin closed, SIGTERM, SIGKILL) before the loop ends.
         await asyncio.gather(
             *(p.close() for p in self.stdio_clients.values()),
@@ -332,13 +335,29 @@ class DataPlane:
             if aggregate:
                 if call.is_batch:
                     raise Refusal(400, INVALID_REQUEST, "Invalid Request: /mcp takes one JSON-RPC message per request")
-                answer = await self.aggregate.answer(snapshot, key, body, only=server)
+                # What the upstream sends before its answer (progress, questions for the
+                # client) turns the answer into an event stream, if the client takes one.
+                stream = _EventStream(request, exchange) if "text/event-stream" in headers.get("Accept", "") else None
+                down = Downstream(
+                    modern=call.envelope_version is not None, key_id=key.id, emit=stream.emit if stream else None
+                )
+                try:
+                    answer = await self.aggregate.answer(snapshot, key, body, only=server, down=down)
+                except Refusal as refusal:
+                    if stream is None or stream.response is None:
+                        raise
+                    # Too late for an HTTP status: the refusal is the stream's last event.
+                    exchange.error_code, exchange.error = refusal.code, refusal.message
+                    self.refusals.inc(str(refusal.code))
+                    return await stream.finish(orjson.loads(refusal.body(call.request_id)))
                 server = answer.server
+                if answer.message is not None and "error" in answer.message:
+                    exchange.error_code = answer.message["error"].get("code")
+                if stream is not None and stream.response is not None:
+                    return await stream.finish(answer.message)
                 exchange.status = answer.status
                 payload = orjson.dumps(answer.message) if answer.message is not None else b""
                 exchange.sent = len(payload)
-                if answer.message is not None and "error" in answer.message:
-                    exchange.error_code = answer.message["error"].get("code")
                 return web.Response(body=payload, status=answer.status,
                                     content_type=_JSON if payload else None)
             return await self._forward(
@@ -550,6 +569,39 @@ async def _end_quietly(response: web.StreamResponse) -> None:
         await response.write_eof()
     except ConnectionResetError:
         pass
+
+
+class _EventStream:
+    """A facade answer that became an event stream: messages before the answer, then the answer."""
+
+    __slots__ = ("request", "exchange", "response")
+
+    def __init__(self, request: web.BaseRequest, exchange: _Exchange) -> None:
+        self.request = request
+        self.exchange = exchange
+        self.response: web.StreamResponse | None = None
+
+    async def emit(self, message: dict) -> bool:
+        """Send one message; False if the client has gone."""
+        try:
+            if self.response is None:
+                self.response = web.StreamResponse(
+                    status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                )
+                await self.response.prepare(self.request)
+                self.exchange.status = 200
+            frame = sse_frame(orjson.dumps(message))
+            await self.response.write(frame)
+        except ConnectionResetError:
+            return False
+        self.exchange.sent += len(frame)
+        return True
+
+    async def finish(self, message: dict | None) -> web.StreamResponse:
+        if message is not None:
+            await self.emit(message)
+        await _end_quietly(self.response)
+        return self.response
 
 
 class _RowIds:

@@ -140,6 +140,20 @@ class UpstreamResponse:
         self.release()
         return body
 
+    async def next_chunk(self, timeout: float | None = None) -> bytes | None:
+        """The next body chunk, or None at the end; UpstreamTimeout after `timeout` seconds without one.
+
+        For readers that pause between chunks for as long as they need (a call
+        waiting for its client's input): nothing is released at the end.
+        """
+        while not self._chunks:
+            if self._complete:
+                return None
+            if self._error is not None:
+                raise self._error
+            await self._wait(timeout)
+        return self._take()
+
     async def iter_chunks(self, idle_timeout: float | None = None, max_duration: float | None = None) -> AsyncIterator[bytes]:
         """Body chunks as they arrive (for SSE); releases the connection at the end.
 

@@ -14,7 +14,25 @@ import asyncio
 import json
 from datetime import datetime, timezone
 
+from typing import Annotated
+
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.resolve import Elicit, Resolve, Sample
+from mcp.types import CreateMessageResult, SamplingMessage, TextContent
+from pydantic import BaseModel
+
+
+class Name(BaseModel):
+    name: str
+
+
+def ask_for_name() -> Elicit[Name]:
+    return Elicit("What is your name?", Name)
+
+
+def ask_the_model(topic: str) -> Sample:
+    question = SamplingMessage(role="user", content=TextContent(type="text", text=f"One sentence about {topic}, please."))
+    return Sample([question], max_tokens=100)
 
 
 def build_server() -> MCPServer:
@@ -43,6 +61,17 @@ def build_server() -> MCPServer:
                 await asyncio.sleep(delay)
             await ctx.report_progress(i, n, f"step {i} of {n}")
         return f"counted to {n}"
+
+    # Questions for the client. The SDK asks them in the client's era: a request
+    # in the middle of the call (2025), or an input_required result (2026-07-28).
+    @server.tool(description="Greet the user by the name they give when asked (elicitation).")
+    async def greet_me(person: Annotated[Name, Resolve(ask_for_name)]) -> str:
+        return f"Hello, {person.name}!"
+
+    @server.tool(description="Ask the client's model for one sentence on a topic (sampling).")
+    async def ask_model(topic: str, answer: Annotated[CreateMessageResult, Resolve(ask_the_model)]) -> str:
+        text = answer.content.text if isinstance(answer.content, TextContent) else "(no text)"
+        return f"The model says: {text}"
 
     @server.resource("demo://readme", description="What this server is.", mime_type="text/plain")
     def readme() -> str:
