@@ -84,7 +84,7 @@ async def test_pagination_with_opaque_cursors(pg_url, make_gateway, mcp_upstream
         cursor = answer["result"].get("nextCursor")
         if not cursor:
             break
-    assert pages == 4 and len(seen) == len(set(seen)) == 10  # 5 tools on each of 2 servers
+    assert pages == 5 and len(seen) == len(set(seen)) == 14  # 7 tools on each of 2 servers
     status, answer = await _post(gw, t, {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"cursor": "junk"}})
     assert answer["error"]["code"] == -32602
 
