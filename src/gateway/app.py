@@ -24,6 +24,7 @@ from gateway.dataplane.sessions import SessionSealer, shared_secret
 from gateway.db import migrate
 from gateway.db.engine import create_engine
 from gateway.limits.quotas import KeyQuotas
+from gateway.limits.sessions import SessionCounter
 from gateway.records.metrics import Registry
 from gateway.records.sinks import sink_for
 from gateway.records.writer import RecordWriter
@@ -92,6 +93,12 @@ class Gateway:
             self.metrics,
             quotas=quotas,
             sessions=SessionSealer(secret),
+            session_counter=SessionCounter(
+                max_per_key=cfg.sessions.max_per_key,
+                idle_timeout=cfg.sessions.idle_timeout,
+                redis=self.redis,
+                prefix=cfg.redis.key_prefix,
+            ),
             ready=lambda: self.writer.running,
         )
         self.store.on_change(self.dataplane.on_snapshot)

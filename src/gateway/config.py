@@ -91,6 +91,11 @@ class SessionsConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Key material for sealing session ids (any string of 32+ characters).
     # Empty: one is generated once and kept in the database, shared by every process.
     secret: str = ""
+    # Open sessions per API key (2025-era sessions and bridged SSE/WebSocket
+    # connections), across every process when Redis is configured. 0: no cap.
+    max_per_key: Annotated[int, Meta(ge=0)] = 100
+    # A session with no request for this long stops counting against the cap.
+    idle_timeout: Positive = 3600.0
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):

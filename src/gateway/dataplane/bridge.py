@@ -88,7 +88,7 @@ from gateway.dataplane.jsonrpc import (
     parse_body,
 )
 from gateway.dataplane.protocol import HANDSHAKE_VERSIONS, UNSUPPORTED_PROTOCOL_VERSION, check_origin
-from gateway.dataplane.server import CLIENT_CLOSED, DataPlane, _Exchange, _too_large
+from gateway.dataplane.server import CLIENT_CLOSED, DataPlane, _Exchange, _too_large, _too_many_sessions
 from gateway.dataplane.sse import EventParser, sse_frame
 from gateway.dataplane.upstream import (
     UpstreamConnectError,
@@ -272,6 +272,8 @@ class Bridge:
         self._initializing = False
         # Set by the transport once it has stopped writing to the client.
         self.downstream_done = asyncio.Event()
+        # This connection's place under the key's session cap ("bridge:<ticket>"), if counted.
+        self.place: str | None = None
 
     # -- life ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -700,6 +702,8 @@ class Bridge:
         except Refusal as refusal:
             self.close(refusal.message, WSCloseCode.POLICY_VIOLATION)
             raise
+        if self.place is not None:
+            plane.session_counter.seen(key.id, self.place)  # a live connection stays counted
         return key
 
 
@@ -787,13 +791,26 @@ class Transports:
         self.plane._record(request, started, exchange, key, server, None, body, bool(body))
         return web.Response(body=payload, status=refusal.http_status, headers=refusal.headers, content_type=_JSON)
 
-    def _open(self, request: web.BaseRequest, key: KeyEntry, server: ServerEntry) -> Bridge:
+    async def _take_place(self, key: KeyEntry) -> str | None:
+        """A place for one more session of this key (a bridged connection is one), or a 429 Refusal."""
+        counter = self.plane.session_counter
+        if counter is None:
+            return None
+        ticket = await counter.admit(key.id)
+        if ticket is None:
+            raise _too_many_sessions(counter)
+        return ticket
+
+    def _open(self, request: web.BaseRequest, key: KeyEntry, server: ServerEntry, ticket: str | None) -> Bridge:
         def abort() -> None:
             transport = request.transport
             if transport is not None:
                 transport.abort()
 
         bridge = Bridge(self, key, server, request.headers.get("Authorization"), abort)
+        if ticket is not None:
+            bridge.place = f"bridge:{ticket}"
+            self.plane.session_counter.opened(key.id, ticket, bridge.place)
         self.bridges.add(bridge)
         return bridge
 
@@ -802,6 +819,8 @@ class Transports:
         try:
             await asyncio.shield(bridge.close(reason))
         finally:
+            if bridge.place is not None:
+                self.plane.session_counter.ended(bridge.key.id, bridge.place)
             exchange.sent = bridge.stream_sent
             if exchange.error is None and bridge.reason != reason:
                 exchange.error = bridge.reason
@@ -814,9 +833,10 @@ class Transports:
         key = server = None
         try:
             key, server = self._admit(request, name)
+            ticket = await self._take_place(key)
         except Refusal as refusal:
             return self._refusal_response(request, started, exchange, key, server, refusal)
-        bridge = self._open(request, key, server)
+        bridge = self._open(request, key, server, ticket)
         session_id = secrets.token_urlsafe(24)
         self.sessions[session_id] = bridge
         response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
@@ -897,9 +917,10 @@ class Transports:
                     "(send 'Connection: Upgrade' and 'Upgrade: websocket')",
                     headers={"Upgrade": "websocket", "Connection": "Upgrade"},
                 )
+            ticket = await self._take_place(key)
         except Refusal as refusal:
             return self._refusal_response(request, started, exchange, key, server, refusal)
-        bridge = self._open(request, key, server)
+        bridge = self._open(request, key, server, ticket)
         exchange.status = 101
         writer: asyncio.Task | None = None
         try:

@@ -56,6 +56,7 @@ from gateway.dataplane.upstream import (
     UpstreamTimeout,
 )
 from gateway.limits.quotas import KeyQuotas
+from gateway.limits.sessions import SessionCounter
 from gateway.records.metrics import Registry
 from gateway.snapshot import KeyEntry, ServerEntry, SnapshotStore
 
@@ -96,9 +97,12 @@ class DataPlane:
         *,
         quotas: KeyQuotas | None,
         sessions: SessionSealer,
+        session_counter: SessionCounter | None = None,
         ready=lambda: True,
     ) -> None:
         self.sessions = sessions
+        # Open sessions per key (None or max_per_key 0: not counted).
+        self.session_counter = session_counter if session_counter is not None and session_counter.enabled else None
         self.config = config
         self.store = store
         self.writer = writer
@@ -211,6 +215,8 @@ class DataPlane:
     async def close(self) -> None:
         await self.transports.close()
         self.aggregate.relay.close()  # calls paused for their clients' input are cancelled upstream
+        if self.session_counter is not None:
+            await self.session_counter.close()
         # Every child process is stopped (stdin closed, SIGTERM, SIGKILL) before the loop ends.
         await asyncio.gather(
             *(p.close() for p in self.stdio_clients.values()),
@@ -360,9 +366,7 @@ class DataPlane:
                 exchange.sent = len(payload)
                 return web.Response(body=payload, status=answer.status,
                                     content_type=_JSON if payload else None)
-            return await self._forward(
-                request, key, server, body if with_body else None, exchange, call.request_id if call else None
-            )
+            return await self._forward(request, key, server, body if with_body else None, exchange, call)
         except Refusal as refusal:
             exchange.status, exchange.error_code, exchange.error = refusal.http_status, refusal.code, refusal.message
             self.refusals.inc(str(refusal.code))
@@ -437,7 +441,7 @@ class DataPlane:
         server: ServerEntry,
         body: bytes | None,
         exchange: _Exchange,
-        request_id: int | str | None = None,
+        call: Call | None = None,
     ) -> web.StreamResponse:
         if server.transport_type != "http":
             raise Refusal(
@@ -448,18 +452,33 @@ class DataPlane:
             )
         pool = self.pool_for(server)
         headers = []
+        session: str | None = None  # the upstream session this request names, if any
         for name, value in request.raw_headers:
             lowered = name.lower()
             if lowered in _REQUEST_HEADERS_DROPPED:
                 continue
             if lowered == b"mcp-session-id":
-                value = self._open_session(value.decode("latin-1"), key, server).encode("latin-1")
+                session = self._open_session(value.decode("latin-1"), key, server)
+                value = session.encode("latin-1")
             headers.append((name, value))
+        counter = self.session_counter
+        ticket = None  # a place held under the key's session cap while an initialize is out
+        if counter is not None:
+            if session is not None:
+                counter.seen(key.id, session)
+            elif call is not None and call.method == "initialize":
+                ticket = await counter.admit(key.id)
+                if ticket is None:
+                    raise _too_many_sessions(counter)
         payload = pool.encode_request(request.method, server.target, headers, body)
         try:
             upstream = await pool.request(payload, timeout=self.config.upstream_timeout)
             exchange.status = upstream.status
+            if counter is not None:
+                _count_session(counter, key, session, ticket, upstream, request.method)
+                ticket = None
             if upstream.is_event_stream:
+                request_id = call.request_id if call is not None else None
                 return await self._stream(request, upstream, exchange, key, server, request_id)
             if upstream.complete:
                 content = await upstream.read()  # the usual case: it all came with the headers
@@ -477,6 +496,9 @@ class DataPlane:
             raise Refusal(502, UPSTREAM_UNAVAILABLE, f"Server '{server.name}' is unreachable: {exc}") from None
         except UpstreamError as exc:
             raise Refusal(502, UPSTREAM_BAD_RESPONSE, f"Server '{server.name}' broke the exchange: {exc}") from None
+        finally:
+            if ticket is not None:
+                counter.abandoned(key.id, ticket)  # the initialize never reached an answer
         exchange.sent = len(content)
         return web.Response(body=content, status=upstream.status, headers=self._response_headers(upstream, key, server))
 
@@ -640,6 +662,31 @@ class _Exchange:
 
 def _not_allowed(allowed: str) -> web.Response:
     return web.json_response({"error": f"method not allowed here; use {allowed}"}, status=405, headers={"Allow": allowed})
+
+
+def _count_session(
+    counter: SessionCounter, key: KeyEntry, session: str | None, ticket: str | None, upstream: UpstreamResponse,
+    method: str,
+) -> None:
+    """Keep the key's session count: a session opened, ended (DELETE), or gone upstream (404)."""
+    if ticket is not None:
+        opened = upstream.header(b"mcp-session-id")
+        if opened and upstream.status < 400:
+            counter.opened(key.id, ticket, opened.decode("latin-1"))
+        else:
+            counter.abandoned(key.id, ticket)  # refused, or a server that keeps no sessions
+    elif session is not None and (upstream.status == 404 or (method == "DELETE" and upstream.status < 300)):
+        counter.ended(key.id, session)
+
+
+def _too_many_sessions(counter: SessionCounter) -> Refusal:
+    return Refusal(
+        429,
+        RATE_LIMITED,
+        f"Too many sessions: this API key may hold {counter.max_per_key} open sessions; end one "
+        f"(DELETE) or let an idle one expire ({counter.idle_timeout:g} s without requests)",
+        data={"tier": "sessions", "limit": counter.max_per_key},
+    )
 
 
 def _too_large(limit: int) -> Refusal:
