@@ -139,8 +139,11 @@ async def test_resources_are_announced_without_subscriptions(setup, mode):
     gw, t, _ = setup
     async with gateway_client(f"{gw.url}/mcp", t.api_key, mode=mode) as client:
         assert client.protocol_version == ("2026-07-28" if mode == "auto" else "2025-11-25")
-        resources = client.server_capabilities.resources
-        assert resources is not None and not resources.subscribe and not resources.list_changed
+        capabilities = client.server_capabilities
+        resources = capabilities.resources
+        # List changes are announced (watch.py); resource subscriptions are not relayed.
+        assert resources is not None and not resources.subscribe and resources.list_changed
+        assert capabilities.tools.list_changed and capabilities.prompts.list_changed
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -418,7 +418,8 @@ async def test_a_stream_is_refused_with_an_accurate_reason(channel_tenancy):
                 assert response.status == 405
                 body = await response.json()
                 assert body["error"]["message"] == (f"Server '{name}' speaks {words} behind the gateway: "
-                                                    "POST one message per request")
+                                                    "POST one message per request, or GET (Accept: "
+                                                    "text/event-stream) a stream of list changes")
 
 
 async def test_changed_or_removed_servers_close_their_connection(channel_tenancy):

@@ -143,6 +143,8 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, flush every record, close."""
+        if self.dataplane is not None:
+            await self.dataplane.end_streams()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()

@@ -64,6 +64,9 @@ class DataPlaneConfig(msgspec.Struct, forbid_unknown_fields=True):
     stream_max_duration: Positive = 3600.0
     # Items per page of the aggregate endpoint's (/mcp) tools/list and prompts/list.
     aggregate_page_size: Annotated[int, Meta(ge=1, le=1000)] = 200
+    # While a client listens for list changes on /mcp or a facade, the lists behind
+    # it are fetched again this often (configuration changes are announced at once).
+    list_watch_interval: Positive = 10.0
 
 
 class ControlPlaneConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -158,8 +158,8 @@ class Aggregate:
     # -- the gateway's own answers ------------------------------------------------------------
     @staticmethod
     def _capabilities() -> dict[str, Any]:
-        # No `subscribe`: resource subscriptions are not relayed.
-        return {"tools": {"listChanged": False}, "prompts": {"listChanged": False}, "resources": {"listChanged": False}}
+        # No `subscribe`: resource subscriptions are not relayed. List changes are (watch.py).
+        return {"tools": {"listChanged": True}, "prompts": {"listChanged": True}, "resources": {"listChanged": True}}
 
     def _initialize(self, params: dict[str, Any], capabilities: dict[str, Any], instructions: str = "") -> dict:
         requested = params.get("protocolVersion")
@@ -194,6 +194,9 @@ class Aggregate:
                 }
                 if "resources" in relayed:
                     relayed["resources"] = {k: v for k, v in relayed["resources"].items() if k != "subscribe"}
+                for kind in ("tools", "prompts", "resources"):
+                    if isinstance(relayed.get(kind), dict):
+                        relayed[kind] = {**relayed[kind], "listChanged": True}  # the gateway watches (watch.py)
                 # The server's own name and instructions: the client should not see a difference.
                 instructions = client.instructions or f"The MCP server '{server.name}' through the gateway."
                 info = client.server_info or SERVER_INFO
@@ -226,7 +229,7 @@ class Aggregate:
         kind = _KINDS[method]
         offset = _read_cursor(params.get("cursor"), snapshot.version)
         servers = sorted(snapshot.servers_of(key.tenant_id), key=lambda s: s.name)
-        lists = await asyncio.gather(*(self._server_list(s, kind, method, snapshot.version) for s in servers))
+        lists = await asyncio.gather(*(self.server_list(s, kind, method, snapshot.version) for s in servers))
         items: list[dict] = []
         unavailable = []
         for server, listed in zip(servers, lists):
@@ -257,11 +260,14 @@ class Aggregate:
             result["_meta"] = {"mcp-gateway/unavailable": unavailable}
         return result
 
-    async def _server_list(self, server: ServerEntry, kind: str, method: str, version: int) -> list[dict] | None:
+    async def server_list(
+        self, server: ServerEntry, kind: str, method: str, version: int, *, fresh: bool = False
+    ) -> list[dict] | None:
+        """One server's whole list (all pages), from the cache unless `fresh`; None if the server failed."""
         cache_key = (server.id, kind, version)
         cached = self._cache.get(cache_key)
         now = time.monotonic()
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > now and not fresh:
             return cached[1]
         client = self.client_for(server)
         items: list[dict] = []

@@ -47,6 +47,8 @@ from gateway.dataplane.protocol import check_message, check_origin
 from gateway.dataplane.relay import Downstream
 from gateway.dataplane.sessions import SessionSealer
 from gateway.dataplane.sse import sse_frame
+from gateway.dataplane.watch import KINDS as WATCHED
+from gateway.dataplane.watch import Listener, Watcher
 from gateway.dataplane.stdio import StdioUpstream
 from gateway.dataplane.upstream import (
     UpstreamConnectError,
@@ -83,6 +85,9 @@ _JSON = "application/json"
 _CHANNEL_UPSTREAMS: dict[str, type[ChannelUpstream]] = {"sse": SseUpstream, "websocket": WebSocketUpstream}
 # Servers answered by the single-server facade, and how refusals describe each.
 _FACADE_TRANSPORTS = {"stdio": "stdio", "sse": "the 2024-11-05 HTTP+SSE transport", "websocket": "WebSocket"}
+SUBSCRIPTION_ID = "io.modelcontextprotocol/subscriptionId"
+# A quiet list-change stream gets a comment this often (and its key is checked again).
+_KEEPALIVE_SECONDS = 15.0
 # Status recorded for a request whose client left before any answer (as nginx logs it).
 CLIENT_CLOSED = 499
 
@@ -124,6 +129,7 @@ class DataPlane:
         self.aggregate = Aggregate(
             self.client_for, timeout=config.upstream_timeout, page_size=config.aggregate_page_size
         )
+        self.watcher = Watcher(self.aggregate, store, interval=config.list_watch_interval)
         self.allowed_origins = frozenset(config.allowed_origins)
         self.verified = VerifiedKeys()
         self._ids = _RowIds()
@@ -205,6 +211,7 @@ class DataPlane:
     def on_snapshot(self, snapshot) -> None:
         """Forget era decisions (endpoints may have changed); stop stdio servers that are gone."""
         self._era_gaps.clear()
+        self.watcher.on_snapshot(snapshot)
         live = {s.id for s in snapshot.servers.values() if s.transport_type == "stdio"}
         for server_id in [i for i in self.stdio_clients if i not in live]:
             self._retire(self.stdio_clients.pop(server_id))
@@ -212,9 +219,15 @@ class DataPlane:
         for server_id in [i for i in self.channel_clients if i not in live]:
             self._retire(self.channel_clients.pop(server_id))
 
+    async def end_streams(self) -> None:
+        """End the long-lived streams (list changes, bridged connections) so that shutdown need not wait them out."""
+        self.watcher.end_all()
+        await self.transports.close()
+
     async def close(self) -> None:
         await self.transports.close()
         self.aggregate.relay.close()  # calls paused for their clients' input are cancelled upstream
+        await self.watcher.close()
         if self.session_counter is not None:
             await self.session_counter.close()
         # Every child process is stopped (stdin closed, SIGTERM, SIGKILL) before the loop ends.
@@ -307,10 +320,11 @@ class DataPlane:
             check_origin(headers.get("Origin"), self.allowed_origins)
             key = authenticate(snapshot, headers.get("Authorization"), "proxy", verified=self.verified)
             if aggregate:
-                if not with_body:
+                if not with_body and not _opens_stream(request):
                     raise Refusal(
-                        405, INVALID_REQUEST, "/mcp keeps no session and opens no stream: POST one message per request",
-                        headers={"Allow": "POST"},
+                        405, INVALID_REQUEST, "/mcp keeps no session: POST one message per request, or GET "
+                        "(Accept: text/event-stream) a stream of list changes",
+                        headers={"Allow": "GET, POST"},
                     )
             else:
                 server = snapshot.server(key.tenant_id, name)
@@ -330,14 +344,19 @@ class DataPlane:
                 if gap:
                     aggregate = True  # client and server speak different eras: the facade translates
             if server is not None and server.transport_type in _FACADE_TRANSPORTS:
-                if not with_body:
+                if not with_body and not _opens_stream(request):
                     raise Refusal(
                         405, INVALID_REQUEST,
                         f"Server '{server.name}' speaks {_FACADE_TRANSPORTS[server.transport_type]} behind the "
-                        "gateway: POST one message per request",
-                        headers={"Allow": "POST"},
+                        "gateway: POST one message per request, or GET (Accept: text/event-stream) a stream of "
+                        "list changes",
+                        headers={"Allow": "GET, POST"},
                     )
                 aggregate = True
+            if aggregate and not with_body:
+                return await self._listen(request, key, server, exchange)
+            if aggregate and call.method == "subscriptions/listen" and call.envelope_version is not None:
+                return await self._listen(request, key, server, exchange, call.request_id, _listen_filter(body))
             if aggregate:
                 if call.is_batch:
                     raise Refusal(400, INVALID_REQUEST, "Invalid Request: /mcp takes one JSON-RPC message per request")
@@ -382,6 +401,81 @@ class DataPlane:
             raise
         finally:
             self._record(request, started, exchange, key, server, call, body, with_body)
+
+    async def _listen(
+        self,
+        request: web.BaseRequest,
+        key: KeyEntry,
+        server: ServerEntry | None,
+        exchange: _Exchange,
+        request_id: int | str | None = None,
+        wanted: dict | None = None,
+    ) -> web.StreamResponse:
+        """A stream of list changes where the gateway is the server (`/mcp`, the facade).
+
+        2025 era: a GET stream carrying every kind. 2026-07-28: the answer to
+        `subscriptions/listen`, acknowledged first, each frame tagged with the
+        request's id, only the kinds asked for, and ended with a result when the
+        gateway closes it. Either way it ends at `stream_max_duration`, or when
+        the key stops being valid (checked at each keep-alive).
+        """
+        modern = wanted is not None
+        if modern:
+            kinds = frozenset(kind for kind, (_, field, _) in WATCHED.items() if wanted.get(field) is True)
+        else:
+            kinds = frozenset(WATCHED)
+        meta = {SUBSCRIPTION_ID: request_id} if modern else None
+        scope = (key.tenant_id, server.id if server is not None else None)
+        listener = Listener(kinds)
+        await self.watcher.add(scope, listener)
+        response = web.StreamResponse(
+            status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        exchange.status = 200
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.stream_max_duration
+
+        async def send(message: dict) -> None:
+            frame = sse_frame(orjson.dumps(message))
+            await response.write(frame)
+            exchange.sent += len(frame)
+
+        try:
+            await response.prepare(request)
+            if modern:
+                honored = {WATCHED[kind][1]: True for kind in kinds}
+                await send({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
+                            "params": {"notifications": honored, "_meta": meta}})
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(min(_KEEPALIVE_SECONDS, left)):
+                        kind = await listener.queue.get()
+                except TimeoutError:
+                    try:
+                        authenticate(self.store.current, request.headers.get("Authorization"), "proxy",
+                                     verified=self.verified)
+                    except Refusal as refusal:
+                        exchange.error = f"stream ended: {refusal.message}"
+                        break
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                if kind is None:
+                    break  # the gateway is shutting down
+                notification: dict = {"jsonrpc": "2.0", "method": WATCHED[kind][2]}
+                if meta is not None:
+                    notification["params"] = {"_meta": meta}
+                await send(notification)
+            if modern:
+                await send({"jsonrpc": "2.0", "id": request_id, "result": {"resultType": "complete", "_meta": meta}})
+            await response.write_eof()
+        except ConnectionResetError:
+            exchange.error = "client closed the connection"
+        finally:
+            self.watcher.remove(scope, listener)
+        return response
 
     def _check_quota(self, key: KeyEntry) -> None:
         refused = self.quotas.try_acquire(key, time.monotonic())
@@ -662,6 +756,17 @@ class _Exchange:
 
 def _not_allowed(allowed: str) -> web.Response:
     return web.json_response({"error": f"method not allowed here; use {allowed}"}, status=405, headers={"Allow": allowed})
+
+
+def _opens_stream(request: web.BaseRequest) -> bool:
+    return request.method == "GET" and "text/event-stream" in request.headers.get("Accept", "")
+
+
+def _listen_filter(body: bytes) -> dict:
+    """params.notifications of a subscriptions/listen request ({} when absent or not an object)."""
+    params = orjson.loads(body).get("params")
+    wanted = params.get("notifications") if isinstance(params, dict) else None
+    return wanted if isinstance(wanted, dict) else {}
 
 
 def _count_session(

@@ -35,7 +35,8 @@ def ask_the_model(topic: str) -> Sample:
     return Sample([question], max_tokens=100)
 
 
-def build_server() -> MCPServer:
+def build_server(*, mutable: bool = False) -> MCPServer:
+    """The demo server; `mutable` adds `toggle_tool`, which makes the tool list change."""
     server = MCPServer("gateway-demo", instructions="Demo tools behind the MCP gateway.")
 
     @server.tool(description="Return the text unchanged.")
@@ -85,6 +86,19 @@ def build_server() -> MCPServer:
     def greet(name: str) -> str:
         return f"Please write a short, warm greeting for {name}."
 
+    if mutable:
+        present = {"extra": False}
+
+        @server.tool(description="Add the tool `extra`, or remove it if present (tools/list changes).")
+        async def toggle_tool(ctx: Context) -> str:
+            if present["extra"]:
+                server.remove_tool("extra")
+            else:
+                server.add_tool(lambda: "extra", name="extra", description="Comes and goes.")
+            present["extra"] = not present["extra"]
+            await ctx.notify_tools_changed()
+            return "extra is " + ("present" if present["extra"] else "gone")
+
     return server
 
 
@@ -105,11 +119,12 @@ def main(argv: list[str] | None = None) -> None:
         "--transport", choices=("streamable-http", "sse"), default="streamable-http",
         help="sse: the 2024-11-05 HTTP+SSE transport instead (GET /sse, POST /messages/)",
     )
+    parser.add_argument("--mutable", action="store_true", help="add toggle_tool, which changes the tool list")
     args = parser.parse_args(argv)
     if args.transport == "sse":
-        app = build_server().sse_app(host=args.host)
+        app = build_server(mutable=args.mutable).sse_app(host=args.host)
     else:
-        app = build_server().streamable_http_app(json_response=args.json_response, host=args.host)
+        app = build_server(mutable=args.mutable).streamable_http_app(json_response=args.json_response, host=args.host)
     if args.legacy_only:
         app = _OneEra(app, modern=False)
     elif args.modern_only:
