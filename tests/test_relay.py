@@ -155,3 +155,27 @@ async def test_paused_calls_end_with_the_gateway(gateway, mcp_upstream_legacy):
     assert relay.paused == 1
     await gateway.gateway.stop()
     assert relay.paused == 0
+
+
+async def test_progress_keeps_a_call_alive_up_to_the_maximum(pg_url, make_gateway, mcp_upstream):
+    # upstream_timeout bounds silence, not the call: each progress restarts it.
+    # stream_max_duration bounds the call however chatty it is.
+    gw = await make_gateway(pg_url, dataplane={"upstream_timeout": 0.6, "stream_max_duration": 2.0})
+    t = await gw.tenancy("acme", mcp_upstream)
+    async with gateway_client(f"{gw.url}/mcp", t.api_key, mode="legacy") as client:
+        seen: list[float] = []
+
+        async def on_progress(progress, total, message) -> None:
+            seen.append(progress)
+
+        # 4 steps 0.35 s apart: 1.4 s in all, never 0.6 s silent.
+        done = await client.call_tool("demo__count", {"n": 4, "delay": 0.35}, progress_callback=on_progress)
+        assert done.content[0].text == "counted to 4" and seen == [1, 2, 3, 4]
+        # 12 steps 0.35 s apart: past the 2 s maximum.
+        with pytest.raises(Exception) as err:
+            await client.call_tool("demo__count", {"n": 12, "delay": 0.35}, progress_callback=on_progress)
+        assert "maximum duration" in str(err.value)
+        # Silent for longer than upstream_timeout: a timeout.
+        with pytest.raises(Exception) as err:
+            await client.call_tool("demo__count", {"n": 1, "delay": 1.0})
+        assert "did not answer in time" in str(err.value)

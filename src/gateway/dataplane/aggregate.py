@@ -93,13 +93,13 @@ class Answer:
 
 
 class Aggregate:
-    def __init__(self, client_for, *, timeout: float, page_size: int = 200) -> None:
+    def __init__(self, client_for, *, timeout: float, page_size: int = 200, max_duration: float = 3600.0) -> None:
         # client_for(server) -> UpstreamClient: the data plane owns pools and clients.
         self.client_for = client_for
         self.timeout = timeout
         self.page_size = page_size
         self._cache: dict[tuple[uuid.UUID, str, int], tuple[float, list[dict]]] = {}
-        self.relay = Relay(timeout=timeout)
+        self.relay = Relay(timeout=timeout, max_duration=max_duration)
 
     async def answer(
         self,

@@ -45,7 +45,7 @@ from typing import Any
 
 from gateway.dataplane.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND
 from gateway.dataplane.mcp_client import UpstreamCall, UpstreamRpcError
-from gateway.dataplane.upstream import UpstreamError
+from gateway.dataplane.upstream import UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("gateway.relay")
 
@@ -95,8 +95,9 @@ class _Paused:
 class Relay:
     """Runs facade calls; owns the calls paused for input and the questions put to clients."""
 
-    def __init__(self, *, timeout: float, answer_timeout: float = PAUSE_TTL) -> None:
-        self.timeout = timeout  # the longest an upstream may stay silent in a call
+    def __init__(self, *, timeout: float, max_duration: float = 3600.0, answer_timeout: float = PAUSE_TTL) -> None:
+        self.timeout = timeout  # the longest an upstream may stay silent in a call (any message restarts it)
+        self.max_duration = max_duration  # the longest a call may run, however chatty (time paused not counted)
         self.answer_timeout = answer_timeout  # the longest a client may take to answer a question
         self._paused: dict[str, _Paused] = {}
         self._asks: dict[str, tuple[uuid.UUID, asyncio.Future[dict[str, Any]]]] = {}
@@ -138,9 +139,21 @@ class Relay:
             upstream_params, progress_token = self._own_progress_token(params)
             upcall = await client.start(method, upstream_params)
         rounds = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_duration
         try:
             while True:
-                message = await upcall.next(self.timeout)
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise UpstreamTimeout(f"the call reached its maximum duration of {self.max_duration:g}s")
+                try:
+                    message = await upcall.next(min(self.timeout, left))
+                except UpstreamTimeout:
+                    if loop.time() >= deadline:
+                        raise UpstreamTimeout(
+                            f"the call reached its maximum duration of {self.max_duration:g}s"
+                        ) from None
+                    raise
                 kind = message.get("method")
                 if kind is None:
                     if message.get("id") != upcall.request_id:

@@ -127,7 +127,8 @@ class DataPlane:
 
         self.transports = Transports(self)
         self.aggregate = Aggregate(
-            self.client_for, timeout=config.upstream_timeout, page_size=config.aggregate_page_size
+            self.client_for, timeout=config.upstream_timeout, page_size=config.aggregate_page_size,
+            max_duration=config.stream_max_duration,
         )
         self.watcher = Watcher(self.aggregate, store, interval=config.list_watch_interval)
         self.allowed_origins = frozenset(config.allowed_origins)
