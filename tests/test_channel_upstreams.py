@@ -21,7 +21,7 @@ from channel_servers.scripted import TOOL, Script, serve, sse_app, ws_app
 from harness import free_port, wait_for_port
 
 from gateway.dataplane.channels import SseUpstream, WebSocketUpstream
-from gateway.dataplane.mcp_client import HANDSHAKE, UpstreamRpcError
+from gateway.dataplane.mcp_client import HANDSHAKE, RELAYED_CLIENT_CAPABILITIES, UpstreamRpcError
 from gateway.dataplane.upstream import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from gateway.demo.client import gateway_client
 
@@ -270,10 +270,11 @@ async def test_awkward_framing_and_server_requests(scripted, caplog):
     script, upstream = scripted
     assert (await upstream.request("tools/list"))["tools"] == [TOOL]
     assert upstream.server_info == {"name": "scripted", "version": "1"}
-    # The handshake, as a 2025-era client does it, and nothing of a client's credentials.
+    # The handshake, as a 2025-era client does it, announcing what the gateway relays
+    # (test_relay_channels.py), and nothing of a client's credentials.
     initialize = script.received[0]
     assert initialize["method"] == "initialize"
-    assert initialize["params"] == {"protocolVersion": HANDSHAKE, "capabilities": {},
+    assert initialize["params"] == {"protocolVersion": HANDSHAKE, "capabilities": RELAYED_CLIENT_CAPABILITIES,
                                     "clientInfo": {"name": "mcp-gateway", "version": "0.1.0"}}
     assert script.received[1] == {"jsonrpc": "2.0", "method": "notifications/initialized"}
     # The server's ping is answered; its other request is refused, not left hanging.

@@ -13,13 +13,22 @@ connection by the gateway's own ids; opening it again after it broke, with
 exponential backoff; and closing it. Each upstream has its own
 `aiohttp.ClientSession`, closed with it.
 
+`start()` sends a request and returns it in flight (a `StreamCall`, see
+multiplexed.py), for the relay to carry what the server sends before its
+answer: progress (routed by its token), log messages and server-to-client
+requests (sampling, elicitation, roots). Neither transport says which request
+a server's request or log message belongs to: the gateway relays one only
+while exactly one request is in flight on the connection, and otherwise
+refuses the request (-32601, saying why) or drops the log message, as for
+stdio servers. `ping` is answered by the gateway; other notifications are
+dropped. The handshake announces what it relays (`RELAYED_CLIENT_CAPABILITIES`).
+
 What it must not do: log what messages carry (methods, ids and sizes only),
 buffer without bound (one SSE event or WebSocket message is capped at
-`MAX_MESSAGE`), follow a redirect (the registered URL is the one used) or an
-SSE `endpoint` on another origin than the stream's, send anything of the
-client's (the gateway speaks as itself), or relay server-to-client requests
-and notifications (`ping` is answered; other requests get -32601, as for
-stdio servers; progress and other notifications are dropped).
+`MAX_MESSAGE`; a started call holds at most `multiplexed.MAX_QUEUED`
+messages), follow a redirect (the registered URL is the one used) or an SSE
+`endpoint` on another origin than the stream's, or send anything of the
+client's credentials (the gateway speaks as itself).
 
 The 2024-11-05 HTTP+SSE transport: GET the event stream; its first event,
 `endpoint`, names (relative to the stream's URL) where each message is to be
@@ -39,14 +48,15 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import aiohttp
 import orjson
 from yarl import URL
 
-from gateway.dataplane.jsonrpc import METHOD_NOT_FOUND
-from gateway.dataplane.mcp_client import CLIENT_INFO, HANDSHAKE, UpstreamRpcError
+from gateway.dataplane.mcp_client import CLIENT_INFO, HANDSHAKE, RELAYED_CLIENT_CAPABILITIES, UpstreamRpcError
+from gateway.dataplane.multiplexed import CallTable, StreamCall, progress_token
 from gateway.dataplane.sse import EventParser
 from gateway.dataplane.upstream import UpstreamConnectError, UpstreamError, UpstreamTimeout
 
@@ -132,6 +142,37 @@ class ChannelUpstream:
         """Send one request; return its result or raise UpstreamRpcError / UpstreamError."""
         channel = await self._ready()
         return _result(await self._exchange(channel, method, params, self.timeout), self.label)
+
+    async def start(self, method: str, params: dict[str, Any]) -> StreamCall:
+        """Send one request and return it in flight: what the server sends for it, then its answer."""
+        channel = await self._ready()
+        request_id = next(self._ids)
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        channel.pending[request_id] = answer
+        call = StreamCall(channel.calls, request_id, answer, progress_token(params),
+                          send=partial(self._send, channel), cancel=channel.cancel_request)
+        data = orjson.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+        try:
+            async with asyncio.timeout(self.timeout):
+                await channel.send(data)
+        except TimeoutError:
+            call.close("timeout")  # it may have arrived
+            raise UpstreamTimeout(f"{self.label} did not take {method} within {self.timeout:g}s") from None
+        except UpstreamError:
+            call.abandon()
+            raise
+        except BaseException:
+            call.close()
+            raise
+        return call
+
+    async def _send(self, channel: _Channel, message: dict[str, Any]) -> None:
+        """Send one message on `channel` (not on a successor: an answer belongs to its connection)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await channel.send(orjson.dumps(message))
+        except TimeoutError:
+            raise UpstreamTimeout(f"{self.label} did not take a message within {self.timeout:g}s") from None
 
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
         """Send one notification (no answer is expected)."""
@@ -258,7 +299,7 @@ class ChannelUpstream:
             answer = await self._exchange(
                 channel,
                 "initialize",
-                {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": CLIENT_INFO},
+                {"protocolVersion": HANDSHAKE, "capabilities": RELAYED_CLIENT_CAPABILITIES, "clientInfo": CLIENT_INFO},
                 self.timeout,
             )
             if "error" in answer:
@@ -373,6 +414,8 @@ class _Channel:
     def __init__(self, label: str, on_finished: Callable[[_Channel], None]) -> None:
         self.label = label
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        # The started calls among them, for what the server sends before answering.
+        self.calls = CallTable(label, "connection", lambda: self.pending, lambda i: self.pending.pop(i, None))
         self.failure: str | None = None  # why it stopped being usable
         self.opened_at = time.monotonic()
         self.ended_at = 0.0
@@ -426,6 +469,7 @@ class _Channel:
                 log.debug("%s", reason)
             else:
                 log.warning("%s (%d requests pending)", reason, len(self.pending))
+        self.calls.clear()
         pending, self.pending = self.pending, {}
         for answer in pending.values():
             if not answer.done():
@@ -505,17 +549,14 @@ class _Channel:
         if not isinstance(method, str):
             return False
         if "id" not in message:
-            log.debug("%s sent notification %s (dropped)", self.label, method)
+            if not self.calls.notification(method, message):
+                log.debug("%s sent notification %s (dropped)", self.label, method)
         elif method == "ping":
             self.send_soon({"jsonrpc": "2.0", "id": message["id"], "result": {}})
         else:
-            log.debug("%s asked %s; refused (not relayed)", self.label, method)
-            self.send_soon({
-                "jsonrpc": "2.0",
-                "id": message["id"],
-                "error": {"code": METHOD_NOT_FOUND,
-                          "message": f"Method not found: this gateway does not relay {method} to its clients"},
-            })
+            refusal = self.calls.request(method, message)
+            if refusal is not None:
+                self.send_soon(refusal)
         return True
 
     def _log_noise(self, size: int) -> None:

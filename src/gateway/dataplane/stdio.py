@@ -5,6 +5,16 @@ A server whose `transport_type` is `stdio` is a command line (its
 drop-in for `UpstreamClient`: `request()` returns a result or raises
 `UpstreamRpcError`, `UpstreamError` or `UpstreamTimeout`.
 
+`start()` sends a request and returns it in flight (a `StreamCall`, see
+multiplexed.py), for the relay to carry what the server sends before its
+answer: progress (routed by its token), log messages and server-to-client
+requests (sampling, elicitation, roots). stdio does not say which request a
+server's request or log message belongs to: the gateway relays one only while
+exactly one request is in flight on the process, and otherwise refuses the
+request (-32601, saying why) or drops the log message. `ping` is answered by
+the gateway. The handshake announces what it relays
+(`RELAYED_CLIENT_CAPABILITIES`).
+
 What it owns: one child process per upstream, started on first use in a
 process group of its own; the handshake (initialize, then initialized); many
 requests multiplexed over the one stdin/stdout by the gateway's own ids;
@@ -14,9 +24,9 @@ gateway's interest in it. Whatever is left in a group once its leader has
 exited is killed: a stdio server's children do not outlive it.
 
 What it must not do: log what messages carry (method names only; a server's
-own stderr is logged, truncated and rate-limited), buffer without bound (one
-stdout line is capped at `MAX_LINE`), or relay server-to-client requests
-(only `ping` is answered; the rest get -32601 until relaying is built).
+own stderr is logged, truncated and rate-limited), or buffer without bound
+(one stdout line is capped at `MAX_LINE`; a started call holds at most
+`multiplexed.MAX_QUEUED` messages).
 
 Why a `SubprocessProtocol` and not `create_subprocess_exec` with reader tasks:
 the protocol hears `process_exited` at once on asyncio and on uvloop, while on
@@ -39,12 +49,13 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import orjson
 
-from gateway.dataplane.jsonrpc import METHOD_NOT_FOUND
-from gateway.dataplane.mcp_client import CLIENT_INFO, HANDSHAKE, UpstreamRpcError
+from gateway.dataplane.mcp_client import CLIENT_INFO, HANDSHAKE, RELAYED_CLIENT_CAPABILITIES, UpstreamRpcError
+from gateway.dataplane.multiplexed import CallTable, StreamCall, progress_token
 from gateway.dataplane.upstream import UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("gateway.stdio")
@@ -140,6 +151,39 @@ class StdioUpstream:
         """Send one request; return its result or raise UpstreamRpcError / UpstreamError."""
         process = await self._ready()
         return _result(await self._exchange(process, method, params, self.timeout))
+
+    async def start(self, method: str, params: dict[str, Any]) -> StreamCall:
+        """Send one request and return it in flight: what the server sends for it, then its answer."""
+        process = await self._ready()
+        request_id = next(self._ids)
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        process.pending[request_id] = answer
+        call = StreamCall(process.calls, request_id, answer, progress_token(params),
+                          send=partial(self._send, process), cancel=process.cancel_request)
+        data = orjson.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}) + b"\n"
+        try:
+            async with asyncio.timeout(self.timeout):
+                await process.write(data)
+        except TimeoutError:
+            call.close("timeout")  # written, not yet taken: the server may still read it
+            raise UpstreamTimeout(
+                f"the stdio server {self.name} did not take {method} within {self.timeout:g}s"
+            ) from None
+        except UpstreamError:
+            call.abandon()  # not written
+            raise
+        except BaseException:
+            call.close()
+            raise
+        return call
+
+    async def _send(self, process: _Process, message: dict[str, Any]) -> None:
+        """Write one message to `process` (not to a successor: an answer belongs to its stream)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await process.write(orjson.dumps(message) + b"\n")
+        except TimeoutError:
+            raise UpstreamTimeout(f"the stdio server {self.name} did not read for {self.timeout:g}s") from None
 
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
         """Send one notification (no answer is expected)."""
@@ -255,7 +299,7 @@ class StdioUpstream:
             answer = await self._exchange(
                 process,
                 "initialize",
-                {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": CLIENT_INFO},
+                {"protocolVersion": HANDSHAKE, "capabilities": RELAYED_CLIENT_CAPABILITIES, "clientInfo": CLIENT_INFO},
                 self.start_timeout,
             )
             if "error" in answer:
@@ -294,6 +338,9 @@ class _Process(asyncio.SubprocessProtocol):
         self.name = name
         self.pid: int | None = None
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        # The started calls among them, for what the server sends before answering.
+        self.calls = CallTable(f"the stdio server {name}", "process",
+                               lambda: self.pending, lambda i: self.pending.pop(i, None))
         self.failure: str | None = None  # why it stopped being usable, when not just its exit
         self.stopping = False  # the gateway is ending it (close, kill)
         self._stdout_open = True
@@ -421,6 +468,7 @@ class _Process(asyncio.SubprocessProtocol):
             log.warning("cannot signal the process group of stdio server %s (pid %s): %s", self.name, self.pid, exc)
 
     def fail_pending(self, reason: str) -> None:
+        self.calls.clear()
         pending, self.pending = self.pending, {}
         for answer in pending.values():
             if not answer.done():
@@ -540,17 +588,14 @@ class _Process(asyncio.SubprocessProtocol):
         if not isinstance(method, str):
             return False
         if "id" not in message:
-            log.debug("the stdio server %s sent notification %s (dropped)", self.name, method)
+            if not self.calls.notification(method, message):
+                log.debug("the stdio server %s sent notification %s (dropped)", self.name, method)
         elif method == "ping":
             self._write_now({"jsonrpc": "2.0", "id": message["id"], "result": {}})
         else:
-            log.debug("the stdio server %s asked %s; refused (not relayed for stdio)", self.name, method)
-            self._write_now({
-                "jsonrpc": "2.0",
-                "id": message["id"],
-                "error": {"code": METHOD_NOT_FOUND,
-                          "message": f"Method not found: this gateway does not relay {method} from stdio servers"},
-            })
+            refusal = self.calls.request(method, message)
+            if refusal is not None:
+                self._write_now(refusal)
         return True
 
     def _log_stdout_noise(self, line: bytes) -> None:
