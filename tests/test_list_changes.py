@@ -29,7 +29,7 @@ _MODERN_META = {
 
 @pytest.fixture
 def mutable_upstream():
-    proc, url = spawn_upstream("--mutable")
+    proc, url = spawn_upstream("--extras")
     yield url
     proc.terminate()
     proc.wait(10)
@@ -160,7 +160,7 @@ async def test_the_stream_ends_with_the_gateway(pg_url, make_gateway, mcp_upstre
 async def test_the_facade_of_a_server_of_the_other_era_announces_its_changes(pg_url, make_gateway):
     # A 2025-era-only server with a changing list, a 2026-07-28 client on /servers/demo/mcp:
     # the facade answers the listen itself and watches that one server.
-    proc, url = spawn_upstream("--mutable", "--legacy-only")
+    proc, url = spawn_upstream("--extras", "--legacy-only")
     try:
         gw = await make_gateway(pg_url, dataplane=WATCH)
         t = await gw.tenancy("acme", url)

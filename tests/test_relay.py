@@ -179,3 +179,30 @@ async def test_progress_keeps_a_call_alive_up_to_the_maximum(pg_url, make_gatewa
         with pytest.raises(Exception) as err:
             await client.call_tool("demo__count", {"n": 1, "delay": 1.0})
         assert "did not answer in time" in str(err.value)
+
+
+@pytest.mark.parametrize("upstream_flags", [(), ("--legacy-only",)], ids=["modern-upstream", "legacy-upstream"])
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_a_cancelled_call_is_cancelled_upstream(gateway, upstream_flags, mode):
+    # The client gives up (2025: notifications/cancelled naming its own id; 2026-07-28:
+    # it closes the answer's stream); the upstream call stops, whatever its era.
+    import anyio
+    from harness import spawn_upstream
+
+    proc, url = spawn_upstream("--extras", *upstream_flags)
+    try:
+        t = await gateway.tenancy("acme", url)
+        async with gateway_client(f"{gateway.url}/mcp", t.api_key, mode=mode) as client:
+            with anyio.move_on_after(1.0) as scope:
+                await client.call_tool("demo__sleep", {"seconds": 30})
+            assert scope.cancelled_caught
+            for _ in range(100):
+                count = (await client.call_tool("demo__cancelled", {})).content[0].text
+                if count == "1":
+                    break
+                await asyncio.sleep(0.05)
+            assert count == "1"
+        assert not gateway.gateway.dataplane.aggregate.relay._running
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -122,6 +122,9 @@ class Aggregate:
             if method is None:
                 # A client's answer to a question relayed from an upstream (or to nothing we asked).
                 self.relay.accept_answer(key.id, message)
+            elif method == "notifications/cancelled" and isinstance(message.get("params"), dict):
+                # Its call is stopped, and so cancelled upstream under the gateway's own id.
+                self.relay.cancel(key.id, message["params"].get("requestId"))
             return Answer(202, None)
         request_id = message["id"]
         params = message.get("params") or {}

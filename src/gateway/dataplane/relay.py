@@ -61,6 +61,7 @@ PAUSE_TTL = 300.0
 # Rounds of an upstream's `input_required` the gateway drives for a 2025-era client (the SDKs use 10).
 MAX_ROUNDS = 10
 INTERNAL_ERROR = -32603
+REQUEST_CANCELLED = -32800
 
 Emit = Callable[[dict[str, Any]], Awaitable[bool]]
 
@@ -72,12 +73,49 @@ class Downstream:
     it went out; None when the client did not accept `text/event-stream`.
     """
 
-    __slots__ = ("modern", "key_id", "emit")
+    __slots__ = ("modern", "key_id", "emit", "request_id")
 
-    def __init__(self, *, modern: bool, key_id: uuid.UUID, emit: Emit | None) -> None:
+    def __init__(
+        self, *, modern: bool, key_id: uuid.UUID, emit: Emit | None, request_id: int | str | None = None
+    ) -> None:
         self.modern = modern
         self.key_id = key_id
         self.emit = emit
+        self.request_id = request_id  # the client's id for the call (its notifications/cancelled names it)
+
+
+class _Running:
+    """A call in progress, as the client's notifications/cancelled finds it."""
+
+    __slots__ = ("call", "cancelled", "_starting")
+
+    def __init__(self) -> None:
+        self.call: UpstreamCall | None = None
+        self.cancelled = False
+        self._starting: asyncio.Future | None = None
+
+    async def start(self, starting) -> UpstreamCall:
+        """Await a call being sent (until its answer's headers), in a way `cancel` can interrupt."""
+        if self.cancelled:
+            starting.close()
+            raise UpstreamError("cancelled by the client")
+        self._starting = asyncio.ensure_future(starting)
+        try:
+            return await asyncio.shield(self._starting)
+        except asyncio.CancelledError:
+            if self._starting.cancelled() and self.cancelled:
+                raise UpstreamError("cancelled by the client") from None
+            self._starting.cancel()  # our own caller went away
+            raise
+        finally:
+            self._starting = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._starting is not None:
+            self._starting.cancel()  # the exchange is dropped, which also tells the upstream
+        elif self.call is not None:
+            self.call.close("the client cancelled the request")  # its reader wakes with an error
 
 
 class _Paused:
@@ -102,6 +140,8 @@ class Relay:
         self._paused: dict[str, _Paused] = {}
         self._asks: dict[str, tuple[uuid.UUID, asyncio.Future[dict[str, Any]]]] = {}
         self._tokens = itertools.count(1)
+        # (key, the client's request id) -> that call, for the client's notifications/cancelled.
+        self._running: dict[tuple[uuid.UUID, Any], _Running] = {}
 
     @property
     def paused(self) -> int:
@@ -127,9 +167,37 @@ class Relay:
             waiting[1].set_result(message)
         return True
 
+    def cancel(self, key_id: uuid.UUID, request_id: Any) -> bool:
+        """A 2025-era client's notifications/cancelled: stop its call (and so the upstream's). True if one ran."""
+        if isinstance(request_id, (dict, list)):
+            return False
+        running = self._running.get((key_id, request_id))
+        if running is None:
+            return False
+        running.cancel()
+        return True
+
     # -- one call ----------------------------------------------------------------------------------
     async def call(self, client: Any, method: str, params: dict[str, Any], down: Downstream) -> dict[str, Any]:
         """Make `method` upstream for `down`'s client and return its result (or raise UpstreamRpcError)."""
+        running = _Running()
+        handle = (down.key_id, down.request_id)
+        if down.request_id is not None and handle not in self._running:
+            self._running[handle] = running
+        else:
+            handle = None
+        try:
+            return await self._call(client, method, params, down, running)
+        except UpstreamError:
+            if running.cancelled:
+                # As a 2025-era server answers a cancelled request (a 2026-07-28 client has gone anyway).
+                raise UpstreamRpcError({"code": REQUEST_CANCELLED, "message": "Request cancelled"}) from None
+            raise
+        finally:
+            if handle is not None:
+                self._running.pop(handle, None)
+
+    async def _call(self, client: Any, method: str, params: dict[str, Any], down: Downstream, running: _Running):
         state = params.get("requestState")
         if isinstance(state, str) and state.startswith(STATE_PREFIX):
             upcall, progress_token = await self._resume(state, method, params, down)
@@ -137,7 +205,8 @@ class Relay:
             if not hasattr(client, "start"):
                 return await client.request(method, params)  # upstreams that cannot stream a call yet
             upstream_params, progress_token = self._own_progress_token(params)
-            upcall = await client.start(method, upstream_params)
+            upcall = await running.start(client.start(method, upstream_params))
+        running.call = upcall
         rounds = 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_duration
@@ -172,7 +241,7 @@ class Relay:
                     if "requestState" in result:
                         retry["requestState"] = result["requestState"]
                     upcall.close()
-                    upcall = await client.start(method, self._own_progress_token(retry)[0])
+                    upcall = running.call = await running.start(client.start(method, self._own_progress_token(retry)[0]))
                 elif "id" in message:
                     if kind == "ping":
                         await upcall.reply({"jsonrpc": "2.0", "id": message["id"], "result": {}})

@@ -365,7 +365,8 @@ class DataPlane:
                 # client) turns the answer into an event stream, if the client takes one.
                 stream = _EventStream(request, exchange) if "text/event-stream" in headers.get("Accept", "") else None
                 down = Downstream(
-                    modern=call.envelope_version is not None, key_id=key.id, emit=stream.emit if stream else None
+                    modern=call.envelope_version is not None, key_id=key.id, emit=stream.emit if stream else None,
+                    request_id=call.request_id,
                 )
                 try:
                     answer = await self.aggregate.answer(snapshot, key, body, only=server, down=down)

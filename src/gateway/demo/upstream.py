@@ -35,8 +35,9 @@ def ask_the_model(topic: str) -> Sample:
     return Sample([question], max_tokens=100)
 
 
-def build_server(*, mutable: bool = False) -> MCPServer:
-    """The demo server; `mutable` adds `toggle_tool`, which makes the tool list change."""
+def build_server(*, extras: bool = False) -> MCPServer:
+    """The demo server; `extras` adds tools for tests: `toggle_tool` (the tool list changes),
+    `sleep` and `cancelled` (whether calls were cancelled)."""
     server = MCPServer("gateway-demo", instructions="Demo tools behind the MCP gateway.")
 
     @server.tool(description="Return the text unchanged.")
@@ -86,8 +87,22 @@ def build_server(*, mutable: bool = False) -> MCPServer:
     def greet(name: str) -> str:
         return f"Please write a short, warm greeting for {name}."
 
-    if mutable:
+    if extras:
         present = {"extra": False}
+        sleeps = {"cancelled": 0}
+
+        @server.tool(description="Sleep for `seconds` (a call to cancel).")
+        async def sleep(seconds: float) -> str:
+            try:
+                await asyncio.sleep(seconds)
+            except asyncio.CancelledError:
+                sleeps["cancelled"] += 1
+                raise
+            return f"slept {seconds:g}s"
+
+        @server.tool(description="How many `sleep` calls were cancelled.")
+        def cancelled() -> int:
+            return sleeps["cancelled"]
 
         @server.tool(description="Add the tool `extra`, or remove it if present (tools/list changes).")
         async def toggle_tool(ctx: Context) -> str:
@@ -119,12 +134,14 @@ def main(argv: list[str] | None = None) -> None:
         "--transport", choices=("streamable-http", "sse"), default="streamable-http",
         help="sse: the 2024-11-05 HTTP+SSE transport instead (GET /sse, POST /messages/)",
     )
-    parser.add_argument("--mutable", action="store_true", help="add toggle_tool, which changes the tool list")
+    parser.add_argument(
+        "--extras", action="store_true", help="add tools for tests: toggle_tool (the tool list changes), sleep, cancelled"
+    )
     args = parser.parse_args(argv)
     if args.transport == "sse":
-        app = build_server(mutable=args.mutable).sse_app(host=args.host)
+        app = build_server(extras=args.extras).sse_app(host=args.host)
     else:
-        app = build_server(mutable=args.mutable).streamable_http_app(json_response=args.json_response, host=args.host)
+        app = build_server(extras=args.extras).streamable_http_app(json_response=args.json_response, host=args.host)
     if args.legacy_only:
         app = _OneEra(app, modern=False)
     elif args.modern_only:
