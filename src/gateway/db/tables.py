@@ -36,6 +36,7 @@ TRANSPORTS = ("http", "websocket", "stdio", "sse")
 HEALTH_STATES = ("HEALTHY", "UNHEALTHY", "DEGRADED", "UNKNOWN", "MAINTENANCE")
 SCOPES = ("read", "write", "admin", "proxy", "metrics", "health")
 TENANT_STATES = ("active", "suspended")
+ACCESS_EFFECTS = ("allow", "deny")
 
 
 def utcnow() -> datetime:
@@ -178,6 +179,41 @@ sessions = sa.Table(
     sa.Column("last_seen_at", Timestamp, nullable=True),
     *_stamps(),
     sa.Index(None, "user_id", "is_active"),
+)
+
+# Access rules (the ServerAccessControl model; evaluated in gateway.auth.access).
+# Subject: at most one of role / user_id / api_key_id, none = the whole tenant.
+# Object: server_id (NULL = every server of the tenant) and at most one glob of
+# tool / resource / prompt, none = the whole server. A rule goes with the user,
+# key or server it names (CASCADE): it never passes to a later namesake.
+server_access_rules = sa.Table(
+    "server_access_rules",
+    metadata,
+    _id(),
+    _tenant_fk(),
+    sa.Column("effect", sa.String(8), nullable=False),
+    sa.Column("role", sa.String(16), nullable=True),
+    sa.Column("user_id", sa.Uuid, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("api_key_id", sa.Uuid, sa.ForeignKey("enhanced_api_keys.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("server_id", sa.Uuid, sa.ForeignKey("mcp_servers.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("tool", sa.String(255), nullable=True),
+    sa.Column("resource", sa.String(2048), nullable=True),
+    sa.Column("prompt", sa.String(255), nullable=True),
+    sa.Column("description", sa.Text, nullable=True),
+    *_stamps(),
+    _one_of("effect", ACCESS_EFFECTS, "effect"),
+    _one_of("role", ROLES, "role"),
+    sa.CheckConstraint(
+        "(CASE WHEN role IS NULL THEN 0 ELSE 1 END + CASE WHEN user_id IS NULL THEN 0 ELSE 1 END"
+        " + CASE WHEN api_key_id IS NULL THEN 0 ELSE 1 END) <= 1",
+        name="one_subject",
+    ),
+    sa.CheckConstraint(
+        "(CASE WHEN tool IS NULL THEN 0 ELSE 1 END + CASE WHEN resource IS NULL THEN 0 ELSE 1 END"
+        " + CASE WHEN prompt IS NULL THEN 0 ELSE 1 END) <= 1",
+        name="one_object",
+    ),
+    sa.Index(None, "tenant_id", "server_id"),
 )
 
 # Records: append-only, written in batches by gateway.records.writer. Their
