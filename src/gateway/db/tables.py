@@ -37,6 +37,8 @@ HEALTH_STATES = ("HEALTHY", "UNHEALTHY", "DEGRADED", "UNKNOWN", "MAINTENANCE")
 SCOPES = ("read", "write", "admin", "proxy", "metrics", "health")
 TENANT_STATES = ("active", "suspended")
 ACCESS_EFFECTS = ("allow", "deny")
+# How the gateway authenticates itself to an upstream server (dataplane/credentials.py).
+UPSTREAM_AUTH_KINDS = ("none", "header", "oauth2_client_credentials")
 
 
 def utcnow() -> datetime:
@@ -73,8 +75,11 @@ tenants = sa.Table(
     # The operator's own tenant (created by `gateway bootstrap`): its ADMIN
     # users administer every tenant.
     sa.Column("is_platform", sa.Boolean, nullable=False, default=False),
+    # The tenant's share under fair scheduling, relative to other tenants (1..1000).
+    sa.Column("weight", sa.Integer, nullable=False, default=100, server_default="100"),
     *_stamps(),
     _one_of("status", TENANT_STATES, "status"),
+    sa.CheckConstraint("weight BETWEEN 1 AND 1000", name="weight"),
 )
 
 users = sa.Table(
@@ -105,9 +110,16 @@ mcp_servers = sa.Table(
     sa.Column("tags", Json, nullable=False, default=list),
     sa.Column("capabilities", Json, nullable=False, default=dict),
     sa.Column("is_active", sa.Boolean, nullable=False, default=True),
+    # The gateway's own credential for this upstream: the kind and what may be
+    # shown (a header's name, a token URL) in clear, the whole of it sealed
+    # (AES-GCM, dataplane/credentials.py). Never returned by the admin API.
+    sa.Column("auth_kind", sa.String(32), nullable=False, default="none", server_default="none"),
+    sa.Column("auth_summary", Json, nullable=True),
+    sa.Column("auth_sealed", sa.Text, nullable=True),
     *_stamps(),
     sa.UniqueConstraint("tenant_id", "name"),
     _one_of("transport_type", TRANSPORTS, "transport_type"),
+    _one_of("auth_kind", UPSTREAM_AUTH_KINDS, "auth_kind"),
     _one_of("health_status", HEALTH_STATES, "health_status"),
     sa.Index(None, "tenant_id", "health_status"),
 )
@@ -162,9 +174,19 @@ enhanced_api_keys = sa.Table(
     sa.Column("expires_at", Timestamp, nullable=True),
     sa.Column("is_active", sa.Boolean, nullable=False, default=True),
     sa.Column("last_used_at", Timestamp, nullable=True),
+    # Set when the key was rotated: the key that replaces it (its grace period
+    # is this key's expires_at).
+    sa.Column("replaced_by", sa.Uuid, nullable=True),
+    # Imported legacy keys only (any format, no `gw_` prefix): HMAC-SHA256 of
+    # the key under a gateway secret, which finds the row in one lookup; the
+    # salted hash still proves the key. `key_prefix` is then a random handle.
+    sa.Column("lookup_digest", sa.String(64), nullable=True),
     *_stamps(),
     sa.Index(None, "tenant_id", "is_active"),
     sa.Index(None, "user_id"),
+    sa.Index(None, "lookup_digest", unique=True),
+    sa.CheckConstraint("rate_limit_per_hour BETWEEN 1 AND 100000", name="rate_limit_per_hour"),
+    sa.CheckConstraint("rate_limit_per_day BETWEEN 1 AND 1000000", name="rate_limit_per_day"),
 )
 
 sessions = sa.Table(
