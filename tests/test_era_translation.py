@@ -52,7 +52,7 @@ async def test_the_direct_route_is_unchanged_for_the_servers_own_era(gateway, re
         assert client.protocol_version != negotiated
         assert (await client.call_tool("add", {"a": 1, "b": 2})).content[0].text == "3.0"
     gaps = gateway.gateway.dataplane._era_gaps
-    assert gaps[(uuid.UUID(t.server_id), own == "2026-07-28")] is False
+    assert gaps[(uuid.UUID(t.server_id), request.getfixturevalue(upstream), own == "2026-07-28")] is False
 
 
 async def test_a_server_that_is_down_is_asked_again(gateway):

@@ -120,8 +120,8 @@ class DataPlane:
         # Connections the gateway holds to SSE (2024-11-05) and WebSocket servers, by server id.
         self.channel_clients: dict[uuid.UUID, ChannelUpstream] = {}
         self._closing: set[asyncio.Task] = set()
-        # (server id, modern client?) -> whether the facade must translate between eras.
-        self._era_gaps: dict[tuple[uuid.UUID, bool], bool] = {}
+        # (server id, endpoint, modern client?) -> whether the facade must translate between eras.
+        self._era_gaps: dict[tuple[uuid.UUID, str, bool], bool] = {}
         # Imported here: bridge.py builds on this module.
         from gateway.dataplane.bridge import Transports
 
@@ -210,8 +210,9 @@ class DataPlane:
         task.add_done_callback(self._closing.discard)
 
     def on_snapshot(self, snapshot) -> None:
-        """Forget era decisions (endpoints may have changed); stop stdio servers that are gone."""
-        self._era_gaps.clear()
+        """Stop stdio and channel upstreams that are gone; wake the list watcher."""
+        if len(self._era_gaps) > 10_000:
+            self._era_gaps.clear()  # era decisions are keyed by endpoint: a changed one is asked afresh
         self.watcher.on_snapshot(snapshot)
         live = {s.id for s in snapshot.servers.values() if s.transport_type == "stdio"}
         for server_id in [i for i in self.stdio_clients if i not in live]:
@@ -300,7 +301,7 @@ class DataPlane:
             # Unreachable just now: pass the request through (its error is the answer) and ask again later.
             log.debug("could not learn the era of server %s: %s", server.name, exc)
             return False
-        self._era_gaps[(server.id, modern)] = gap
+        self._era_gaps[(server.id, server.endpoint_url, modern)] = gap
         if gap:
             log.info("server %s speaks the %s era: %s clients are translated by the gateway",
                      server.name, era, "2026-07-28" if modern else "2025-era")
@@ -339,9 +340,12 @@ class DataPlane:
             if self.quotas is not None:
                 self._check_quota(key)
             if call is not None and server is not None and server.transport_type == "http":
-                gap = self._era_gaps.get((server.id, call.envelope_version is not None))
-                if gap is None:
-                    gap = await self._era_gap(server, call.envelope_version is not None)
+                modern = call.envelope_version is not None
+                gap = self._era_gaps.get((server.id, server.endpoint_url, modern))
+                # A 2025-era client is translated only if the server refuses the handshake,
+                # which its initialize finds out; other requests pass through untouched.
+                if gap is None and (modern or call.method == "initialize"):
+                    gap = await self._era_gap(server, modern)
                 if gap:
                     aggregate = True  # client and server speak different eras: the facade translates
             if server is not None and server.transport_type in _FACADE_TRANSPORTS:
