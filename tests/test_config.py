@@ -84,3 +84,63 @@ def test_describe_lists_every_setting_with_its_variable():
     assert rows["database.url"] == "GATEWAY_DATABASE_URL"
     assert rows["redis.url"] == "GATEWAY_REDIS_URL"
     assert rows["dataplane.max_body_bytes"] == "GATEWAY_DATAPLANE_MAX_BODY_BYTES"
+
+# -- [auth]: JWT issuers (a list of tables, so TOML only) --------------------------------------------
+AUTH_TOML = """
+[auth]
+resource_uri = "https://mcp.example.com"
+scopes_supported = ["mcp:tools"]
+[[auth.issuers]]
+issuer = "https://login.microsoftonline.com/2f1c7a52-7b0e-4c6b-9d0e-3a4b5c6d7e8f/v2.0"
+kind = "entra"
+audience = "api://gateway"
+tenant_map = { "2f1c7a52-7b0e-4c6b-9d0e-3a4b5c6d7e8f" = "acme" }
+role_map = { "Gateway.Admin" = "ADMIN" }
+[[auth.issuers]]
+issuer = "http://127.0.0.1:9000/realms/dev"
+tenant = "acme"
+scopes = ["proxy", "metrics"]
+"""
+
+
+def test_auth_issuers_from_toml_and_scalars_from_the_environment(tmp_path):
+    path = tmp_path / "gateway.toml"
+    path.write_text(AUTH_TOML)
+    cfg = config.load(path, env={"GATEWAY_AUTH_RESOURCE_URI": "https://gw.example.com", "GATEWAY_AUTH_LEEWAY": "10"})
+    assert cfg.auth.resource_uri == "https://gw.example.com"  # the environment wins
+    assert cfg.auth.leeway == 10.0 and cfg.auth.scopes_supported == ["mcp:tools"]
+    entra, local = cfg.auth.issuers
+    assert (entra.kind, entra.audience, entra.role_map) == ("entra", "api://gateway", {"Gateway.Admin": "ADMIN"})
+    assert entra.tenant_map == {"2f1c7a52-7b0e-4c6b-9d0e-3a4b5c6d7e8f": "acme"}
+    assert (local.kind, local.tenant, local.scopes, local.default_role) == ("oidc", "acme", ["proxy", "metrics"], "USER")
+    assert config.load(None, env={}).auth.issuers == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "env", "names"),
+    [
+        (lambda t: t.replace('tenant = "acme"', 'tenant = "acme"\nteanant_claim = "x"'), {},
+         ["auth.issuers[1]", "unknown field `teanant_claim`"]),
+        (lambda t: t.replace('kind = "entra"', 'kind = "okta"'), {}, ["auth.issuers[0].kind", "okta"]),
+        (lambda t: t.replace('"Gateway.Admin" = "ADMIN"', '"Gateway.Admin" = "ROOT"'), {},
+         ["auth.issuers[0].role_map", "ROOT"]),
+        (lambda t: t, {"GATEWAY_AUTH_ISSUERS": "https://issuer.example.com"},
+         ["GATEWAY_AUTH_ISSUERS", "list of tables", "[[auth.issuers]]"]),
+        (lambda t: t.replace('resource_uri = "https://mcp.example.com"\n', ""), {}, ["auth.resource_uri is required"]),
+        (lambda t: t.replace('tenant = "acme"', ""), {}, ["auth.issuers[1]", "exactly one of `tenant`"]),
+        (lambda t: t.replace("http://127.0.0.1:9000", "http://idp.example.com"), {},
+         ["auth.issuers[1].issuer", "https://"]),
+        (lambda t: t.replace("/v2.0", ""), {}, ["auth.issuers[0].issuer", "<tenant id>/v2.0"]),
+        (lambda t: t.replace("http://127.0.0.1:9000/realms/dev", "https://login.microsoftonline.com/"
+                             "2f1c7a52-7b0e-4c6b-9d0e-3a4b5c6d7e8f/v2.0"), {}, ["configured twice"]),
+    ],
+    ids=["unknown-key", "bad-kind", "bad-role", "issuers-from-env", "no-resource", "no-tenant", "plain-http",
+         "entra-shape", "duplicate"],
+)
+def test_bad_auth_settings_name_the_key(tmp_path, edit, env, names):
+    path = tmp_path / "gateway.toml"
+    path.write_text(edit(AUTH_TOML))
+    with pytest.raises(ConfigError) as err:
+        config.load(path, env=env)
+    for name in names:
+        assert name in str(err.value)

@@ -105,6 +105,54 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool = True
 
 
+Role = Literal["ADMIN", "USER", "SERVICE", "READONLY"]
+Scope = Literal["read", "write", "admin", "proxy", "metrics", "health"]
+
+
+class IssuerConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """One trusted token issuer: `[[auth.issuers]]` tables in the TOML file."""
+
+    # Exactly the `iss` of its tokens, e.g. https://login.microsoftonline.com/<tid>/v2.0.
+    issuer: str
+    # Empty: <issuer>/.well-known/openid-configuration.
+    discovery_url: str = ""
+    # "entra": Microsoft Entra ID v2.0 (tenant in `tid`, roles in `roles`, and
+    # `tid` must be the tenant the issuer URL names).
+    kind: Literal["oidc", "entra"] = "oidc"
+    # The `aud` its tokens must carry. Empty: auth.resource_uri.
+    audience: str = ""
+    # Which gateway tenant a token belongs to: a fixed `tenant` (id or name),
+    # or the value of `tenant_claim` looked up in `tenant_map` (value -> id or name).
+    tenant: str = ""
+    tenant_claim: str = ""  # empty: "tid" for entra, "tenant" otherwise; dots reach into objects
+    tenant_map: dict[str, str] = msgspec.field(default_factory=dict)
+    role_claim: str = "roles"  # a string or a list of strings; dots reach into objects
+    role_map: dict[str, Role] = msgspec.field(default_factory=dict)  # claim value -> role
+    default_role: Role = "USER"
+    # Gateway scopes every token of this issuer holds (`proxy` is needed for MCP calls).
+    scopes: list[Scope] = msgspec.field(default_factory=lambda: ["proxy"])
+    rate_limit_per_hour: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    rate_limit_per_day: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
+
+
+class AuthConfig(msgspec.Struct, forbid_unknown_fields=True):
+    # The gateway's canonical URI (RFC 8707 / RFC 9728 `resource`), e.g.
+    # https://mcp.example.com: the audience a token must carry, and where the
+    # protected-resource metadata says the gateway is. Required with issuers.
+    resource_uri: str = ""
+    issuers: list[IssuerConfig] = msgspec.field(default_factory=list)
+    # OAuth scopes a client should ask the issuer for (protected-resource metadata
+    # `scopes_supported`, and `scope` in 401 challenges when set).
+    scopes_supported: list[str] = msgspec.field(default_factory=list)
+    # Clock skew tolerated on exp, nbf and iat.
+    leeway: Annotated[float, Meta(ge=0, le=300)] = 30.0
+    # A token naming a key id the gateway does not hold makes it fetch the
+    # issuer's keys again, at most once per this many seconds per issuer.
+    jwks_min_refetch_interval: Annotated[float, Meta(ge=0)] = 30.0
+    # Every issuer's keys are fetched again this often (keys it retired stop working).
+    jwks_refresh_interval: Positive = 3600.0
+
+
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "text"
@@ -119,6 +167,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
     sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
     @property
@@ -191,6 +240,10 @@ def _validate(
             if key not in fields:
                 problems.append(f"{where}: unknown key {section}.{key} (known: {', '.join(fields)})")
                 continue
+            table = _table_type(fields[key])
+            if table is not None:
+                good[key] = _tables(f"{section}.{key}", where, value, table, problems)
+                continue
             if isinstance(value, str) and getattr(fields[key], "__origin__", None) is list:
                 # Lists come from the environment comma-separated.
                 value = [item.strip() for item in value.split(",") if item.strip()]
@@ -204,7 +257,78 @@ def _validate(
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     config = Config(**built)
     _check_urls(config)
+    _check_auth(config.auth)
     return config
+
+
+def _table_type(field_type: Any) -> type[msgspec.Struct] | None:
+    """The element type of a list-of-tables setting (`[[auth.issuers]]`), else None."""
+    if getattr(field_type, "__origin__", None) is not list:
+        return None
+    (item,) = field_type.__args__
+    return item if isinstance(item, type) and issubclass(item, msgspec.Struct) else None
+
+
+def _tables(name: str, where: str, value: Any, table: type[msgspec.Struct], problems: list[str]) -> list:
+    """Each table checked on its own, so an error says which one and which key (auth.issuers[1].kind)."""
+    if not isinstance(value, list):
+        # A list of tables cannot be spelled as one environment variable.
+        problems.append(f"{where}: {name} is a list of tables; set it in the TOML file as [[{name}]]")
+        return []
+    built = []
+    for index, item in enumerate(value):
+        try:
+            built.append(msgspec.convert(item, table, strict=False))
+        except msgspec.ValidationError as exc:
+            message, _, at = str(exc).partition(" - at `$")
+            problems.append(f"{where}: {name}[{index}]{at.rstrip('`')}: {message}")
+    return built
+
+
+def _check_auth(auth: AuthConfig) -> None:
+    if not auth.issuers:
+        return
+    if not auth.resource_uri:
+        raise ConfigError(
+            "auth.resource_uri is required when auth.issuers is set: the gateway's canonical URI "
+            "(e.g. https://mcp.example.com), which tokens must name as their audience"
+        )
+    _check_absolute("auth.resource_uri", auth.resource_uri)
+    seen: set[str] = set()
+    for index, issuer in enumerate(auth.issuers):
+        name = f"auth.issuers[{index}]"
+        _check_absolute(f"{name}.issuer", issuer.issuer)
+        if issuer.discovery_url:
+            _check_absolute(f"{name}.discovery_url", issuer.discovery_url)
+        if issuer.issuer in seen:
+            raise ConfigError(f"{name}.issuer = {issuer.issuer!r} is configured twice")
+        seen.add(issuer.issuer)
+        if bool(issuer.tenant) == bool(issuer.tenant_map):
+            raise ConfigError(
+                f"{name} ({issuer.issuer}): set exactly one of `tenant` (every token belongs to that tenant) "
+                "and `tenant_map` (the tenant claim's value -> tenant id or name)"
+            )
+        if issuer.kind == "entra" and entra_tenant(issuer.issuer) is None:
+            raise ConfigError(
+                f"{name}.issuer = {issuer.issuer!r}: an entra issuer reads "
+                "https://login.microsoftonline.com/<tenant id>/v2.0"
+            )
+
+
+def entra_tenant(issuer: str) -> str | None:
+    """The directory (tenant) id in an Entra ID v2.0 issuer URL."""
+    parts = urlsplit(issuer).path.strip("/").split("/")
+    return parts[0] if len(parts) == 2 and parts[1] == "v2.0" and parts[0] else None
+
+
+def _check_absolute(name: str, url: str) -> None:
+    # https only; http is allowed for loopback addresses (a local issuer, tests).
+    parts = urlsplit(url)
+    loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+        raise ConfigError(f"{name} = {url!r}: must be an https:// URL (http:// only for loopback hosts)")
+    if not parts.hostname or parts.fragment or parts.query:
+        raise ConfigError(f"{name} = {url!r}: must be an absolute URL without query or fragment")
 
 
 def _check_urls(config: Config) -> None:
