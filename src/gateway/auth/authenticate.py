@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from gateway.auth.keys import bearer_token, parse_key, verify_key
 from gateway.dataplane.jsonrpc import FORBIDDEN, UNAUTHENTICATED, Refusal
 from gateway.snapshot import KeyEntry, Snapshot
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from gateway.auth.oidc import TokenPrincipal, TokenVerifier
+    from gateway.snapshot import SnapshotStore
 
 REALM = "mcp-gateway"
 # Verified against when the prefix is unknown, so a miss costs the same time as a hit.
@@ -74,13 +81,21 @@ def authenticate(
     scope: str,
     now: float | None = None,
     verified: VerifiedKeys | None = None,
-) -> KeyEntry:
-    """The key presented in `Authorization`, or a Refusal (401, or 403 for scope and suspension)."""
+    tokens: TokenVerifier | None = None,
+) -> KeyEntry | TokenPrincipal:
+    """The key presented in `Authorization`, or a Refusal (401, or 403 for scope and suspension).
+
+    With `tokens` (configured issuers), a JWT is verified by them instead and
+    becomes a `TokenPrincipal`, which has the fields of a key the data plane uses.
+    """
     token = bearer_token(authorization)
     if token is None:
         raise unauthenticated(
             "Authentication required: send 'Authorization: Bearer <api key>'", error=None
         )
+    if tokens is not None and token.startswith("eyJ") and token.count(".") == 2:
+        # A JWS header is base64url JSON, so it starts with "eyJ"; API keys hold no dot.
+        return tokens.authenticate(snapshot, token, scope, now)
     entry = verified.get(snapshot, token) if verified is not None else None
     if entry is None:
         entry = _verify(snapshot, token)
@@ -120,3 +135,36 @@ def _admit(snapshot: Snapshot, entry: KeyEntry, scope: str, now: float | None) -
             headers={"WWW-Authenticate": _challenge("insufficient_scope", None, scope)},
         )
     return entry
+
+class RetryAfterFetch(Refusal):
+    """A refusal that may not stand: the credential needs something this process can fetch first.
+
+    Raised by `TokenVerifier` for a token signed with a key the gateway does not
+    hold yet; `fetch()` gets it (False when not allowed now, or failed).
+    """
+
+    def __init__(self, refusal: Refusal, fetch: Callable[[], Awaitable[bool]]) -> None:
+        super().__init__(refusal.http_status, refusal.code, refusal.message, headers=refusal.headers)
+        self.fetch = fetch
+
+
+async def authenticate_request(
+    store: SnapshotStore,
+    authorization: str | None,
+    scope: str,
+    *,
+    verified: VerifiedKeys | None = None,
+    tokens: TokenVerifier | None = None,
+) -> KeyEntry | TokenPrincipal:
+    """`authenticate` for a request that can wait: one fetch of an issuer's keys when a
+    token needs it, and challenges that point at the protected-resource metadata."""
+    try:
+        try:
+            return authenticate(store.current, authorization, scope, verified=verified, tokens=tokens)
+        except RetryAfterFetch as pending:
+            await pending.fetch()  # fetched or not, the second answer stands (no fetch is allowed again so soon)
+            return authenticate(store.current, authorization, scope, verified=verified, tokens=tokens)
+    except Refusal as refusal:
+        if tokens is not None:
+            tokens.challenge(refusal)
+        raise
