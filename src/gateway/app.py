@@ -17,6 +17,7 @@ import time
 
 from aiohttp import web
 
+from gateway.auth.oidc import TokenVerifier
 from gateway.config import Config
 from gateway.controlplane.api import ControlPlane
 from gateway.dataplane.server import DataPlane
@@ -46,6 +47,7 @@ class Gateway:
         self.dataplane_port: int | None = None
         self.controlplane_port: int | None = None
         self._sink = None
+        self.tokens = None  # TokenVerifier, when JWT issuers are configured
 
     @property
     def dataplane_url(self) -> str:
@@ -86,6 +88,11 @@ class Gateway:
         self._register_writer_metrics()
 
         secret = cfg.sessions.secret or await shared_secret(self.engine)
+        if cfg.auth.issuers:
+            # Fetches every issuer's keys before the first request (an unreachable
+            # issuer is logged and tried again when a token needs it).
+            self.tokens = TokenVerifier(cfg.auth)
+            await self.tokens.start()
         self.dataplane = DataPlane(
             cfg.dataplane,
             self.store,
@@ -99,6 +106,7 @@ class Gateway:
                 redis=self.redis,
                 prefix=cfg.redis.key_prefix,
             ),
+            tokens=self.tokens,
             ready=lambda: self.writer.running,
         )
         self.store.on_change(self.dataplane.on_snapshot)
@@ -152,6 +160,8 @@ class Gateway:
             await self.writer.stop(timeout=self.config.writer.shutdown_timeout)
         if self.dataplane is not None:
             await self.dataplane.close()
+        if self.tokens is not None:
+            await self.tokens.close()
         if self.store is not None:
             await self.store.stop()
         if self._sink is not None:

@@ -71,7 +71,7 @@ import msgspec
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from gateway.auth.authenticate import authenticate
+from gateway.auth.authenticate import authenticate, authenticate_request
 from gateway.dataplane.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -696,7 +696,7 @@ class Bridge:
         plane = self.plane
         snapshot = plane.store.current
         try:
-            key = authenticate(snapshot, self.authorization, "proxy", verified=plane.verified)
+            key = authenticate(snapshot, self.authorization, "proxy", verified=plane.verified, tokens=plane.tokens)
             if snapshot.server(key.tenant_id, self.server.name) is None:
                 raise Refusal(404, UNKNOWN_SERVER, f"No MCP server named '{self.server.name}' is available to you")
         except Refusal as refusal:
@@ -764,12 +764,14 @@ class Transports:
         return await self.open_websocket(request, name)
 
     # -- shared opening checks ---------------------------------------------------------------------
-    def _admit(self, request: web.BaseRequest, name: str) -> tuple[KeyEntry, ServerEntry]:
+    async def _admit(self, request: web.BaseRequest, name: str) -> tuple[KeyEntry, ServerEntry]:
         """Origin, key, route and quota for an opening request, as `/servers/{name}/mcp` does them."""
         plane = self.plane
-        snapshot = plane.store.current
         check_origin(request.headers.get("Origin"), plane.allowed_origins)
-        key = authenticate(snapshot, request.headers.get("Authorization"), "proxy", verified=plane.verified)
+        key = await authenticate_request(
+            plane.store, request.headers.get("Authorization"), "proxy", verified=plane.verified, tokens=plane.tokens
+        )
+        snapshot = plane.store.current
         server = snapshot.server(key.tenant_id, name)
         if server is None:
             raise Refusal(404, UNKNOWN_SERVER, f"No MCP server named '{name}' is available to you")
@@ -832,7 +834,7 @@ class Transports:
         exchange = _Exchange()
         key = server = None
         try:
-            key, server = self._admit(request, name)
+            key, server = await self._admit(request, name)
             ticket = await self._take_place(key)
         except Refusal as refusal:
             return self._refusal_response(request, started, exchange, key, server, refusal)
@@ -879,8 +881,8 @@ class Transports:
         body = b""
         try:
             check_origin(request.headers.get("Origin"), plane.allowed_origins)
-            key = authenticate(plane.store.current, request.headers.get("Authorization"), "proxy",
-                               verified=plane.verified)
+            key = await authenticate_request(plane.store, request.headers.get("Authorization"), "proxy",
+                                             verified=plane.verified, tokens=plane.tokens)
             session_id = request.query.get("session_id")
             bridge = self.sessions.get(session_id) if session_id else None
             if bridge is None or bridge.closed or bridge.key.id != key.id or bridge.server.name != name:
@@ -910,7 +912,7 @@ class Transports:
         limit = self.plane.config.max_body_bytes
         ws = web.WebSocketResponse(protocols=("mcp",), max_msg_size=limit, decode_text=False)
         try:
-            key, server = self._admit(request, name)
+            key, server = await self._admit(request, name)
             if not ws.can_prepare(request).ok:
                 raise Refusal(
                     426, INVALID_REQUEST, "Upgrade Required: this endpoint speaks WebSocket "

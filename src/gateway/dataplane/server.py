@@ -21,11 +21,12 @@ import os
 import time
 import uuid
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
 
-from gateway.auth.authenticate import VerifiedKeys, authenticate
+from gateway.auth.authenticate import VerifiedKeys, authenticate, authenticate_request
 from gateway.config import DataPlaneConfig
 from gateway.dataplane.aggregate import Aggregate
 from gateway.dataplane.channels import ChannelUpstream, SseUpstream, WebSocketUpstream
@@ -61,6 +62,9 @@ from gateway.limits.quotas import KeyQuotas
 from gateway.limits.sessions import SessionCounter
 from gateway.records.metrics import Registry
 from gateway.snapshot import KeyEntry, ServerEntry, SnapshotStore
+
+if TYPE_CHECKING:
+    from gateway.auth.oidc import TokenVerifier
 
 log = logging.getLogger("gateway.dataplane")
 
@@ -103,8 +107,11 @@ class DataPlane:
         quotas: KeyQuotas | None,
         sessions: SessionSealer,
         session_counter: SessionCounter | None = None,
+        tokens: TokenVerifier | None = None,
         ready=lambda: True,
     ) -> None:
+        # Configured JWT issuers (None: API keys only, and no protected-resource metadata).
+        self.tokens = tokens
         self.sessions = sessions
         # Open sessions per key (None or max_per_key 0: not counted).
         self.session_counter = session_counter if session_counter is not None and session_counter.enabled else None
@@ -139,6 +146,8 @@ class DataPlane:
             "/readyz": self.handle_readyz,
             "/metrics": self.handle_metrics,
         }
+        if tokens is not None:
+            self._operational[tokens.metadata_path] = self.handle_resource_metadata
         self.metrics = metrics
         self.requests = metrics.counter(
             "gateway_requests_total", "MCP requests by server, method and outcome", ("server", "method", "status")
@@ -320,7 +329,9 @@ class DataPlane:
         try:
             headers = request.headers
             check_origin(headers.get("Origin"), self.allowed_origins)
-            key = authenticate(snapshot, headers.get("Authorization"), "proxy", verified=self.verified)
+            key = await authenticate_request(
+                self.store, headers.get("Authorization"), "proxy", verified=self.verified, tokens=self.tokens
+            )
             if aggregate:
                 if not with_body and not _opens_stream(request):
                     raise Refusal(
@@ -462,7 +473,7 @@ class DataPlane:
                 except TimeoutError:
                     try:
                         authenticate(self.store.current, request.headers.get("Authorization"), "proxy",
-                                     verified=self.verified)
+                                     verified=self.verified, tokens=self.tokens)
                     except Refusal as refusal:
                         exchange.error = f"stream ended: {refusal.message}"
                         break
@@ -678,12 +689,18 @@ class DataPlane:
 
     async def handle_metrics(self, request: web.BaseRequest) -> web.Response:
         try:
-            authenticate(self.store.current, request.headers.get("Authorization"), "metrics")
+            await authenticate_request(self.store, request.headers.get("Authorization"), "metrics", tokens=self.tokens)
         except Refusal as refusal:
             return web.Response(
                 body=refusal.body(), status=refusal.http_status, headers=refusal.headers, content_type=_JSON
             )
         return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def handle_resource_metadata(self, request: web.BaseRequest) -> web.Response:
+        """RFC 9728 protected-resource metadata: where clients get tokens for this gateway."""
+        # Public and the same for everyone: any origin may read it, caches may keep it a while.
+        headers = {"Access-Control-Allow-Origin": "*", "Cache-Control": "public, max-age=300"}
+        return web.json_response(self.tokens.metadata(), headers=headers)
 
 
 async def _end_quietly(response: web.StreamResponse) -> None:

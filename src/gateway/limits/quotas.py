@@ -31,9 +31,11 @@ class QuotaRefusal:
 
 
 class _KeyBuckets:
-    __slots__ = ("hour", "day", "per_hour", "per_day")
+    __slots__ = ("hour", "day", "per_hour", "per_day", "is_key")
 
-    def __init__(self, per_hour: int, per_day: int, now: float) -> None:
+    def __init__(self, per_hour: int, per_day: int, now: float, is_key: bool = True) -> None:
+        # False for a token principal (auth/oidc.py): not in the snapshot, so kept while it has used any allowance.
+        self.is_key = is_key
         self.per_hour = per_hour
         self.per_day = per_day
         self.hour = TokenBucket(per_hour, per_hour / HOUR, now)
@@ -48,7 +50,9 @@ class KeyQuotas:
         """None when admitted; otherwise which window refused and when to retry."""
         buckets = self._buckets.get(key.id)
         if buckets is None:
-            buckets = self._buckets[key.id] = _KeyBuckets(key.rate_limit_per_hour, key.rate_limit_per_day, now)
+            buckets = self._buckets[key.id] = _KeyBuckets(
+                key.rate_limit_per_hour, key.rate_limit_per_day, now, isinstance(key, KeyEntry)
+            )
         if not buckets.hour.try_acquire(cost, now):
             return QuotaRefusal("hour", buckets.per_hour, buckets.hour.retry_after(cost, now))
         if not buckets.day.try_acquire(cost, now):
@@ -57,12 +61,20 @@ class KeyQuotas:
         return None
 
     def resize(self, snapshot: Snapshot, now: float) -> None:
-        """Apply limits changed in the new snapshot; forget keys it no longer has."""
+        """Apply limits changed in the new snapshot; forget keys it no longer has.
+
+        Token principals are never in the snapshot: their buckets are forgotten
+        only when full again, when a fresh pair would be the same.
+        """
         live = {key.id: key for key in snapshot.keys_by_prefix.values()}
         for key_id in list(self._buckets):
             key = live.get(key_id)
             if key is None:
-                del self._buckets[key_id]
+                buckets = self._buckets[key_id]
+                if buckets.is_key or (
+                    buckets.hour.available(now) >= buckets.per_hour and buckets.day.available(now) >= buckets.per_day
+                ):
+                    del self._buckets[key_id]
                 continue
             buckets = self._buckets[key_id]
             if key.rate_limit_per_hour != buckets.per_hour:
