@@ -39,8 +39,8 @@ def spawn_upstream(*extra: str) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}/mcp"
 
 
-def gateway_config(database_url: str, **sections):
-    """A Config on free ports with `sections` ({"dataplane": {...}}) applied."""
+def gateway_config(database_url: str, config_file=None, **sections):
+    """A Config on free ports with `sections` ({"dataplane": {...}}) applied over `config_file` (TOML)."""
     from gateway import config
 
     env = {
@@ -53,7 +53,7 @@ def gateway_config(database_url: str, **sections):
     for section, values in sections.items():
         for key, value in values.items():
             env[f"GATEWAY_{section.upper()}_{key.upper()}"] = str(value)
-    return config.load(None, env=env)
+    return config.load(config_file, env=env)
 
 
 @dataclass
@@ -122,7 +122,7 @@ class RunningGateway:
 _OPERATOR_KEYS: dict[str, str] = {}
 
 
-async def start_gateway(database_url: str, **sections) -> RunningGateway:
+async def start_gateway(database_url: str, config_file=None, **sections) -> RunningGateway:
     from gateway.app import Gateway
     from gateway.controlplane import service
     from gateway.db.engine import create_engine
@@ -133,6 +133,6 @@ async def start_gateway(database_url: str, **sections) -> RunningGateway:
             _OPERATOR_KEYS[database_url] = await service.bootstrap(engine)
         finally:
             await engine.dispose()
-    gateway = Gateway(gateway_config(database_url, **sections))
+    gateway = Gateway(gateway_config(database_url, config_file, **sections))
     await gateway.start()
     return RunningGateway(gateway, _OPERATOR_KEYS[database_url])
