@@ -25,6 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.dataplane.upstream import request_target
 from gateway.db.tables import config_state, enhanced_api_keys, mcp_servers, tenants, users
+from gateway.auth.access import EMPTY_POLICY, AccessPolicy, AccessRule
+from gateway.db.tables import server_access_rules
 
 log = logging.getLogger("gateway.snapshot")
 
@@ -75,6 +77,8 @@ class Snapshot:
     keys_by_prefix: dict[str, KeyEntry]
     servers: dict[tuple[uuid.UUID, str], ServerEntry]
     by_tenant: dict[uuid.UUID, tuple[ServerEntry, ...]] = field(default_factory=dict)
+    # Access rules, compiled and indexed by server (auth/access.py).
+    access: AccessPolicy = EMPTY_POLICY
 
     def __post_init__(self) -> None:
         if not self.by_tenant and self.servers:
@@ -128,6 +132,7 @@ async def load_snapshot(engine: AsyncEngine) -> Snapshot:
         server_rows = (
             await conn.execute(sa.select(mcp_servers).where(mcp_servers.c.is_active.is_(True)))
         ).mappings().all()
+        rule_rows = (await conn.execute(sa.select(server_access_rules))).mappings().all()
 
     tenant_map = {
         r["id"]: TenantEntry(id=r["id"], name=r["name"], status=r["status"], is_platform=r["is_platform"])
@@ -164,7 +169,16 @@ async def load_snapshot(engine: AsyncEngine) -> Snapshot:
         )
         for r in server_rows
     }
-    return Snapshot(version=version, tenants=tenant_map, keys_by_prefix=keys, servers=servers)
+    access = AccessPolicy((_access_rule(r) for r in rule_rows), servers.values())
+    return Snapshot(access=access, version=version, tenants=tenant_map, keys_by_prefix=keys, servers=servers)
+
+
+def _access_rule(r) -> AccessRule:
+    return AccessRule(
+        id=r["id"], tenant_id=r["tenant_id"], effect=r["effect"], role=r["role"], user_id=r["user_id"],
+        api_key_id=r["api_key_id"], server_id=r["server_id"], tool=r["tool"], resource=r["resource"],
+        prompt=r["prompt"],
+    )
 
 
 class SnapshotStore:
