@@ -231,6 +231,42 @@ async def _users_create(args, engine, actor):
     _emit(user_id=str(user["id"]))
 
 
+async def _access_create(args, engine, actor):
+    from gateway.controlplane import schemas, service
+
+    body = _convert(
+        schemas.AccessRuleCreate, effect=args.effect, tenant_id=args.tenant, role=args.role, user_id=args.user,
+        api_key_id=args.key, server_id=args.server_id, server_name=args.server, tool=args.tool,
+        resource=args.resource, prompt=args.prompt, description=args.description,
+    )
+    rule = await service.create_access_rule(engine, actor, body)
+    _emit(access_rule_id=str(rule["id"]))
+
+
+def _describe_rule(rule: dict) -> str:
+    subject = {"tenant": "tenant", "role": f"role {rule['role']}", "user": f"user {rule['user_id']}",
+               "api_key": f"key {rule['api_key_id']}"}[rule["subject_type"]]
+    where = f"server {rule['server_name']}" if rule["server_name"] else "every server"
+    kind = rule["object_type"]
+    what = where if kind == "server" else f"{kind} {rule[kind]!r} on {where}"
+    return f"{rule['id']}  {rule['effect']:<5} {subject:<48} {what}"
+
+
+async def _access_list(args, engine, actor):
+    from gateway.controlplane import service
+
+    tenant = uuid.UUID(args.tenant) if args.tenant else None
+    for rule in await service.list_access_rules(engine, actor, limit=500, after=None, tenant_id=tenant):
+        print(_describe_rule(rule))
+
+
+async def _access_delete(args, engine, actor):
+    from gateway.controlplane import service
+
+    rule = await service.delete_access_rule(engine, actor, uuid.UUID(args.rule_id))
+    print(f"deleted {_describe_rule(rule)}", file=sys.stderr)
+
+
 # -- demo -----------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.app import Gateway, run, serve_until_signalled
@@ -394,6 +430,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", required=True)
     p.add_argument("--role", default="USER")
     p.set_defaults(func=_admin(_users_create))
+
+    access = sub.add_parser("access", help="manage access rules (allow/deny on servers, tools, resources, prompts)")
+    access = access.add_subparsers(dest="action", required=True)
+    p = access.add_parser("create", help="add a rule; deny wins, and an allowed object is closed to everyone else")
+    p.add_argument("effect", choices=("allow", "deny"))
+    p.add_argument("--tenant", required=True, help="tenant id")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--role", help="ADMIN, USER, SERVICE or READONLY (default: the whole tenant)")
+    who.add_argument("--user", help="user id")
+    who.add_argument("--key", help="API key id")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--server", help="server name (default: every server of the tenant)")
+    where.add_argument("--server-id", help="server id")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--tool", help="tool name glob, e.g. 'delete_*' (default: the whole server)")
+    what.add_argument("--resource", help="resource URI glob, e.g. 'file:///secret/*'")
+    what.add_argument("--prompt", help="prompt name glob")
+    p.add_argument("--description")
+    p.set_defaults(func=_admin(_access_create))
+    p = access.add_parser("list", help="list rules")
+    p.add_argument("--tenant", help="only this tenant's")
+    p.set_defaults(func=_admin(_access_list))
+    p = access.add_parser("delete", help="delete a rule")
+    p.add_argument("rule_id")
+    p.set_defaults(func=_admin(_access_delete))
     return parser
 
 

@@ -71,6 +71,10 @@ class ControlPlane:
         r.add_post("/api/v1/servers", self._admin(self.create_server, writes=True))
         r.add_get("/api/v1/servers", self._admin(self.list_servers))
         r.add_get("/api/v1/servers/{id}", self._admin(self.get_server))
+        r.add_post("/api/v1/access-rules", self._admin(self.create_access_rule, writes=True))
+        r.add_get("/api/v1/access-rules", self._admin(self.list_access_rules))
+        r.add_get("/api/v1/access-rules/{id}", self._admin(self.get_access_rule))
+        r.add_delete("/api/v1/access-rules/{id}", self._admin(self.delete_access_rule, writes=True))
         return app
 
     def _admin(self, handler: Handler, *, writes: bool = False) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -150,6 +154,25 @@ class ControlPlane:
     async def get_server(self, request: web.Request, actor: service.Actor) -> web.Response:
         return _json(await service.get_server(self.engine, actor, _path_id(request, "server")))
 
+    # -- access rules ------------------------------------------------------------------------
+    async def create_access_rule(self, request: web.Request, actor: service.Actor) -> web.Response:
+        body = schemas.validate(schemas.AccessRuleCreate, await request.read())
+        return _json(await service.create_access_rule(self.engine, actor, body), 201)
+
+    async def list_access_rules(self, request: web.Request, actor: service.Actor) -> web.Response:
+        limit, after = _paging(request)
+        tenant, server = _uuid_param(request, "tenant_id"), _uuid_param(request, "server_id")
+        items = await service.list_access_rules(
+            self.engine, actor, limit=limit, after=after, tenant_id=tenant, server_id=server
+        )
+        return _page(items, limit)
+
+    async def get_access_rule(self, request: web.Request, actor: service.Actor) -> web.Response:
+        return _json(await service.get_access_rule(self.engine, actor, _path_id(request, "access rule")))
+
+    async def delete_access_rule(self, request: web.Request, actor: service.Actor) -> web.Response:
+        return _json(await service.delete_access_rule(self.engine, actor, _path_id(request, "access rule")))
+
     # -- OpenAPI -------------------------------------------------------------------------------
     async def openapi(self, request: web.Request) -> web.Response:
         return _json(openapi_document())
@@ -217,6 +240,20 @@ def openapi_document() -> dict[str, Any]:
         },
         "security": [{"bearer": []}],
         "paths": {
+            "/api/v1/access-rules": {
+                "post": {"requestBody": body("AccessRuleCreate"), "responses": created},
+                "get": {
+                    "parameters": paging + [
+                        {"name": "tenant_id", "in": "query", "schema": {"type": "string", "format": "uuid"}},
+                        {"name": "server_id", "in": "query", "schema": {"type": "string", "format": "uuid"}},
+                    ],
+                    "responses": listing,
+                },
+            },
+            "/api/v1/access-rules/{id}": {
+                "get": {"responses": {"200": {"description": "the rule"}}},
+                "delete": {"responses": {"200": {"description": "deleted: the rule as it was"}}},
+            },
             "/api/v1/tenants": {
                 "post": {"requestBody": body("TenantCreate"), "responses": created},
                 "get": {"parameters": paging, "responses": listing},

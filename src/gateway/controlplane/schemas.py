@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import msgspec
 from msgspec import Meta
 
+from gateway.db.tables import ACCESS_EFFECTS
 from gateway.db.tables import HEALTH_STATES, ROLES, SCOPES, TRANSPORTS
 
 Name = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"\S")]
@@ -63,8 +64,48 @@ class ServerCreate(msgspec.Struct, forbid_unknown_fields=True):
     description: Annotated[str, Meta(max_length=2000)] | None = None
 
 
+# Globs (fnmatch syntax) over tool and prompt names, and over resource URIs: printable, no control characters.
+NameGlob = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
+UriGlob = Annotated[str, Meta(min_length=1, max_length=2048, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Effect = Literal[ACCESS_EFFECTS]  # type: ignore[valid-type]
+
+
+class AccessRuleCreate(msgspec.Struct, forbid_unknown_fields=True):
+    """An access rule (gateway/auth/access.py has the evaluation).
+
+    Subject: at most one of `role`, `user_id`, `api_key_id`; none is the whole
+    tenant. Object: `server_id` or `server_name` (neither: every server of the
+    tenant), and at most one of `tool`, `resource`, `prompt` (a glob; none:
+    everything on the server).
+    """
+
+    effect: Effect
+    tenant_id: uuid.UUID | None = None
+    role: Role | None = None
+    user_id: uuid.UUID | None = None
+    api_key_id: uuid.UUID | None = None
+    server_id: uuid.UUID | None = None
+    server_name: ServerName | None = None
+    tool: NameGlob | None = None
+    resource: UriGlob | None = None
+    prompt: NameGlob | None = None
+    description: Annotated[str, Meta(max_length=2000)] | None = None
+
+
+def _access_rule_problems(values: dict[str, Any]) -> list[dict[str, str]]:
+    errors = []
+    for group, what in ((("role", "user_id", "api_key_id"), "subject"), (("server_id", "server_name"), "server"),
+                        (("tool", "resource", "prompt"), "object")):
+        given = [name for name in group if values.get(name) is not None]
+        for name in given[1:]:
+            errors.append({"field": name, "message": f"give at most one {what}: {', '.join(given)} were given"})
+    return errors
+
+
 def _extra_checks(cls: type, values: dict[str, Any]) -> list[dict[str, str]]:
     errors = []
+    if cls is AccessRuleCreate:
+        errors.extend(_access_rule_problems(values))
     if cls is ServerCreate and isinstance(values.get("endpoint_url"), str):
         url = values["endpoint_url"]
         parts = urlsplit(url)
@@ -125,6 +166,6 @@ def validate(cls: type[msgspec.Struct], body: bytes) -> msgspec.Struct:
 def schema_components() -> dict[str, Any]:
     """JSON Schemas of the request bodies, for the OpenAPI document."""
     _, components = msgspec.json.schema_components(
-        [TenantCreate, UserCreate, ApiKeyCreate, ServerCreate], ref_template="#/components/schemas/{name}"
+        [TenantCreate, UserCreate, ApiKeyCreate, ServerCreate, AccessRuleCreate], ref_template="#/components/schemas/{name}"
     )
     return components

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from gateway.auth.keys import mint_key, parse_key, verify_key
 from gateway.controlplane import schemas
 from gateway.db.tables import config_state, enhanced_api_keys, mcp_servers, tenants, users, utcnow
+from gateway.db.tables import server_access_rules
 
 PLATFORM_TENANT = "platform"
 OPERATOR_USERNAME = "operator"
@@ -292,6 +293,122 @@ def _server_out(row: Any) -> dict[str, Any]:
             "avg_response_time", "tags", "capabilities", "is_active", "created_at", "updated_at",
         )
     }
+
+
+# -- access rules -------------------------------------------------------------------------------
+_RULE_COLUMNS = (
+    "id", "tenant_id", "effect", "role", "user_id", "api_key_id", "server_id", "tool", "resource", "prompt",
+    "description", "created_at", "updated_at",
+)
+
+
+def _rules_query() -> sa.Select:
+    return sa.select(server_access_rules, mcp_servers.c.name.label("server_name")).select_from(
+        server_access_rules.outerjoin(mcp_servers, mcp_servers.c.id == server_access_rules.c.server_id)
+    )
+
+
+async def create_access_rule(engine: AsyncEngine, actor: Actor, body: schemas.AccessRuleCreate) -> dict[str, Any]:
+    """A rule for the caller's tenant (the operator names one). Every object it names must be in that tenant."""
+    tenant_id = actor.own_tenant(body.tenant_id)
+    async with engine.begin() as conn:
+        await _require_tenant(conn, tenant_id)
+        server_name = None
+        server_id = body.server_id
+        if server_id is not None or body.server_name is not None:
+            # Another tenant's server is "not found", like one that does not exist.
+            found = (
+                await conn.execute(
+                    sa.select(mcp_servers.c.id, mcp_servers.c.name).where(
+                        mcp_servers.c.tenant_id == tenant_id,
+                        actor.tenant_filter(mcp_servers),
+                        mcp_servers.c.id == server_id if server_id is not None
+                        else mcp_servers.c.name == body.server_name,
+                    )
+                )
+            ).first()
+            if found is None:
+                raise NotFound("server not found")
+            server_id, server_name = found.id, found.name
+        for table, value, what in ((users, body.user_id, "user"), (enhanced_api_keys, body.api_key_id, "API key")):
+            if value is None:
+                continue
+            found = (
+                await conn.execute(
+                    sa.select(table.c.id).where(
+                        table.c.id == value, table.c.tenant_id == tenant_id, actor.tenant_filter(table)
+                    )
+                )
+            ).first()
+            if found is None:
+                raise NotFound(f"{what} not found")
+        now = utcnow()
+        row = {
+            "id": uuid.uuid4(), "tenant_id": tenant_id, "effect": body.effect, "role": body.role,
+            "user_id": body.user_id, "api_key_id": body.api_key_id, "server_id": server_id, "tool": body.tool,
+            "resource": body.resource, "prompt": body.prompt, "description": body.description,
+            "created_at": now, "updated_at": now,
+        }
+        await conn.execute(sa.insert(server_access_rules).values(**row))
+        await bump_version(conn)
+    return _rule_out({**row, "server_name": server_name})
+
+
+async def list_access_rules(
+    engine: AsyncEngine, actor: Actor, *, limit: int, after: uuid.UUID | None,
+    tenant_id: uuid.UUID | None = None, server_id: uuid.UUID | None = None,
+) -> list[dict]:
+    query = _rules_query().where(actor.tenant_filter(server_access_rules))
+    if tenant_id is not None:
+        query = query.where(server_access_rules.c.tenant_id == tenant_id)
+    if server_id is not None:
+        query = query.where(server_access_rules.c.server_id == server_id)
+    return [_rule_out(r) for r in await _page(engine, query, server_access_rules, limit, after)]
+
+
+async def get_access_rule(engine: AsyncEngine, actor: Actor, rule_id: uuid.UUID) -> dict[str, Any]:
+    async with engine.connect() as conn:
+        row = await _find_rule(conn, actor, rule_id)
+    return _rule_out(row)
+
+
+async def delete_access_rule(engine: AsyncEngine, actor: Actor, rule_id: uuid.UUID) -> dict[str, Any]:
+    """Delete a rule; the answer is the rule as it was."""
+    async with engine.begin() as conn:
+        row = await _find_rule(conn, actor, rule_id)
+        await conn.execute(
+            sa.delete(server_access_rules).where(
+                server_access_rules.c.id == rule_id, actor.tenant_filter(server_access_rules)
+            )
+        )
+        await bump_version(conn)
+    return _rule_out(row)
+
+
+async def _find_rule(conn: AsyncConnection, actor: Actor, rule_id: uuid.UUID):
+    row = (
+        await conn.execute(
+            _rules_query().where(server_access_rules.c.id == rule_id, actor.tenant_filter(server_access_rules))
+        )
+    ).mappings().first()
+    if row is None:
+        raise NotFound("access rule not found")  # also another tenant's
+    return row
+
+
+def _rule_out(row: Any) -> dict[str, Any]:
+    out = {k: row[k] for k in _RULE_COLUMNS}
+    out["server_name"] = row["server_name"]
+    if row["role"] is not None:
+        out["subject_type"] = "role"
+    elif row["user_id"] is not None:
+        out["subject_type"] = "user"
+    elif row["api_key_id"] is not None:
+        out["subject_type"] = "api_key"
+    else:
+        out["subject_type"] = "tenant"
+    out["object_type"] = next((k for k in ("tool", "resource", "prompt") if row[k] is not None), "server")
+    return out
 
 
 async def _page(engine: AsyncEngine, query: sa.Select, table: sa.Table, limit: int, after: uuid.UUID | None):
