@@ -37,6 +37,7 @@ from typing import Any
 
 import orjson
 
+from gateway.dataplane import enforce
 from gateway.dataplane.jsonrpc import INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, Refusal
 from gateway.dataplane.mcp_client import UpstreamClient, UpstreamRpcError
 from gateway.dataplane.relay import Downstream, Relay
@@ -131,9 +132,13 @@ class Aggregate:
         modern = isinstance(params.get("_meta"), dict) and (
             params["_meta"].get(_ENVELOPE_PREFIX + "protocolVersion") in MODERN_VERSIONS
         )
+        enforce.check_method(key, method)  # the role table: READONLY does not call tools
         try:
             if only is not None:
+                # Access rules for the one server behind the facade; its lists come back filtered.
+                enforce.check_params(snapshot, key, only, method, params)
                 result, server = await self._single(only, method, params, down), only
+                enforce.filter_result(snapshot, key, only, method, result)
             elif method == "initialize":
                 result, server = self._initialize(params, self._capabilities()), None
             elif method == "server/discover":
@@ -231,7 +236,10 @@ class Aggregate:
     async def _list(self, snapshot: Snapshot, key: KeyEntry, method: str, params: dict) -> dict[str, Any]:
         kind = _KINDS[method]
         offset = _read_cursor(params.get("cursor"), snapshot.version)
-        servers = sorted(snapshot.servers_of(key.tenant_id), key=lambda s: s.name)
+        # A server closed to this caller by access rules is left out as if it did not exist.
+        servers = sorted(
+            (s for s in snapshot.servers_of(key.tenant_id) if enforce.usable(snapshot, key, s)), key=lambda s: s.name
+        )
         lists = await asyncio.gather(*(self.server_list(s, kind, method, snapshot.version) for s in servers))
         items: list[dict] = []
         unavailable = []
@@ -239,6 +247,7 @@ class Aggregate:
             if listed is None:
                 unavailable.append(server.name)
                 continue
+            listed = enforce.visible(snapshot, key, server, kind, listed)  # what this caller may use
             for item in listed:
                 if kind in ("resources", "resourceTemplates"):
                     # Resources keep their name; their URI says which server they are on.
@@ -306,9 +315,10 @@ class Aggregate:
             raise UpstreamRpcError({"code": INVALID_PARAMS, "message": f"{method} needs params.name as a string"})
         server_name, sep, name = full.partition(SEPARATOR)
         server = snapshot.server(key.tenant_id, server_name) if sep and name else None
-        if server is None:
+        if server is None or not enforce.usable(snapshot, key, server):
             what = "tool" if method == "tools/call" else "prompt"
             raise UpstreamRpcError({"code": INVALID_PARAMS, "message": f"Unknown {what}: {full}"})
+        enforce.check_target(snapshot, key, server, enforce.TARGETS[method][0], name, shown=full)
         return await self._forward(server, method, params, "name", name, down), server
 
     async def _read_resource(self, snapshot: Snapshot, key: KeyEntry, params: dict, down: Downstream | None):
@@ -317,7 +327,7 @@ class Aggregate:
             raise UpstreamRpcError({"code": INVALID_PARAMS, "message": "resources/read needs params.uri as a string"})
         server_name, original = original_uri(uri)
         server = snapshot.server(key.tenant_id, server_name) if server_name else None
-        if server is None:
+        if server is None or not enforce.usable(snapshot, key, server):
             # An unknown resource is -32602 with the URI in `data` (SEP-2164, the
             # 2026-07-28 spec; its earlier -32002 is retired and never reused). The
             # SDK's servers answer so in every era, and so does the gateway. The same
@@ -326,6 +336,7 @@ class Aggregate:
             if server_name is None:
                 message += f" (resources here are named {_URI_PREFIX}{{server}}/{{original URI}})"
             raise UpstreamRpcError({"code": INVALID_PARAMS, "message": message, "data": {"uri": uri}})
+        enforce.check_target(snapshot, key, server, enforce.RESOURCE, original, shown=uri)
         try:
             result = await self._forward(server, "resources/read", params, "uri", original, down)
         except UpstreamRpcError as exc:

@@ -72,6 +72,7 @@ import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway.auth.authenticate import authenticate, authenticate_request
+from gateway.dataplane import enforce
 from gateway.dataplane.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -232,10 +233,14 @@ def _upstream_refusal(server: ServerEntry, exc: UpstreamError) -> Refusal:
 class _Message:
     """One accepted client message on its way upstream."""
 
-    __slots__ = ("request", "key", "call", "body", "started")
+    __slots__ = ("request", "key", "call", "body", "started", "listing")
 
-    def __init__(self, request: web.BaseRequest, key: KeyEntry, call: Call, body: bytes, started: float) -> None:
+    def __init__(
+        self, request: web.BaseRequest, key: KeyEntry, call: Call, body: bytes, started: float,
+        listing: enforce.ListFilter | None = None,
+    ) -> None:
         self.request, self.key, self.call, self.body, self.started = request, key, call, body, started
+        self.listing = listing  # filters its answer when it is a list (access rules)
 
 
 class Bridge:
@@ -340,7 +345,10 @@ class Bridge:
         try:
             if self.closed:
                 raise _session_ended(self.server.name)
-            if self.plane.store.current.server(key.tenant_id, self.server.name) is None:
+            snapshot = self.plane.store.current
+            current = snapshot.server(key.tenant_id, self.server.name)
+            if current is None or not enforce.usable(snapshot, key, current):
+                # Removed, or closed to this caller by access rules since the connection opened.
                 self.close("the server was removed", WSCloseCode.POLICY_VIOLATION)
                 raise Refusal(404, UNKNOWN_SERVER, f"No MCP server named '{self.server.name}' is available to you")
             call = parse_body(body)
@@ -361,9 +369,10 @@ class Bridge:
                 raise Refusal(400, INVALID_REQUEST, "Invalid Request: this connection is already initialized")
             if self.plane.quotas is not None:
                 self.plane._check_quota(key)
+            listing = enforce.check_call(snapshot, key, current, call, body)  # access rules, role permissions
         except Refusal as refusal:
             return await self._refused(request, key, call, body, started, refusal)
-        message = _Message(request, key, call, body, started)
+        message = _Message(request, key, call, body, started, listing)
         if initialize:
             self._initializing = True
         if not self._inbox.full():
@@ -523,7 +532,7 @@ class Bridge:
                     404, SESSION_NOT_FOUND, f"Session not found: server '{server.name}' ended it; connect again"
                 )
             if response.is_event_stream:
-                answered = await self._relay_stream(response, call, exchange)
+                answered = await self._relay_stream(response, call, exchange, message.listing)
             else:
                 try:
                     async with asyncio.timeout(timeout):
@@ -531,7 +540,7 @@ class Bridge:
                 except TimeoutError:
                     response.release()
                     raise UpstreamTimeout(f"the answer's body did not arrive within {timeout:g}s") from None
-                answered = await self._relay_body(content, response.status, call, exchange)
+                answered = await self._relay_body(content, response.status, call, exchange, message.listing)
         except UpstreamError as exc:
             raise _upstream_refusal(server, exc) from None
         if _is_request(call) and not answered:
@@ -540,7 +549,9 @@ class Bridge:
                 f"Server '{server.name}' ended its answer (HTTP {exchange.status}) without a response to this request",
             )
 
-    async def _relay_stream(self, response: UpstreamResponse, call: Call, exchange: _Exchange) -> bool:
+    async def _relay_stream(
+        self, response: UpstreamResponse, call: Call, exchange: _Exchange, listing: enforce.ListFilter | None = None
+    ) -> bool:
         """Relay an SSE answer event by event; True once the request's own response went by.
 
         The limits of `/servers/{name}/mcp` apply: no byte for `upstream_timeout`
@@ -558,6 +569,8 @@ class Bridge:
                         continue
                     if not answered and _is_request(call):
                         answered = self._learn(data, call)
+                    if listing is not None:
+                        data = listing.message(data)
                     await self.deliver(data)
                     exchange.sent += len(data)
         except UpstreamError as exc:
@@ -569,7 +582,9 @@ class Bridge:
             await chunks.aclose()
         return answered
 
-    async def _relay_body(self, content: bytes, status: int, call: Call, exchange: _Exchange) -> bool:
+    async def _relay_body(
+        self, content: bytes, status: int, call: Call, exchange: _Exchange, listing: enforce.ListFilter | None = None
+    ) -> bool:
         if not content.strip():
             return False
         try:
@@ -594,6 +609,8 @@ class Bridge:
             # Nothing the client could match it to (it sent a notification or a response).
             log.info("%s answered a %s with HTTP %d", self.server.name, call.method or "response", status)
             return False
+        if listing is not None:
+            content = listing.message(content)
         await self.deliver(content)
         exchange.sent += len(content)
         return answered
@@ -697,8 +714,9 @@ class Bridge:
         snapshot = plane.store.current
         try:
             key = authenticate(snapshot, self.authorization, "proxy", verified=plane.verified, tokens=plane.tokens)
-            if snapshot.server(key.tenant_id, self.server.name) is None:
-                raise Refusal(404, UNKNOWN_SERVER, f"No MCP server named '{self.server.name}' is available to you")
+            current = snapshot.server(key.tenant_id, self.server.name)
+            if current is None or not enforce.usable(snapshot, key, current):
+                raise enforce.unknown_server(self.server.name)
         except Refusal as refusal:
             self.close(refusal.message, WSCloseCode.POLICY_VIOLATION)
             raise
@@ -773,8 +791,8 @@ class Transports:
         )
         snapshot = plane.store.current
         server = snapshot.server(key.tenant_id, name)
-        if server is None:
-            raise Refusal(404, UNKNOWN_SERVER, f"No MCP server named '{name}' is available to you")
+        if server is None or not enforce.usable(snapshot, key, server):
+            raise enforce.unknown_server(name)  # also a server access rules close to this caller
         if server.transport_type != "http":
             raise Refusal(
                 502, UPSTREAM_UNAVAILABLE,

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from gateway.auth.authenticate import VerifiedKeys, authenticate, authenticate_request
 from gateway.config import DataPlaneConfig
+from gateway.dataplane import enforce
 from gateway.dataplane.aggregate import Aggregate
 from gateway.dataplane.channels import ChannelUpstream, SseUpstream, WebSocketUpstream
 from gateway.dataplane.jsonrpc import (
@@ -341,8 +342,9 @@ class DataPlane:
                     )
             else:
                 server = snapshot.server(key.tenant_id, name)
-                if server is None:
-                    # Same answer whether the name is unused or another tenant's.
+                if server is None or not enforce.usable(snapshot, key, server):
+                    # Same answer whether the name is unused, another tenant's, or closed to this caller
+                    # by access rules (auth/access.py).
                     raise Refusal(404, UNKNOWN_SERVER, f"No MCP server named '{name}' is available to you")
             if with_body:
                 body = await self._read_body(request)
@@ -402,7 +404,10 @@ class DataPlane:
                 exchange.sent = len(payload)
                 return web.Response(body=payload, status=answer.status,
                                     content_type=_JSON if payload else None)
-            return await self._forward(request, key, server, body if with_body else None, exchange, call)
+            # Access rules and role permissions (enforce.py); a list answer that could hold what
+            # this caller may not use comes back filtered, any other answer as bytes.
+            listing = enforce.check_call(snapshot, key, server, call, body) if call is not None else None
+            return await self._forward(request, key, server, body if with_body else None, exchange, call, listing)
         except Refusal as refusal:
             exchange.status, exchange.error_code, exchange.error = refusal.http_status, refusal.code, refusal.message
             self.refusals.inc(str(refusal.code))
@@ -553,6 +558,7 @@ class DataPlane:
         body: bytes | None,
         exchange: _Exchange,
         call: Call | None = None,
+        listing: enforce.ListFilter | None = None,
     ) -> web.StreamResponse:
         if server.transport_type != "http":
             raise Refusal(
@@ -590,7 +596,7 @@ class DataPlane:
                 ticket = None
             if upstream.is_event_stream:
                 request_id = call.request_id if call is not None else None
-                return await self._stream(request, upstream, exchange, key, server, request_id)
+                return await self._stream(request, upstream, exchange, key, server, request_id, listing)
             if upstream.complete:
                 content = await upstream.read()  # the usual case: it all came with the headers
             else:
@@ -610,12 +616,14 @@ class DataPlane:
         finally:
             if ticket is not None:
                 counter.abandoned(key.id, ticket)  # the initialize never reached an answer
+        if listing is not None:
+            content = listing.message(content)
         exchange.sent = len(content)
         return web.Response(body=content, status=upstream.status, headers=self._response_headers(upstream, key, server))
 
     async def _stream(
         self, request: web.BaseRequest, upstream: UpstreamResponse, exchange: _Exchange, key: KeyEntry,
-        server: ServerEntry, request_id: int | str | None,
+        server: ServerEntry, request_id: int | str | None, listing: enforce.ListFilter | None = None,
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, headers=self._response_headers(upstream, key, server))
         # Each chunk goes to the client as it comes: no buffering of SSE.
@@ -623,6 +631,8 @@ class DataPlane:
         # A call's stream (POST) must keep moving like any answer; a GET stream may idle longer.
         idle = self.config.upstream_timeout if request.method == "POST" else self.config.stream_idle_timeout
         chunks = upstream.iter_chunks(idle_timeout=idle, max_duration=self.config.stream_max_duration)
+        if listing is not None:
+            chunks = listing.chunks(chunks)  # the list answer's event is held back until whole, then filtered
         try:
             async for chunk in chunks:
                 await response.write(chunk)
