@@ -37,7 +37,7 @@ def ask_the_model(topic: str) -> Sample:
 
 def build_server(*, extras: bool = False) -> MCPServer:
     """The demo server; `extras` adds tools for tests: `toggle_tool` (the tool list changes),
-    `sleep` and `cancelled` (whether calls were cancelled)."""
+    `sleep` and `cancelled` (whether calls were cancelled), and the resource `config://settings`."""
     server = MCPServer("gateway-demo", instructions="Demo tools behind the MCP gateway.")
 
     @server.tool(description="Return the text unchanged.")
@@ -114,6 +114,11 @@ def build_server(*, extras: bool = False) -> MCPServer:
             await ctx.notify_tools_changed()
             return "extra is " + ("present" if present["extra"] else "gone")
 
+        @server.resource("config://settings", description="The server's settings (ADMIN only through the gateway).",
+                         mime_type="application/json")
+        def settings() -> str:
+            return json.dumps({"mode": "demo", "secret_level": 3})
+
     return server
 
 
@@ -135,7 +140,9 @@ def main(argv: list[str] | None = None) -> None:
         help="sse: the 2024-11-05 HTTP+SSE transport instead (GET /sse, POST /messages/)",
     )
     parser.add_argument(
-        "--extras", action="store_true", help="add tools for tests: toggle_tool (the tool list changes), sleep, cancelled"
+        "--extras", action="store_true",
+        help="add tools for tests: toggle_tool (the tool list changes), sleep, cancelled; and the resource "
+        "config://settings",
     )
     args = parser.parse_args(argv)
     if args.transport == "sse":
