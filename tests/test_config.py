@@ -85,6 +85,7 @@ def test_describe_lists_every_setting_with_its_variable():
     assert rows["redis.url"] == "GATEWAY_REDIS_URL"
     assert rows["dataplane.max_body_bytes"] == "GATEWAY_DATAPLANE_MAX_BODY_BYTES"
 
+
 # -- [auth]: JWT issuers (a list of tables, so TOML only) --------------------------------------------
 AUTH_TOML = """
 [auth]
