@@ -48,7 +48,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -182,7 +182,7 @@ def is_config_uri(uri: str) -> bool:
 class _Compiled:
     """A rule ready to evaluate: its subject test and its object test."""
 
-    __slots__ = ("rule", "allow", "role", "user_id", "api_key_id", "kind", "match")
+    __slots__ = ("rule", "allow", "role", "user_id", "api_key_id", "kind", "pattern", "match")
 
     def __init__(self, rule: AccessRule) -> None:
         self.rule = rule
@@ -193,7 +193,8 @@ class _Compiled:
         if rule.resource is not None:
             pattern = normalize_uri(rule.resource)
         # Compiled once per snapshot; fnmatch.translate anchors the end, fullmatch the start.
-        self.match = re.compile(fnmatch.translate(pattern)).fullmatch if pattern is not None else None
+        self.pattern = fnmatch.translate(pattern) if pattern is not None else None
+        self.match = re.compile(self.pattern).fullmatch if pattern is not None else None
 
     def applies_to(self, principal: Principal) -> bool:
         if self.role is not None:
@@ -204,80 +205,120 @@ class _Compiled:
             return principal.id == self.api_key_id
         return True  # the whole tenant
 
-    def covers(self, kind: str, name: str) -> bool:
-        if self.match is None:
-            return True  # server-wide: everything in it
-        return self.kind == kind and self.match(name) is not None
+    def covers(self, name: str) -> bool:
+        """Whether it covers item `name` of a kind it is about (a server-wide rule covers every item)."""
+        return self.match is None or self.match(name) is not None
+
+
+class _KindRules:
+    """The rules about one kind of item on one server: denies, allows, and one test for "any allow covers it"."""
+
+    __slots__ = ("denies", "allows", "listed")
+
+    def __init__(self, rules: list[_Compiled]) -> None:
+        self.denies = tuple(r for r in rules if not r.allow)
+        self.allows = tuple(r for r in rules if r.allow)
+        if any(r.match is None for r in self.allows):
+            self.listed: Callable[[str], object] | None = _always  # a server-wide allow covers every item
+        elif self.allows:
+            # Every allow glob as one alternation: one regex call, however many rules.
+            self.listed = re.compile("|".join(f"(?:{r.pattern})" for r in self.allows)).fullmatch
+        else:
+            self.listed = None
+
+
+def _always(name: str) -> bool:
+    return True
+
+
+_MEMO_ENTRIES = 4096
 
 
 class ServerRules:
-    """The rules of one server's tenant that concern it (its own and the tenant-wide ones)."""
+    """The rules of one server's tenant that concern it (its own and the tenant-wide ones).
 
-    __slots__ = ("rules", "allow_kinds", "denies", "server_wide_allow")
+    Decisions are remembered per (principal, kind, name): the rules cannot
+    change under it (a new snapshot has new `ServerRules`), and a principal
+    asks about the same few items again and again. Bounded; cleared when full.
+    """
+
+    __slots__ = ("rules", "kinds", "server_wide", "allow_kinds", "_memo")
 
     def __init__(self, rules: list[_Compiled]) -> None:
         self.rules = tuple(rules)
-        self.denies = tuple(r for r in rules if not r.allow)
-        kinds: set[str] = set()
-        for r in rules:
-            if r.allow:
-                kinds.update((TOOL, RESOURCE, PROMPT) if r.kind == "server" else (r.kind,))
-        self.allow_kinds = frozenset(kinds)
-        self.server_wide_allow = any(r.allow and r.kind == "server" for r in rules)
+        self.server_wide = tuple(r for r in rules if r.kind == "server")
+        self.kinds = {
+            kind: _KindRules([r for r in rules if r.kind in ("server", kind)]) for kind in (TOOL, RESOURCE, PROMPT)
+        }
+        self.allow_kinds = frozenset(kind for kind, k in self.kinds.items() if k.allows)
+        self._memo: dict[tuple, Decision] = {}
 
     def decide(self, principal: Principal, kind: str, name: str) -> Decision:
-        allowed_by = None
-        listed = False
-        for rule in self.rules:
-            if not rule.covers(kind, name):
-                continue
-            if rule.applies_to(principal):
-                if not rule.allow:
-                    return denied(f"access rule {rule.rule.id} denies it to you")
-                allowed_by = rule
-            elif rule.allow:
-                listed = True
-        if allowed_by is not None or not listed:
-            return ALLOWED
-        return denied("access rules allow it to others only")
+        memo_key = (principal.id, principal.user_id, principal.role, kind, name)
+        decision = self._memo.get(memo_key)
+        if decision is None:
+            decision = self._decide(principal, self.kinds[kind], name)
+            if len(self._memo) >= _MEMO_ENTRIES:
+                self._memo.clear()
+            self._memo[memo_key] = decision
+        return decision
+
+    @staticmethod
+    def _decide(principal: Principal, rules: _KindRules, name: str) -> Decision:
+        for rule in rules.denies:
+            if rule.applies_to(principal) and rule.covers(name):
+                return denied(f"access rule {rule.rule.id} denies it to you")
+        for rule in rules.allows:
+            if rule.applies_to(principal) and rule.covers(name):
+                return ALLOWED
+        if rules.listed is not None and rules.listed(name):
+            return denied("access rules allow it to others only")
+        return ALLOWED
 
     def usable(self, principal: Principal) -> Decision:
-        own_allow = False
-        for rule in self.rules:
-            if rule.applies_to(principal):
-                if rule.kind == "server" and not rule.allow:
-                    return denied(f"access rule {rule.rule.id} denies this server to you")
-                own_allow = own_allow or rule.allow
-        if self.server_wide_allow and not own_allow:
+        memo_key = (principal.id, principal.user_id, principal.role, "server", None)
+        decision = self._memo.get(memo_key)
+        if decision is None:
+            decision = self._usable(principal)
+            if len(self._memo) >= _MEMO_ENTRIES:
+                self._memo.clear()
+            self._memo[memo_key] = decision
+        return decision
+
+    def _usable(self, principal: Principal) -> Decision:
+        for rule in self.server_wide:
+            if not rule.allow and rule.applies_to(principal):
+                return denied(f"access rule {rule.rule.id} denies this server to you")
+        if any(r.allow for r in self.server_wide) and not any(r.allow and r.applies_to(principal) for r in self.rules):
             return denied("access rules allow this server to others only")
         return ALLOWED
 
     def may_hide(self, principal: Principal, kind: str) -> bool:
         """Whether some item of `kind` could be denied to this principal (so a list needs filtering)."""
-        if kind in self.allow_kinds:
-            return True
-        return any(r.kind in ("server", kind) and r.applies_to(principal) for r in self.denies)
+        rules = self.kinds[kind]
+        return bool(rules.allows) or any(r.applies_to(principal) for r in rules.denies)
 
 
 class AccessPolicy:
-    """Every tenant's rules, compiled and indexed by server id. Immutable once built."""
+    """Every tenant's rules, compiled and indexed by server id. Immutable once built (but for memos)."""
 
-    __slots__ = ("rules", "_by_server")
+    __slots__ = ("rules", "by_server")
 
     def __init__(self, rules: Iterable[AccessRule] = (), servers: Iterable[ServerEntry] = ()) -> None:
         self.rules: tuple[AccessRule, ...] = tuple(rules)
         by_tenant: dict[uuid.UUID, list[_Compiled]] = {}
         for rule in self.rules:
             by_tenant.setdefault(rule.tenant_id, []).append(_Compiled(rule))
-        self._by_server: dict[uuid.UUID, ServerRules] = {}
+        # Server id -> its rules; a server without any is absent (the common case: one failed lookup).
+        self.by_server: dict[uuid.UUID, ServerRules] = {}
         for server in servers:
             mine = [r for r in by_tenant.get(server.tenant_id, ()) if r.rule.server_id in (None, server.id)]
             if mine:
-                self._by_server[server.id] = ServerRules(mine)
+                self.by_server[server.id] = ServerRules(mine)
 
     def for_server(self, server: ServerEntry) -> ServerRules | None:
         """The rules concerning `server`; None (the common case) when there are none."""
-        return self._by_server.get(server.id)
+        return self.by_server.get(server.id)
 
 
 EMPTY_POLICY = AccessPolicy()
@@ -288,8 +329,18 @@ def usable(snapshot: Snapshot, principal: Principal, server: ServerEntry) -> Dec
     """May the principal use `server` at all? (If not, the server is shown as missing.)"""
     if server.tenant_id != principal.tenant_id:
         return denied("not a server of your tenant")
-    rules = snapshot.access.for_server(server)
+    rules = snapshot.access.by_server.get(server.id)
     return ALLOWED if rules is None else rules.usable(principal)
+
+
+def unrestricted(snapshot: Snapshot, principal: Principal, server: ServerEntry) -> bool:
+    """True when nothing on `server` can be refused to this principal but `config://` resources:
+    its role may use every method and no rule concerns the server. The request path's fast exit."""
+    return (
+        ROLE_METHODS.get(principal.role, READ_METHODS) is None
+        and server.id not in snapshot.access.by_server
+        and server.tenant_id == principal.tenant_id
+    )
 
 
 def decide(snapshot: Snapshot, principal: Principal, server: ServerEntry, kind: str, name: str) -> Decision:
@@ -307,7 +358,7 @@ def decide(snapshot: Snapshot, principal: Principal, server: ServerEntry, kind: 
             return denied("config:// resources are readable by ADMIN users only")
     if server.tenant_id != principal.tenant_id:
         return denied("not a server of your tenant")
-    rules = snapshot.access.for_server(server)
+    rules = snapshot.access.by_server.get(server.id)
     return ALLOWED if rules is None else rules.decide(principal, kind, name)
 
 
@@ -317,5 +368,5 @@ def may_hide(snapshot: Snapshot, principal: Principal, server: ServerEntry, kind
         return True  # every item: the role may not use any
     if kind == RESOURCE and principal.role != ADMIN:
         return True  # config:// resources
-    rules = snapshot.access.for_server(server)
+    rules = snapshot.access.by_server.get(server.id)
     return rules is not None and rules.may_hide(principal, kind)

@@ -42,6 +42,11 @@ TARGETS = {"tools/call": (TOOL, "name"), "prompts/get": (PROMPT, "name"), "resou
 # Methods naming an item that `Call` does not read: checked from params (they are rare).
 _PARAM_TARGETS = frozenset({"resources/subscribe", "resources/unsubscribe", "completion/complete"})
 _VERB = {TOOL: "call tool", PROMPT: "get prompt", RESOURCE: "read resource"}
+# Methods where a config:// resource could be named or listed (refused or hidden for all but ADMIN).
+_TOUCHES_RESOURCES = frozenset(
+    {"resources/read", "resources/list", "resources/templates/list", "resources/subscribe", "resources/unsubscribe",
+     "completion/complete"}
+)
 # One upstream SSE event held back for rewriting (bridge.py bounds events alike).
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 
@@ -120,6 +125,10 @@ def check_call(
     method = call.method
     if method is None:
         return None  # a response to the server's own request
+    if access.unrestricted(snapshot, principal, server) and (
+        principal.role == access.ADMIN or method not in _TOUCHES_RESOURCES
+    ):
+        return None  # the common case: no rule here, a role that may do anything, no config:// at stake
     check_method(principal, method)
     target = TARGETS.get(method)
     if target is not None:
