@@ -736,3 +736,19 @@ async def test_a_rule_reaches_every_process_without_restart(acme, pg_url, make_g
     while (await _call_status(second, key, "/servers/alpha/mcp", "echo"))[0] != 200:
         assert loop.time() < deadline, "the second process never dropped the rule"
         await asyncio.sleep(0.05)
+
+
+async def test_listeners_hear_that_a_rule_changed_their_lists(acme):
+    from test_list_changes import _Events, _listen_raw
+
+    gw, t, people = acme
+    async with aiohttp.ClientSession() as http:
+        for path in ("/mcp", "/servers/beta/mcp"):  # the aggregate, and the facade (2026-07-28 to a 2025 server)
+            response = await _listen_raw(http, gw, t, path, toolsListChanged=True)
+            events = _Events(response)
+            assert (await events.next())["method"] == "notifications/subscriptions/acknowledged"
+            rule = await _rule_for(gw, t.tenant_id, effect="deny", role="USER", tool="echo")
+            assert (await events.next())["method"] == "notifications/tools/list_changed", path
+            await gw.admin("DELETE", f"/access-rules/{rule['id']}")
+            assert (await events.next())["method"] == "notifications/tools/list_changed", path
+            response.close()

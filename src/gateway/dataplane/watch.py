@@ -152,6 +152,12 @@ class Watcher:
         )
         failed = False
         for server, fetched in zip(servers, lists):
+            # Access rules decide what a listener may see of these lists: changing them changes the lists.
+            rules = snapshot.access.by_server.get(server.id)
+            if rules is not None:
+                ids = orjson.dumps(sorted(str(r.rule.id) for r in rules.rules))
+                for digest in hashes.values():
+                    digest.update(ids)
             for fetched_kind, items in fetched.items():
                 if items is None:
                     failed = True
