@@ -64,7 +64,10 @@ def forbidden(server: ServerEntry, kind: str, name: str, decision: access.Decisi
 
 def usable(snapshot: Snapshot, principal: Principal, server: ServerEntry) -> bool:
     """May the principal use `server` at all? One dict lookup when its tenant has no rules for it."""
-    return bool(access.usable(snapshot, principal, server))
+    rules = snapshot.access.by_server.get(server.id)
+    if rules is None:  # the common case, without a call into access.usable
+        return server.tenant_id == principal.tenant_id
+    return access.usable(snapshot, principal, server).allowed
 
 
 def check_method(principal: Principal, method: str | None) -> None:
