@@ -14,7 +14,7 @@ from gateway.db.tables import metadata
 
 EXPECTED_TABLES = {
     "tenants", "users", "mcp_servers", "server_tools", "server_resources", "enhanced_api_keys", "sessions",
-    "audit_logs", "request_logs", "server_metrics", "config_state",
+    "audit_logs", "request_logs", "server_metrics", "config_state", "signin_states",
 }
 
 

@@ -189,6 +189,9 @@ enhanced_api_keys = sa.Table(
     sa.CheckConstraint("rate_limit_per_day BETWEEN 1 AND 1000000", name="rate_limit_per_day"),
 )
 
+# Sign-in sessions (controlplane/sessions.py): the token is stored only as its
+# SHA-256; `provider` and `subject` say who vouched for the user, `created_ip`
+# and `user_agent` where it began, `ended_at` when it was signed out or revoked.
 sessions = sa.Table(
     "sessions",
     metadata,
@@ -199,8 +202,30 @@ sessions = sa.Table(
     sa.Column("is_active", sa.Boolean, nullable=False, default=True),
     sa.Column("expires_at", Timestamp, nullable=False),
     sa.Column("last_seen_at", Timestamp, nullable=True),
+    sa.Column("provider", sa.String(64), nullable=True),
+    sa.Column("subject", sa.String(255), nullable=True),
+    sa.Column("created_ip", sa.String(64), nullable=True),
+    sa.Column("user_agent", sa.String(512), nullable=True),
+    sa.Column("ended_at", Timestamp, nullable=True),
     *_stamps(),
     sa.Index(None, "user_id", "is_active"),
+    sa.Index(None, "tenant_id", "is_active"),
+)
+
+# Sign-ins in progress: between /auth/login and the provider's redirect back.
+# Found by the SHA-256 of `state` and deleted when used (single use); the PKCE
+# verifier and the OIDC nonce wait here, never in the browser.
+signin_states = sa.Table(
+    "signin_states",
+    metadata,
+    _id(),
+    sa.Column("state_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("provider", sa.String(64), nullable=False),
+    sa.Column("code_verifier", sa.String(128), nullable=False),
+    sa.Column("nonce", sa.String(128), nullable=True),
+    sa.Column("expires_at", Timestamp, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False, default=utcnow),
+    sa.Index(None, "expires_at"),
 )
 
 # Access rules (the ServerAccessControl model; evaluated in gateway.auth.access).
