@@ -10,6 +10,7 @@ reading the file.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -153,6 +154,51 @@ class AuthConfig(msgspec.Struct, forbid_unknown_fields=True):
     jwks_refresh_interval: Positive = 3600.0
 
 
+class SigninProviderConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """One sign-in provider: `[[signin.providers]]` tables in the TOML file (auth/signin.py)."""
+
+    # In URLs: /auth/login/<name>, /auth/callback/<name>.
+    name: str
+    # "github": a GitHub OAuth app (identity from GET /user and /user/emails);
+    # "oidc": any OpenID Connect provider, found by its discovery document.
+    kind: Literal["github", "oidc"]
+    client_id: str
+    client_secret: str
+    # oidc: the provider's issuer (`iss`); its document is <issuer>/.well-known/openid-configuration
+    # unless discovery_url says otherwise.
+    issuer: str = ""
+    discovery_url: str = ""
+    # github: empty means github.com (GitHub Enterprise Server: https://<host>/login/oauth/... and
+    # https://<host>/api/v3).
+    authorize_url: str = ""
+    token_url: str = ""
+    api_url: str = ""
+    # Empty: ["openid", "email", "profile"] (oidc) or ["read:user", "user:email"] (github).
+    scopes: list[str] = msgspec.field(default_factory=list)
+    # Where the control plane is reached from a browser; the callback is <base>/auth/callback/<name>.
+    # Empty: signin.redirect_base_url.
+    redirect_base_url: str = ""
+    # oidc: accept an `email` claim that comes without `email_verified: true`
+    # (for providers that only assert addresses they own, such as a company directory).
+    trust_unverified_email: bool = False
+    # Sign-in maps a verified email to an existing gateway user. With a tenant
+    # here, an unknown address in one of create_users_domains becomes a new user
+    # of that tenant (id or name) with create_users_role instead.
+    create_users_tenant: str = ""
+    create_users_domains: list[str] = msgspec.field(default_factory=list)
+    create_users_role: Role = "READONLY"
+
+
+class SigninConfig(msgspec.Struct, forbid_unknown_fields=True):
+    providers: list[SigninProviderConfig] = msgspec.field(default_factory=list)
+    # The control plane's external base URL (e.g. https://gateway-admin.example.com), for callbacks.
+    redirect_base_url: str = ""
+    # A sign-in session lasts this long (seconds), then its user signs in again.
+    session_ttl: Annotated[int, Meta(ge=60, le=30 * 86_400)] = 8 * 3600
+    # Between /auth/login and the provider's redirect back: how long a sign-in may take.
+    state_ttl: Annotated[int, Meta(ge=30, le=3600)] = 600
+
+
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "text"
@@ -168,6 +214,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    signin: SigninConfig = msgspec.field(default_factory=SigninConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
     @property
@@ -258,6 +305,7 @@ def _validate(
     config = Config(**built)
     _check_urls(config)
     _check_auth(config.auth)
+    _check_signin(config.signin)
     return config
 
 
@@ -312,6 +360,56 @@ def _check_auth(auth: AuthConfig) -> None:
             raise ConfigError(
                 f"{name}.issuer = {issuer.issuer!r}: an entra issuer reads "
                 "https://login.microsoftonline.com/<tenant id>/v2.0"
+            )
+
+
+_PROVIDER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+def _check_signin(signin: SigninConfig) -> None:
+    if signin.redirect_base_url:
+        _check_absolute("signin.redirect_base_url", signin.redirect_base_url)
+    seen: set[str] = set()
+    for index, provider in enumerate(signin.providers):
+        name = f"signin.providers[{index}]"
+        if not _PROVIDER_NAME.fullmatch(provider.name):
+            raise ConfigError(
+                f"{name}.name = {provider.name!r}: use lowercase letters, digits, '-' and '_' (it is a URL segment)"
+            )
+        if provider.name in seen:
+            raise ConfigError(f"{name}.name = {provider.name!r} is configured twice")
+        seen.add(provider.name)
+        name = f"{name} ({provider.name})"
+        if not provider.client_id or not provider.client_secret:
+            raise ConfigError(f"{name}: client_id and client_secret are required (from the provider's app registration)")
+        if not (provider.redirect_base_url or signin.redirect_base_url):
+            raise ConfigError(
+                f"{name}: set redirect_base_url (here or in [signin]): the control plane's URL as a browser reaches it"
+            )
+        if provider.redirect_base_url:
+            _check_absolute(f"{name}.redirect_base_url", provider.redirect_base_url)
+        if provider.kind == "oidc":
+            if not provider.issuer:
+                raise ConfigError(f"{name}: an oidc provider needs `issuer`")
+            _check_absolute(f"{name}.issuer", provider.issuer)
+            for key in ("authorize_url", "token_url", "api_url"):
+                if getattr(provider, key):
+                    raise ConfigError(f"{name}.{key}: an oidc provider takes its URLs from its discovery document")
+            if provider.discovery_url:
+                _check_absolute(f"{name}.discovery_url", provider.discovery_url)
+        else:
+            if provider.issuer or provider.discovery_url or provider.trust_unverified_email:
+                raise ConfigError(
+                    f"{name}: issuer, discovery_url and trust_unverified_email are for oidc providers "
+                    "(a github provider uses authorize_url, token_url and api_url)"
+                )
+            for key in ("authorize_url", "token_url", "api_url"):
+                if getattr(provider, key):
+                    _check_absolute(f"{name}.{key}", getattr(provider, key))
+        if provider.create_users_tenant and not provider.create_users_domains:
+            raise ConfigError(
+                f"{name}: create_users_tenant needs create_users_domains (the email domains whose people may "
+                "become users); otherwise anyone with an account there would get one"
             )
 
 
