@@ -18,6 +18,7 @@ import time
 from aiohttp import web
 
 from gateway.auth.oidc import TokenVerifier
+from gateway.auth.signin import SignIn
 from gateway.config import Config
 from gateway.controlplane.api import ControlPlane
 from gateway.dataplane.server import DataPlane
@@ -48,6 +49,7 @@ class Gateway:
         self.controlplane_port: int | None = None
         self._sink = None
         self.tokens = None  # TokenVerifier, when JWT issuers are configured
+        self.signin: SignIn | None = None  # sign-in providers of the control plane
 
     @property
     def dataplane_url(self) -> str:
@@ -114,7 +116,8 @@ class Gateway:
             web.ServerRunner(self.dataplane.build_server(), shutdown_timeout=10.0), cfg.dataplane.host, cfg.dataplane.port
         )
         if cfg.controlplane.enabled:
-            control = ControlPlane(self.engine, self.store.publish_change)
+            self.signin = SignIn(cfg.signin, cfg.auth)
+            control = ControlPlane(self.engine, self.store.publish_change, signin=self.signin)
             self.controlplane_port = await self._listen(
                 web.AppRunner(control.build_app(), access_log=None, shutdown_timeout=10.0),
                 cfg.controlplane.host,
@@ -162,6 +165,8 @@ class Gateway:
             await self.dataplane.close()
         if self.tokens is not None:
             await self.tokens.close()
+        if self.signin is not None:
+            await self.signin.close()
         if self.store is not None:
             await self.store.stop()
         if self._sink is not None:

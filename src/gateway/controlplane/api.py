@@ -19,7 +19,9 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.auth.keys import bearer_token
+from gateway.auth.signin import SignIn
 from gateway.controlplane import schemas, service
+from gateway.controlplane import sessions, signin_api
 
 log = logging.getLogger("gateway.controlplane")
 
@@ -53,9 +55,12 @@ def _error(status: int, code: str, message: str, details: list | None = None, he
 
 
 class ControlPlane:
-    def __init__(self, engine: AsyncEngine, on_change: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, engine: AsyncEngine, on_change: Callable[[], Awaitable[None]], *, signin: SignIn | None = None
+    ) -> None:
         self.engine = engine
         self.on_change = on_change
+        self.signin = signin_api.SigninRoutes(engine, signin)  # /auth/*; sessions work wherever keys do
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1024 * 1024)
@@ -75,6 +80,9 @@ class ControlPlane:
         r.add_get("/api/v1/access-rules", self._admin(self.list_access_rules))
         r.add_get("/api/v1/access-rules/{id}", self._admin(self.get_access_rule))
         r.add_delete("/api/v1/access-rules/{id}", self._admin(self.delete_access_rule, writes=True))
+        r.add_get("/api/v1/sessions", self._admin(self.list_sessions, action="sessions.read"))
+        r.add_delete("/api/v1/sessions/{id}", self._admin(self.revoke_session, action="sessions.revoke"))
+        self.signin.add_routes(r)
         return app
 
     def _admin(self, handler: Handler, *, writes: bool = False) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -85,7 +93,12 @@ class ControlPlane:
             token = bearer_token(request.headers.get("Authorization"))
             challenge = {"WWW-Authenticate": 'Bearer realm="mcp-gateway-admin"'}
             try:
-                actor = await service.authenticate_admin(self.engine, token)
+                if token is None:
+                    token = self.signin.cookie_credential(request)  # a browser's sign-in session
+                if sessions.is_session_token(token):
+                    actor = await sessions.authenticate(self.engine, token)
+                else:
+                    actor = await service.authenticate_admin(self.engine, token)
             except service.Forbidden as exc:
                 return _error(403, "forbidden", str(exc))
             if actor is None:
@@ -172,6 +185,14 @@ class ControlPlane:
 
     async def delete_access_rule(self, request: web.Request, actor: service.Actor) -> web.Response:
         return _json(await service.delete_access_rule(self.engine, actor, _path_id(request, "access rule")))
+
+    # -- sign-in sessions ----------------------------------------------------------------------
+    async def list_sessions(self, request: web.Request, actor: service.Actor) -> web.Response:
+        limit, after = _paging(request)
+        return _page(await sessions.list_sessions(self.engine, actor, limit=limit, after=after), limit)
+
+    async def revoke_session(self, request: web.Request, actor: service.Actor) -> web.Response:
+        return _json(await sessions.revoke_session(self.engine, actor, _path_id(request, "session")))
 
     # -- OpenAPI -------------------------------------------------------------------------------
     async def openapi(self, request: web.Request) -> web.Response:
@@ -272,5 +293,13 @@ def openapi_document() -> dict[str, Any]:
                 "get": {"parameters": paging, "responses": listing},
             },
             "/api/v1/servers/{id}": {"get": {"responses": {"200": {"description": "the server"}}}},
+            "/api/v1/sessions": {"get": {"parameters": paging, "responses": listing}},
+            "/api/v1/sessions/{id}": {"delete": {"responses": {"200": {"description": "ended: the session"}}}},
+            "/auth/login/{provider}": {"get": {"security": [], "responses": {"302": {"description": "to the provider"}}}},
+            "/auth/callback/{provider}": {"get": {"security": [], "responses": {
+                "200": {"description": "signed in: the session and its token (shown once), also set as a cookie"},
+                "400": {"description": "bad or used state, or the provider refused"},
+                "403": {"description": "no active gateway user for this account"}}}},
+            "/auth/logout": {"post": {"responses": {"200": {"description": "the caller's session ended"}}}},
         },
     }
