@@ -117,7 +117,7 @@ def cmd_config_get(args: argparse.Namespace) -> int:
         if args.key and key != args.key:
             continue
         value = values[section][name]
-        if key == "sessions.secret":
+        if key in ("sessions.secret", "secrets.key"):
             value = "(set)" if value else "(generated, kept in the database)"
         if key == "database.url" or key == "redis.url":
             from gateway.db.migrate import redact_url
@@ -205,7 +205,11 @@ async def _keys_list(args, engine, actor):
 
     for k in await service.list_api_keys(engine, actor, limit=500, after=None):
         state = "active" if k["is_active"] else "revoked"
-        print(f"{k['id']}  gw_{k['key_prefix']}_…  {k['name']:<20} {state:<8} {','.join(k['scopes'])}")
+        if k["is_active"] and k.get("replaced_by"):
+            state = "rotated"
+        shown = k["key_prefix"] if k["legacy"] else f"gw_{k['key_prefix']}_…"
+        used = k["last_used_at"].isoformat(timespec="seconds") if k["last_used_at"] else "never used"
+        print(f"{k['id']}  {shown:<24} {k['name']:<20} {state:<8} {','.join(k['scopes']):<24} {used}")
 
 
 async def _keys_revoke(args, engine, actor):
@@ -213,6 +217,65 @@ async def _keys_revoke(args, engine, actor):
 
     await service.revoke_api_key(engine, actor, uuid.UUID(args.key_id))
     print(f"revoked {args.key_id}", file=sys.stderr)
+
+
+async def _keys_rotate(args, engine, actor):
+    from gateway.controlplane import schemas, service
+
+    cfg = _load(args)
+    body = _convert(schemas.ApiKeyRotate, grace_seconds=args.grace)
+    key = await service.rotate_api_key(
+        engine, actor, uuid.UUID(args.key_id), body, default_grace=cfg.keys.rotation_grace,
+        max_grace=cfg.keys.rotation_grace_max,
+    )
+    print("API key rotated. The new key is shown once; store it now.", file=sys.stderr)
+    _emit(api_key_id=str(key["id"]), api_key=key["key"],
+          old_key_valid_until=key["replaces"]["valid_until"].isoformat(timespec="seconds"))
+
+
+async def _keys_import(args, engine, actor):
+    from gateway.auth.sealing import load_secrets
+    from gateway.controlplane import schemas, service
+
+    cfg = _load(args)
+    # Read from stdin, never from the command line (process listings and shell history show arguments).
+    plaintext = sys.stdin.readline().strip()
+    body = _convert(
+        schemas.ApiKeyImport, user_id=args.user, name=args.name, key=plaintext, scopes=args.scope or None,
+        rate_limit_per_hour=args.per_hour, rate_limit_per_day=args.per_day,
+    )
+    key = await service.import_api_key(engine, actor, body, await load_secrets(engine, cfg.secrets.key))
+    _emit(api_key_id=str(key["id"]))
+
+
+async def _tenants_list(args, engine, actor):
+    from gateway.controlplane import service
+
+    for t in await service.list_tenants(engine, actor, limit=500, after=None):
+        print(f"{t['id']}  {t['name']:<24} {t['status']:<9} weight={t['weight']}")
+
+
+async def _tenants_update(args, engine, actor):
+    import orjson
+
+    from gateway.controlplane import schemas, service
+
+    try:
+        settings = orjson.loads(args.settings) if args.settings is not None else None
+    except orjson.JSONDecodeError as exc:
+        raise schemas.ValidationFailed([{"field": "settings", "message": f"is not JSON: {exc}"}]) from None
+    body = _convert(schemas.TenantUpdate, status=args.status, weight=args.weight, settings=settings)
+    tenant = await service.update_tenant(engine, actor, uuid.UUID(args.tenant_id), body)
+    print(f"tenant {tenant['name']}: {tenant['status']}, weight {tenant['weight']}", file=sys.stderr)
+
+
+async def _users_update(args, engine, actor):
+    from gateway.controlplane import schemas, service
+
+    body = _convert(schemas.UserUpdate, role=args.role, is_active=args.active, email=args.email)
+    user = await service.update_user(engine, actor, uuid.UUID(args.user_id), body)
+    state = "active" if user["is_active"] else "deactivated"
+    print(f"user {user['username']}: {user['role']}, {state}", file=sys.stderr)
 
 
 async def _tenants_create(args, engine, actor):
@@ -417,11 +480,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("revoke", help="revoke a key")
     p.add_argument("key_id")
     p.set_defaults(func=_admin(_keys_revoke))
+    p = keys.add_parser("rotate", help="mint a replacement (printed once); the old key works for a grace period")
+    p.add_argument("key_id")
+    p.add_argument("--grace", type=int, help="seconds the old key keeps working (default: keys.rotation_grace)")
+    p.set_defaults(func=_admin(_keys_rotate))
+    p = keys.add_parser("import", help="accept a legacy key (read from stdin) as it is, for a user")
+    p.add_argument("--user", required=True, help="user id")
+    p.add_argument("--name", required=True)
+    p.add_argument("--scope", action="append", help="read, write, admin, proxy, metrics or health")
+    p.add_argument("--per-hour", type=int)
+    p.add_argument("--per-day", type=int)
+    p.set_defaults(func=_admin(_keys_import))
 
     tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(dest="action", required=True)
     p = tenants.add_parser("create")
     p.add_argument("name")
     p.set_defaults(func=_admin(_tenants_create))
+    tenants.add_parser("list").set_defaults(func=_admin(_tenants_list))
+    p = tenants.add_parser("update", help="suspend or reactivate a tenant, change its weight or settings")
+    p.add_argument("tenant_id")
+    p.add_argument("--status", choices=("active", "suspended"))
+    p.add_argument("--weight", type=int, help="share under fair scheduling, 1..1000")
+    p.add_argument("--settings", help="a JSON object that replaces the tenant's settings")
+    p.set_defaults(func=_admin(_tenants_update))
 
     users = sub.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
     p = users.add_parser("create")
@@ -430,6 +511,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", required=True)
     p.add_argument("--role", default="USER")
     p.set_defaults(func=_admin(_users_create))
+    p = users.add_parser("update", help="change a user's role, email, or deactivate it (its keys stop at once)")
+    p.add_argument("user_id")
+    p.add_argument("--role", choices=("ADMIN", "USER", "SERVICE", "READONLY"))
+    p.add_argument("--email")
+    active = p.add_mutually_exclusive_group()
+    active.add_argument("--activate", dest="active", action="store_const", const=True)
+    active.add_argument("--deactivate", dest="active", action="store_const", const=False)
+    p.set_defaults(func=_admin(_users_update))
 
     access = sub.add_parser("access", help="manage access rules (allow/deny on servers, tools, resources, prompts)")
     access = access.add_subparsers(dest="action", required=True)

@@ -106,6 +106,22 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool = True
 
 
+class KeysConfig(msgspec.Struct, forbid_unknown_fields=True):
+    # After a rotation the old key keeps working this long (seconds), so that
+    # clients can move to the new one; a rotation request may ask for 0..rotation_grace_max.
+    rotation_grace: Annotated[int, Meta(ge=0)] = 86_400
+    rotation_grace_max: Annotated[int, Meta(ge=0)] = 30 * 86_400
+    # Keys used since the last flush get `last_used_at` set, in one UPDATE, this often.
+    last_used_flush_interval: Positive = 30.0
+
+
+class SecretsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    # Key material (32+ characters) for upstream credentials at rest (AES-GCM) and
+    # the lookup digests of imported legacy keys. Empty: one is generated once and
+    # kept in the database (then the database alone can open the credentials).
+    key: str = ""
+
+
 Role = Literal["ADMIN", "USER", "SERVICE", "READONLY"]
 Scope = Literal["read", "write", "admin", "proxy", "metrics", "health"]
 
@@ -213,6 +229,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
     sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    keys: KeysConfig = msgspec.field(default_factory=KeysConfig)
+    secrets: SecretsConfig = msgspec.field(default_factory=SecretsConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     signin: SigninConfig = msgspec.field(default_factory=SigninConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
@@ -443,6 +461,13 @@ def _check_urls(config: Config) -> None:
         )
     if config.sessions.secret and len(config.sessions.secret) < 32:
         raise ConfigError("sessions.secret is too short: use at least 32 random characters")
+    if config.secrets.key and len(config.secrets.key) < 32:
+        raise ConfigError("secrets.key is too short: use at least 32 random characters")
+    if config.keys.rotation_grace > config.keys.rotation_grace_max:
+        raise ConfigError(
+            f"keys.rotation_grace ({config.keys.rotation_grace}) is longer than keys.rotation_grace_max "
+            f"({config.keys.rotation_grace_max})"
+        )
     if config.redis.url and urlsplit(config.redis.url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"redis.url = {config.redis.url!r}: scheme must be redis, rediss or unix")
 

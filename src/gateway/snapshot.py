@@ -17,6 +17,7 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime
 from urllib.parse import urlsplit
 
@@ -37,6 +38,7 @@ class TenantEntry:
     name: str
     status: str
     is_platform: bool
+    weight: int = 100  # share under fair scheduling (1..1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,8 @@ class KeyEntry:
     expires_at: float | None  # epoch seconds
     key_active: bool
     user_active: bool
+    rotated: bool = False  # replaced by a rotation: valid until expires_at (its grace period)
+    legacy: bool = False  # an imported legacy key, found by its lookup digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,8 @@ class ServerEntry:
     health_status: str
     origin: str  # scheme://host:port, the key of its connection pool
     target: str  # path and query: the request line's target on that origin
+    # The gateway's own credential for this server, sealed (dataplane/credentials.py opens it); None: none.
+    auth_sealed: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +85,9 @@ class Snapshot:
     by_tenant: dict[uuid.UUID, tuple[ServerEntry, ...]] = field(default_factory=dict)
     # Access rules, compiled and indexed by server (auth/access.py).
     access: AccessPolicy = EMPTY_POLICY
+    # Imported legacy keys by lookup digest, and the function computing a presented key's digest.
+    keys_by_digest: dict[str, KeyEntry] = field(default_factory=dict)
+    legacy_digest: Callable[[str], str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.by_tenant and self.servers:
@@ -92,6 +101,12 @@ class Snapshot:
 
     def servers_of(self, tenant_id: uuid.UUID) -> tuple[ServerEntry, ...]:
         return self.by_tenant.get(tenant_id, ())
+
+    def legacy_key(self, token: str) -> KeyEntry | None:
+        """The imported legacy key this token would be, found in one lookup (the secret is not checked here)."""
+        if self.legacy_digest is None or not self.keys_by_digest:
+            return None
+        return self.keys_by_digest.get(self.legacy_digest(token))
 
 
 EMPTY = Snapshot(version=0, tenants={}, keys_by_prefix={}, servers={})
@@ -115,7 +130,7 @@ async def read_version(engine: AsyncEngine) -> int:
         return (await conn.execute(_VERSION)).scalar_one()
 
 
-async def load_snapshot(engine: AsyncEngine) -> Snapshot:
+async def load_snapshot(engine: AsyncEngine, legacy_digest: Callable[[str], str] | None = None) -> Snapshot:
     """Read everything the data plane needs in one transaction."""
     async with engine.connect() as conn:
         version = (await conn.execute(_VERSION)).scalar_one()
@@ -135,7 +150,9 @@ async def load_snapshot(engine: AsyncEngine) -> Snapshot:
         rule_rows = (await conn.execute(sa.select(server_access_rules))).mappings().all()
 
     tenant_map = {
-        r["id"]: TenantEntry(id=r["id"], name=r["name"], status=r["status"], is_platform=r["is_platform"])
+        r["id"]: TenantEntry(
+            id=r["id"], name=r["name"], status=r["status"], is_platform=r["is_platform"], weight=r["weight"]
+        )
         for r in tenant_rows
     }
     keys = {
@@ -153,9 +170,12 @@ async def load_snapshot(engine: AsyncEngine) -> Snapshot:
             expires_at=_epoch(r["expires_at"]),
             key_active=r["is_active"],
             user_active=r["user_active"],
+            rotated=r["replaced_by"] is not None,
+            legacy=r["lookup_digest"] is not None,
         )
         for r in key_rows
     }
+    by_digest = {r["lookup_digest"]: keys[r["key_prefix"]] for r in key_rows if r["lookup_digest"] is not None}
     servers = {
         (r["tenant_id"], r["name"]): ServerEntry(
             id=r["id"],
@@ -166,11 +186,16 @@ async def load_snapshot(engine: AsyncEngine) -> Snapshot:
             health_status=r["health_status"],
             origin=_origin(r["endpoint_url"]),
             target=request_target(r["endpoint_url"]),
+            auth_sealed=r["auth_sealed"] if r["auth_kind"] != "none" else None,
         )
         for r in server_rows
     }
     access = AccessPolicy((_access_rule(r) for r in rule_rows), servers.values())
-    return Snapshot(access=access, version=version, tenants=tenant_map, keys_by_prefix=keys, servers=servers)
+    return Snapshot(
+        access=access,
+        version=version, tenants=tenant_map, keys_by_prefix=keys, servers=servers, keys_by_digest=by_digest,
+        legacy_digest=legacy_digest,
+    )
 
 
 def _access_rule(r) -> AccessRule:
@@ -184,8 +209,12 @@ def _access_rule(r) -> AccessRule:
 class SnapshotStore:
     """Holds the current snapshot; rebuilds it on signal or when the version moves."""
 
-    def __init__(self, engine: AsyncEngine, *, poll_interval: float = 1.0, redis=None, channel: str = "") -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, poll_interval: float = 1.0, redis=None, channel: str = "",
+        legacy_digest: Callable[[str], str] | None = None,
+    ) -> None:
         self.engine = engine
+        self.legacy_digest = legacy_digest
         self.poll_interval = poll_interval
         self.redis = redis
         self.channel = channel
@@ -201,7 +230,7 @@ class SnapshotStore:
 
     async def refresh(self) -> Snapshot:
         async with self._lock:
-            snapshot = await load_snapshot(self.engine)
+            snapshot = await load_snapshot(self.engine, self.legacy_digest)
             if snapshot.version >= self.current.version:
                 self.current = snapshot
                 self.loaded = True

@@ -106,7 +106,16 @@ def authenticate(
 
 def _verify(snapshot: Snapshot, token: str) -> KeyEntry:
     parsed = parse_key(token)
-    entry = snapshot.keys_by_prefix.get(parsed.prefix) if parsed is not None else None
+    if parsed is None:
+        # Not a gateway key: an imported legacy key, found by its keyed digest (one
+        # dict lookup), then proved by its salted hash like any key.
+        entry = snapshot.legacy_key(token)
+        if entry is None or not verify_key(token, entry.salt, entry.key_hash):
+            if entry is None:
+                verify_key(token, _DUMMY_SALT, _DUMMY_HASH)
+            raise unauthenticated("Invalid API key")
+        return entry
+    entry = snapshot.keys_by_prefix.get(parsed.prefix)
     if entry is None:
         verify_key(token, _DUMMY_SALT, _DUMMY_HASH)
         raise unauthenticated("Invalid API key")
@@ -121,6 +130,8 @@ def _admit(snapshot: Snapshot, entry: KeyEntry, scope: str, now: float | None) -
     now = time.time() if now is None else now
     if entry.expires_at is not None and entry.expires_at <= now:
         when = datetime.fromtimestamp(entry.expires_at, timezone.utc).isoformat(timespec="seconds")
+        if entry.rotated:
+            raise unauthenticated(f"This API key was rotated and its grace period ended at {when}; use its replacement")
         raise unauthenticated(f"This API key expired at {when}; ask an admin for a new one")
     if not entry.user_active:
         raise unauthenticated("The user this API key belongs to is deactivated")

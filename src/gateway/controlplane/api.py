@@ -12,7 +12,7 @@ import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -20,8 +20,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.auth.keys import bearer_token
 from gateway.auth.signin import SignIn
-from gateway.controlplane import schemas, service
+from gateway.config import KeysConfig
+from gateway.controlplane import permissions, schemas, service
 from gateway.controlplane import sessions, signin_api
+
+if TYPE_CHECKING:
+    from gateway.auth.key_usage import KeyUsage
+    from gateway.auth.sealing import GatewaySecrets
 
 log = logging.getLogger("gateway.controlplane")
 
@@ -56,26 +61,44 @@ def _error(status: int, code: str, message: str, details: list | None = None, he
 
 class ControlPlane:
     def __init__(
-        self, engine: AsyncEngine, on_change: Callable[[], Awaitable[None]], *, signin: SignIn | None = None
+        self,
+        engine: AsyncEngine,
+        on_change: Callable[[], Awaitable[None]],
+        *,
+        secrets: GatewaySecrets | None = None,
+        keys: KeysConfig | None = None,
+        key_usage: KeyUsage | None = None,
+        signin: SignIn | None = None,
     ) -> None:
         self.engine = engine
         self.on_change = on_change
+        self.secrets = secrets  # seals upstream credentials, finds imported legacy keys
+        self.keys = keys or KeysConfig()
+        self.key_usage = key_usage  # admin keys' last_used_at, like the data plane's
         self.signin = signin_api.SigninRoutes(engine, signin)  # /auth/*; sessions work wherever keys do
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1024 * 1024)
         r = app.router
-        r.add_get("/api/v1/openapi.json", self.openapi)
-        r.add_post("/api/v1/tenants", self._admin(self.create_tenant, writes=True))
-        r.add_get("/api/v1/tenants", self._admin(self.list_tenants))
-        r.add_post("/api/v1/users", self._admin(self.create_user, writes=True))
-        r.add_get("/api/v1/users", self._admin(self.list_users))
-        r.add_post("/api/v1/api-keys", self._admin(self.create_api_key, writes=True))
-        r.add_get("/api/v1/api-keys", self._admin(self.list_api_keys))
-        r.add_delete("/api/v1/api-keys/{id}", self._admin(self.revoke_api_key, writes=True))
-        r.add_post("/api/v1/servers", self._admin(self.create_server, writes=True))
-        r.add_get("/api/v1/servers", self._admin(self.list_servers))
-        r.add_get("/api/v1/servers/{id}", self._admin(self.get_server))
+        r.add_get("/api/v1/openapi.json", _public(self.openapi))
+        r.add_post("/api/v1/tenants", self._admin(self.create_tenant, writes=True, action="tenants.create"))
+        r.add_get("/api/v1/tenants", self._admin(self.list_tenants, action="tenants.read"))
+        r.add_get("/api/v1/tenants/{id}", self._admin(self.get_tenant, action="tenants.read"))
+        r.add_patch("/api/v1/tenants/{id}", self._admin(self.update_tenant, writes=True, action="tenants.update"))
+        r.add_post("/api/v1/users", self._admin(self.create_user, writes=True, action="users.write"))
+        r.add_get("/api/v1/users", self._admin(self.list_users, action="users.read"))
+        r.add_patch("/api/v1/users/{id}", self._admin(self.update_user, writes=True, action="users.write"))
+        r.add_post("/api/v1/api-keys", self._admin(self.create_api_key, writes=True, action="keys.write"))
+        r.add_get("/api/v1/api-keys", self._admin(self.list_api_keys, action="keys.read"))
+        r.add_post("/api/v1/api-keys/import", self._admin(self.import_api_key, writes=True, action="keys.import"))
+        r.add_delete("/api/v1/api-keys/{id}", self._admin(self.revoke_api_key, writes=True, action="keys.write"))
+        r.add_post(
+            "/api/v1/api-keys/{id}/rotate", self._admin(self.rotate_api_key, writes=True, action="keys.write")
+        )
+        r.add_post("/api/v1/servers", self._admin(self.create_server, writes=True, action="servers.write"))
+        r.add_get("/api/v1/servers", self._admin(self.list_servers, action="servers.read"))
+        r.add_get("/api/v1/servers/{id}", self._admin(self.get_server, action="servers.read"))
+        r.add_put("/api/v1/servers/{id}/auth", self._admin(self.set_server_auth, writes=True, action="servers.write"))
         r.add_post("/api/v1/access-rules", self._admin(self.create_access_rule, writes=True))
         r.add_get("/api/v1/access-rules", self._admin(self.list_access_rules))
         r.add_get("/api/v1/access-rules/{id}", self._admin(self.get_access_rule))
@@ -85,8 +108,16 @@ class ControlPlane:
         self.signin.add_routes(r)
         return app
 
-    def _admin(self, handler: Handler, *, writes: bool = False) -> Callable[[web.Request], Awaitable[web.Response]]:
-        """Authenticate the admin, run the handler, map service errors to HTTP."""
+    def _admin(
+        self, handler: Handler, *, writes: bool = False, action: str | None = None
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """Authenticate the caller, check `action` against the permission table, run the handler, map errors.
+
+        `action` names a row of `permissions.PERMISSIONS`; a route without one
+        gets `permissions.STRICT` (a tenant ADMIN with the `admin` scope).
+        """
+        if action is not None and action not in permissions.PERMISSIONS:
+            raise ValueError(f"unknown action {action!r}: add it to controlplane/permissions.py")
 
         @functools.wraps(handler)
         async def wrapped(request: web.Request) -> web.Response:
@@ -98,13 +129,20 @@ class ControlPlane:
                 if sessions.is_session_token(token):
                     actor = await sessions.authenticate(self.engine, token)
                 else:
-                    actor = await service.authenticate_admin(self.engine, token)
+                    actor = await service.authenticate_admin(
+                        self.engine, token, legacy_digest=self.secrets.legacy_digest if self.secrets else None
+                    )
             except service.Forbidden as exc:
                 return _error(403, "forbidden", str(exc))
+            except service.Unauthenticated as exc:
+                return _error(401, "unauthenticated", str(exc), headers=challenge)
             if actor is None:
                 return _error(401, "unauthenticated", "a valid admin API key is required as a bearer token",
                               headers=challenge)
+            if self.key_usage is not None and actor.api_key_id is not None:
+                self.key_usage.note(actor.api_key_id)
             try:
+                actor = actor.permit(action)
                 response = await handler(request, actor)
             except schemas.ValidationFailed as exc:
                 return _error(422, "validation_failed", "the request has invalid fields", exc.errors)
@@ -120,6 +158,7 @@ class ControlPlane:
                 await self.on_change()
             return response
 
+        wrapped.permission = action  # type: ignore[attr-defined] - read by the route table test
         return wrapped
 
     # -- tenants -------------------------------------------------------------------------------
@@ -131,6 +170,14 @@ class ControlPlane:
         limit, after = _paging(request)
         return _page(await service.list_tenants(self.engine, actor, limit=limit, after=after), limit)
 
+    async def get_tenant(self, request: web.Request, actor: service.Actor) -> web.Response:
+        return _json(await service.get_tenant(self.engine, actor, _path_id(request, "tenant")))
+
+    async def update_tenant(self, request: web.Request, actor: service.Actor) -> web.Response:
+        tenant_id = _path_id(request, "tenant")
+        body = schemas.validate(schemas.TenantUpdate, await request.read())
+        return _json(await service.update_tenant(self.engine, actor, tenant_id, body))
+
     # -- users ---------------------------------------------------------------------------------
     async def create_user(self, request: web.Request, actor: service.Actor) -> web.Response:
         body = schemas.validate(schemas.UserCreate, await request.read())
@@ -139,6 +186,11 @@ class ControlPlane:
     async def list_users(self, request: web.Request, actor: service.Actor) -> web.Response:
         limit, after = _paging(request)
         return _page(await service.list_users(self.engine, actor, limit=limit, after=after), limit)
+
+    async def update_user(self, request: web.Request, actor: service.Actor) -> web.Response:
+        user_id = _path_id(request, "user")
+        body = schemas.validate(schemas.UserUpdate, await request.read())
+        return _json(await service.update_user(self.engine, actor, user_id, body))
 
     # -- API keys ------------------------------------------------------------------------------
     async def create_api_key(self, request: web.Request, actor: service.Actor) -> web.Response:
@@ -153,10 +205,34 @@ class ControlPlane:
         key_id = _path_id(request, "API key")
         return _json(await service.revoke_api_key(self.engine, actor, key_id))
 
+    async def rotate_api_key(self, request: web.Request, actor: service.Actor) -> web.Response:
+        key_id = _path_id(request, "API key")
+        raw = await request.read()
+        body = schemas.validate(schemas.ApiKeyRotate, raw) if raw.strip() else schemas.ApiKeyRotate()
+        rotated = await service.rotate_api_key(
+            self.engine, actor, key_id, body, default_grace=self.keys.rotation_grace,
+            max_grace=self.keys.rotation_grace_max,
+        )
+        return _json(rotated, 201)
+
+    async def import_api_key(self, request: web.Request, actor: service.Actor) -> web.Response:
+        body = schemas.validate(schemas.ApiKeyImport, await request.read())
+        return _json(await service.import_api_key(self.engine, actor, body, self._secrets()), 201)
+
+    def _secrets(self) -> GatewaySecrets:
+        if self.secrets is None:  # pragma: no cover - app.py always passes them
+            raise service.Conflict("this admin API runs without the gateway's secrets key")
+        return self.secrets
+
     # -- servers -------------------------------------------------------------------------------
     async def create_server(self, request: web.Request, actor: service.Actor) -> web.Response:
         body = schemas.validate(schemas.ServerCreate, await request.read())
-        return _json(await service.create_server(self.engine, actor, body), 201)
+        return _json(await service.create_server(self.engine, actor, body, self.secrets), 201)
+
+    async def set_server_auth(self, request: web.Request, actor: service.Actor) -> web.Response:
+        server_id = _path_id(request, "server")
+        body = schemas.validate(schemas.ServerAuthUpdate, await request.read())
+        return _json(await service.set_server_auth(self.engine, actor, server_id, body, self._secrets()))
 
     async def list_servers(self, request: web.Request, actor: service.Actor) -> web.Response:
         limit, after = _paging(request)
@@ -197,6 +273,12 @@ class ControlPlane:
     # -- OpenAPI -------------------------------------------------------------------------------
     async def openapi(self, request: web.Request) -> web.Response:
         return _json(openapi_document())
+
+
+def _public(handler: Callable[[web.Request], Awaitable[web.Response]]):
+    """A route that answers without credentials (it describes the API, not its data)."""
+    handler.__func__.permission = permissions.PUBLIC  # type: ignore[attr-defined]
+    return handler
 
 
 def _path_id(request: web.Request, what: str) -> uuid.UUID:
@@ -288,6 +370,30 @@ def openapi_document() -> dict[str, Any]:
                 "get": {"parameters": paging, "responses": listing},
             },
             "/api/v1/api-keys/{id}": {"delete": {"responses": {"200": {"description": "revoked"}}}},
+            "/api/v1/api-keys/{id}/rotate": {
+                "post": {
+                    "requestBody": {**body("ApiKeyRotate"), "required": False},
+                    "responses": {"201": {"description": "the new key (plaintext shown once); the old one "
+                                                         "works until replaces.valid_until"},
+                                  "409": {"description": "revoked, expired, or already rotated"}},
+                },
+            },
+            "/api/v1/api-keys/import": {
+                "post": {"requestBody": body("ApiKeyImport"), "responses": {**created, "409": {
+                    "description": "this key is already imported"}}},
+            },
+            "/api/v1/tenants/{id}": {
+                "get": {"responses": {"200": {"description": "the tenant"}}},
+                "patch": {"requestBody": body("TenantUpdate"),
+                          "responses": {"200": {"description": "the tenant as changed (operator only)"}}},
+            },
+            "/api/v1/users/{id}": {
+                "patch": {"requestBody": body("UserUpdate"), "responses": {"200": {"description": "the user"}}},
+            },
+            "/api/v1/servers/{id}/auth": {
+                "put": {"requestBody": body("ServerAuthUpdate"),
+                        "responses": {"200": {"description": "the server; its credential is never shown"}}},
+            },
             "/api/v1/servers": {
                 "post": {"requestBody": body("ServerCreate"), "responses": created},
                 "get": {"parameters": paging, "responses": listing},

@@ -7,6 +7,7 @@ one message per invalid or unknown field, and raises `ValidationFailed` (422).
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
@@ -16,7 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from gateway.db.tables import ACCESS_EFFECTS
-from gateway.db.tables import HEALTH_STATES, ROLES, SCOPES, TRANSPORTS
+from gateway.db.tables import HEALTH_STATES, ROLES, SCOPES, TENANT_STATES, TRANSPORTS, UPSTREAM_AUTH_KINDS
 
 Name = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"\S")]
 ServerName = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
@@ -26,6 +27,23 @@ Scope = Literal[SCOPES]  # type: ignore[valid-type]
 Transport = Literal[TRANSPORTS]  # type: ignore[valid-type]
 Health = Literal[HEALTH_STATES]  # type: ignore[valid-type]
 Tag = Annotated[str, Meta(min_length=1, max_length=64)]
+TenantStatus = Literal[TENANT_STATES]  # type: ignore[valid-type]
+Weight = Annotated[int, Meta(ge=1, le=1000)]
+PerHour = Annotated[int, Meta(ge=1, le=100_000)]
+PerDay = Annotated[int, Meta(ge=1, le=1_000_000)]
+Unset = msgspec.UnsetType
+UNSET = msgspec.UNSET
+# An HTTP header name (RFC 9110 token) and a value without control characters (no CR/LF injection).
+HeaderName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
+HeaderValue = Annotated[str, Meta(min_length=1, max_length=8192, pattern=r"^[\x20-\x7e\t]+$")]
+Secret = Annotated[str, Meta(min_length=1, max_length=4096, pattern=r"^[\x20-\x7e]+$")]
+# Headers the gateway sets itself on upstream requests: a credential may not replace them.
+RESERVED_HEADERS = frozenset({
+    "host", "content-length", "content-type", "accept", "connection", "keep-alive", "transfer-encoding", "te",
+    "trailer", "upgrade", "proxy-connection", "expect", "mcp-session-id", "mcp-protocol-version", "mcp-method",
+    "mcp-name", "last-event-id", "sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol",
+    "sec-websocket-extensions", "user-agent",
+})
 
 
 class ValidationFailed(Exception):
@@ -37,6 +55,15 @@ class ValidationFailed(Exception):
 class TenantCreate(msgspec.Struct, forbid_unknown_fields=True):
     name: Name
     settings: dict[str, Any] = {}
+    weight: Weight = 100
+
+
+class TenantUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    """PATCH: only the fields given change. Suspending refuses every credential of the tenant."""
+
+    status: TenantStatus | Unset = UNSET
+    settings: dict[str, Any] | Unset = UNSET
+    weight: Weight | Unset = UNSET
 
 
 class UserCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -46,13 +73,73 @@ class UserCreate(msgspec.Struct, forbid_unknown_fields=True):
     role: Role = "USER"
 
 
+class UserUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    """PATCH: only the fields given change. Deactivating refuses every key of the user."""
+
+    role: Role | Unset = UNSET
+    is_active: bool | Unset = UNSET
+    email: Email | Unset = UNSET
+
+
 class ApiKeyCreate(msgspec.Struct, forbid_unknown_fields=True):
     user_id: uuid.UUID
     name: Name
     scopes: Annotated[list[Scope], Meta(min_length=1)] = msgspec.field(default_factory=lambda: ["proxy"])
-    rate_limit_per_hour: Annotated[int, Meta(ge=1, le=100_000)] = 1000
-    rate_limit_per_day: Annotated[int, Meta(ge=1, le=1_000_000)] = 10000
+    rate_limit_per_hour: PerHour = 1000
+    rate_limit_per_day: PerDay = 10000
     expires_at: datetime | None = None
+
+
+class ApiKeyRotate(msgspec.Struct, forbid_unknown_fields=True):
+    """How long the old key keeps working (seconds; default `keys.rotation_grace`, at most `keys.rotation_grace_max`)."""
+
+    grace_seconds: Annotated[int, Meta(ge=0)] | Unset = UNSET
+
+
+class ApiKeyImport(msgspec.Struct, forbid_unknown_fields=True):
+    """A legacy key (any format but the gateway's own) to accept as it is, mapped to a user with its own scopes."""
+
+    user_id: uuid.UUID
+    name: Name
+    key: Annotated[str, Meta(min_length=1, max_length=512)]
+    scopes: Annotated[list[Scope], Meta(min_length=1)] = msgspec.field(default_factory=lambda: ["proxy"])
+    rate_limit_per_hour: PerHour = 1000
+    rate_limit_per_day: PerDay = 10000
+    expires_at: datetime | None = None
+
+
+class NoAuth(msgspec.Struct, tag="none", tag_field="kind", forbid_unknown_fields=True):
+    """The gateway sends no credential of its own to this server."""
+
+
+class HeaderAuth(msgspec.Struct, tag="header", tag_field="kind", forbid_unknown_fields=True):
+    """One static header on every upstream request, e.g. `Authorization: Bearer …` or `X-API-Key: …`."""
+
+    header_name: HeaderName
+    header_value: HeaderValue
+
+
+class ClientCredentialsAuth(msgspec.Struct, tag="oauth2_client_credentials", tag_field="kind",
+                            forbid_unknown_fields=True):
+    """OAuth 2.0 client credentials (RFC 6749 4.4): the gateway gets a token, caches it until it expires."""
+
+    token_url: Annotated[str, Meta(min_length=1, max_length=2048)]
+    client_id: Secret
+    client_secret: Secret
+    scope: Annotated[str, Meta(max_length=1024, pattern=r"^[\x21\x23-\x5b\x5d-\x7e ]*$")] | None = None
+    # How the client authenticates to the token endpoint (RFC 6749 2.3.1): HTTP Basic, or in the form body.
+    client_auth: Literal["basic", "body"] = "basic"
+
+
+UpstreamAuth = NoAuth | HeaderAuth | ClientCredentialsAuth
+# PATCH bodies: an empty one is a mistake, not a no-op.
+_NEEDS_A_FIELD = (TenantUpdate, UserUpdate)
+
+
+class ServerAuthUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    """PUT /servers/{id}/auth: replaces the server's credential (`{"kind": "none"}` removes it)."""
+
+    auth: UpstreamAuth
 
 
 class ServerCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -62,6 +149,8 @@ class ServerCreate(msgspec.Struct, forbid_unknown_fields=True):
     transport_type: Transport = "http"
     tags: Annotated[list[Tag], Meta(max_length=50)] = []
     description: Annotated[str, Meta(max_length=2000)] | None = None
+    # Write-only: the admin API shows the kind and what is not secret, never the secret.
+    auth: UpstreamAuth | None = None
 
 
 # Globs (fnmatch syntax) over tool and prompt names, and over resource URIs: printable, no control characters.
@@ -124,14 +213,69 @@ def _extra_checks(cls: type, values: dict[str, Any]) -> list[dict[str, str]]:
             errors.append({"field": "expires_at", "message": "must include a UTC offset, e.g. 2030-01-01T00:00:00Z"})
         elif values["expires_at"] <= datetime.now(timezone.utc):
             errors.append({"field": "expires_at", "message": "is in the past; a new key must expire later"})
-    if cls is UserCreate and isinstance(values.get("email"), str):
+    if cls in (UserCreate, UserUpdate) and isinstance(values.get("email"), str):
         values["email"] = values["email"].lower()
+    if cls is ApiKeyImport:
+        if isinstance(values.get("key"), str):
+            problem = legacy_key_problem(values["key"])
+            if problem is not None:
+                errors.append({"field": "key", "message": problem})
+        if isinstance(values.get("expires_at"), datetime):
+            errors.extend(_extra_checks(ApiKeyCreate, {"expires_at": values["expires_at"]}))
+    if cls in (TenantCreate, TenantUpdate) and isinstance(values.get("settings"), dict):
+        if len(msgspec.json.encode(values["settings"])) > 65_536:
+            errors.append({"field": "settings", "message": "is larger than 64 KiB of JSON"})
+    auth = values.get("auth")
+    if cls in (ServerCreate, ServerAuthUpdate) and auth is not None:
+        errors.extend(_auth_problems(auth, values.get("transport_type", "http") if cls is ServerCreate else None))
+    return errors
+
+
+def legacy_key_problem(token: str) -> str | None:
+    """Why `token` cannot be an imported legacy key, or None.
+
+    It must be usable as a bearer token (visible ASCII, no spaces), long enough
+    not to be guessed in a few tries, and not shaped like a gateway key or a JWT
+    (those are recognized by their shape and would never reach the legacy lookup).
+    """
+    from gateway.auth.keys import KEY_SCHEME
+
+    if not 16 <= len(token) <= 512 or not all("\x21" <= ch <= "\x7e" for ch in token):
+        return "must be 16 to 512 visible ASCII characters without spaces"
+    if token.startswith(f"{KEY_SCHEME}_"):
+        return f"starts with '{KEY_SCHEME}_', the gateway's own key format; gateway keys cannot be imported"
+    if token.startswith("eyJ") and token.count(".") == 2:
+        return "is shaped like a JWT, which the gateway verifies as a token, not as a key"
+    return None
+
+
+def _auth_problems(auth: Any, transport: str | None) -> list[dict[str, str]]:
+    errors = []
+    if transport == "stdio" and not isinstance(auth, NoAuth):
+        errors.append({"field": "auth", "message": "a stdio server runs on the gateway host and takes no credential"})
+    if isinstance(auth, HeaderAuth) and auth.header_name.lower() in RESERVED_HEADERS:
+        errors.append({"field": "auth.header_name", "message": f"'{auth.header_name}' is set by the gateway itself"})
+    if isinstance(auth, ClientCredentialsAuth):
+        parts = urlsplit(auth.token_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+            errors.append({"field": "auth.token_url", "message": "must be an http:// or https:// URL with a host"})
     return errors
 
 
 def _message(exc: msgspec.ValidationError) -> str:
     text = str(exc)
     return text.split(" - at ")[0].replace("`", "")
+
+
+def _nested_field(name: str, exc: msgspec.ValidationError) -> str:
+    """`auth.header_value` for an error inside the credential object (other fields keep their plain name)."""
+    text = str(exc)
+    if name != "auth":
+        return name
+    _, _, at = text.partition(" - at `$")
+    path = at.rstrip("`") if at.startswith(".") else ""
+    missing = re.match(r"Object missing required field `(\w+)`", text)
+    return f"{name}{path}.{missing.group(1)}" if missing else name + path
 
 
 def validate(cls: type[msgspec.Struct], body: bytes) -> msgspec.Struct:
@@ -156,7 +300,13 @@ def validate(cls: type[msgspec.Struct], body: bytes) -> msgspec.Struct:
         try:
             values[name] = msgspec.convert(raw[name], field.type)
         except msgspec.ValidationError as exc:
-            errors.append({"field": name, "message": _message(exc)})
+            field_name, message = _nested_field(name, exc), _message(exc)
+            if field_name == "auth.kind":
+                message += f" (kinds: {', '.join(UPSTREAM_AUTH_KINDS)})"
+            errors.append({"field": field_name, "message": message})
+    if not raw and cls in _NEEDS_A_FIELD:
+        names = ", ".join(fields)
+        errors.append({"field": "$", "message": f"nothing to change: give at least one of {names}"})
     errors.extend(_extra_checks(cls, values))
     if errors:
         raise ValidationFailed(errors)
@@ -166,6 +316,8 @@ def validate(cls: type[msgspec.Struct], body: bytes) -> msgspec.Struct:
 def schema_components() -> dict[str, Any]:
     """JSON Schemas of the request bodies, for the OpenAPI document."""
     _, components = msgspec.json.schema_components(
-        [TenantCreate, UserCreate, ApiKeyCreate, ServerCreate, AccessRuleCreate], ref_template="#/components/schemas/{name}"
+        [TenantCreate, TenantUpdate, UserCreate, UserUpdate, ApiKeyCreate, ApiKeyRotate, ApiKeyImport, ServerCreate,
+         ServerAuthUpdate, AccessRuleCreate],
+        ref_template="#/components/schemas/{name}",
     )
     return components

@@ -13,18 +13,27 @@ change (`SnapshotStore.publish_change`).
 
 from __future__ import annotations
 
+import dataclasses
+import secrets as _random
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from gateway.auth.keys import mint_key, parse_key, verify_key
-from gateway.controlplane import schemas
+from gateway.auth.keys import hash_key, mint_key, parse_key, verify_key
+from gateway.controlplane import permissions, schemas
 from gateway.db.tables import config_state, enhanced_api_keys, mcp_servers, tenants, users, utcnow
 from gateway.db.tables import server_access_rules
+
+if TYPE_CHECKING:
+    from gateway.auth.sealing import GatewaySecrets
 
 PLATFORM_TENANT = "platform"
 OPERATOR_USERNAME = "operator"
@@ -43,6 +52,10 @@ class Forbidden(Exception):
     """The caller may not do this at all."""
 
 
+class Unauthenticated(Exception):
+    """The credential is genuine but no longer valid (revoked, expired, its user deactivated)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Actor:
     user_id: uuid.UUID
@@ -50,12 +63,32 @@ class Actor:
     api_key_id: uuid.UUID | None
     role: str
     is_operator: bool
+    scopes: frozenset[str] = frozenset(OPERATOR_SCOPES)
+    # What `permit` granted for the action at hand: "all", "tenant" or "own"
+    # (permissions.py). None: nothing was permitted yet, and only the operator
+    # (local tools acting as it) may then query.
+    reach: str | None = None
+
+    def permit(self, action: str | None) -> Actor:
+        """This actor with its reach for `action` (permissions.PERMISSIONS), or Forbidden."""
+        try:
+            reach = permissions.reach_of(action, role=self.role, scopes=self.scopes, is_operator=self.is_operator)
+        except permissions.Refused as exc:
+            raise Forbidden(str(exc)) from None
+        return dataclasses.replace(self, reach=reach)
 
     def tenant_filter(self, table: sa.Table) -> sa.ColumnElement[bool]:
-        """The predicate that keeps a query inside the caller's tenants."""
+        """The predicate that keeps a query inside the caller's reach: its tenants, or its own rows."""
         if self.is_operator:
             return sa.true()
-        return table.c.tenant_id == self.tenant_id
+        if self.reach is None:
+            raise Forbidden("no permission was granted for this action")
+        in_tenant = table.c.tenant_id == self.tenant_id
+        if self.reach != permissions.OWN:
+            return in_tenant
+        # Own rows: the caller's user row, or rows that belong to it (its API keys).
+        owner = table.c.id if table.name == "users" else table.c.user_id
+        return sa.and_(in_tenant, owner == self.user_id)
 
     def own_tenant(self, requested: uuid.UUID | None) -> uuid.UUID:
         """The tenant a new object goes to: the requested one, if the caller may use it."""
@@ -83,12 +116,23 @@ def _unique_violation(exc: IntegrityError, what: str) -> Conflict:
 
 
 # -- credentials ------------------------------------------------------------------------------
-async def authenticate_admin(engine: AsyncEngine, token: str | None) -> Actor | None:
-    """The actor behind an admin credential, read fresh from the database (revocation is immediate)."""
-    from datetime import datetime, timezone
+async def authenticate_admin(
+    engine: AsyncEngine, token: str | None, *, legacy_digest: Callable[[str], str] | None = None
+) -> Actor | None:
+    """The actor behind an admin credential, read fresh from the database (revocation is immediate).
 
-    parsed = parse_key(token) if token else None
-    if parsed is None:
+    Any valid key of an active user in an active tenant is an actor; what it may
+    do is decided per route by `Actor.permit` (role and scopes). An imported
+    legacy key is found by its lookup digest when `legacy_digest` is given.
+    """
+    if not token:
+        return None
+    parsed = parse_key(token)
+    if parsed is not None:
+        plaintext, found_by = parsed.plaintext, enhanced_api_keys.c.key_prefix == parsed.prefix
+    elif legacy_digest is not None and schemas.legacy_key_problem(token) is None:
+        plaintext, found_by = token, enhanced_api_keys.c.lookup_digest == legacy_digest(token)
+    else:
         return None
     query = (
         sa.select(
@@ -107,27 +151,30 @@ async def authenticate_admin(engine: AsyncEngine, token: str | None) -> Actor | 
         )
         .join(users, users.c.id == enhanced_api_keys.c.user_id)
         .join(tenants, tenants.c.id == users.c.tenant_id)
-        .where(enhanced_api_keys.c.key_prefix == parsed.prefix)
+        .where(found_by)
     )
     async with engine.connect() as conn:
         row = (await conn.execute(query)).mappings().first()
-    if row is None or not verify_key(parsed.plaintext, row["salt"], row["key_hash"]):
+    if row is None or not verify_key(plaintext, row["salt"], row["key_hash"]):
         return None
-    expires = row["expires_at"]
-    if expires is not None and expires.tzinfo is None:
-        expires = expires.replace(tzinfo=timezone.utc)
-    if not row["is_active"] or not row["user_active"] or row["status"] != "active":
-        return None
+    # Past this point the caller proved the secret: it may hear why the key does not work.
+    expires = _aware(row["expires_at"])
+    if not row["is_active"]:
+        raise Unauthenticated("this API key has been revoked")
     if expires is not None and expires <= datetime.now(timezone.utc):
-        return None
-    if "admin" not in (row["scopes"] or []) or row["role"] != "ADMIN":
-        raise Forbidden("this credential lacks the admin scope or the ADMIN role")
+        raise Unauthenticated(f"this API key expired at {expires.isoformat(timespec='seconds')}")
+    if not row["user_active"]:
+        raise Unauthenticated("the user this API key belongs to is deactivated")
+    if row["status"] != "active":
+        raise Forbidden("this key's tenant is suspended; contact the gateway operator")
     return Actor(
         user_id=row["user_id"],
         tenant_id=row["tenant_id"],
         api_key_id=row["id"],
         role=row["role"],
-        is_operator=bool(row["is_platform"]),
+        # The operator: an ADMIN of the platform tenant (its other users are members of that tenant only).
+        is_operator=bool(row["is_platform"]) and row["role"] == "ADMIN",
+        scopes=frozenset(row["scopes"] or ()),
     )
 
 
@@ -136,7 +183,7 @@ async def create_tenant(engine: AsyncEngine, actor: Actor, body: schemas.TenantC
     if not actor.is_operator:
         raise Forbidden("only the gateway operator creates tenants")
     row = {"id": uuid.uuid4(), "name": body.name, "status": "active", "settings": body.settings,
-           "is_platform": False, "created_at": utcnow(), "updated_at": utcnow()}
+           "weight": body.weight, "is_platform": False, "created_at": utcnow(), "updated_at": utcnow()}
     async with engine.begin() as conn:
         try:
             await conn.execute(sa.insert(tenants).values(**row))
@@ -151,8 +198,44 @@ async def list_tenants(engine: AsyncEngine, actor: Actor, *, limit: int, after: 
     return [_tenant_out(r) for r in await _page(engine, query, tenants, limit, after)]
 
 
+async def get_tenant(engine: AsyncEngine, actor: Actor, tenant_id: uuid.UUID) -> dict[str, Any]:
+    reach = tenants.c.id == actor.tenant_id if not actor.is_operator else sa.true()
+    async with engine.connect() as conn:
+        row = (await conn.execute(sa.select(tenants).where(tenants.c.id == tenant_id, reach))).mappings().first()
+    if row is None:
+        raise NotFound("tenant not found")
+    return _tenant_out(row)
+
+
+async def update_tenant(
+    engine: AsyncEngine, actor: Actor, tenant_id: uuid.UUID, body: schemas.TenantUpdate
+) -> dict[str, Any]:
+    """Change status, settings or weight (operator only). Suspension takes effect with the next snapshot."""
+    if not actor.is_operator:
+        raise Forbidden("only the gateway operator changes tenants")
+    changes = _given(body)
+    async with engine.begin() as conn:
+        row = (await conn.execute(sa.select(tenants).where(tenants.c.id == tenant_id))).mappings().first()
+        if row is None:
+            raise NotFound("tenant not found")
+        if row["is_platform"] and changes.get("status", "active") != "active":
+            raise Conflict("the platform tenant cannot be suspended: the operator's own credentials live there")
+        result = await conn.execute(
+            sa.update(tenants).where(tenants.c.id == tenant_id).values(**changes, updated_at=utcnow())
+            .returning(*tenants.c)
+        )
+        row = result.mappings().one()
+        await bump_version(conn)
+    return _tenant_out(row)
+
+
+def _given(body: Any) -> dict[str, Any]:
+    """The fields a PATCH body set (the others are UNSET)."""
+    return {f: getattr(body, f) for f in body.__struct_fields__ if getattr(body, f) is not schemas.UNSET}
+
+
 def _tenant_out(row: Any) -> dict[str, Any]:
-    return {k: row[k] for k in ("id", "name", "status", "settings", "created_at", "updated_at")}
+    return {k: row[k] for k in ("id", "name", "status", "settings", "weight", "created_at", "updated_at")}
 
 
 # -- users --------------------------------------------------------------------------------------
@@ -175,6 +258,26 @@ async def list_users(engine: AsyncEngine, actor: Actor, *, limit: int, after: uu
     return [_user_out(r) for r in await _page(engine, query, users, limit, after)]
 
 
+async def update_user(engine: AsyncEngine, actor: Actor, user_id: uuid.UUID, body: schemas.UserUpdate) -> dict[str, Any]:
+    """Change role, active flag or email. Deactivating refuses every key of the user with the next snapshot."""
+    changes = _given(body)
+    if user_id == actor.user_id and (changes.get("is_active") is False or changes.get("role", actor.role) != actor.role):
+        raise Conflict("you cannot deactivate yourself or change your own role; ask another admin")
+    async with engine.begin() as conn:
+        try:
+            result = await conn.execute(
+                sa.update(users).where(users.c.id == user_id, actor.tenant_filter(users))
+                .values(**changes, updated_at=utcnow()).returning(*users.c)
+            )
+        except IntegrityError:
+            raise Conflict("a user with this email already exists") from None
+        row = result.mappings().first()
+        if row is None:
+            raise NotFound("user not found")
+        await bump_version(conn)
+    return _user_out(row)
+
+
 def _user_out(row: Any) -> dict[str, Any]:
     return {k: row[k] for k in ("id", "tenant_id", "username", "email", "role", "is_active", "created_at", "updated_at")}
 
@@ -186,16 +289,33 @@ async def _require_tenant(conn: AsyncConnection, tenant_id: uuid.UUID) -> None:
 
 
 # -- API keys -----------------------------------------------------------------------------------
+def _check_grant(actor: Actor, scopes: list[str]) -> None:
+    """A caller grants only scopes it holds, unless it administers (ADMIN role, `admin` scope)."""
+    if "metrics" in scopes and not actor.is_operator:
+        raise Forbidden("only the gateway operator grants the 'metrics' scope (/metrics shows every tenant's traffic)")
+    if actor.is_operator or (actor.role == "ADMIN" and "admin" in actor.scopes):
+        return
+    missing = sorted(set(scopes) - actor.scopes)
+    if missing:
+        raise Forbidden(f"a key can only be given scopes your own key holds; yours lacks {', '.join(missing)}")
+
+
+async def _key_owner(conn: AsyncConnection, actor: Actor, user_id: uuid.UUID):
+    owner = (
+        await conn.execute(
+            sa.select(users.c.id, users.c.tenant_id).where(users.c.id == user_id, actor.tenant_filter(users))
+        )
+    ).first()
+    if owner is None:
+        raise NotFound("user not found")
+    return owner
+
+
 async def create_api_key(engine: AsyncEngine, actor: Actor, body: schemas.ApiKeyCreate) -> dict[str, Any]:
     minted = mint_key()
+    _check_grant(actor, body.scopes)
     async with engine.begin() as conn:
-        owner = (
-            await conn.execute(
-                sa.select(users.c.id, users.c.tenant_id).where(users.c.id == body.user_id, actor.tenant_filter(users))
-            )
-        ).first()
-        if owner is None:
-            raise NotFound("user not found")
+        owner = await _key_owner(conn, actor, body.user_id)
         row = {
             "id": uuid.uuid4(), "tenant_id": owner.tenant_id, "user_id": owner.id, "name": body.name,
             "key_prefix": minted.prefix, "key_hash": minted.key_hash, "salt": minted.salt,
@@ -208,6 +328,96 @@ async def create_api_key(engine: AsyncEngine, actor: Actor, body: schemas.ApiKey
     out = _key_out(row)
     out["key"] = minted.plaintext  # the only time the plaintext exists outside its owner
     return out
+
+
+async def rotate_api_key(
+    engine: AsyncEngine, actor: Actor, key_id: uuid.UUID, body: schemas.ApiKeyRotate, *, default_grace: int,
+    max_grace: int,
+) -> dict[str, Any]:
+    """Mint a key with the same owner, name, scopes, limits and expiry; the old one works for a grace period.
+
+    The old key's `expires_at` becomes now + grace (or stays, if earlier) and
+    it points at its replacement; a key is rotated once (rotate the replacement
+    next). The new key's plaintext is in the answer, as on creation.
+    """
+    grace = default_grace if body.grace_seconds is schemas.UNSET else body.grace_seconds
+    if grace > max_grace:
+        raise schemas.ValidationFailed(
+            [{"field": "grace_seconds", "message": f"must be at most {max_grace} (keys.rotation_grace_max)"}]
+        )
+    minted = mint_key()
+    now = utcnow()
+    async with engine.begin() as conn:
+        old = (
+            await conn.execute(
+                sa.select(enhanced_api_keys)
+                .where(enhanced_api_keys.c.id == key_id, actor.tenant_filter(enhanced_api_keys))
+                .with_for_update()
+            )
+        ).mappings().first()
+        if old is None:
+            raise NotFound("API key not found")
+        old_expiry = _aware(old["expires_at"])
+        if not old["is_active"]:
+            raise Conflict("this API key is revoked; a revoked key cannot be rotated")
+        if old["replaced_by"] is not None:
+            raise Conflict(f"this API key was already rotated; rotate its replacement {old['replaced_by']}")
+        if old_expiry is not None and old_expiry <= now:
+            raise Conflict("this API key has expired; create a new one")
+        row = {
+            "id": uuid.uuid4(), "tenant_id": old["tenant_id"], "user_id": old["user_id"], "name": old["name"],
+            "key_prefix": minted.prefix, "key_hash": minted.key_hash, "salt": minted.salt, "scopes": old["scopes"],
+            "rate_limit_per_hour": old["rate_limit_per_hour"], "rate_limit_per_day": old["rate_limit_per_day"],
+            "expires_at": old_expiry, "is_active": True, "created_at": now, "updated_at": now,
+        }
+        await conn.execute(sa.insert(enhanced_api_keys).values(**row))
+        valid_until = now + timedelta(seconds=grace)
+        if old_expiry is not None:
+            valid_until = min(valid_until, old_expiry)
+        await conn.execute(
+            sa.update(enhanced_api_keys)
+            .where(enhanced_api_keys.c.id == key_id)
+            .values(replaced_by=row["id"], expires_at=valid_until, updated_at=now)
+        )
+        await bump_version(conn)
+    out = _key_out(row)
+    out["key"] = minted.plaintext  # the only time the plaintext exists outside its owner
+    out["replaces"] = {"id": key_id, "valid_until": valid_until}
+    return out
+
+
+async def import_api_key(
+    engine: AsyncEngine, actor: Actor, body: schemas.ApiKeyImport, secrets: GatewaySecrets
+) -> dict[str, Any]:
+    """Accept a legacy key as it is: stored as a salted hash plus its keyed lookup digest, never in clear.
+
+    `key_prefix` gets a random handle (`legacy.<hex>`): it names the key in
+    listings without saying anything about it. The same key imported twice is a conflict.
+    """
+    _check_grant(actor, body.scopes)
+    salt = _random.token_hex(16)
+    async with engine.begin() as conn:
+        owner = await _key_owner(conn, actor, body.user_id)
+        row = {
+            "id": uuid.uuid4(), "tenant_id": owner.tenant_id, "user_id": owner.id, "name": body.name,
+            "key_prefix": f"legacy.{_random.token_hex(8)}", "key_hash": hash_key(body.key, salt), "salt": salt,
+            "lookup_digest": secrets.legacy_digest(body.key), "scopes": sorted(set(body.scopes)),
+            "rate_limit_per_hour": body.rate_limit_per_hour, "rate_limit_per_day": body.rate_limit_per_day,
+            "expires_at": body.expires_at, "is_active": True, "created_at": utcnow(), "updated_at": utcnow(),
+        }
+        try:
+            await conn.execute(sa.insert(enhanced_api_keys).values(**row))
+        except IntegrityError:
+            raise Conflict("this key is already imported") from None
+        await bump_version(conn)
+    return _key_out(row)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every timestamp stored is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
 
 
 async def list_api_keys(engine: AsyncEngine, actor: Actor, *, limit: int, after: uuid.UUID | None) -> list[dict]:
@@ -231,18 +441,24 @@ async def revoke_api_key(engine: AsyncEngine, actor: Actor, key_id: uuid.UUID) -
 
 
 def _key_out(row: Any) -> dict[str, Any]:
-    return {
+    out = {
         k: row[k]
         for k in (
             "id", "tenant_id", "user_id", "name", "key_prefix", "scopes", "rate_limit_per_hour",
             "rate_limit_per_day", "expires_at", "is_active", "last_used_at", "created_at", "updated_at",
+            "replaced_by",
         )
         if k in row
     }
+    # Never the digest itself: only whether this is an imported legacy key.
+    out["legacy"] = row.get("lookup_digest") is not None
+    return out
 
 
 # -- servers ------------------------------------------------------------------------------------
-async def create_server(engine: AsyncEngine, actor: Actor, body: schemas.ServerCreate) -> dict[str, Any]:
+async def create_server(
+    engine: AsyncEngine, actor: Actor, body: schemas.ServerCreate, secrets: GatewaySecrets | None = None
+) -> dict[str, Any]:
     if body.transport_type == "stdio" and not actor.is_operator:
         # A stdio server is a command the gateway runs on its own host: letting a
         # tenant admin choose it would hand every tenant a shell on the gateway.
@@ -253,6 +469,7 @@ async def create_server(engine: AsyncEngine, actor: Actor, body: schemas.ServerC
         "endpoint_url": body.endpoint_url, "transport_type": body.transport_type, "health_status": "UNKNOWN",
         "tags": body.tags, "capabilities": {}, "is_active": True, "created_at": utcnow(), "updated_at": utcnow(),
     }
+    row.update(_sealed_auth(body.auth, row["id"], secrets))
     async with engine.begin() as conn:
         await _require_tenant(conn, tenant_id)
         try:
@@ -285,14 +502,51 @@ async def get_server(engine: AsyncEngine, actor: Actor, server_id: uuid.UUID) ->
     return _server_out(row)
 
 
+async def set_server_auth(
+    engine: AsyncEngine, actor: Actor, server_id: uuid.UUID, body: schemas.ServerAuthUpdate, secrets: GatewaySecrets
+) -> dict[str, Any]:
+    """Replace the credential the gateway presents to this server (`{"kind": "none"}` removes it)."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            sa.update(mcp_servers)
+            .where(mcp_servers.c.id == server_id, actor.tenant_filter(mcp_servers))
+            .values(**_sealed_auth(body.auth, server_id, secrets), updated_at=utcnow())
+            .returning(*mcp_servers.c)
+        )
+        row = result.mappings().first()
+        if row is None:
+            raise NotFound("server not found")
+        await bump_version(conn)
+    return _server_out(row)
+
+
+def _sealed_auth(auth: Any, server_id: uuid.UUID, secrets: GatewaySecrets | None) -> dict[str, Any]:
+    """The auth columns: the kind and what may be shown in clear, and the whole credential sealed to this server."""
+    if auth is None or isinstance(auth, schemas.NoAuth):
+        return {"auth_kind": "none", "auth_summary": None, "auth_sealed": None}
+    if secrets is None:  # pragma: no cover - every caller that takes credentials passes the secrets
+        raise Conflict("this gateway cannot store credentials (no secrets key loaded)")
+    if isinstance(auth, schemas.HeaderAuth):
+        kind, summary = "header", {"header_name": auth.header_name}
+    else:
+        kind = "oauth2_client_credentials"
+        summary = {"token_url": auth.token_url, "client_id": auth.client_id, "scope": auth.scope,
+                   "client_auth": auth.client_auth}
+    sealed = secrets.credentials.seal(msgspec.json.encode(auth), server_id)
+    return {"auth_kind": kind, "auth_summary": summary, "auth_sealed": sealed}
+
+
 def _server_out(row: Any) -> dict[str, Any]:
-    return {
+    out = {
         k: row[k]
         for k in (
             "id", "tenant_id", "name", "description", "endpoint_url", "transport_type", "health_status",
             "avg_response_time", "tags", "capabilities", "is_active", "created_at", "updated_at",
         )
     }
+    # Write-only credential: its kind and what is not secret (never auth_sealed).
+    out["auth"] = {"kind": row.get("auth_kind") or "none", **(row.get("auth_summary") or {})}
+    return out
 
 
 # -- access rules -------------------------------------------------------------------------------
