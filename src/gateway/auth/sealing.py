@@ -111,7 +111,9 @@ async def _stored_secret(engine: AsyncEngine) -> str:
     try:
         async with engine.begin() as conn:
             await conn.execute(
-                sa.insert(gateway_secrets).values(name=_SECRET_NAME, value=secrets.token_urlsafe(48), created_at=utcnow())
+                sa.insert(gateway_secrets).values(
+                    name=_SECRET_NAME, value=secrets.token_urlsafe(48), created_at=utcnow()
+                )
             )
     except IntegrityError:
         pass  # another process won the race; read its secret

@@ -91,7 +91,10 @@ class ApiKeyCreate(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class ApiKeyRotate(msgspec.Struct, forbid_unknown_fields=True):
-    """How long the old key keeps working (seconds; default `keys.rotation_grace`, at most `keys.rotation_grace_max`)."""
+    """How long the old key keeps working, in seconds.
+
+    Default `keys.rotation_grace`; at most `keys.rotation_grace_max`.
+    """
 
     grace_seconds: Annotated[int, Meta(ge=0)] | Unset = UNSET
 

@@ -258,10 +258,13 @@ async def list_users(engine: AsyncEngine, actor: Actor, *, limit: int, after: uu
     return [_user_out(r) for r in await _page(engine, query, users, limit, after)]
 
 
-async def update_user(engine: AsyncEngine, actor: Actor, user_id: uuid.UUID, body: schemas.UserUpdate) -> dict[str, Any]:
+async def update_user(
+    engine: AsyncEngine, actor: Actor, user_id: uuid.UUID, body: schemas.UserUpdate
+) -> dict[str, Any]:
     """Change role, active flag or email. Deactivating refuses every key of the user with the next snapshot."""
     changes = _given(body)
-    if user_id == actor.user_id and (changes.get("is_active") is False or changes.get("role", actor.role) != actor.role):
+    demoted = changes.get("role", actor.role) != actor.role
+    if user_id == actor.user_id and (changes.get("is_active") is False or demoted):
         raise Conflict("you cannot deactivate yourself or change your own role; ask another admin")
     async with engine.begin() as conn:
         try:
