@@ -18,9 +18,12 @@ import time
 from aiohttp import web
 
 from gateway.auth.oidc import TokenVerifier
+from gateway.auth.key_usage import KeyUsage
+from gateway.auth.sealing import GatewaySecrets, load_secrets
 from gateway.auth.signin import SignIn
 from gateway.config import Config
 from gateway.controlplane.api import ControlPlane
+from gateway.dataplane.credentials import UpstreamCredentials
 from gateway.dataplane.server import DataPlane
 from gateway.dataplane.sessions import SessionSealer, shared_secret
 from gateway.db import migrate
@@ -48,6 +51,8 @@ class Gateway:
         self.dataplane_port: int | None = None
         self.controlplane_port: int | None = None
         self._sink = None
+        self.secrets: GatewaySecrets | None = None
+        self.key_usage: KeyUsage | None = None
         self.tokens = None  # TokenVerifier, when JWT issuers are configured
         self.signin: SignIn | None = None  # sign-in providers of the control plane
 
@@ -67,11 +72,14 @@ class Gateway:
             import redis.asyncio as redis
 
             self.redis = redis.from_url(cfg.redis.url)
+        # Seals upstream credentials and finds imported legacy keys (secrets.key, or one kept in the database).
+        self.secrets = await load_secrets(self.engine, cfg.secrets.key)
         self.store = SnapshotStore(
             self.engine,
             poll_interval=cfg.snapshot.poll_interval,
             redis=self.redis,
             channel=f"{cfg.redis.key_prefix}config-changed",
+            legacy_digest=self.secrets.legacy_digest,
         )
         quotas = KeyQuotas() if cfg.limits.enabled else None
         if quotas is not None:
@@ -88,6 +96,8 @@ class Gateway:
         )
         await self.writer.start()
         self._register_writer_metrics()
+        self.key_usage = KeyUsage(self.engine, interval=cfg.keys.last_used_flush_interval)
+        await self.key_usage.start()
 
         secret = cfg.sessions.secret or await shared_secret(self.engine)
         if cfg.auth.issuers:
@@ -110,6 +120,8 @@ class Gateway:
             ),
             tokens=self.tokens,
             ready=lambda: self.writer.running,
+            credentials=UpstreamCredentials(self.secrets.credentials, timeout=cfg.dataplane.upstream_timeout),
+            key_usage=self.key_usage,
         )
         self.store.on_change(self.dataplane.on_snapshot)
         self.dataplane_port = await self._listen(
@@ -117,7 +129,10 @@ class Gateway:
         )
         if cfg.controlplane.enabled:
             self.signin = SignIn(cfg.signin, cfg.auth)
-            control = ControlPlane(self.engine, self.store.publish_change, signin=self.signin)
+            control = ControlPlane(
+                self.engine, self.store.publish_change, secrets=self.secrets, keys=cfg.keys, key_usage=self.key_usage,
+                signin=self.signin,
+            )
             self.controlplane_port = await self._listen(
                 web.AppRunner(control.build_app(), access_log=None, shutdown_timeout=10.0),
                 cfg.controlplane.host,
@@ -163,6 +178,8 @@ class Gateway:
             await self.writer.stop(timeout=self.config.writer.shutdown_timeout)
         if self.dataplane is not None:
             await self.dataplane.close()
+        if self.key_usage is not None:
+            await self.key_usage.stop()  # the last uses are written before the engine goes
         if self.tokens is not None:
             await self.tokens.close()
         if self.signin is not None:

@@ -258,7 +258,9 @@ class Bridge:
         self.plane = transports.plane
         self.key = key
         self.server = server
-        self.authorization = authorization
+        self.authorization = authorization  # the client's: checked again while connected, never sent upstream
+        # The gateway's own credential for the server, as it was when the connection opened.
+        self.credential = self.plane.credentials.for_server(server)
         self.outbox = _Outbox(_OUTBOX_BYTES)
         self.upstream_session: bytes | None = None
         self.protocol_version: bytes | None = None
@@ -325,8 +327,9 @@ class Bridge:
 
     async def _end_upstream_session(self) -> None:
         pool = self.plane.pool_for(self.server)
-        payload = pool.encode_request("DELETE", self.server.target, self._headers(accept=None), None)
         try:
+            headers = await self._with_credential(self._headers(accept=None))
+            payload = pool.encode_request("DELETE", self.server.target, headers, None)
             async with asyncio.timeout(_DELETE_TIMEOUT):
                 response = await pool.request(payload, timeout=_DELETE_TIMEOUT)
                 await response.read()
@@ -514,12 +517,18 @@ class Bridge:
             headers.append((b"Mcp-Session-Id", self.upstream_session))
         return headers
 
+    async def _with_credential(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        if self.credential is not None:
+            headers += await self.credential.headers()
+        return headers
+
     async def _forward(self, message: _Message, exchange: _Exchange) -> None:
         call, server = message.call, self.server
         pool = self.plane.pool_for(server)
         timeout = self.plane.config.upstream_timeout
-        payload = pool.encode_request("POST", server.target, self._headers(body=True), message.body)
         try:
+            headers = await self._with_credential(self._headers(body=True))
+            payload = pool.encode_request("POST", server.target, headers, message.body)
             response = await pool.request(payload, timeout=timeout)
             exchange.status = response.status
             if call.method == "initialize" and response.status == 200:
@@ -596,6 +605,13 @@ class Bridge:
                 ) from None
             raise Refusal(502, UPSTREAM_BAD_RESPONSE, f"Server '{self.server.name}' answered with something that "
                           "is not a JSON-RPC message") from None
+        if status in (401, 403) and not isinstance(peek.error, dict):
+            # An HTTP-level refusal of the gateway's own credential (an OAuth error body is not JSON-RPC).
+            raise Refusal(
+                502, UPSTREAM_UNAVAILABLE,
+                f"Server '{self.server.name}' refused the gateway's credentials (HTTP {status}); "
+                "check the server's auth setting",
+            )
         answered = False
         if _is_request(call):
             answered = self._learn(content, call, peek)
@@ -649,11 +665,12 @@ class Bridge:
             headers = self._headers(b"text/event-stream")
             if parser.last_id is not None:
                 headers.append((b"Last-Event-ID", parser.last_id))
-            payload = pool.encode_request("GET", self.server.target, headers, None)
             worked = False  # the stream delivered, or stayed open until it idled out
             opened = asyncio.get_running_loop().time()
             try:
                 try:
+                    headers = await self._with_credential(headers)
+                    payload = pool.encode_request("GET", self.server.target, headers, None)
                     response = await pool.request(payload, timeout=self.plane.config.upstream_timeout)
                 finally:
                     self._listening.set()  # the stream is open (or will not be): the pump goes on

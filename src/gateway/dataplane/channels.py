@@ -100,9 +100,16 @@ class ChannelUpstream:
         timeout: float,
         connect_timeout: float = 10.0,
         restart_backoff: tuple[float, float] = (0.1, 5.0),
+        credential=None,
     ) -> None:
-        """`timeout` bounds each request (and the handshake); `connect_timeout` bounds opening the connection."""
+        """`timeout` bounds each request (and the handshake); `connect_timeout` bounds opening the connection.
+
+        `credential` (dataplane/credentials.py): the gateway's own, presented on
+        every HTTP request of the connection (the SSE stream's GET and each POST,
+        the WebSocket upgrade).
+        """
         self.url = url
+        self.credential = credential
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.backoff_min, self.backoff_max = restart_backoff
@@ -278,9 +285,18 @@ class ChannelUpstream:
                 # Each request is bounded by the caller; an event stream has no total.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout),
                 headers={"User-Agent": _USER_AGENT},
-                middlewares=(_refuse_redirects,),
+                middlewares=(_refuse_redirects,) if self.credential is None else (_refuse_redirects, self._present),
             )
         return self._http
+
+    async def _present(self, request: aiohttp.ClientRequest, handler) -> aiohttp.ClientResponse:
+        """Client middleware: the server's credential on every request of this connection."""
+        for name, value in await self.credential.headers():
+            request.headers[name.decode("latin-1")] = value.decode("latin-1")
+        response = await handler(request)
+        if response.status == 401:
+            self.credential.invalidate()  # the next connection presents a fresh token
+        return response
 
     async def _start(self, delay: float) -> _Channel:
         if delay > 0:

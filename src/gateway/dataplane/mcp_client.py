@@ -13,7 +13,8 @@ client's behalf, so it must speak each upstream's era.
   upstream says it has ended (404). Request ids are the gateway's own, unique
   per session, so concurrent clients sharing the session never collide.
 
-The client's credentials are never sent: the gateway speaks as itself.
+The client's credentials are never sent: the gateway speaks as itself, with
+the server's own credential when one is configured (`credential`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ MAX_EVENT_BYTES = 16 * 1024 * 1024
 # Fire-and-forget cancellations, held until they finish.
 _BACKGROUND: set[asyncio.Future] = set()
 _NAME_FIELDS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+
+
+class UpstreamUnauthorized(UpstreamConnectError):
+    """The upstream refused the gateway's credential (HTTP 401 or 403): no answer to judge the call by."""
 
 
 class UpstreamRpcError(Exception):
@@ -80,10 +85,12 @@ def parse_answer(body: bytes, content_type: bytes, request_id: int) -> dict[str,
 
 
 class UpstreamClient:
-    def __init__(self, pool: UpstreamPool, target: str, *, timeout: float) -> None:
+    def __init__(self, pool: UpstreamPool, target: str, *, timeout: float, credential=None) -> None:
         self.pool = pool
         self.target = target
         self.timeout = timeout
+        # The gateway's own credential for this upstream (dataplane/credentials.py), sent on every request.
+        self.credential = credential
         self.era: str | None = None  # "modern" or "legacy", once known
         # For a modern upstream: whether it also takes a 2025-era handshake (None: not probed yet).
         self.accepts_handshake: bool | None = None
@@ -182,10 +189,14 @@ class UpstreamClient:
 
     async def _post(self, body: bytes, headers: list[tuple[str, str]]) -> UpstreamResponse:
         all_headers = [("Content-Type", "application/json"), ("Accept", _ACCEPT), *headers]
-        framed = self.pool.encode_request(
-            "POST", self.target, [(n.encode("latin-1"), v.encode("utf-8")) for n, v in all_headers], body
-        )
-        return await self.pool.request(framed, timeout=self.timeout)
+        encoded = [(n.encode("latin-1"), v.encode("utf-8")) for n, v in all_headers]
+        if self.credential is not None:
+            encoded += await self.credential.headers()
+        framed = self.pool.encode_request("POST", self.target, encoded, body)
+        response = await self.pool.request(framed, timeout=self.timeout)
+        if response.status == 401 and self.credential is not None:
+            self.credential.invalidate()  # the next request presents a fresh token
+        return response
 
     async def _exchange(
         self,
@@ -209,6 +220,8 @@ class UpstreamClient:
         try:
             return response.status, parse_answer(content, response.content_type, request_id)
         except (orjson.JSONDecodeError, UpstreamError) as exc:
+            if response.status in (401, 403):
+                _result(None, response.status)  # raises UpstreamUnauthorized
             if response.status >= 400:
                 raise UpstreamError(f"the upstream answered HTTP {response.status}") from None
             raise UpstreamError(f"unreadable answer to {method}: {exc}") from None
@@ -256,8 +269,10 @@ class UpstreamClient:
 
     async def _end_session(self, session_id: bytes) -> None:
         headers = [(b"MCP-Protocol-Version", HANDSHAKE.encode()), (b"Mcp-Session-Id", session_id)]
-        framed = self.pool.encode_request("DELETE", self.target, headers, None)
         try:
+            if self.credential is not None:
+                headers += await self.credential.headers()
+            framed = self.pool.encode_request("DELETE", self.target, headers, None)
             response = await self.pool.request(framed, timeout=self.timeout)
             await asyncio.wait_for(response.read(), self.timeout)
         except (UpstreamError, asyncio.TimeoutError):
@@ -373,9 +388,16 @@ async def _read(response: UpstreamResponse, timeout: float | None) -> bytes:
 
 
 def _result(answer: dict[str, Any] | None, status: int) -> dict[str, Any]:
+    if status in (401, 403):
+        # Not an answer about the method (nor about the era): the gateway's own credential is missing or refused.
+        raise UpstreamUnauthorized(
+            f"the upstream refused the gateway's credentials (HTTP {status}); check the server's auth setting"
+        )
     if answer is None:
         raise UpstreamError(f"the upstream answered HTTP {status} with no JSON-RPC message")
     if "error" in answer:
+        if not isinstance(answer["error"], dict):  # an HTTP-level error body, not JSON-RPC
+            raise UpstreamError(f"the upstream answered HTTP {status}: {str(answer['error'])[:200]}")
         raise UpstreamRpcError(answer["error"])
     result = answer.get("result")
     if not isinstance(result, dict):

@@ -31,6 +31,7 @@ from gateway.config import DataPlaneConfig
 from gateway.dataplane import enforce
 from gateway.dataplane.aggregate import Aggregate
 from gateway.dataplane.channels import ChannelUpstream, SseUpstream, WebSocketUpstream
+from gateway.dataplane.credentials import CredentialUnavailable, UpstreamCredentials
 from gateway.dataplane.jsonrpc import (
     INVALID_REQUEST,
     PAYLOAD_TOO_LARGE,
@@ -57,6 +58,7 @@ from gateway.dataplane.upstream import (
     UpstreamError,
     UpstreamPool,
     UpstreamResponse,
+    UpstreamStopped,
     UpstreamTimeout,
 )
 from gateway.limits.quotas import KeyQuotas
@@ -65,6 +67,7 @@ from gateway.records.metrics import Registry
 from gateway.snapshot import KeyEntry, ServerEntry, SnapshotStore
 
 if TYPE_CHECKING:
+    from gateway.auth.key_usage import KeyUsage
     from gateway.auth.oidc import TokenVerifier
 
 log = logging.getLogger("gateway.dataplane")
@@ -110,7 +113,15 @@ class DataPlane:
         session_counter: SessionCounter | None = None,
         tokens: TokenVerifier | None = None,
         ready=lambda: True,
+        credentials: UpstreamCredentials | None = None,
+        key_usage: KeyUsage | None = None,
     ) -> None:
+        # The gateway's own credentials for upstreams (per server, opened from the snapshot).
+        self.credentials = credentials if credentials is not None else UpstreamCredentials(None)
+        # Keys seen in use (last_used_at, flushed in the background); None: not recorded.
+        self.key_usage = key_usage
+        # Relayed event streams of API-key callers: upstream exchange -> (Authorization, server name).
+        self._open_streams: dict[UpstreamResponse, tuple[str | None, str]] = {}
         # Configured JWT issuers (None: API keys only, and no protected-resource metadata).
         self.tokens = tokens
         self.sessions = sessions
@@ -230,6 +241,14 @@ class DataPlane:
         live = {s.id for s in snapshot.servers.values() if s.transport_type in _CHANNEL_UPSTREAMS}
         for server_id in [i for i in self.channel_clients if i not in live]:
             self._retire(self.channel_clients.pop(server_id))
+        self.credentials.forget({s.id for s in snapshot.servers.values()})
+        for upstream, (authorization, name) in list(self._open_streams.items()):
+            try:
+                key = authenticate(snapshot, authorization, "proxy", verified=self.verified)
+                if snapshot.server(key.tenant_id, name) is None:
+                    raise Refusal(404, UNKNOWN_SERVER, f"No MCP server named '{name}' is available to you")
+            except Refusal as refusal:
+                upstream.abort(UpstreamStopped(refusal.message))
 
     async def end_streams(self) -> None:
         """End the long-lived streams (list changes, bridged connections) so that shutdown need not wait them out."""
@@ -253,6 +272,7 @@ class DataPlane:
         for pool in self.pools.values():
             await pool.close()
         self.pools.clear()
+        await self.credentials.close()
 
     def pool_for(self, server: ServerEntry) -> UpstreamPool:
         pool = self.pools.get(server.origin)
@@ -276,22 +296,33 @@ class DataPlane:
                 process = StdioUpstream(server.endpoint_url, timeout=self.config.upstream_timeout)
                 self.stdio_clients[server.id] = process
             return process
+        # A changed credential makes a new client (and, for a channel, a new connection presenting it).
+        credential = self.credentials.for_server(server)
         channel_type = _CHANNEL_UPSTREAMS.get(server.transport_type)
         if channel_type is not None:
             channel = self.channel_clients.get(server.id)
-            if channel is None or type(channel) is not channel_type or channel.url != server.endpoint_url:
+            if (
+                channel is None or type(channel) is not channel_type or channel.url != server.endpoint_url
+                or channel.credential is not credential
+            ):
                 if channel is not None:
                     self._retire(channel)
                 channel = channel_type(
                     server.endpoint_url,
                     timeout=self.config.upstream_timeout,
                     connect_timeout=self.config.upstream_connect_timeout,
+                    credential=credential,
                 )
                 self.channel_clients[server.id] = channel
             return channel
         client = self.clients.get(server.id)
-        if client is None or client.pool is not self.pool_for(server) or client.target != server.target:
-            client = UpstreamClient(self.pool_for(server), server.target, timeout=self.config.upstream_timeout)
+        if (
+            client is None or client.pool is not self.pool_for(server) or client.target != server.target
+            or client.credential is not credential
+        ):
+            client = UpstreamClient(
+                self.pool_for(server), server.target, timeout=self.config.upstream_timeout, credential=credential
+            )
             self.clients[server.id] = client
         return client
 
@@ -515,6 +546,8 @@ class DataPlane:
 
     def _record(self, request, started, exchange, key, server, call, body, with_body) -> None:
         elapsed = time.perf_counter() - started
+        if key is not None and self.key_usage is not None and type(key) is KeyEntry:
+            self.key_usage.note(key.id)  # last_used_at, written in the background
         server_name = server.name if server is not None else None
         method = call.method if call is not None else (request.method if not with_body else None)
         self.requests.inc(server_name or "", method or "", exchange.status)
@@ -570,9 +603,12 @@ class DataPlane:
         pool = self.pool_for(server)
         headers = []
         session: str | None = None  # the upstream session this request names, if any
+        credential = self.credentials.for_server(server) if server.auth_sealed is not None else None
+        # The gateway's credential replaces any header of the same name the client sent.
+        dropped = _REQUEST_HEADERS_DROPPED if credential is None else _REQUEST_HEADERS_DROPPED | credential.names
         for name, value in request.raw_headers:
             lowered = name.lower()
-            if lowered in _REQUEST_HEADERS_DROPPED:
+            if lowered in dropped:
                 continue
             if lowered == b"mcp-session-id":
                 session = self._open_session(value.decode("latin-1"), key, server)
@@ -587,10 +623,14 @@ class DataPlane:
                 ticket = await counter.admit(key.id)
                 if ticket is None:
                     raise _too_many_sessions(counter)
-        payload = pool.encode_request(request.method, server.target, headers, body)
         try:
+            if credential is not None:
+                headers += await credential.headers()
+            payload = pool.encode_request(request.method, server.target, headers, body)
             upstream = await pool.request(payload, timeout=self.config.upstream_timeout)
             exchange.status = upstream.status
+            if upstream.status == 401 and credential is not None:
+                credential.invalidate()  # an expired or revoked token: the next request fetches another
             if counter is not None:
                 _count_session(counter, key, session, ticket, upstream, request.method)
                 ticket = None
@@ -609,6 +649,8 @@ class DataPlane:
                     ) from None
         except UpstreamTimeout as exc:
             raise Refusal(504, UPSTREAM_TIMEOUT, f"Server '{server.name}' did not answer in time: {exc}") from None
+        except CredentialUnavailable as exc:
+            raise Refusal(502, UPSTREAM_UNAVAILABLE, f"Server '{server.name}' was not called: {exc}") from None
         except UpstreamConnectError as exc:
             raise Refusal(502, UPSTREAM_UNAVAILABLE, f"Server '{server.name}' is unreachable: {exc}") from None
         except UpstreamError as exc:
@@ -633,11 +675,18 @@ class DataPlane:
         chunks = upstream.iter_chunks(idle_timeout=idle, max_duration=self.config.stream_max_duration)
         if listing is not None:
             chunks = listing.chunks(chunks)  # the list answer's event is held back until whole, then filtered
+        if type(key) is KeyEntry:
+            # Checked again at every configuration change (on_snapshot): a revoked key, a deactivated
+            # user or a suspended tenant ends the stream then, not at its idle or duration limit.
+            self._open_streams[upstream] = (request.headers.get("Authorization"), server.name)
         try:
             async for chunk in chunks:
                 await response.write(chunk)
                 exchange.sent += len(chunk)
             await response.write_eof()
+        except UpstreamStopped as exc:
+            exchange.error = f"stream ended by the gateway: {exc}"
+            await _end_quietly(response)
         except UpstreamTimeout as exc:
             exchange.error = f"stream ended by the gateway: {exc}"
             if request_id is not None:
@@ -660,6 +709,7 @@ class DataPlane:
             # session drops its streams). Not an error of ours to log loudly.
             exchange.error = "client closed the connection"
         finally:
+            self._open_streams.pop(upstream, None)
             # Release the upstream exchange now, not when the generator is collected.
             await chunks.aclose()
         return response
@@ -687,15 +737,24 @@ class DataPlane:
 
     # -- operational endpoints ----------------------------------------------------------------
     async def handle_healthz(self, request: web.BaseRequest) -> web.Response:
+        """Liveness, public: says only that the process answers (probes hold no keys)."""
         return web.json_response({"status": "ok"})
 
     async def handle_readyz(self, request: web.BaseRequest) -> web.Response:
+        """Readiness, public as a status (200 or 503); the checks and the configuration
+        version only for a key with the `health` scope. A credential that is sent must be valid."""
         checks = {"snapshot": self.store.loaded, "writer": bool(self.ready())}
         ok = all(checks.values())
-        return web.json_response(
-            {"status": "ready" if ok else "not ready", "checks": checks, "config_version": self.store.current.version},
-            status=200 if ok else 503,
-        )
+        answer: dict = {"status": "ready" if ok else "not ready"}
+        if request.headers.get("Authorization") is not None:
+            try:
+                authenticate(self.store.current, request.headers.get("Authorization"), "health")
+            except Refusal as refusal:
+                return web.Response(
+                    body=refusal.body(), status=refusal.http_status, headers=refusal.headers, content_type=_JSON
+                )
+            answer.update(checks=checks, config_version=self.store.current.version)
+        return web.json_response(answer, status=200 if ok else 503)
 
     async def handle_metrics(self, request: web.BaseRequest) -> web.Response:
         try:

@@ -44,6 +44,10 @@ class UpstreamConnectError(UpstreamError):
     """No connection could be opened to the upstream."""
 
 
+class UpstreamStopped(UpstreamError):
+    """The gateway ended the exchange itself (its client's credential stopped being valid)."""
+
+
 class UpstreamResponse:
     """One response: status and headers at once, the body complete or streaming."""
 
@@ -188,6 +192,11 @@ class UpstreamResponse:
                     raise
         finally:
             self.release()
+
+    def abort(self, error: UpstreamError) -> None:
+        """End a streaming exchange from the gateway's side: its reader gets `error` once the
+        chunks already here are taken, and the connection is closed, not reused."""
+        self._finish(error)
 
     def release(self) -> None:
         """Give the connection back to its pool (or close it if the exchange did not finish)."""

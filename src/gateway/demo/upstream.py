@@ -144,6 +144,15 @@ def main(argv: list[str] | None = None) -> None:
         help="add tools for tests: toggle_tool (the tool list changes), sleep, cancelled; and the resource "
         "config://settings",
     )
+    parser.add_argument(
+        "--require-header", action="append", default=[], metavar="'NAME: VALUE'",
+        help="refuse (401) a request unless it carries this header with this value, and no other value under "
+        "the same name (repeatable: any one of them will do)",
+    )
+    parser.add_argument(
+        "--accept-tokens-from", metavar="FILE",
+        help="refuse (401) a request unless 'Authorization: Bearer <token>' names a line of FILE (read per request)",
+    )
     args = parser.parse_args(argv)
     if args.transport == "sse":
         app = build_server(extras=args.extras).sse_app(host=args.host)
@@ -153,6 +162,38 @@ def main(argv: list[str] | None = None) -> None:
         app = _OneEra(app, modern=False)
     elif args.modern_only:
         app = _OneEra(app, modern=True)
+    if args.require_header or args.accept_tokens_from:
+        # An upstream that wants the gateway's own credential (tests of upstream credentials).
+        required = [(n.strip().lower().encode("latin-1"), v.strip().encode("latin-1"))
+                    for n, _, v in (h.partition(":") for h in args.require_header)]
+        tokens_file = args.accept_tokens_from
+        inner = app
+
+        def admitted(headers: list[tuple[bytes, bytes]]) -> bool:
+            for name, value in required:
+                sent = [v for n, v in headers if n == name]
+                if sent and all(v == value for v in sent):
+                    return True
+            if tokens_file:
+                with open(tokens_file, "rb") as fh:
+                    valid = {b"Bearer " + line.strip() for line in fh if line.strip()}
+                sent = [v for n, v in headers if n == b"authorization"]
+                return len(sent) == 1 and sent[0] in valid
+            return False
+
+        async def app(scope, receive, send) -> None:
+            if scope["type"] in ("http", "websocket") and not admitted(scope["headers"]):
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                body = b'{"error": "invalid_token"}'
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await inner(scope, receive, send)
+
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
 
 
