@@ -7,7 +7,8 @@ server (`build_server()` of the demo upstream) runs over them with
 `Server.run`. So the peer is a real SDK server; only the framing is ours:
 one JSON-RPC message per text frame.
 
-`python ws_server.py --port N [--path /ws]`
+`python ws_server.py --port N [--path /ws] [--require-header 'NAME: VALUE']`
+(with --require-header, an upgrade without that header and value is refused with 401).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ MAX_MESSAGE = 16 * 1024 * 1024
 
 
 async def handle_socket(request: web.Request) -> web.WebSocketResponse:
+    required = request.app["required"]
+    if required is not None and request.headers.getall(required[0], []) != [required[1]]:
+        raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
     ws = web.WebSocketResponse(protocols=("mcp",), max_msg_size=MAX_MESSAGE)
     await ws.prepare(request)
     server = request.app["mcp"]._lowlevel_server
@@ -63,9 +67,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", default="/ws")
+    parser.add_argument("--require-header", metavar="'NAME: VALUE'")
     args = parser.parse_args()
     app = web.Application()
     app["mcp"] = build_server()
+    name, _, value = (args.require_header or "").partition(":")
+    app["required"] = (name.strip(), value.strip()) if args.require_header else None
     app.router.add_get(args.path, handle_socket)
     web.run_app(app, host=args.host, port=args.port, print=None)
 
