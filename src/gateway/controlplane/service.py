@@ -6,6 +6,10 @@ may see or touch: the operator (an ADMIN of the platform tenant) sees all; a
 tenant ADMIN sees only their tenant. A row outside the caller's reach is
 reported exactly like a row that does not exist.
 
+Every transaction opened for an actor goes through `scoped`, which on
+PostgreSQL also makes the database enforce the same tenant (row-level
+security, migration 0006): the second wall, for a query that forgets its filter.
+
 Every write that changes what the data plane serves bumps
 `config_state.version` in the same transaction; the caller then signals the
 change (`SnapshotStore.publish_change`).
@@ -16,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import secrets as _random
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -99,6 +104,29 @@ class Actor:
         if not self.is_operator and requested != self.tenant_id:
             raise NotFound("tenant not found")
         return requested
+
+
+# The role row-level security applies to (migration 0006) and the setting its policies read.
+TENANT_ROLE = "gateway_tenant"
+_ENTER_TENANT = sa.text(
+    f"SELECT set_config('role', '{TENANT_ROLE}', true), set_config('gateway.tenant_id', :tenant, true)"
+)
+
+
+@asynccontextmanager
+async def scoped(engine: AsyncEngine, actor: Actor) -> AsyncIterator[AsyncConnection]:
+    """A transaction for `actor`: committed on success, and on PostgreSQL confined to its tenant.
+
+    For anyone but the operator the transaction runs as `gateway_tenant` with
+    `gateway.tenant_id` set (both transaction-local, in one round trip), so the
+    row-level security policies hide and refuse other tenants' rows even if a
+    query lacks `tenant_filter`. The operator keeps the owner's view. SQLite
+    has no row-level security: there `tenant_filter` is the only wall.
+    """
+    async with engine.begin() as conn:
+        if not actor.is_operator and conn.dialect.name == "postgresql":
+            await conn.execute(_ENTER_TENANT, {"tenant": str(actor.tenant_id)})
+        yield conn
 
 
 async def bump_version(conn: AsyncConnection) -> int:
@@ -184,7 +212,7 @@ async def create_tenant(engine: AsyncEngine, actor: Actor, body: schemas.TenantC
         raise Forbidden("only the gateway operator creates tenants")
     row = {"id": uuid.uuid4(), "name": body.name, "status": "active", "settings": body.settings,
            "weight": body.weight, "is_platform": False, "created_at": utcnow(), "updated_at": utcnow()}
-    async with engine.begin() as conn:
+    async with scoped(engine, actor) as conn:
         try:
             await conn.execute(sa.insert(tenants).values(**row))
         except IntegrityError as exc:
@@ -195,12 +223,12 @@ async def create_tenant(engine: AsyncEngine, actor: Actor, body: schemas.TenantC
 
 async def list_tenants(engine: AsyncEngine, actor: Actor, *, limit: int, after: uuid.UUID | None) -> list[dict]:
     query = sa.select(tenants).where(tenants.c.id == actor.tenant_id if not actor.is_operator else sa.true())
-    return [_tenant_out(r) for r in await _page(engine, query, tenants, limit, after)]
+    return [_tenant_out(r) for r in await _page(engine, actor, query, tenants, limit, after)]
 
 
 async def get_tenant(engine: AsyncEngine, actor: Actor, tenant_id: uuid.UUID) -> dict[str, Any]:
     reach = tenants.c.id == actor.tenant_id if not actor.is_operator else sa.true()
-    async with engine.connect() as conn:
+    async with scoped(engine, actor) as conn:
         row = (await conn.execute(sa.select(tenants).where(tenants.c.id == tenant_id, reach))).mappings().first()
     if row is None:
         raise NotFound("tenant not found")
@@ -214,7 +242,7 @@ async def update_tenant(
     if not actor.is_operator:
         raise Forbidden("only the gateway operator changes tenants")
     changes = _given(body)
-    async with engine.begin() as conn:
+    async with scoped(engine, actor) as conn:
         row = (await conn.execute(sa.select(tenants).where(tenants.c.id == tenant_id))).mappings().first()
         if row is None:
             raise NotFound("tenant not found")
@@ -243,7 +271,7 @@ async def create_user(engine: AsyncEngine, actor: Actor, body: schemas.UserCreat
     tenant_id = actor.own_tenant(body.tenant_id)
     row = {"id": uuid.uuid4(), "tenant_id": tenant_id, "username": body.username, "email": body.email,
            "role": body.role, "is_active": True, "created_at": utcnow(), "updated_at": utcnow()}
-    async with engine.begin() as conn:
+    async with scoped(engine, actor) as conn:
         await _require_tenant(conn, tenant_id)
         try:
             await conn.execute(sa.insert(users).values(**row))
@@ -255,7 +283,7 @@ async def create_user(engine: AsyncEngine, actor: Actor, body: schemas.UserCreat
 
 async def list_users(engine: AsyncEngine, actor: Actor, *, limit: int, after: uuid.UUID | None) -> list[dict]:
     query = sa.select(users).where(actor.tenant_filter(users))
-    return [_user_out(r) for r in await _page(engine, query, users, limit, after)]
+    return [_user_out(r) for r in await _page(engine, actor, query, users, limit, after)]
 
 
 async def update_user(
@@ -266,7 +294,7 @@ async def update_user(
     demoted = changes.get("role", actor.role) != actor.role
     if user_id == actor.user_id and (changes.get("is_active") is False or demoted):
         raise Conflict("you cannot deactivate yourself or change your own role; ask another admin")
-    async with engine.begin() as conn:
+    async with scoped(engine, actor) as conn:
         try:
             result = await conn.execute(
                 sa.update(users).where(users.c.id == user_id, actor.tenant_filter(users))
@@ -317,7 +345,7 @@ async def _key_owner(conn: AsyncConnection, actor: Actor, user_id: uuid.UUID):
 async def create_api_key(engine: AsyncEngine, actor: Actor, body: schemas.ApiKeyCreate) -> dict[str, Any]:
     minted = mint_key()
     _check_grant(actor, body.scopes)
-    async with engine.begin() as conn:
+    async with scoped(engine, actor) as conn:
         owner = await _key_owner(conn, actor, body.user_id)
         row = {
             "id": uuid.uuid4(), "tenant_id": owner.tenant_id, "user_id": owner.id, "name": body.name,
@@ -350,7 +378,7 @@ async def rotate_api_key(
         )
     minted = mint_key()
     now = utcnow()
-    async with engine.begin() as conn:
+    async with scoped(engine, actor) as conn:
         old = (
             await conn.execute(
                 sa.select(enhanced_api_keys)
@@ -399,7 +427,7 @@ async def import_api_key(
     """
     _check_grant(actor, body.scopes)
     salt = _random.token_hex(16)
-    async with engine.begin() as conn:
+    async with scoped(engine, actor) as conn:
         owner = await _key_owner(conn, actor, body.user_id)
         row = {
             "id": uuid.uuid4(), "tenant_id": owner.tenant_id, "user_id": owner.id, "name": body.name,
@@ -425,11 +453,11 @@ def _aware(value: datetime | None) -> datetime | None:
 
 async def list_api_keys(engine: AsyncEngine, actor: Actor, *, limit: int, after: uuid.UUID | None) -> list[dict]:
     query = sa.select(enhanced_api_keys).where(actor.tenant_filter(enhanced_api_keys))
-    return [_key_out(r) for r in await _page(engine, query, enhanced_api_keys, limit, after)]
+    return [_key_out(r) for r in await _page(engine, actor, query, enhanced_api_keys, limit, after)]
 
 
 async def revoke_api_key(engine: AsyncEngine, actor: Actor, key_id: uuid.UUID) -> dict[str, Any]:
-    async with engine.begin() as conn:
+    async with scoped(engine, actor) as conn:
         result = await conn.execute(
             sa.update(enhanced_api_keys)
             .where(enhanced_api_keys.c.id == key_id, actor.tenant_filter(enhanced_api_keys))
@@ -473,7 +501,7 @@ async def create_server(
         "tags": body.tags, "capabilities": {}, "is_active": True, "created_at": utcnow(), "updated_at": utcnow(),
     }
     row.update(_sealed_auth(body.auth, row["id"], secrets))
-    async with engine.begin() as conn:
+    async with scoped(engine, actor) as conn:
         await _require_tenant(conn, tenant_id)
         try:
             await conn.execute(sa.insert(mcp_servers).values(**row))
@@ -490,11 +518,11 @@ async def list_servers(
     query = sa.select(mcp_servers).where(actor.tenant_filter(mcp_servers))
     if tenant_id is not None:
         query = query.where(mcp_servers.c.tenant_id == tenant_id)
-    return [_server_out(r) for r in await _page(engine, query, mcp_servers, limit, after)]
+    return [_server_out(r) for r in await _page(engine, actor, query, mcp_servers, limit, after)]
 
 
 async def get_server(engine: AsyncEngine, actor: Actor, server_id: uuid.UUID) -> dict[str, Any]:
-    async with engine.connect() as conn:
+    async with scoped(engine, actor) as conn:
         row = (
             await conn.execute(
                 sa.select(mcp_servers).where(mcp_servers.c.id == server_id, actor.tenant_filter(mcp_servers))
@@ -509,7 +537,7 @@ async def set_server_auth(
     engine: AsyncEngine, actor: Actor, server_id: uuid.UUID, body: schemas.ServerAuthUpdate, secrets: GatewaySecrets
 ) -> dict[str, Any]:
     """Replace the credential the gateway presents to this server (`{"kind": "none"}` removes it)."""
-    async with engine.begin() as conn:
+    async with scoped(engine, actor) as conn:
         result = await conn.execute(
             sa.update(mcp_servers)
             .where(mcp_servers.c.id == server_id, actor.tenant_filter(mcp_servers))
@@ -568,7 +596,7 @@ def _rules_query() -> sa.Select:
 async def create_access_rule(engine: AsyncEngine, actor: Actor, body: schemas.AccessRuleCreate) -> dict[str, Any]:
     """A rule for the caller's tenant (the operator names one). Every object it names must be in that tenant."""
     tenant_id = actor.own_tenant(body.tenant_id)
-    async with engine.begin() as conn:
+    async with scoped(engine, actor) as conn:
         await _require_tenant(conn, tenant_id)
         server_name = None
         server_id = body.server_id
@@ -620,18 +648,18 @@ async def list_access_rules(
         query = query.where(server_access_rules.c.tenant_id == tenant_id)
     if server_id is not None:
         query = query.where(server_access_rules.c.server_id == server_id)
-    return [_rule_out(r) for r in await _page(engine, query, server_access_rules, limit, after)]
+    return [_rule_out(r) for r in await _page(engine, actor, query, server_access_rules, limit, after)]
 
 
 async def get_access_rule(engine: AsyncEngine, actor: Actor, rule_id: uuid.UUID) -> dict[str, Any]:
-    async with engine.connect() as conn:
+    async with scoped(engine, actor) as conn:
         row = await _find_rule(conn, actor, rule_id)
     return _rule_out(row)
 
 
 async def delete_access_rule(engine: AsyncEngine, actor: Actor, rule_id: uuid.UUID) -> dict[str, Any]:
     """Delete a rule; the answer is the rule as it was."""
-    async with engine.begin() as conn:
+    async with scoped(engine, actor) as conn:
         row = await _find_rule(conn, actor, rule_id)
         await conn.execute(
             sa.delete(server_access_rules).where(
@@ -668,12 +696,14 @@ def _rule_out(row: Any) -> dict[str, Any]:
     return out
 
 
-async def _page(engine: AsyncEngine, query: sa.Select, table: sa.Table, limit: int, after: uuid.UUID | None):
+async def _page(
+    engine: AsyncEngine, actor: Actor, query: sa.Select, table: sa.Table, limit: int, after: uuid.UUID | None
+):
     """Keyset pagination by id: stable under inserts, no OFFSET scans."""
     if after is not None:
         query = query.where(table.c.id > after)
     query = query.order_by(table.c.id).limit(limit)
-    async with engine.connect() as conn:
+    async with scoped(engine, actor) as conn:
         return (await conn.execute(query)).mappings().all()
 
 

@@ -278,7 +278,7 @@ async def list_sessions(
     if after is not None:
         query = query.where(sessions.c.id > after)
     query = query.order_by(sessions.c.id).limit(limit)
-    async with engine.connect() as conn:
+    async with service.scoped(engine, actor) as conn:
         rows = (await conn.execute(query)).mappings().all()
     return [_session_out(row) for row in rows]
 
@@ -286,7 +286,7 @@ async def list_sessions(
 async def revoke_session(engine: AsyncEngine, actor: service.Actor, session_id: uuid.UUID) -> dict[str, Any]:
     """End a session within the caller's reach; another tenant's is not found, like a missing one."""
     now = utcnow()
-    async with engine.begin() as conn:
+    async with service.scoped(engine, actor) as conn:
         row = (
             await conn.execute(
                 sa.update(sessions)
