@@ -361,3 +361,25 @@ async def test_a_legacy_admin_key_works_on_the_admin_api(gateway, mcp_upstream):
     assert status == 200 and [s["id"] for s in page["items"]] == [t.server_id]
     status, _ = await gateway.admin("GET", "/servers", key=LEGACY_KEY[:-1] + "0")
     assert status == 401
+
+
+# -- the embedded default --------------------------------------------------------------------------------------
+async def test_the_lifecycle_on_sqlite(sqlite_url, make_gateway, mcp_upstream):
+    """Rotation, legacy import, last use and a sealed credential on the SQLite schema (naive timestamps, IN lists)."""
+    gw = await make_gateway(sqlite_url)
+    t = await gw.tenancy("acme", mcp_upstream)
+    status, new = await gw.admin("POST", f"/api-keys/{t.api_key_id}/rotate", {"grace_seconds": 0})
+    assert status == 201, new
+    assert (await call(t.endpoint, t.api_key))[0] == 401
+    assert (await call(t.endpoint, new["key"]))[0] == 200
+    status, _ = await gw.admin("POST", "/api-keys/import", {"user_id": t.user_id, "name": "old", "key": LEGACY_KEY})
+    assert status == 201
+    assert (await call(t.endpoint, LEGACY_KEY))[0] == 200
+    await gw.gateway.key_usage.flush()
+    _, page = await gw.admin("GET", "/api-keys")
+    used = {k["name"]: k["last_used_at"] for k in page["items"] if k["user_id"] == t.user_id}
+    assert used["old"] is not None and used["acme-key"] is not None
+    status, server = await gw.admin("PUT", f"/servers/{t.server_id}/auth",
+                                    {"auth": {"kind": "header", "header_name": "X-Key", "header_value": "v"}})
+    assert status == 200 and server["auth"] == {"kind": "header", "header_name": "X-Key"}
+    assert (await call(t.endpoint, new["key"]))[0] == 200  # the demo server ignores the extra header
