@@ -147,6 +147,7 @@ def _admit(snapshot: Snapshot, entry: KeyEntry, scope: str, now: float | None) -
         )
     return entry
 
+
 class RetryAfterFetch(Refusal):
     """A refusal that may not stand: the credential needs something this process can fetch first.
 
