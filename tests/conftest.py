@@ -101,17 +101,30 @@ def redis_prefix() -> str:
     asyncio.run(cleanup())
 
 
-def pytest_asyncio_loop_factories(config, item):
-    """Every async test runs on asyncio's loop and on uvloop (the production loop).
+# Tests whose code paths differ between event loops (transports, subprocesses, stream
+# reading, signal handling): these run on asyncio's loop and on uvloop. The rest is
+# application logic over the same calls and runs on uvloop, the production loop.
+BOTH_LOOPS = frozenset({
+    "test_upstream_faults", "test_stdio_upstream", "test_stdio_e2e", "test_channel_upstreams",
+    "test_bridge_transports", "test_stream_limits", "test_proxy_e2e", "test_relay_channels",
+    "test_records_e2e", "test_writer",
+})
 
-    TEST_LOOPS=uvloop (or asyncio) narrows it, e.g. for a quick local run.
+
+def pytest_asyncio_loop_factories(config, item):
+    """The loops an async test runs on: both for BOTH_LOOPS modules, else uvloop.
+
+    TEST_LOOPS=uvloop (or asyncio, or asyncio,uvloop) overrides it for every test,
+    e.g. TEST_LOOPS=asyncio,uvloop runs the whole suite on both.
     """
     import uvloop
 
     factories = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     wanted = os.environ.get("TEST_LOOPS")
     if wanted:
-        factories = {name: factories[name] for name in wanted.split(",")}
+        return {name: factories[name] for name in wanted.split(",")}
+    if item.module.__name__.rpartition(".")[2] not in BOTH_LOOPS:
+        return {"uvloop": factories["uvloop"]}
     return factories
 
 

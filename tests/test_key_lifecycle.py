@@ -377,8 +377,10 @@ async def test_the_lifecycle_on_sqlite(sqlite_url, make_gateway, mcp_upstream):
     assert (await call(t.endpoint, LEGACY_KEY))[0] == 200
     await gw.gateway.key_usage.flush()
     _, page = await gw.admin("GET", "/api-keys")
-    used = {k["name"]: k["last_used_at"] for k in page["items"] if k["user_id"] == t.user_id}
-    assert used["old"] is not None and used["acme-key"] is not None
+    # By id: the rotated key and its successor share a name (only the successor was used).
+    used = {k["id"]: k["last_used_at"] for k in page["items"] if k["user_id"] == t.user_id}
+    assert used[next(k["id"] for k in page["items"] if k["name"] == "old")] is not None
+    assert used[new["id"]] is not None and used[t.api_key_id] is None
     status, server = await gw.admin("PUT", f"/servers/{t.server_id}/auth",
                                     {"auth": {"kind": "header", "header_name": "X-Key", "header_value": "v"}})
     assert status == 200 and server["auth"] == {"kind": "header", "header_name": "X-Key"}

@@ -26,7 +26,7 @@ MAX_MESSAGE = 16 * 1024 * 1024
 
 
 async def handle_socket(request: web.Request) -> web.WebSocketResponse:
-    required = request.app["required"]
+    required = request.app.get("required")  # absent in apps that mount this handler themselves
     if required is not None and request.headers.getall(required[0], []) != [required[1]]:
         raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
     ws = web.WebSocketResponse(protocols=("mcp",), max_msg_size=MAX_MESSAGE)
