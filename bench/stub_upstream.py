@@ -7,7 +7,8 @@ echoing the request's id:
 
     {"jsonrpc":"2.0","id":<id>,"result":{"content":[{"type":"text","text":"ok"}],"isError":false}}
 
-with `Content-Type: application/json`; a notification or a client's response
+with `Content-Type: application/json` (`server/discover` gets a 2026-07-28 discover
+result instead, so the gateway takes it for what it stands in for); a notification or a client's response
 (no id) gets 202 and an empty body, a batch gets an array of results (202 if
 it holds no request), a body that is not JSON gets 400 with a JSON-RPC parse
 error (-32700; JSON that is no message: -32600). GET and DELETE get 405 (no
@@ -38,6 +39,7 @@ class _Message(msgspec.Struct):
     # Only what the answer needs. `id` is kept raw so it echoes byte-for-byte
     # (an int, a string, whatever the client chose); UNSET means "no id".
     id: msgspec.Raw = msgspec.Raw(b"")
+    method: str = ""
 
 
 _decode_one = msgspec.json.Decoder(_Message).decode
@@ -46,6 +48,13 @@ _decode_batch = msgspec.json.Decoder(list[_Message]).decode
 _RESULT_HEAD = b'{"jsonrpc":"2.0","id":'
 _SESSION_HEADER = b"Mcp-Session-Id: bench-session\r\n"
 _RESULT_TAIL = b',"result":{"content":[{"type":"text","text":"ok"}],"isError":false}}'
+# server/discover is answered as a server of both eras answers it (the gateway asks once per
+# server which era it speaks; a stub that answered it like a tool call would be taken for a
+# 2025-era server and put behind the gateway's translating facade).
+_DISCOVER_TAIL = (
+    b',"result":{"supportedVersions":["2026-07-28"],"capabilities":{"tools":{}},'
+    b'"resultType":"complete","_meta":{"io.modelcontextprotocol/serverInfo":{"name":"stub","version":"1"}}}}'
+)
 _PARSE_ERROR = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"Parse error"}}'
 _INVALID_REQUEST = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Invalid Request"}}'
 
@@ -64,13 +73,16 @@ def answer_body(body: bytes) -> tuple[int, bytes]:
             if not ids:
                 return 202, b""
             return 200, b"[" + b",".join(_RESULT_HEAD + bytes(i) + _RESULT_TAIL for i in ids) + b"]"
-        message_id = _decode_one(body).id
+        message = _decode_one(body)
+        message_id = message.id
     except msgspec.ValidationError:  # JSON, but not a message (e.g. a bare number)
         return 400, _INVALID_REQUEST
     except msgspec.DecodeError:
         return 400, _PARSE_ERROR
     if not message_id:
         return 202, b""
+    if message.method == "server/discover":
+        return 200, _RESULT_HEAD + bytes(message_id) + _DISCOVER_TAIL
     return 200, _RESULT_HEAD + bytes(message_id) + _RESULT_TAIL
 
 
