@@ -24,6 +24,7 @@ import mcp.types as types
 import pytest
 from channel_servers.scripted import Script, serve, sse_app, ws_app
 from harness import free_port, wait_for_port
+from test_relay import _Answers
 
 from gateway.dataplane import multiplexed
 from gateway.dataplane.channels import SseUpstream, WebSocketUpstream
@@ -97,23 +98,6 @@ def _route(transport: str, path: str) -> tuple[str, str]:
     """(endpoint path, tool prefix) of a server behind the facade or in /mcp."""
     name = NAMES[transport]
     return (f"/servers/{name}/mcp", "") if path == "facade" else ("/mcp", f"{name}__")
-
-
-class _Answers:
-    """The client's side: what it was asked, and what it answers."""
-
-    def __init__(self) -> None:
-        self.asked: list[str] = []
-
-    async def sampling(self, context, params: types.CreateMessageRequestParams):
-        self.asked.append("sampling:" + params.messages[0].content.text)
-        return types.CreateMessageResult(
-            role="assistant", content=types.TextContent(type="text", text="Paris is lovely."), model="test-model"
-        )
-
-    async def elicitation(self, context, params):
-        self.asked.append("elicitation:" + params.message)
-        return types.ElicitResult(action="accept", content={"name": "Ada"})
 
 
 def _client(gw, t, path: str, mode: str, answers: _Answers | None = None, **options):

@@ -56,7 +56,7 @@ import orjson
 from yarl import URL
 
 from gateway.dataplane.mcp_client import CLIENT_INFO, HANDSHAKE, RELAYED_CLIENT_CAPABILITIES, UpstreamRpcError
-from gateway.dataplane.multiplexed import CallTable, StreamCall, progress_token
+from gateway.dataplane.multiplexed import CallTable, RestartBackoff, StreamCall, progress_token
 from gateway.dataplane.sse import EventParser
 from gateway.dataplane.upstream import UpstreamConnectError, UpstreamError, UpstreamTimeout
 
@@ -112,7 +112,6 @@ class ChannelUpstream:
         self.credential = credential
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        self.backoff_min, self.backoff_max = restart_backoff
         self.era = "legacy"  # these transports predate the 2026-07-28 stateless era
         self.server_capabilities: dict[str, Any] = {}
         self.server_info: dict[str, Any] = {}
@@ -126,8 +125,7 @@ class ChannelUpstream:
         self._channels: set[_Channel] = set()  # every one not yet shut down, for close()
         self._starting: asyncio.Future[_Channel] | None = None
         self._connected = False
-        self._delay = 0.0  # the current reconnect backoff
-        self._not_before = 0.0  # no connection attempt before this (monotonic)
+        self._backoff = RestartBackoff(*restart_backoff, stable_after=STABLE_AFTER)
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
 
@@ -245,8 +243,8 @@ class ChannelUpstream:
             if channel is not None:  # it broke: the next attempt waits out the backoff
                 self._channel = None
                 ended = channel.ended_at or time.monotonic()
-                self._note_failure(ended - channel.opened_at, ended)
-            delay = max(0.0, self._not_before - time.monotonic())
+                self._backoff.failed(ended - channel.opened_at, ended)
+            delay = self._backoff.wait(time.monotonic())
             self._starting = asyncio.ensure_future(self._start(delay))
             self._starting.add_done_callback(self._started)
         starting = self._starting
@@ -265,18 +263,9 @@ class ChannelUpstream:
         if task.cancelled():
             return
         if task.exception() is not None:  # also marks it retrieved when no caller is left
-            self._note_failure(None, time.monotonic())
+            self._backoff.failed(None, time.monotonic())
             return
         self._channel = task.result()
-
-    def _note_failure(self, lived: float | None, at: float) -> None:
-        if lived is not None and lived >= STABLE_AFTER:
-            self._delay = self.backoff_min
-        elif self._delay == 0.0:
-            self._delay = self.backoff_min
-        else:
-            self._delay = min(self._delay * 2, self.backoff_max)
-        self._not_before = at + self._delay
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None:

@@ -238,3 +238,31 @@ def _routable(token: Any) -> bool:
 
 def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+
+
+class RestartBackoff:
+    """When a supervised upstream (a stdio process, an SSE or WebSocket connection) may start again.
+
+    The first failure waits `low`, each further one doubles it up to `high`; an
+    upstream that had lived `stable_after` seconds before it failed starts over at `low`.
+    """
+
+    __slots__ = ("low", "high", "stable_after", "delay", "not_before")
+
+    def __init__(self, low: float, high: float, stable_after: float = 30.0) -> None:
+        self.low, self.high, self.stable_after = low, high, stable_after
+        self.delay = 0.0  # the current backoff
+        self.not_before = 0.0  # no start before this (monotonic)
+
+    def failed(self, lived: float | None, at: float) -> None:
+        """A start failed (`lived` None) or a running upstream ended after `lived` seconds, at `at`."""
+        if (lived is not None and lived >= self.stable_after) or self.delay == 0.0:
+            self.delay = self.low
+        else:
+            self.delay = min(self.delay * 2, self.high)
+        self.not_before = at + self.delay
+
+    def wait(self, now: float) -> float:
+        """Seconds to wait before the next start."""
+        return max(0.0, self.not_before - now)
+

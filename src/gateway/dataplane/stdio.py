@@ -55,7 +55,7 @@ from typing import Any
 import orjson
 
 from gateway.dataplane.mcp_client import CLIENT_INFO, HANDSHAKE, RELAYED_CLIENT_CAPABILITIES, UpstreamRpcError
-from gateway.dataplane.multiplexed import CallTable, StreamCall, progress_token
+from gateway.dataplane.multiplexed import CallTable, RestartBackoff, StreamCall, progress_token
 from gateway.dataplane.upstream import UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("gateway.stdio")
@@ -105,7 +105,6 @@ class StdioUpstream:
         self.timeout = timeout
         self.start_timeout = start_timeout
         self.cwd = cwd
-        self.backoff_min, self.backoff_max = restart_backoff
         self.era = "legacy"  # stdio servers speak the handshake era
         self.server_capabilities: dict[str, Any] = {}
         self.server_info: dict[str, Any] = {}
@@ -127,8 +126,7 @@ class StdioUpstream:
         self._processes: set[_Process] = set()  # every one not yet finished, for close()
         self._starting: asyncio.Future[_Process] | None = None
         self._spawned = False
-        self._delay = 0.0  # the current restart backoff
-        self._not_before = 0.0  # no start before this (monotonic)
+        self._backoff = RestartBackoff(*restart_backoff, stable_after=STABLE_AFTER)
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
 
@@ -237,8 +235,8 @@ class StdioUpstream:
             if process is not None:  # it died: the next start waits out the backoff
                 self._process = None
                 ended = process.ended_at or time.monotonic()
-                self._note_failure(ended - process.started_at, ended)
-            delay = max(0.0, self._not_before - time.monotonic())
+                self._backoff.failed(ended - process.started_at, ended)
+            delay = self._backoff.wait(time.monotonic())
             self._starting = asyncio.ensure_future(self._start(delay))
             self._starting.add_done_callback(self._started)
         starting = self._starting
@@ -257,18 +255,9 @@ class StdioUpstream:
         if task.cancelled():
             return
         if task.exception() is not None:  # also marks it retrieved when no caller is left
-            self._note_failure(None, time.monotonic())
+            self._backoff.failed(None, time.monotonic())
             return
         self._process = task.result()
-
-    def _note_failure(self, lived: float | None, at: float) -> None:
-        if lived is not None and lived >= STABLE_AFTER:
-            self._delay = self.backoff_min
-        elif self._delay == 0.0:
-            self._delay = self.backoff_min
-        else:
-            self._delay = min(self._delay * 2, self.backoff_max)
-        self._not_before = at + self._delay
 
     async def _start(self, delay: float) -> _Process:
         if delay > 0:
