@@ -101,9 +101,58 @@ class SessionsConfig(msgspec.Struct, forbid_unknown_fields=True):
     # A session with no request for this long stops counting against the cap.
     idle_timeout: Positive = 3600.0
 
+Role = Literal["ADMIN", "USER", "SERVICE", "READONLY"]
+PerMinute = Annotated[int, Meta(ge=0, le=100_000_000)]  # 0: the tier is off
 
-class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
+
+def _role_defaults() -> dict[str, int]:
+    return {"ADMIN": 1000, "USER": 100, "SERVICE": 1000, "READONLY": 100}
+
+
+class LimitSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The limits an admin may change at runtime (`/api/v1/rate-limits`); the `[limits]` section gives the defaults.
+
+    Every "per minute" limit is a token bucket refilled at that rate that holds
+    `burst_seconds` of it (at least one request's worth), shared by every
+    gateway process through Redis (limits/shared.py).
+    """
+
+    # Across the whole deployment; contended capacity is shared between tenants
+    # by weight (tenants.weight) through the fair queue.
+    global_per_minute: PerMinute = 5000
+    # A tenant may take up to this multiple of its weighted share of the
+    # capacity while the tenants it shares with leave theirs unused.
+    tenant_burst_factor: Annotated[float, Meta(ge=1.0, le=1000.0)] = 2.0
+    # Per user, by role.
+    roles: dict[Role, PerMinute] = msgspec.field(default_factory=_role_defaults)
+    # Requests without valid credentials, per client address.
+    anonymous_per_minute: PerMinute = 20
+    # Per client address, every request.
+    ip_per_minute: PerMinute = 600
+    burst_seconds: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+    # What one request costs in tokens, by method ("tools/call") or tool
+    # ("tools/call:<tool name>"); the tool's entry wins. Unlisted: 1.
+    costs: dict[str, Annotated[float, Meta(gt=0, le=1000)]] = msgspec.field(default_factory=dict)
+    # Requests of one tenant waiting for contended capacity, and how long one may wait.
+    queue_max: Annotated[int, Meta(ge=0, le=100_000)] = 64
+    queue_deadline: Annotated[float, Meta(ge=0, le=60)] = 2.0
+    # An address refused this many times within ban_window seconds is banned for ban_seconds.
+    ban_violations: Annotated[int, Meta(ge=0, le=1_000_000)] = 50
+    ban_window: Annotated[float, Meta(gt=0, le=86_400)] = 60.0
+    ban_seconds: Annotated[float, Meta(gt=0, le=30 * 86_400)] = 600.0
+    # CIDR ranges never limited by address nor banned, and ranges always refused (403).
+    ip_allow: list[str] = msgspec.field(default_factory=list)
+    ip_deny: list[str] = msgspec.field(default_factory=list)
+
+
+class LimitsConfig(LimitSettings, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
+    # How often each process reports what it admitted to Redis and takes its
+    # share of what is left (limits/shared.py).
+    sync_interval: Annotated[float, Meta(ge=0.005, le=5.0)] = 0.05
+    # While Redis is unreachable: "local" (each process admits limit / N, N the
+    # processes last seen alive) or "closed" (refuse what a shared tier decides).
+    redis_down_policy: Literal["local", "closed"] = "local"
 
 
 class KeysConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -121,8 +170,6 @@ class SecretsConfig(msgspec.Struct, forbid_unknown_fields=True):
     # kept in the database (then the database alone can open the credentials).
     key: str = ""
 
-
-Role = Literal["ADMIN", "USER", "SERVICE", "READONLY"]
 Scope = Literal["read", "write", "admin", "proxy", "metrics", "health"]
 
 
