@@ -180,6 +180,29 @@ def test_refund_gives_back_up_to_capacity(bucket_impl):
     assert bucket.available(0.0) == 10.0
 
 
+def test_set_available_replaces_the_count_within_minus_and_plus_capacity(bucket_impl):
+    bucket = bucket_impl(10.0, 2.0, 0.0)
+    bucket.set_available(3.0, 1.0)
+    assert bucket.available(1.0) == 3.0
+    bucket.set_available(50.0, 1.0)
+    assert bucket.available(1.0) == 10.0
+    # A debt: the refill pays it back before anything is admitted.
+    bucket.set_available(-4.0, 1.0)
+    assert not bucket.try_acquire(1.0, 3.0)
+    assert bucket.retry_after(1.0, 3.0) == 0.5
+    bucket.set_available(-99.0, 4.0)
+    assert bucket.available(4.0) == -10.0
+    bucket.set_available(float("nan"), 4.0)
+    assert bucket.available(4.0) == -10.0
+
+
+def test_set_available_credits_the_time_before_it_at_the_old_count(bucket_impl):
+    bucket = bucket_impl(10.0, 1.0, 0.0)
+    assert bucket.try_acquire(10.0, 0.0)
+    bucket.set_available(2.0, 5.0)  # the 5 s before are credited first, then replaced
+    assert bucket.available(6.0) == 3.0
+
+
 # --- properties --------------------------------------------------------------
 
 capacities = st.floats(min_value=1e-3, max_value=1e6)

@@ -28,3 +28,4 @@ cdef class TokenBucket:
     cpdef void refund(self, double cost) noexcept
     # Raises ValueError on bad limits.
     cpdef void reconfigure(self, double capacity, double refill_per_second, double now) except *
+    cpdef void set_available(self, double tokens, double now) noexcept

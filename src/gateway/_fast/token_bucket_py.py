@@ -118,3 +118,20 @@ class TokenBucket:
         self._refill_per_second = float(refill_per_second)
         if self._tokens > self._capacity:
             self._tokens = self._capacity
+
+    def set_available(self, tokens: float, now: float) -> None:
+        """Hold `tokens` from `now` on (at most the capacity, at least minus the capacity).
+
+        For a bucket that is one process's share of a shared one
+        (limits/shared.py): a synchronization replaces the local count with the
+        share of what the shared bucket holds. A negative count is a debt that
+        the refill pays back before anything is admitted.
+        """
+        self._refill(now)
+        # A range, so NaN changes nothing.
+        if -self._capacity <= tokens <= self._capacity:
+            self._tokens = tokens
+        elif tokens > self._capacity:
+            self._tokens = self._capacity
+        elif tokens < -self._capacity:
+            self._tokens = -self._capacity
