@@ -9,6 +9,7 @@ reading the file.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -143,6 +144,14 @@ class LimitSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # CIDR ranges never limited by address nor banned, and ranges always refused (403).
     ip_allow: list[str] = msgspec.field(default_factory=list)
     ip_deny: list[str] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("ip_allow", "ip_deny"):
+            for value in getattr(self, name):
+                try:
+                    ipaddress.ip_network(value, strict=False)
+                except ValueError:
+                    raise ValueError(f"{name}: {value!r} is not an IP address or CIDR range") from None
 
 
 class LimitsConfig(LimitSettings, forbid_unknown_fields=True, kw_only=True):
@@ -364,7 +373,10 @@ def _validate(
                 good[key] = msgspec.convert(value, fields[key], strict=False)
             except msgspec.ValidationError as exc:
                 problems.append(f"{where}: {section}.{key} = {value!r}: {str(exc).split(' - at')[0]}")
-        built[section] = cls(**good)
+        try:
+            built[section] = cls(**good)
+        except (TypeError, ValueError) as exc:  # a check across keys (__post_init__)
+            problems.append(f"[{section}]: {exc}")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     config = Config(**built)
