@@ -42,3 +42,18 @@ def python_bucket() -> type:
 @pytest.fixture(scope="session", params=["compiled", "python"])
 def bucket_impl(request: pytest.FixtureRequest) -> type:
     return request.getfixturevalue(f"{request.param}_bucket")
+
+
+@pytest.fixture(scope="session")
+def compiled_violations() -> type:
+    return _compiled("gateway._fast.violations_c").ViolationCounts
+
+
+@pytest.fixture(scope="session")
+def python_violations() -> type:
+    return importlib.import_module("gateway._fast.violations_py").ViolationCounts
+
+
+@pytest.fixture(scope="session", params=["compiled", "python"])
+def violations_impl(request: pytest.FixtureRequest) -> type:
+    return request.getfixturevalue(f"{request.param}_violations")

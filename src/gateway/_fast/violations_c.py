@@ -1,0 +1,1 @@
+violations_py.py
