@@ -335,6 +335,22 @@ config_state = sa.Table(
     sa.Column("updated_at", Timestamp, nullable=False, default=utcnow),
 )
 
+# The limits an admin changed at runtime (`/api/v1/rate-limits`): one row for
+# the deployment, holding only the keys the admin set (`LimitSettings` field ->
+# value); the `[limits]` section supplies the rest. The snapshot applies them.
+# `updated_by` / `updated_by_key`: who changed them last (plain ids, no foreign
+# keys, like the records: they outlive the user).
+limit_settings = sa.Table(
+    "limit_settings",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("overrides", Json, nullable=False, default=dict),
+    sa.Column("updated_by", sa.Uuid, nullable=True),
+    sa.Column("updated_by_key", sa.Uuid, nullable=True),
+    sa.Column("updated_at", Timestamp, nullable=False, default=utcnow),
+    sa.CheckConstraint("id = 1", name="one_row"),
+)
+
 # Secrets the gateway generates for itself and every process must share (the
 # session-sealing key when none is configured). Created once, never updated.
 gateway_secrets = sa.Table(
