@@ -80,6 +80,7 @@ class Gateway:
             redis=self.redis,
             channel=f"{cfg.redis.key_prefix}config-changed",
             legacy_digest=self.secrets.legacy_digest,
+            limit_defaults=cfg.limits,
         )
         quotas = KeyQuotas() if cfg.limits.enabled else None
         if quotas is not None:

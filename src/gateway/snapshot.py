@@ -9,23 +9,33 @@ into lookup tables, and swapped in atomically. The request path reads
 commit) publishes on Redis `<prefix>config-changed` and calls `refresh()` on
 its own process. Other processes hear the Redis message; a periodic version
 check is the safety net when Redis is absent or a message is lost.
+
+`Snapshot.limits` is the effective `LimitSettings`: the `[limits]` defaults
+this process was configured with, and over them the overrides an admin set
+through `/api/v1/rate-limits` (table `limit_settings`). An override that no
+longer validates (a key since removed, a range since narrowed) is logged and
+ignored: a stored value must never stop a process from loading its snapshot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
+from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway.config import LimitSettings
 from gateway.dataplane.upstream import request_target
-from gateway.db.tables import config_state, enhanced_api_keys, mcp_servers, tenants, users
+from gateway.db.tables import config_state, enhanced_api_keys, limit_settings, mcp_servers, tenants, users
 from gateway.auth.access import EMPTY_POLICY, AccessPolicy, AccessRule
 from gateway.db.tables import server_access_rules
 
@@ -88,6 +98,10 @@ class Snapshot:
     # Imported legacy keys by lookup digest, and the function computing a presented key's digest.
     keys_by_digest: dict[str, KeyEntry] = field(default_factory=dict)
     legacy_digest: Callable[[str], str] | None = field(default=None, repr=False)
+    # The effective limits (defaults with the admin's overrides applied, validated),
+    # and which of its keys an override set.
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    limits_overridden: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.by_tenant and self.servers:
@@ -123,6 +137,73 @@ def _origin(url: str) -> str:
 
 
 _VERSION = sa.select(config_state.c.version).where(config_state.c.id == 1)
+_OVERRIDES = sa.select(limit_settings.c.overrides).where(limit_settings.c.id == 1)
+
+
+# -- limit settings ---------------------------------------------------------------------------
+LIMIT_KEYS: tuple[str, ...] = tuple(f.name for f in msgspec.structs.fields(LimitSettings))
+_LIMIT_TYPES: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(LimitSettings)}
+# Settings that are tables (role -> limit, method -> cost): an override changes the
+# entries it names and keeps the defaults' others.
+MERGED_LIMIT_KEYS = frozenset(k for k, t in _LIMIT_TYPES.items() if getattr(t, "__origin__", None) is dict)
+
+
+def limit_setting_problems(key: str, value: Any) -> list[tuple[str, str]]:
+    """Why `value` cannot be the limit setting `key`, as (field, message) pairs; none when it can.
+
+    The value goes through `LimitSettings` itself (the other keys at their
+    built-in defaults): strict JSON types (no strings for numbers, no floats
+    for integers), the declared ranges, and the struct's own checks (address
+    and CIDR syntax). A table setting is checked entry by entry so that a
+    message names the entry (`roles.USER`).
+    """
+    if key not in _LIMIT_TYPES:
+        return [(key, f"unknown limit setting (known: {', '.join(LIMIT_KEYS)})")]
+    if key in MERGED_LIMIT_KEYS and isinstance(value, dict):
+        parts = [(f"{key}.{entry}", {entry: item}, False) for entry, item in value.items()]
+    else:
+        parts = [(key, value, True)]
+    problems = []
+    for name, part, with_path in parts:
+        try:
+            msgspec.convert({key: part}, LimitSettings)
+        except msgspec.ValidationError as exc:
+            text = str(exc)
+            at = text.partition(" - at `$")[2].rstrip("`").removeprefix(f".{key}") if with_path else ""
+            problems.append((name + at, text.split(" - at ")[0].replace("`", "")))
+    return problems
+
+
+def apply_limit_overrides(
+    defaults: LimitSettings | None, overrides: Mapping[str, Any]
+) -> tuple[LimitSettings, frozenset[str], dict[str, str]]:
+    """The effective limits: `defaults` with every valid override applied.
+
+    Returns the limits, the keys applied, and the keys ignored with why. A
+    table setting's override (`roles`, `costs`) is laid over the default table.
+    Each override is checked on its own and then with the others, in key order,
+    so one bad value never takes the valid ones down with it.
+    """
+    base = {key: msgspec.to_builtins(getattr(defaults or LimitSettings(), key)) for key in LIMIT_KEYS}
+    limits = msgspec.convert(base, LimitSettings)
+    applied: set[str] = set()
+    ignored: dict[str, str] = {}
+    for key in sorted(overrides):
+        value = overrides[key]
+        problems = limit_setting_problems(key, value)
+        if problems:
+            ignored[key] = "; ".join(f"{field}: {message}" for field, message in problems)
+            continue
+        if key in MERGED_LIMIT_KEYS:
+            value = {**base[key], **value}
+        try:
+            candidate = msgspec.convert({**base, key: value}, LimitSettings)
+        except msgspec.ValidationError as exc:  # a rule across settings
+            ignored[key] = str(exc)
+            continue
+        base[key], limits = value, candidate
+        applied.add(key)
+    return limits, frozenset(applied), ignored
 
 
 async def read_version(engine: AsyncEngine) -> int:
@@ -130,10 +211,15 @@ async def read_version(engine: AsyncEngine) -> int:
         return (await conn.execute(_VERSION)).scalar_one()
 
 
-async def load_snapshot(engine: AsyncEngine, legacy_digest: Callable[[str], str] | None = None) -> Snapshot:
+async def load_snapshot(
+    engine: AsyncEngine,
+    legacy_digest: Callable[[str], str] | None = None,
+    limit_defaults: LimitSettings | None = None,
+) -> Snapshot:
     """Read everything the data plane needs in one transaction."""
     async with engine.connect() as conn:
         version = (await conn.execute(_VERSION)).scalar_one()
+        overrides = (await conn.execute(_OVERRIDES)).scalar_one_or_none()
         tenant_rows = (await conn.execute(sa.select(tenants))).mappings().all()
         key_rows = (
             await conn.execute(
@@ -191,11 +277,25 @@ async def load_snapshot(engine: AsyncEngine, legacy_digest: Callable[[str], str]
         for r in server_rows
     }
     access = AccessPolicy((_access_rule(r) for r in rule_rows), servers.values())
+    limits, overridden = _effective_limits(limit_defaults, overrides, version)
     return Snapshot(
         access=access,
         version=version, tenants=tenant_map, keys_by_prefix=keys, servers=servers, keys_by_digest=by_digest,
-        legacy_digest=legacy_digest,
+        legacy_digest=legacy_digest, limits=limits, limits_overridden=overridden,
     )
+
+
+def _effective_limits(
+    defaults: LimitSettings | None, overrides: Any, version: int
+) -> tuple[LimitSettings, frozenset[str]]:
+    if not isinstance(overrides, dict):
+        if overrides is not None:
+            log.warning("limit_settings.overrides is not a JSON object (ignored): %r", overrides)
+        overrides = {}
+    limits, applied, ignored = apply_limit_overrides(defaults, overrides)
+    for key, why in ignored.items():
+        log.warning("limit override %r ignored (configuration version %d): %s", key, version, why)
+    return limits, applied
 
 
 def _access_rule(r) -> AccessRule:
@@ -211,14 +311,16 @@ class SnapshotStore:
 
     def __init__(
         self, engine: AsyncEngine, *, poll_interval: float = 1.0, redis=None, channel: str = "",
-        legacy_digest: Callable[[str], str] | None = None,
+        legacy_digest: Callable[[str], str] | None = None, limit_defaults: LimitSettings | None = None,
     ) -> None:
         self.engine = engine
         self.legacy_digest = legacy_digest
+        # The `[limits]` section: what `Snapshot.limits` is where no admin override applies.
+        self.limit_defaults = limit_defaults
         self.poll_interval = poll_interval
         self.redis = redis
         self.channel = channel
-        self.current: Snapshot = EMPTY
+        self.current: Snapshot = dataclasses.replace(EMPTY, limits=apply_limit_overrides(limit_defaults, {})[0])
         self.loaded = False
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
@@ -230,7 +332,7 @@ class SnapshotStore:
 
     async def refresh(self) -> Snapshot:
         async with self._lock:
-            snapshot = await load_snapshot(self.engine, self.legacy_digest)
+            snapshot = await load_snapshot(self.engine, self.legacy_digest, self.limit_defaults)
             if snapshot.version >= self.current.version:
                 self.current = snapshot
                 self.loaded = True
