@@ -132,7 +132,7 @@ class Gateway:
             self.signin = SignIn(cfg.signin, cfg.auth)
             control = ControlPlane(
                 self.engine, self.store.publish_change, secrets=self.secrets, keys=cfg.keys, key_usage=self.key_usage,
-                signin=self.signin,
+                signin=self.signin, limit_defaults=cfg.limits,
             )
             self.controlplane_port = await self._listen(
                 web.AppRunner(control.build_app(), access_log=None, shutdown_timeout=10.0),

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.auth.keys import bearer_token
 from gateway.auth.signin import SignIn
-from gateway.config import KeysConfig
+from gateway.config import KeysConfig, LimitSettings
 from gateway.controlplane import permissions, schemas, service
 from gateway.controlplane import sessions, signin_api
 
@@ -69,8 +69,11 @@ class ControlPlane:
         keys: KeysConfig | None = None,
         key_usage: KeyUsage | None = None,
         signin: SignIn | None = None,
+        limit_defaults: LimitSettings | None = None,
     ) -> None:
         self.engine = engine
+        # The `[limits]` section: what /rate-limits reports where no override applies.
+        self.limit_defaults = limit_defaults or LimitSettings()
         self.on_change = on_change
         self.secrets = secrets  # seals upstream credentials, finds imported legacy keys
         self.keys = keys or KeysConfig()
@@ -105,6 +108,9 @@ class ControlPlane:
         r.add_delete("/api/v1/access-rules/{id}", self._admin(self.delete_access_rule, writes=True))
         r.add_get("/api/v1/sessions", self._admin(self.list_sessions, action="sessions.read"))
         r.add_delete("/api/v1/sessions/{id}", self._admin(self.revoke_session, action="sessions.revoke"))
+        r.add_get("/api/v1/rate-limits", self._admin(self.get_rate_limits, action="limits.read"))
+        r.add_patch("/api/v1/rate-limits", self._admin(self.update_rate_limits, writes=True, action="limits.write"))
+        r.add_delete("/api/v1/rate-limits", self._admin(self.reset_rate_limits, writes=True, action="limits.write"))
         self.signin.add_routes(r)
         return app
 
@@ -270,6 +276,17 @@ class ControlPlane:
     async def revoke_session(self, request: web.Request, actor: service.Actor) -> web.Response:
         return _json(await sessions.revoke_session(self.engine, actor, _path_id(request, "session")))
 
+    # -- rate limits ---------------------------------------------------------------------------
+    async def get_rate_limits(self, request: web.Request, actor: service.Actor) -> web.Response:
+        return _json(await service.get_limit_settings(self.engine, actor, self.limit_defaults))
+
+    async def update_rate_limits(self, request: web.Request, actor: service.Actor) -> web.Response:
+        patch = schemas.validate_limit_patch(await request.read())
+        return _json(await service.update_limit_settings(self.engine, actor, self.limit_defaults, patch))
+
+    async def reset_rate_limits(self, request: web.Request, actor: service.Actor) -> web.Response:
+        return _json(await service.reset_limit_settings(self.engine, actor, self.limit_defaults))
+
     # -- OpenAPI -------------------------------------------------------------------------------
     async def openapi(self, request: web.Request) -> web.Response:
         return _json(openapi_document())
@@ -399,6 +416,18 @@ def openapi_document() -> dict[str, Any]:
                 "get": {"parameters": paging, "responses": listing},
             },
             "/api/v1/servers/{id}": {"get": {"responses": {"200": {"description": "the server"}}}},
+            "/api/v1/rate-limits": {
+                "get": {"responses": {"200": {"description": "{limits (effective), overridden (keys), ignored "
+                                                            "(stored overrides that no longer validate), defaults, "
+                                                            "updated_by, updated_at, tenant_weights}"}}},
+                "patch": {
+                    "requestBody": {**body("LimitSettings"), "description": "any subset of the keys; null removes "
+                                    "an override (the default applies again); roles and costs merge by entry"},
+                    "responses": {"200": {"description": "as GET, after the change (operator only)"},
+                                  "422": {"description": "unknown key, wrong type or out of range: nothing changed"}},
+                },
+                "delete": {"responses": {"200": {"description": "every override removed; as GET"}}},
+            },
             "/api/v1/sessions": {"get": {"parameters": paging, "responses": listing}},
             "/api/v1/sessions/{id}": {"delete": {"responses": {"200": {"description": "ended: the session"}}}},
             "/auth/login/{provider}": {"get": {"security": [], "responses": {"302": {"description": "to the provider"}}}},

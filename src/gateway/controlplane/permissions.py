@@ -57,6 +57,10 @@ PERMISSIONS: dict[str, Permission] = {
     # Sign-in sessions (controlplane/sessions.py): everyone their own, a tenant ADMIN the tenant's.
     "sessions.read": Permission(READ, dict(_OWN_FOR_OTHERS), summary="read sign-in sessions"),
     "sessions.revoke": Permission(KEY_WRITE, dict(_OWN_FOR_OTHERS), summary="revoke sign-in sessions"),
+    # The deployment's limits (/api/v1/rate-limits): a tenant ADMIN reads them (and its own
+    # tenant's weight) to know what its users get; only the operator changes them.
+    "limits.read": Permission(READ, {"ADMIN": TENANT}, summary="read the deployment's rate limits"),
+    "limits.write": Permission(ADMIN, operator_only=True, summary="change the deployment's rate limits"),
 }
 
 # A route registered without naming its action gets this: what every admin

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import msgspec
 from msgspec import Meta
 
+from gateway.config import LimitSettings
 from gateway.db.tables import ACCESS_EFFECTS
 from gateway.db.tables import HEALTH_STATES, ROLES, SCOPES, TENANT_STATES, TRANSPORTS, UPSTREAM_AUTH_KINDS
 
@@ -316,11 +317,41 @@ def validate(cls: type[msgspec.Struct], body: bytes) -> msgspec.Struct:
     return cls(**values)
 
 
+def validate_limit_patch(body: bytes) -> dict[str, Any]:
+    """A PATCH /rate-limits body: LimitSettings keys -> value, or None to remove the override.
+
+    Every key is checked strictly against `LimitSettings` (gateway/snapshot.py,
+    `limit_setting_problems`); every problem is listed and nothing is returned
+    unless all keys pass. In a table setting (`roles`, `costs`) a null entry
+    removes that entry from the override.
+    """
+    from gateway.snapshot import LIMIT_KEYS, MERGED_LIMIT_KEYS, limit_setting_problems
+
+    try:
+        raw = msgspec.json.decode(body) if body else None
+    except msgspec.DecodeError as exc:
+        raise ValidationFailed([{"field": "$", "message": f"body is not valid JSON: {exc}"}]) from None
+    if not isinstance(raw, dict):
+        raise ValidationFailed([{"field": "$", "message": "body must be a JSON object of limit settings"}])
+    if not raw:
+        raise ValidationFailed([{"field": "$", "message": "nothing to change: give at least one limit setting"}])
+    errors = []
+    for key, value in raw.items():
+        if value is None and key in LIMIT_KEYS:
+            continue  # removes the override
+        if key in MERGED_LIMIT_KEYS and isinstance(value, dict):
+            value = {entry: item for entry, item in value.items() if item is not None}
+        errors.extend({"field": field, "message": message} for field, message in limit_setting_problems(key, value))
+    if errors:
+        raise ValidationFailed(errors)
+    return raw
+
+
 def schema_components() -> dict[str, Any]:
     """JSON Schemas of the request bodies, for the OpenAPI document."""
     _, components = msgspec.json.schema_components(
         [TenantCreate, TenantUpdate, UserCreate, UserUpdate, ApiKeyCreate, ApiKeyRotate, ApiKeyImport, ServerCreate,
-         ServerAuthUpdate, AccessRuleCreate],
+         ServerAuthUpdate, AccessRuleCreate, LimitSettings],
         ref_template="#/components/schemas/{name}",
     )
     return components

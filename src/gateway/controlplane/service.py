@@ -18,6 +18,7 @@ change (`SnapshotStore.publish_change`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import secrets as _random
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -33,9 +34,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.auth.keys import hash_key, mint_key, parse_key, verify_key
+from gateway.config import LimitSettings
 from gateway.controlplane import permissions, schemas
-from gateway.db.tables import config_state, enhanced_api_keys, mcp_servers, tenants, users, utcnow
+from gateway.db.tables import config_state, enhanced_api_keys, limit_settings, mcp_servers, tenants, users, utcnow
 from gateway.db.tables import server_access_rules
+from gateway.snapshot import MERGED_LIMIT_KEYS, apply_limit_overrides
 
 if TYPE_CHECKING:
     from gateway.auth.sealing import GatewaySecrets
@@ -43,6 +46,8 @@ if TYPE_CHECKING:
 PLATFORM_TENANT = "platform"
 OPERATOR_USERNAME = "operator"
 OPERATOR_SCOPES = ["admin", "read", "write", "proxy", "metrics", "health"]
+
+log = logging.getLogger("gateway.controlplane")
 
 
 class NotFound(Exception):
@@ -705,6 +710,110 @@ async def _page(
     query = query.order_by(table.c.id).limit(limit)
     async with scoped(engine, actor) as conn:
         return (await conn.execute(query)).mappings().all()
+
+
+# -- limit settings -----------------------------------------------------------------------------
+# One row (migration 0007) of overrides over the `[limits]` defaults; the
+# snapshot applies them the same way (snapshot.apply_limit_overrides), so what
+# these answers call effective is what every process enforces after its reload.
+async def get_limit_settings(engine: AsyncEngine, actor: Actor, defaults: LimitSettings) -> dict[str, Any]:
+    """The deployment's effective limits, which keys are overridden, and the tenant weights within reach."""
+    async with scoped(engine, actor) as conn:
+        row = await _limit_row(conn)
+        return _limits_out(row, defaults, await _weights(conn, actor))
+
+
+async def update_limit_settings(
+    engine: AsyncEngine, actor: Actor, defaults: LimitSettings, patch: dict[str, Any]
+) -> dict[str, Any]:
+    """Apply a validated PATCH (schemas.validate_limit_patch): a value sets an override, null removes it.
+
+    A table setting's entries merge into its override (a null entry removes
+    that entry). Nothing is written unless every key given still validates
+    together with the overrides already stored.
+    """
+    if not actor.is_operator:
+        raise Forbidden("only the gateway operator changes the deployment's limits")
+    async with scoped(engine, actor) as conn:
+        await bump_version(conn)  # first: its row lock orders concurrent configuration writes
+        row = await _limit_row(conn, for_update=True)
+        overrides = dict(row["overrides"])
+        for key, value in patch.items():
+            if value is None:
+                overrides.pop(key, None)
+            elif key in MERGED_LIMIT_KEYS:
+                merged = {**(overrides.get(key) or {}), **value}
+                overrides[key] = {entry: item for entry, item in merged.items() if item is not None}
+                if not overrides[key]:
+                    del overrides[key]
+            else:
+                overrides[key] = value
+        _, _, ignored = apply_limit_overrides(defaults, overrides)
+        refused = [{"field": key, "message": ignored[key]} for key in patch if key in ignored]
+        if refused:
+            raise schemas.ValidationFailed(refused)  # rolls the transaction (and the version bump) back
+        row = await _store_overrides(conn, actor, overrides)
+        out = _limits_out(row, defaults, await _weights(conn, actor))
+    log.info("limit settings changed by user %s (key %s): %s", actor.user_id, actor.api_key_id,
+             ", ".join(f"{key}={'default' if value is None else value!r}" for key, value in patch.items()))
+    return out
+
+
+async def reset_limit_settings(engine: AsyncEngine, actor: Actor, defaults: LimitSettings) -> dict[str, Any]:
+    """Remove every override: the `[limits]` defaults apply again."""
+    if not actor.is_operator:
+        raise Forbidden("only the gateway operator changes the deployment's limits")
+    async with scoped(engine, actor) as conn:
+        await bump_version(conn)
+        row = await _store_overrides(conn, actor, {})
+        out = _limits_out(row, defaults, await _weights(conn, actor))
+    log.info("limit settings reset to the defaults by user %s (key %s)", actor.user_id, actor.api_key_id)
+    return out
+
+
+async def _limit_row(conn: AsyncConnection, *, for_update: bool = False) -> dict[str, Any]:
+    query = sa.select(limit_settings).where(limit_settings.c.id == 1)
+    if for_update:
+        query = query.with_for_update()
+    row = (await conn.execute(query)).mappings().first()
+    if row is None:  # pragma: no cover - migration 0007 creates the row
+        return {"overrides": {}, "updated_by": None, "updated_by_key": None, "updated_at": None}
+    overrides = row["overrides"] if isinstance(row["overrides"], dict) else {}
+    return {**row, "overrides": overrides}
+
+
+async def _store_overrides(conn: AsyncConnection, actor: Actor, overrides: dict[str, Any]) -> dict[str, Any]:
+    values = {"overrides": overrides, "updated_by": actor.user_id, "updated_by_key": actor.api_key_id,
+              "updated_at": utcnow()}
+    result = await conn.execute(
+        sa.update(limit_settings).where(limit_settings.c.id == 1).values(**values).returning(*limit_settings.c)
+    )
+    if result.first() is None:  # pragma: no cover - migration 0007 creates the row
+        await conn.execute(sa.insert(limit_settings).values(id=1, **values))
+    return values
+
+
+async def _weights(conn: AsyncConnection, actor: Actor) -> list[dict[str, Any]]:
+    """Fair-scheduling weights: every tenant's for the operator, a tenant admin's own tenant's."""
+    reach = sa.true() if actor.is_operator else tenants.c.id == actor.tenant_id
+    rows = await conn.execute(
+        sa.select(tenants.c.id, tenants.c.name, tenants.c.weight).where(reach).order_by(tenants.c.name)
+    )
+    return [{"tenant_id": r.id, "name": r.name, "weight": r.weight} for r in rows]
+
+
+def _limits_out(row: dict[str, Any], defaults: LimitSettings, weights: list[dict[str, Any]]) -> dict[str, Any]:
+    limits, applied, ignored = apply_limit_overrides(defaults, row["overrides"])
+    return {
+        "limits": msgspec.to_builtins(limits),
+        "overridden": sorted(applied),
+        # Stored overrides that no longer validate (the snapshot ignores them too).
+        "ignored": ignored,
+        "defaults": msgspec.to_builtins(apply_limit_overrides(defaults, {})[0]),
+        "updated_by": row["updated_by"],
+        "updated_at": _aware(row["updated_at"]),
+        "tenant_weights": weights,
+    }
 
 
 # -- bootstrap ----------------------------------------------------------------------------------
