@@ -28,6 +28,7 @@ _OUTSIDE = ("/auth/",)
 _KINDS = {
     "tenants": "tenant", "users": "user", "api-keys": "key", "servers": "server",
     "access-rules": "rule", "sessions": "session",
+    "rate-limits": "limits",  # the deployment's: a tenant admin reads them (only its own weight), never writes
 }
 # A valid body for each route that takes one (so a refusal is about whose object it is, not the body).
 # Creating: aimed at globex (its tenant, user, server). Unknown routes get {} and must still refuse alike.
@@ -44,6 +45,7 @@ def _bodies(theirs: dict[str, str]) -> dict[tuple[str, str], dict]:
                                       "endpoint_url": "http://127.0.0.1:9/mcp"},
         ("PUT", "/api/v1/servers/{id}/auth"): {"auth": {"kind": "none"}},
         ("POST", "/api/v1/access-rules"): {"tenant_id": theirs["tenant"], "effect": "deny", "description": "probe"},
+        ("PATCH", "/api/v1/rate-limits"): {"ip_per_minute": 1},
     }
 
 

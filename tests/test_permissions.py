@@ -50,6 +50,10 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     # Sign-in sessions (test_signin.py covers their reach): everyone their own, a tenant ADMIN the tenant's.
     ("GET", "/api/v1/sessions"): EVERYONE,
     ("DELETE", "/api/v1/sessions/{id}"): EVERYONE,
+    # The deployment's limits (test_rate_limit_settings.py): a tenant ADMIN reads, the operator changes.
+    ("GET", "/api/v1/rate-limits"): ADMINS,
+    ("PATCH", "/api/v1/rate-limits"): OPERATOR,
+    ("DELETE", "/api/v1/rate-limits"): OPERATOR,
 }
 PUBLIC = {
     ("GET", "/api/v1/openapi.json"),
@@ -146,6 +150,8 @@ async def _request(p: Principals, who: str, method: str, route: str) -> int:
         body = {"auth": {"kind": "header", "header_name": "X-Key", "header_value": "v"}}
     elif route == "/api/v1/access-rules" and method == "POST":
         body = {"effect": "deny", "tenant_id": p.tenant_id, "role": "READONLY", "server_id": p.server_id}
+    elif route == "/api/v1/rate-limits" and method == "PATCH":
+        body = {"ip_per_minute": 600}
     elif route == "/api/v1/sessions/{id}":
         path = route.replace("{id}", await p.session(own_user))
     elif route == "/api/v1/access-rules/{id}":
