@@ -40,7 +40,9 @@ def test_selector_loads_the_compiled_module_unless_told_not_to():
 
 
 def test_compiled_modules_reports_the_selection():
-    assert compiled_modules() == {"token_bucket": not NO_EXTENSIONS, "violations": not NO_EXTENSIONS}
+    assert compiled_modules() == {
+        "fairness": not NO_EXTENSIONS, "token_bucket": not NO_EXTENSIONS, "violations": not NO_EXTENSIONS
+    }
 
 
 def test_no_extensions_selects_the_twin():
@@ -53,7 +55,9 @@ def test_no_extensions_selects_the_twin():
     assert result.stdout.split() == [
         "False",
         "gateway._fast.token_bucket_py",
-        "{'token_bucket':",
+        "{'fairness':",
+        "False,",
+        "'token_bucket':",
         "False,",
         "'violations':",
         "False}",
