@@ -3,6 +3,7 @@
     python bench/proxy.py
     python bench/proxy.py --duration 8 --connections 32 --payload-bytes 256 --rounds 3
     python bench/proxy.py --database sqlite
+    python bench/proxy.py --limits on          # only the gateway with every rate-limit tier on
     BENCH_PG_URL=postgresql://user@host:5432/postgres python bench/proxy.py
 
 It starts, as child processes on free 127.0.0.1 ports: the stub upstream
@@ -11,14 +12,26 @@ server + one aiohttp ClientSession) and the gateway (`gateway serve`, one
 process) on a database of its own: `gwbench_proxy_<random>`, created on the
 PostgreSQL server BENCH_PG_URL names (default postgres@127.0.0.1:5432) and
 dropped WITH (FORCE) at the end, or a temporary SQLite file. The gateway runs
-as in production: API-key authentication, per-key hour/day quotas and one
-`request_logs` row per request through the batched writer are all on.
+as in production: API-key authentication and one `request_logs` row per
+request through the batched writer are on, and so are the rate limits.
+
+`--limits` (default `both`) says which gateway configurations run. "on":
+every rate-limit tier decides every request (per-address bucket, the key's
+hour and day quotas, the user's bucket by role, the tenant's share, the global
+bucket through the fair queue), at limits far above any load here
+(LIMITS_HIGH per minute, the settings' maximum; burst factor 1 so that the
+tenant tier decides with the two tenants the keys belong to): it measures the
+cost of deciding, never refusals. "off": GATEWAY_LIMITS_ENABLED=false, no tier
+at all (no per-key quota either). "both": two gateway processes on the same
+database, one of each, measured in every round (alternating which goes
+first), and the report adds limits on/off ratios of throughput and of CPU per
+request.
 
 It drives keep-alive POSTs (a JSON-RPC tools/call) at fixed concurrency with
 wrk (one thread, a generated Lua script; an aiohttp client if wrk is not on
 PATH) at three targets in turn: the upstream directly, the baseline, the
-gateway. Each gets a warm-up, then a measured run; `--rounds` repeats the
-three, alternating the order of baseline and gateway, and the medians count.
+gateway(s). Each gets a warm-up, then a measured run; `--rounds` repeats them,
+alternating the order of the baseline and the gateways, and the medians count.
 
 Placement on two cores: the proxy under test (baseline or gateway) is pinned
 to CPU 0, the load generator and the stub to CPU 1, so each proxy has one core
@@ -30,14 +43,17 @@ it warns when the machine was not quiet.
 
 Quotas are real, so they must never refuse a measured request: every gateway
 phase gets fresh keys (100000 requests/hour each, the API's maximum), enough
-that none can run dry even at the harness's ceiling, and the script sends
-round-robin across them (the same work per request as with one key).
+that none can run dry even at the harness's ceiling, half in each of the two
+tenants, and the script sends round-robin across them (the same work per
+request as with one key). The limits-off gateway gets the same keys, so both
+do the same work but the limits.
 Non-2xx answers are counted (wrk) and, for the gateway, broken down by status
 from its /metrics; a 429 aborts the run. (A few 499s there are normal: wrk
 closes its connections with requests in flight when time is up.)
 
-Prints the table, gateway/baseline (target: >= 1.5x) and gateway/upstream,
-then the conditions; writes the same to bench/results/proxy-<time>.json.
+Prints the table, gateway/baseline (target: >= 1.5x, for the limits-on
+gateway when it runs), gateway/upstream, limits on/off when both run, then
+the conditions; writes the same to bench/results/proxy-<time>.json.
 Children are stopped and the database dropped on every exit (errors, Ctrl-C,
 SIGTERM); if this script is killed outright, setpriv's parent-death signal
 still stops the children (only the database would stay: gwbench_proxy_*).
@@ -88,8 +104,27 @@ NO_KEY = "gw_" + "0" * 10 + "_" + "0" * 40
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0  # the gateway flushes its queued records before it exits
 NOISE_PCT = 10.0  # other work above this share of a pinned CPU in a measured run: warn
-TARGETS = ("upstream", "baseline", "gateway")
-LABELS = {"upstream": "upstream direct", "baseline": "baseline (aiohttp)", "gateway": "gateway"}
+# Two tenants, the keys alternating between them: with both active the tenant tier decides too.
+TENANTS = ("bench", "bench-b")
+# Far above any load the harness makes: LimitSettings' maximum for a per-minute limit.
+LIMITS_HIGH = 100_000_000
+LIMITS_ENV = {
+    "on": {
+        "GATEWAY_LIMITS_ENABLED": "true",
+        "GATEWAY_LIMITS_GLOBAL_PER_MINUTE": str(LIMITS_HIGH),
+        "GATEWAY_LIMITS_ROLES": json.dumps(dict.fromkeys(("ADMIN", "USER", "SERVICE", "READONLY"), LIMITS_HIGH)),
+        "GATEWAY_LIMITS_IP_PER_MINUTE": str(LIMITS_HIGH),
+        "GATEWAY_LIMITS_ANONYMOUS_PER_MINUTE": str(LIMITS_HIGH),
+        # Each of two equal tenants gets half the global rate, and with a burst factor of 1
+        # (the least) that share is a bucket of its own: the tenant tier decides every request.
+        "GATEWAY_LIMITS_TENANT_BURST_FACTOR": "1.0",
+    },
+    "off": {"GATEWAY_LIMITS_ENABLED": "false"},
+}
+# The gateway target of each limits configuration ("gateway" stays the key of the production one).
+GATEWAYS = {"on": "gateway", "off": "gateway-limits-off"}
+LABELS = {"upstream": "upstream direct", "baseline": "baseline (aiohttp)", "gateway": "gateway (limits on)",
+          "gateway-limits-off": "gateway (limits off)"}
 
 
 class BenchError(Exception):
@@ -264,7 +299,7 @@ class Database:
 
 
 # -- the gateway -----------------------------------------------------------------------------------
-def gateway_env(db_url: str, dataplane_port: int = 0, controlplane_port: int = 0) -> dict[str, str]:
+def gateway_env(db_url: str, dataplane_port: int = 0, controlplane_port: int = 0, limits: str = "on") -> dict[str, str]:
     # Only our settings: a GATEWAY_* variable in the caller's environment would
     # change what is measured. GATEWAY_NO_EXTENSIONS is kept, and reported.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") or k == "GATEWAY_NO_EXTENSIONS"}
@@ -276,6 +311,8 @@ def gateway_env(db_url: str, dataplane_port: int = 0, controlplane_port: int = 0
         GATEWAY_CONTROLPLANE_PORT=str(controlplane_port),
         GATEWAY_LOG_LEVEL="WARNING",
     )
+    # Always explicit: the defaults (global 5000/min, ...) would throttle the bench, not measure the gateway.
+    env.update(LIMITS_ENV[limits])
     return env
 
 
@@ -284,31 +321,42 @@ def gateway_cli(*args: str) -> list[str]:
 
 
 class Gateway:
-    """The gateway process, provisioned through its admin API."""
+    """A gateway process, provisioned through its admin API (or sharing the database of `peer`, provisioned)."""
 
-    def __init__(self, children: Children, db: Database, upstream_url: str) -> None:
-        env = gateway_env(db.url)
-        for command in ("migrate", "bootstrap"):
-            done = subprocess.run(gateway_cli(command), env=env, capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                raise BenchError(f"`gateway {command}` failed with {done.returncode}:\n{done.stderr}")
-        match = re.search(r"^admin_key=(\S+)$", done.stdout, re.MULTILINE)
-        if not match:
-            raise BenchError(f"`gateway bootstrap` printed no admin_key= line:\n{done.stdout}")
-        self.admin_key = match.group(1)
+    def __init__(self, children: Children, db: Database, upstream_url: str, limits: str,
+                 peer: Gateway | None = None) -> None:
+        self.name = GATEWAYS[limits]
+        self.limits = limits
+        if peer is None:
+            env = gateway_env(db.url, limits=limits)
+            for command in ("migrate", "bootstrap"):
+                done = subprocess.run(gateway_cli(command), env=env, capture_output=True, text=True, timeout=120)
+                if done.returncode != 0:
+                    raise BenchError(f"`gateway {command}` failed with {done.returncode}:\n{done.stderr}")
+            match = re.search(r"^admin_key=(\S+)$", done.stdout, re.MULTILINE)
+            if not match:
+                raise BenchError(f"`gateway bootstrap` printed no admin_key= line:\n{done.stdout}")
+            self.admin_key = match.group(1)
+        else:
+            self.admin_key = peer.admin_key
         dataplane, controlplane = free_port(), free_port()
-        self.proc = children.start("gateway", gateway_cli("serve"), cpu=PROXY_CPU,
-                                   env=gateway_env(db.url, dataplane, controlplane))
+        self.proc = children.start(self.name, gateway_cli("serve"), cpu=PROXY_CPU,
+                                   env=gateway_env(db.url, dataplane, controlplane, limits))
         self.url = f"http://{HOST}:{dataplane}"
         self.admin_url = f"http://{HOST}:{controlplane}/api/v1"
         self.endpoint = f"{self.url}/servers/{SERVER_NAME}/mcp"
-        children.wait_ready("gateway", self.proc, lambda: http_ok(self.url + "/readyz"), "/readyz is not 200")
-        tenant = self.admin("POST", "/tenants", {"name": "bench"})
-        user = self.admin("POST", "/users", {"tenant_id": tenant["id"], "username": "bench",
-                                             "email": "bench@bench.invalid", "role": "USER"})
-        self.user_id = user["id"]
-        self.admin("POST", "/servers", {"tenant_id": tenant["id"], "name": SERVER_NAME,
-                                        "endpoint_url": upstream_url, "transport_type": "http"})
+        children.wait_ready(self.name, self.proc, lambda: http_ok(self.url + "/readyz"), "/readyz is not 200")
+        if peer is None:
+            self.user_ids = []
+            for name in TENANTS:
+                tenant = self.admin("POST", "/tenants", {"name": name})
+                user = self.admin("POST", "/users", {"tenant_id": tenant["id"], "username": name,
+                                                     "email": f"{name}@bench.invalid", "role": "USER"})
+                self.user_ids.append(user["id"])
+                self.admin("POST", "/servers", {"tenant_id": tenant["id"], "name": SERVER_NAME,
+                                                "endpoint_url": upstream_url, "transport_type": "http"})
+        else:
+            self.user_ids = peer.user_ids  # the same tenants, users and servers: one database
         self.keys_made = 0
         self.metrics_key = self._key(["metrics"])
 
@@ -326,12 +374,15 @@ class Gateway:
     def _key(self, scopes: list[str]) -> str:
         self.keys_made += 1
         return self.admin("POST", "/api-keys", {
-            "user_id": self.user_id, "name": f"bench-{self.keys_made}", "scopes": scopes,
+            # Alternating between the tenants' users: a round-robin over the keys alternates the tenants.
+            "user_id": self.user_ids[self.keys_made % len(self.user_ids)],
+            "name": f"{self.name}-{self.keys_made}", "scopes": scopes,
             "rate_limit_per_hour": KEY_PER_HOUR, "rate_limit_per_day": KEY_PER_DAY,
         })["key"]
 
     def fresh_keys(self, count: int, body: bytes) -> list[str]:
         """`count` new proxy keys, each checked end to end with one request."""
+        count = -(-count // len(TENANTS)) * len(TENANTS)  # as many in each tenant
         keys = [self._key(["proxy"]) for _ in range(count)]
         if CASE == "legacy-session":
             for key in keys:
@@ -639,11 +690,12 @@ def keys_needed(rate_ceiling: float, seconds: float) -> int:
     return max(1, math.ceil(rate_ceiling * seconds * 1.25 / KEY_BUDGET))
 
 
-def measure(target: str, url: str, pids: dict[str, int], load, body: bytes, gateway: Gateway, duration: float,
-            rate_ceiling: float) -> Load:
-    """A warm-up, then a measured run; the gateway with fresh keys for each."""
+def measure(target: str, url: str, pids: dict[str, int], load, body: bytes, gateways: dict[str, Gateway],
+            duration: float, rate_ceiling: float) -> Load:
+    """A warm-up, then a measured run; a gateway with fresh keys for each."""
     pid, stub_pid = pids[target], pids["upstream"]
-    if target != "gateway":
+    gateway = gateways.get(target)
+    if gateway is None:
         load.run(url, body, [NO_KEY], WARMUP_SECONDS)
         return run_sampled(load, url, body, [NO_KEY], duration, pid, stub_pid)
     load.run(url, body, gateway.fresh_keys(keys_needed(rate_ceiling, WARMUP_SECONDS), body), WARMUP_SECONDS)
@@ -655,8 +707,8 @@ def measure(target: str, url: str, pids: dict[str, int], load, body: bytes, gate
     result.statuses = {s: n - before.get(s, 0) for s, n in after.items() if n != before.get(s, 0)}
     if result.statuses.get("429"):
         raise BenchError(
-            f"the gateway refused {result.statuses['429']:.0f} measured requests with 429: a key's quota ran "
-            f"out, so the figures would measure refusals (statuses {result.statuses})"
+            f"{LABELS[target]} refused {result.statuses['429']:.0f} measured requests with 429: a key's quota "
+            f"ran out or a limit is too low, so the figures would measure refusals (statuses {result.statuses})"
         )
     return result
 
@@ -689,7 +741,17 @@ def gateway_source() -> str:
     return f"{commit}" + (" + uncommitted changes under src/gateway" if dirty else "")
 
 
-def conditions(args, body: bytes, load, db: Database, pids: dict[str, int], load_at_start, source: str) -> dict:
+def describe_limits(limits: str) -> str:
+    if limits == "off":
+        return "limits off: GATEWAY_LIMITS_ENABLED=false (no tier, no per-key quota)"
+    return (f"limits on: every tier at {LIMITS_HIGH:,}/min (global, each role, per address, anonymous), tenant "
+            f"burst factor 1 with {len(TENANTS)} tenants active (the tenant tier decides), per-key quotas "
+            f"{KEY_PER_HOUR}/h and {KEY_PER_DAY}/day (fresh keys per run); no Redis, so buckets are decided in "
+            "the one process and never synchronized")
+
+
+def conditions(args, body: bytes, load, db: Database, pids: dict[str, int], load_at_start, source: str,
+               gateways: dict[str, Gateway]) -> dict:
     import aiohttp
     import httptools
     import uvloop
@@ -711,14 +773,17 @@ def conditions(args, body: bytes, load, db: Database, pids: dict[str, int], load
         "duration_s": f"{args.duration:g} measured + {WARMUP_SECONDS:g} warm-up per target, {args.rounds} round(s)",
         "database": db.describe(),
         "pinning": (
-            f"proxy under test on CPU {PROXY_CPU} (baseline: cpus {cpus(pids['baseline'])}, gateway: cpus "
-            f"{cpus(pids['gateway'])}); wrk + stub on CPU {LOAD_CPU} (stub: cpus {cpus(pids['upstream'])}); "
-            "database server not pinned"
+            f"proxy under test on CPU {PROXY_CPU} (baseline: cpus {cpus(pids['baseline'])}, "
+            + ", ".join(f"{LABELS[t]}: cpus {cpus(pids[t])}" for t in gateways)
+            + f"); wrk + stub on CPU {LOAD_CPU} (stub: cpus {cpus(pids['upstream'])}); database server not pinned"
         ),
         "gateway": (
-            f"1 process; API-key auth, per-key quotas ({KEY_PER_HOUR}/h, {KEY_PER_DAY}/day, fresh keys per "
-            "run) and request_logs through the batched writer on; log level WARNING; no Redis"
+            f"1 process per configuration ({len(gateways)}: --limits {args.limits}"
+            + (", both on one database, the idle one waiting on the same CPU" if len(gateways) > 1 else "")
+            + f"); API-key auth and request_logs through the batched writer on; {len(TENANTS)} tenants, the keys "
+            "alternating between them; log level WARNING; no Redis"
         ),
+        **{LABELS[t]: describe_limits(g.limits) for t, g in gateways.items()},
         "gateway_source": source,
         "fast_modules_compiled": compiled_modules(),
         "GATEWAY_NO_EXTENSIONS": os.environ.get("GATEWAY_NO_EXTENSIONS", "(unset)"),
@@ -740,17 +805,28 @@ def summarize(loads: list[Load]) -> dict:
 
 
 def report(results: dict[str, list[Load]], cond: dict) -> dict:
-    medians = {t: summarize(results[t]) for t in TARGETS}
-    gateway, baseline = medians["gateway"], medians["baseline"]
+    targets = list(results)
+    medians = {t: summarize(results[t]) for t in targets}
+    # The production configuration (limits on) is the one held to the target, when it ran.
+    primary = "gateway" if "gateway" in medians else GATEWAYS["off"]
+    gateway, baseline = medians[primary], medians["baseline"]
     ratios = {
         "gateway/baseline": gateway["rps"] / baseline["rps"],
         "gateway/upstream": gateway["rps"] / medians["upstream"]["rps"],
         "baseline/gateway CPU per request": baseline["cpu_us_per_request"] / gateway["cpu_us_per_request"],
     }
-    rounds = len(results["gateway"])
+    both = "gateway" in medians and GATEWAYS["off"] in medians
+    if both:
+        on, off = medians["gateway"], medians[GATEWAYS["off"]]
+        ratios["gateway limits off/baseline"] = off["rps"] / baseline["rps"]
+        ratios["baseline/gateway limits off CPU per request"] = (baseline["cpu_us_per_request"]
+                                                                  / off["cpu_us_per_request"])
+        ratios["limits on/off"] = on["rps"] / off["rps"]
+        ratios["limits on/off CPU per request"] = on["cpu_us_per_request"] / off["cpu_us_per_request"]
+    rounds = len(results[primary])
     print(f"\n{'target':<20} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'CPU us/req':>10} "
           f"{'CPU%':>5} {'others%':>7}" + (f"   median of {rounds} rounds" if rounds > 1 else ""))
-    for t in TARGETS:
+    for t in targets:
         m = medians[t]
         print(f"{LABELS[t]:<20} {m['rps']:>9,.0f} {m['p50_ms']:>7.2f} {m['p99_ms']:>7.2f} {m['errors']:>6} "
               f"{m['cpu_us_per_request']:>10.1f} {m['cpu_pct']:>5.0f} {m['others_pct']:>7.0f}")
@@ -761,10 +837,19 @@ def report(results: dict[str, list[Load]], cond: dict) -> dict:
         print(f"WARNING: other work took up to {noisy:.0f}% of a pinned CPU during a measured run: the machine "
               "was not quiet, req/s are disturbed (CPU us/req less so)")
     verdict = "meets" if ratios["gateway/baseline"] >= 1.5 else "BELOW"
-    print(f"\ngateway/baseline = {ratios['gateway/baseline']:.2f}x   ({verdict} the target of 1.50x; "
+    which = "limits on" if primary == "gateway" else "limits off"
+    print(f"\ngateway/baseline = {ratios['gateway/baseline']:.2f}x   ({which}; {verdict} the target of 1.50x; "
           f"by CPU per request {ratios['baseline/gateway CPU per request']:.2f}x)")
-    print(f"gateway/upstream = {ratios['gateway/upstream']:.2f}x   (upstream direct = load generator + stub on "
-          "one core, this harness's ceiling)")
+    if both:
+        print(f"gateway (limits off)/baseline = {ratios['gateway limits off/baseline']:.2f}x   (by CPU per request "
+              f"{ratios['baseline/gateway limits off CPU per request']:.2f}x)")
+    print(f"gateway/upstream = {ratios['gateway/upstream']:.2f}x   ({which}; upstream direct = load generator + stub "
+          "on one core, this harness's ceiling)")
+    if both:
+        extra = on["cpu_us_per_request"] - off["cpu_us_per_request"]
+        print(f"limits on/off    = {ratios['limits on/off']:.2f}x throughput, "
+              f"{ratios['limits on/off CPU per request']:.2f}x CPU per request ({extra:+.1f} us/request: what "
+              "deciding every tier costs)")
     print("\nconditions:")
     for name, value in cond.items():
         print(f"  {name:<22} {value}")
@@ -793,20 +878,26 @@ def run(args, work_dir: Path, children: Children, db: Database) -> int:
                                            str(baseline_port), "--upstream", stub_url,
                                            "--connections", str(args.connections)], cpu=PROXY_CPU)
     children.wait_ready("baseline", baseline, lambda: listening(baseline_port), f"not listening on {baseline_port}")
-    gateway = Gateway(children, db, stub_url)
-    urls = {"upstream": stub_url, "baseline": f"http://{HOST}:{baseline_port}/mcp", "gateway": gateway.endpoint}
-    pids = {"upstream": stub.pid, "baseline": baseline.pid, "gateway": gateway.proc.pid}
+    gateways: dict[str, Gateway] = {}
+    for limits in ("on", "off") if args.limits == "both" else (args.limits,):
+        gateway = Gateway(children, db, stub_url, limits, peer=next(iter(gateways.values()), None))
+        gateways[gateway.name] = gateway
+    urls = {"upstream": stub_url, "baseline": f"http://{HOST}:{baseline_port}/mcp",
+            **{t: g.endpoint for t, g in gateways.items()}}
+    pids = {"upstream": stub.pid, "baseline": baseline.pid, **{t: g.proc.pid for t, g in gateways.items()}}
     for target in ("upstream", "baseline"):
         status, text = post(urls[target], body, NO_KEY)
         if status != 200:
             raise BenchError(f"{target} does not answer the benchmark request: HTTP {status}: {text[:300]}")
 
-    results: dict[str, list[Load]] = {t: [] for t in TARGETS}
+    proxies = ["baseline", *gateways]
+    results: dict[str, list[Load]] = {t: [] for t in ("upstream", *proxies)}
     ceiling = 0.0
     for r in range(args.rounds):
-        for target in ("upstream", "baseline", "gateway") if r % 2 == 0 else ("upstream", "gateway", "baseline"):
+        # The upstream first (it sets the key budget's ceiling), then the proxies, every other round reversed.
+        for target in ["upstream", *(proxies if r % 2 == 0 else reversed(proxies))]:
             log(f"round {r + 1}/{args.rounds}: {LABELS[target]} ...")
-            result = measure(target, urls[target], pids, load, body, gateway, args.duration, ceiling)
+            result = measure(target, urls[target], pids, load, body, gateways, args.duration, ceiling)
             if target == "upstream":
                 # Nothing behind this harness goes faster than wrk + stub alone.
                 ceiling = max(ceiling, result.rps)
@@ -817,21 +908,23 @@ def run(args, work_dir: Path, children: Children, db: Database) -> int:
                 f"CPU {result.cpu_pct:.0f}% ({result.cpu_us_per_request:.1f} us/request), other work on the pinned "
                 f"CPUs up to {result.others_pct:.0f}%{statuses}")
 
-    cond = conditions(args, body, load, db, pids, load_at_start, source)
-    # Stopped first, the gateway flushes every record it queued; then count them.
-    Children.stop(gateway.proc)
+    cond = conditions(args, body, load, db, pids, load_at_start, source, gateways)
+    # Stopped first, the gateways flush every record they queued; then count them.
+    for gateway in gateways.values():
+        Children.stop(gateway.proc)
     rows = db.count_request_logs()
-    cond["request_logs_rows"] = (f"{rows} for the run ({sum(x.requests for x in results['gateway'])} measured "
-                                 "gateway requests, plus warm-ups and probes)")
+    measured = sum(x.requests for t in gateways for x in results[t])
+    cond["request_logs_rows"] = (f"{rows} for the run ({measured} measured gateway requests, plus warm-ups and "
+                                 "probes)")
     summary = report(results, cond)
     RESULTS_DIR.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS_DIR / f"proxy-{stamp}.json"
-    runs = {t: [{**asdict(x), "cpu_us_per_request": x.cpu_us_per_request} for x in results[t]] for t in TARGETS}
+    runs = {t: [{**asdict(x), "cpu_us_per_request": x.cpu_us_per_request} for x in results[t]] for t in results}
     out.write_text(json.dumps({"benchmark": "proxy", "timestamp": stamp, **summary, "runs": runs,
                                "conditions": cond, "request_logs_rows": rows}, indent=2) + "\n")
     print(f"\nfigures written to {out.relative_to(BENCH_DIR.parent)}")
-    errors = {t: sum(x.errors for x in results[t]) for t in TARGETS}
+    errors = {t: sum(x.errors for x in results[t]) for t in results}
     if any(errors.values()):
         log(f"bench: errors in measured runs {errors}: the figures are suspect")
         return 1
@@ -853,6 +946,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="plain 2025-era calls, 2026-07-28 stateless calls, or 2025-era calls in a session")
     parser.add_argument("--load", choices=("auto", "wrk", "aiohttp"), default="auto",
                         help="load generator (auto: wrk if on PATH)")
+    parser.add_argument("--limits", choices=("on", "off", "both"), default="both",
+                        help="gateway with every rate-limit tier on (far above the load), off, or both in each round")
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.connections < 1 or args.rounds < 1:
         parser.error("--duration, --connections and --rounds must be positive")
@@ -873,9 +968,10 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, work_dir, children, db)
     except BenchError as exc:
         log(f"bench: {exc}")
-        tail = children.log_tail("gateway")
-        if tail:
-            log(f"bench: the gateway's log ends with:\n{tail}")
+        for name in GATEWAYS.values():
+            tail = children.log_tail(name)
+            if tail:
+                log(f"bench: the log of {name} ends with:\n{tail}")
         return 1
     except KeyboardInterrupt:
         log("bench: interrupted; cleaning up")
