@@ -90,24 +90,6 @@ def per_minute(limit: float) -> tuple[float, float]:
     return max(1.0, limit / 60.0 * BURST_SECONDS), limit / 60.0
 
 
-async def stop_shared(shared: SharedBuckets) -> None:
-    """`shared.stop()`, cancelling its sync task again until it ends.
-
-    On Python 3.11 a cancellation that lands as a Redis answer arrives can be
-    swallowed (asyncio.wait_for inside redis-py's send, CPython gh-86296): the
-    task then syncs on and stop() waits for ever. dataplane/bridge.py retries
-    the same way.
-    """
-    task = shared._task
-    stopping = asyncio.ensure_future(shared.stop())
-    while True:
-        done, _ = await asyncio.wait({stopping}, timeout=0.5)
-        if done:
-            return stopping.result()
-        if task is not None and not task.done():
-            task.cancel()
-
-
 # -- decisions per second ------------------------------------------------------------------------
 class Mix:
     """The request stream both limiters decide: one global bucket, `users` user buckets."""
@@ -128,8 +110,7 @@ async def decide_shared(mix: Mix, prefix: str, processes: int, concurrency: int,
             await shared.start()
         ucap, urate = mix.user_limits
         gcap, grate = mix.global_limits
-        names = [f"user:{u}" for u in range(mix.users)]
-        keys = [("u", u) for u in range(mix.users)]
+        keys = [("user", u) for u in range(mix.users)]
         sequence, clock, pause = mix.sequence, time.monotonic, asyncio.sleep
         counts = {"decisions": 0, "admitted": 0}
         start = clock()
@@ -142,8 +123,8 @@ async def decide_shared(mix: Mix, prefix: str, processes: int, concurrency: int,
             while (now := clock()) < deadline:
                 user = sequence[i % SEQUENCE]
                 i += 1
-                admitted += bucket(keys[user], names[user], ucap, urate, now).try_acquire(1.0, now)
-                admitted += bucket("global", "global", gcap, grate, now).try_acquire(1.0, now)
+                admitted += bucket(keys[user], ucap, urate, now).try_acquire(1.0, now)
+                admitted += bucket("global", gcap, grate, now).try_acquire(1.0, now)
                 decisions += 2
                 await pause(0)
             counts["decisions"] += decisions
@@ -155,7 +136,7 @@ async def decide_shared(mix: Mix, prefix: str, processes: int, concurrency: int,
         failures = sum(s.sync_failures for s in instances)
     finally:
         for shared in instances:
-            await stop_shared(shared)
+            await shared.stop()
         for client in clients:
             await client.aclose()
     if failures:
@@ -239,10 +220,10 @@ async def admit_latency(prefix: str, users: int, batches: int, batch: int) -> di
             await asyncio.sleep(0.01)  # the sync loop runs between batches, as between requests
         if limiter.refusals:
             raise RuntimeError(f"the limiter refused requests: {limiter.refusals}; the figure would time refusals")
-        tiers = {"tenant buckets": sum(1 for k in shared._buckets if isinstance(k, tuple) and k[0] == "t")}
+        tiers = {"tenant buckets": sum(1 for k in shared._buckets if isinstance(k, tuple) and k[0] == "tenant")}
     finally:
         limiter.close()
-        await stop_shared(shared)
+        await shared.stop()
         await client.aclose()
     return {
         "admit_us": statistics.median(admit_us),

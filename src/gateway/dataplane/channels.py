@@ -59,6 +59,7 @@ from gateway.dataplane.mcp_client import CLIENT_INFO, HANDSHAKE, RELAYED_CLIENT_
 from gateway.dataplane.multiplexed import CallTable, RestartBackoff, StreamCall, progress_token
 from gateway.dataplane.sse import EventParser
 from gateway.dataplane.upstream import UpstreamConnectError, UpstreamError, UpstreamTimeout
+from gateway.tasks import cancel_all
 
 log = logging.getLogger("gateway.channels")
 
@@ -489,7 +490,7 @@ class _Channel:
 
     async def _shut_down(self) -> None:
         try:
-            await _cancel_all([t for t in (self._reader, *self._sends) if t is not None])
+            await cancel_all([t for t in (self._reader, *self._sends) if t is not None])
             await self._release()
         finally:
             self._on_finished(self)
@@ -721,16 +722,6 @@ async def _refuse_redirects(request: aiohttp.ClientRequest, handler) -> aiohttp.
         response.close()
         raise _Redirected(f"it answered HTTP {response.status}, a redirect (not followed)")
     return response
-
-
-async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel `tasks` and wait until each has ended (asking again if one swallowed a cancellation)."""
-    tasks = [t for t in tasks if not t.done() and t is not asyncio.current_task()]
-    while tasks:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks, timeout=1.0)
-        tasks = [t for t in tasks if not t.done()]
 
 
 def _display(url: str) -> str:

@@ -43,6 +43,7 @@ import uuid
 from collections.abc import Hashable
 
 from gateway._fast.token_bucket import TokenBucket
+from gateway.tasks import cancel_all
 
 log = logging.getLogger("gateway.limits")
 
@@ -192,12 +193,17 @@ class SharedBuckets:
             self._sync = redis.register_script(_SYNC)
             self._alive = redis.register_script(_ALIVE)
 
-    def bucket(self, key: Hashable, name: str, capacity: float, rate: float, now: float) -> SharedBucket:
-        """The bucket `key` (Redis key `<prefix>rl:<name>`), made or brought to these limits."""
+    def bucket(self, key: Hashable, capacity: float, rate: float, now: float) -> SharedBucket:
+        """The bucket `key` (a string or a tuple), made or brought to these limits.
+
+        Its Redis key is `<prefix>rl:` and the key's parts joined by ":", made
+        only when the bucket is, not on every decision.
+        """
         bucket = self._buckets.get(key)
         if bucket is None:
             if self.redis is None and len(self._buckets) >= 4096:
                 self._forget_idle(now)  # with Redis, each synchronization does this
+            name = ":".join(map(str, key)) if isinstance(key, tuple) else str(key)
             bucket = self._buckets[key] = SharedBucket(self, name, capacity, rate, self.alive, now)
         elif bucket.capacity != capacity or bucket.rate != rate:
             bucket._resize(capacity, rate, bucket.n, now)
@@ -216,11 +222,7 @@ class SharedBuckets:
     async def stop(self) -> None:
         """Stop synchronizing, after reporting what was admitted since the last report."""
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_all([self._task])
             self._task = None
             await self.sync()
 
