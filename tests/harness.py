@@ -92,7 +92,7 @@ class RunningGateway:
                 json=json,
                 headers={"Authorization": f"Bearer {key or self.admin_key}"},
             ) as resp:
-                return resp.status, await resp.json()
+                return resp.status, (await resp.json()) if resp.status != 204 else None
 
     async def tenancy(self, name: str, upstream_url: str, *, server_name: str = "demo", **key_fields) -> Tenancy:
         status, tenant = await self.admin("POST", "/tenants", {"name": name})

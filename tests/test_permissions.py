@@ -54,6 +54,10 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/rate-limits"): ADMINS,
     ("PATCH", "/api/v1/rate-limits"): OPERATOR,
     ("DELETE", "/api/v1/rate-limits"): OPERATOR,
+    # Per-address bans (test_bans.py): addresses belong to no tenant.
+    ("GET", "/api/v1/bans"): OPERATOR,
+    ("POST", "/api/v1/bans"): OPERATOR,
+    ("DELETE", "/api/v1/bans/{address}"): OPERATOR,
 }
 PUBLIC = {
     ("GET", "/api/v1/openapi.json"),
@@ -154,6 +158,12 @@ async def _request(p: Principals, who: str, method: str, route: str) -> int:
         body = {"ip_per_minute": 600}
     elif route == "/api/v1/sessions/{id}":
         path = route.replace("{id}", await p.session(own_user))
+    elif route == "/api/v1/bans" and method == "POST":
+        body = {"address": "192.0.2.44", "seconds": 60, "reason": "permissions test"}
+    elif route == "/api/v1/bans/{address}":
+        status, ban = await p.gw.admin("POST", "/bans", {"address": "2001:db8::45", "seconds": 60})
+        assert status == 201, ban
+        path = route.replace("{address}", "2001:db8::45")
     elif route == "/api/v1/access-rules/{id}":
         status, rule = await p.gw.admin("POST", "/access-rules", {"effect": "allow", "tenant_id": p.tenant_id,
                                                                   "server_id": p.server_id})

@@ -28,6 +28,7 @@ from gateway.dataplane.server import DataPlane
 from gateway.dataplane.sessions import SessionSealer, shared_secret
 from gateway.db import migrate
 from gateway.db.engine import create_engine
+from gateway.limits.bans import BanList
 from gateway.limits.quotas import KeyQuotas
 from gateway.limits.sessions import SessionCounter
 from gateway.records.metrics import Registry
@@ -55,6 +56,7 @@ class Gateway:
         self.key_usage: KeyUsage | None = None
         self.tokens = None  # TokenVerifier, when JWT issuers are configured
         self.signin: SignIn | None = None  # sign-in providers of the control plane
+        self.bans: BanList | None = None  # per-address bans, when [limits] is enabled
 
     @property
     def dataplane_url(self) -> str:
@@ -106,6 +108,9 @@ class Gateway:
             # issuer is logged and tried again when a token needs it).
             self.tokens = TokenVerifier(cfg.auth)
             await self.tokens.start()
+        if cfg.limits.enabled:
+            self.bans = BanList(self.redis, cfg.redis.key_prefix, cfg.limits)
+            await self.bans.start()
         self.dataplane = DataPlane(
             cfg.dataplane,
             self.store,
@@ -133,6 +138,7 @@ class Gateway:
             control = ControlPlane(
                 self.engine, self.store.publish_change, secrets=self.secrets, keys=cfg.keys, key_usage=self.key_usage,
                 signin=self.signin, limit_defaults=cfg.limits,
+                bans=self.bans,
             )
             self.controlplane_port = await self._listen(
                 web.AppRunner(control.build_app(), access_log=None, shutdown_timeout=10.0),
@@ -179,6 +185,8 @@ class Gateway:
             await self.writer.stop(timeout=self.config.writer.shutdown_timeout)
         if self.dataplane is not None:
             await self.dataplane.close()
+        if self.bans is not None:
+            await self.bans.stop()
         if self.key_usage is not None:
             await self.key_usage.stop()  # the last uses are written before the engine goes
         if self.tokens is not None:

@@ -12,8 +12,10 @@ import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Annotated, Any
 
+import msgspec
 import orjson
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -23,10 +25,12 @@ from gateway.auth.signin import SignIn
 from gateway.config import KeysConfig, LimitSettings
 from gateway.controlplane import permissions, schemas, service
 from gateway.controlplane import sessions, signin_api
+from gateway.limits.bans import MAX_BAN_SECONDS, NeverBanned
 
 if TYPE_CHECKING:
     from gateway.auth.key_usage import KeyUsage
     from gateway.auth.sealing import GatewaySecrets
+    from gateway.limits.bans import Ban, BanList
 
 log = logging.getLogger("gateway.controlplane")
 
@@ -70,6 +74,7 @@ class ControlPlane:
         key_usage: KeyUsage | None = None,
         signin: SignIn | None = None,
         limit_defaults: LimitSettings | None = None,
+        bans: BanList | None = None,
     ) -> None:
         self.engine = engine
         # The `[limits]` section: what /rate-limits reports where no override applies.
@@ -79,6 +84,7 @@ class ControlPlane:
         self.keys = keys or KeysConfig()
         self.key_usage = key_usage  # admin keys' last_used_at, like the data plane's
         self.signin = signin_api.SigninRoutes(engine, signin)  # /auth/*; sessions work wherever keys do
+        self.bans = bans  # per-address bans (limits/bans.py); None when [limits] is off
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1024 * 1024)
@@ -111,6 +117,9 @@ class ControlPlane:
         r.add_get("/api/v1/rate-limits", self._admin(self.get_rate_limits, action="limits.read"))
         r.add_patch("/api/v1/rate-limits", self._admin(self.update_rate_limits, writes=True, action="limits.write"))
         r.add_delete("/api/v1/rate-limits", self._admin(self.reset_rate_limits, writes=True, action="limits.write"))
+        r.add_get("/api/v1/bans", self._admin(self.list_bans, action="bans.read"))
+        r.add_post("/api/v1/bans", self._admin(self.create_ban, action="bans.write"))
+        r.add_delete("/api/v1/bans/{address}", self._admin(self.lift_ban, action="bans.write"))
         self.signin.add_routes(r)
         return app
 
@@ -287,9 +296,60 @@ class ControlPlane:
     async def reset_rate_limits(self, request: web.Request, actor: service.Actor) -> web.Response:
         return _json(await service.reset_limit_settings(self.engine, actor, self.limit_defaults))
 
+    # -- bans ----------------------------------------------------------------------------------
+    # Not configuration: bans live in Redis (limits/bans.py), so no version bump follows a change.
+    async def list_bans(self, request: web.Request, actor: service.Actor) -> web.Response:
+        return _json({"items": [_ban_out(b) for b in await self._ban_list().list()], "next_cursor": None})
+
+    async def create_ban(self, request: web.Request, actor: service.Actor) -> web.Response:
+        bans = self._ban_list()
+        body = schemas.validate(BanCreate, await request.read())
+        seconds = bans.ban_seconds if body.seconds is None else body.seconds
+        try:
+            ban = await bans.ban(body.address, seconds, body.reason)
+        except NeverBanned as exc:
+            return _error(409, "conflict", str(exc))
+        except ValueError as exc:
+            return _error(400, "bad_address", str(exc))
+        log.info("operator %s banned %s for %g s", actor.user_id, ban.address, seconds)
+        return _json(_ban_out(ban), 201)
+
+    async def lift_ban(self, request: web.Request, actor: service.Actor) -> web.Response:
+        address = request.match_info["address"]
+        try:
+            lifted = await self._ban_list().lift(address)
+        except ValueError as exc:
+            return _error(400, "bad_address", str(exc))
+        if not lifted:
+            raise service.NotFound(f"{address} is not banned")
+        log.info("operator %s lifted the ban on %s", actor.user_id, address)
+        return web.Response(status=204)
+
+    def _ban_list(self) -> BanList:
+        if self.bans is None:
+            raise service.Conflict("per-address bans are off: [limits] enabled is false")
+        return self.bans
+
     # -- OpenAPI -------------------------------------------------------------------------------
     async def openapi(self, request: web.Request) -> web.Response:
         return _json(openapi_document())
+
+
+class BanCreate(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /api/v1/bans: one address (IPv4 or IPv6, not a range), for `seconds` (default limits.ban_seconds)."""
+
+    address: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    seconds: Annotated[float, msgspec.Meta(gt=0, le=MAX_BAN_SECONDS)] | None = None
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)] = "banned by the operator"
+
+
+def _ban_out(ban: Ban) -> dict[str, Any]:
+    return {
+        "address": ban.address,
+        "reason": ban.reason,
+        "until": datetime.fromtimestamp(ban.until, timezone.utc),
+        "seconds_left": round(ban.seconds_left(), 3),
+    }
 
 
 def _public(handler: Callable[[web.Request], Awaitable[web.Response]]):
@@ -428,6 +488,22 @@ def openapi_document() -> dict[str, Any]:
                 },
                 "delete": {"responses": {"200": {"description": "every override removed; as GET"}}},
             },
+            "/api/v1/bans": {
+                "get": {"responses": {"200": {"description": "every ban in force: {items: [{address, reason, until, "
+                                                            "seconds_left}], next_cursor: null} (operator only)"}}},
+                "post": {
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": msgspec.json.schema(BanCreate)}}},
+                    "responses": {"201": {"description": "the ban, in force in every gateway process"},
+                                  "400": {"description": "not a single IPv4 or IPv6 address"},
+                                  "409": {"description": "the address is in limits.ip_allow: never banned"},
+                                  "422": {"description": "invalid fields, all listed"}},
+                },
+            },
+            "/api/v1/bans/{address}": {"delete": {"responses": {
+                "204": {"description": "lifted in every gateway process"},
+                "400": {"description": "not an IPv4 or IPv6 address"},
+                "404": {"description": "the address is not banned"}}}},
             "/api/v1/sessions": {"get": {"parameters": paging, "responses": listing}},
             "/api/v1/sessions/{id}": {"delete": {"responses": {"200": {"description": "ended: the session"}}}},
             "/auth/login/{provider}": {"get": {"security": [], "responses": {"302": {"description": "to the provider"}}}},

@@ -61,6 +61,9 @@ PERMISSIONS: dict[str, Permission] = {
     # tenant's weight) to know what its users get; only the operator changes them.
     "limits.read": Permission(READ, {"ADMIN": TENANT}, summary="read the deployment's rate limits"),
     "limits.write": Permission(ADMIN, operator_only=True, summary="change the deployment's rate limits"),
+    # Per-address bans (limits/bans.py): addresses are not any tenant's, so the operator's alone.
+    "bans.read": Permission(READ, operator_only=True, summary="list banned addresses"),
+    "bans.write": Permission(ADMIN, operator_only=True, summary="ban and unban addresses"),
 }
 
 # A route registered without naming its action gets this: what every admin
