@@ -13,7 +13,6 @@ import asyncio
 import gc
 import logging
 import signal
-import time
 
 from aiohttp import web
 
@@ -29,7 +28,8 @@ from gateway.dataplane.sessions import SessionSealer, shared_secret
 from gateway.db import migrate
 from gateway.db.engine import create_engine
 from gateway.limits.bans import BanList
-from gateway.limits.quotas import KeyQuotas
+from gateway.limits.limiter import Limiter
+from gateway.limits.shared import SharedBuckets
 from gateway.limits.sessions import SessionCounter
 from gateway.records.metrics import Registry
 from gateway.records.sinks import sink_for
@@ -56,6 +56,8 @@ class Gateway:
         self.key_usage: KeyUsage | None = None
         self.tokens = None  # TokenVerifier, when JWT issuers are configured
         self.signin: SignIn | None = None  # sign-in providers of the control plane
+        self.shared_buckets: SharedBuckets | None = None  # limiter state, synchronized through Redis
+        self.limiter: Limiter | None = None  # the rate-limit tiers, when [limits] is enabled
         self.bans: BanList | None = None  # per-address bans, when [limits] is enabled
 
     @property
@@ -84,9 +86,6 @@ class Gateway:
             legacy_digest=self.secrets.legacy_digest,
             limit_defaults=cfg.limits,
         )
-        quotas = KeyQuotas() if cfg.limits.enabled else None
-        if quotas is not None:
-            self.store.on_change(lambda snapshot: quotas.resize(snapshot, time.monotonic()))
         await self.store.start()
 
         # COPY into PostgreSQL, batched INSERTs into SQLite; the sink owns its connections.
@@ -111,12 +110,20 @@ class Gateway:
         if cfg.limits.enabled:
             self.bans = BanList(self.redis, cfg.redis.key_prefix, cfg.limits)
             await self.bans.start()
+            self.shared_buckets = SharedBuckets(
+                self.redis, cfg.redis.key_prefix, sync_interval=cfg.limits.sync_interval,
+                down_policy=cfg.limits.redis_down_policy,
+            )
+            await self.shared_buckets.start()
+            self.limiter = Limiter(self.shared_buckets, self.store.current.limits, self.bans)
+            self.store.on_change(self._limits_changed)
+            self._register_limit_metrics()
         self.dataplane = DataPlane(
             cfg.dataplane,
             self.store,
             self.writer,
             self.metrics,
-            quotas=quotas,
+            limiter=self.limiter,
             sessions=SessionSealer(secret),
             session_counter=SessionCounter(
                 max_per_key=cfg.sessions.max_per_key,
@@ -152,6 +159,26 @@ class Gateway:
             f", admin API on {self.controlplane_url}" if self.controlplane_port else "",
         )
 
+    def _register_limit_metrics(self) -> None:
+        fair, shared = self.limiter.fair, self.shared_buckets
+        self.metrics.gauge(
+            "gateway_fair_queue", "Requests waiting for global capacity now, and totals by outcome",
+            lambda: [(("waiting",), fair.queued), (("served_after_waiting",), fair.waited_total),
+                     (("refused_full",), fair.refused_full), (("refused_deadline",), fair.refused_deadline),
+                     (("cancelled",), fair.cancelled_total)],
+            ("state",),
+        )
+        self.metrics.gauge(
+            "gateway_limit_sync", "Shared limit state: buckets held, processes alive, reports, failed reports, Redis down",
+            lambda: [(("buckets",), len(shared)), (("processes_alive",), shared.alive), (("reports",), shared.syncs),
+                     (("failed_reports",), shared.sync_failures), (("redis_down",), int(shared.redis_down))],
+            ("what",),
+        )
+
+    def _limits_changed(self, snapshot) -> None:
+        if snapshot.limits != self.limiter.settings:
+            self.limiter.configure(snapshot.limits)
+
     async def _listen(self, runner: web.BaseRunner, host: str, port: int) -> int:
         await runner.setup()
         site = web.TCPSite(runner, host, port, backlog=1024)
@@ -176,6 +203,8 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, flush every record, close."""
+        if self.limiter is not None:
+            self.limiter.close()  # requests waiting for capacity are refused, not held through shutdown
         if self.dataplane is not None:
             await self.dataplane.end_streams()
         for runner in reversed(self._runners):
@@ -187,6 +216,8 @@ class Gateway:
             await self.dataplane.close()
         if self.bans is not None:
             await self.bans.stop()
+        if self.shared_buckets is not None:
+            await self.shared_buckets.stop()  # reports what was admitted since the last report
         if self.key_usage is not None:
             await self.key_usage.stop()  # the last uses are written before the engine goes
         if self.tokens is not None:

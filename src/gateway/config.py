@@ -10,6 +10,7 @@ reading the file.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -130,7 +131,8 @@ class LimitSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     anonymous_per_minute: PerMinute = 20
     # Per client address, every request.
     ip_per_minute: PerMinute = 600
-    burst_seconds: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+    # How much of a per-minute limit may be spent at once (60: a whole minute's worth).
+    burst_seconds: Annotated[float, Meta(gt=0, le=3600)] = 60.0
     # What one request costs in tokens, by method ("tools/call") or tool
     # ("tools/call:<tool name>"); the tool's entry wins. Unlisted: 1.
     costs: dict[str, Annotated[float, Meta(gt=0, le=1000)]] = msgspec.field(default_factory=dict)
@@ -146,6 +148,8 @@ class LimitSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ip_deny: list[str] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # A role left out keeps its default limit (0 turns a role's tier off).
+        self.roles = {**_role_defaults(), **self.roles}
         for name in ("ip_allow", "ip_deny"):
             for value in getattr(self, name):
                 try:
@@ -365,6 +369,13 @@ def _validate(
             if table is not None:
                 good[key] = _tables(f"{section}.{key}", where, value, table, problems)
                 continue
+            if isinstance(value, str) and getattr(fields[key], "__origin__", None) is dict:
+                # Tables come from the environment as JSON objects.
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    problems.append(f"{where}: {section}.{key} must be a JSON object, got {value!r}")
+                    continue
             if isinstance(value, str) and getattr(fields[key], "__origin__", None) is list:
                 # Lists come from the environment comma-separated.
                 value = [item.strip() for item in value.split(",") if item.strip()]

@@ -44,9 +44,10 @@ def test_the_allowed_pace_never_bans(violations_impl):
 
 def test_a_faster_pace_bans(violations_impl):
     counts = violations_impl(4, 2.0)
-    # 4 a second: +1 and -0.5 every quarter second, so the count climbs 0.5 a step.
-    verdicts = [counts.add("a", i * 0.25) for i in range(7)]
-    assert verdicts == [False] * 6 + [True]
+    # 4 a second: +1 and -0.5 every quarter second, so the count climbs 0.5 a step
+    # (1, 1.5, ... 3.5): the sixth passes threshold - 1.
+    verdicts = [counts.add("a", i * 0.25) for i in range(6)]
+    assert verdicts == [False] * 5 + [True]
 
 
 def test_unknown_address_counts_zero(violations_impl):
@@ -198,6 +199,12 @@ def test_a_burst_of_threshold_always_bans(violations_impl, threshold, window, st
     counts = violations_impl(threshold, window)
     verdicts = [counts.add("a", start) for _ in range(threshold)]
     assert verdicts == [False] * (threshold - 1) + [True]
+
+
+def test_a_burst_with_round_trips_between_still_bans(violations_impl):
+    counts = violations_impl(3, 60.0)
+    # Three refusals 50 ms apart: 0.005 has drained, which must not save the address.
+    assert [counts.add("a", 10.0 + i * 0.05) for i in range(3)] == [False, False, True]
 
 
 @given(threshold=thresholds, window=windows, start=st.floats(min_value=0.0, max_value=1e6),

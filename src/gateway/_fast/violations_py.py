@@ -5,10 +5,12 @@ else: no I/O, no clock reads (every call takes `now`, the caller's monotonic
 time), no knowledge of bans, Redis or CIDR ranges (limits/bans.py has those).
 
 Each address holds a decaying count: a violation adds 1 and the count drains
-continuously at `threshold / window` per second, never below 0. Reaching
-`threshold` is the verdict "ban". So `threshold` violations at once ban, and so
-does violating faster than `threshold` per `window` for long enough; a pace at
-or below that rate never accumulates (it is the sustained rate allowed).
+continuously at `threshold / window` per second, never below 0. A count that
+rises above `threshold - 1` is the verdict "ban". So `threshold` violations in
+a burst ban (even with a little drained between them, as a client's round
+trips take time), and so does violating faster than `threshold` per `window`
+for long enough; a pace at or below that rate never accumulates (it is the
+sustained rate allowed).
 
 Memory is bounded: `sweep` forgets the counts that drained to 0, and a table
 holding `max_addresses` makes room for a new address by sweeping and then
@@ -86,7 +88,9 @@ class ViolationCounts:
             self._entries[address] = entry
         else:
             entry.count = self._drained(entry, now) + 1.0
-        return entry.count >= self._threshold
+        # Within one violation of the threshold, not at it: what drained between
+        # the violations of a burst (a request's round trip) must not save it.
+        return entry.count > self._threshold - 1.0
 
     def count(self, address: str, now: float) -> float:
         """The count of `address` at `now` (0.0 for an address not tracked)."""

@@ -71,7 +71,7 @@ import msgspec
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from gateway.auth.authenticate import authenticate, authenticate_request
+from gateway.auth.authenticate import authenticate
 from gateway.dataplane import enforce
 from gateway.dataplane.jsonrpc import (
     INTERNAL_ERROR,
@@ -99,6 +99,7 @@ from gateway.dataplane.upstream import (
     UpstreamTimeout,
 )
 from gateway.snapshot import KeyEntry, ServerEntry
+from gateway.tasks import cancel_all
 
 log = logging.getLogger("gateway.bridge")
 
@@ -305,12 +306,7 @@ class Bridge:
         if abort:
             self.outbox.close()
             self._abort()
-        while pending:
-            # Cancelled again until done: Python 3.11's asyncio.wait_for (used by the
-            # pool to connect) can swallow a cancellation that races a completion.
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=1.0)
+        await cancel_all(pending)
         self.outbox.close()
         self.transports.bridges.discard(self)
         self._drain_inbox()
@@ -370,8 +366,8 @@ class Bridge:
             initialize = call.method == "initialize"
             if initialize and (self._initializing or self.upstream_session is not None):
                 raise Refusal(400, INVALID_REQUEST, "Invalid Request: this connection is already initialized")
-            if self.plane.quotas is not None:
-                self.plane._check_quota(key)
+            if self.plane.limiter is not None:
+                await self.plane._limit(request, key, call)
             listing = enforce.check_call(snapshot, key, current, call, body)  # access rules, role permissions
         except Refusal as refusal:
             return await self._refused(request, key, call, body, started, refusal)
@@ -803,9 +799,7 @@ class Transports:
         """Origin, key, route and quota for an opening request, as `/servers/{name}/mcp` does them."""
         plane = self.plane
         check_origin(request.headers.get("Origin"), plane.allowed_origins)
-        key = await authenticate_request(
-            plane.store, request.headers.get("Authorization"), "proxy", verified=plane.verified, tokens=plane.tokens
-        )
+        key = await plane._authenticate(request)
         snapshot = plane.store.current
         server = snapshot.server(key.tenant_id, name)
         if server is None or not enforce.usable(snapshot, key, server):
@@ -816,8 +810,8 @@ class Transports:
                 f"Server '{server.name}' uses the {server.transport_type} transport, which this endpoint cannot "
                 "bridge yet",
             )
-        if plane.quotas is not None:
-            plane._check_quota(key)
+        if plane.limiter is not None:
+            await plane._limit(request, key, None)
         return key, server
 
     def _refusal_response(self, request, started, exchange, key, server, refusal: Refusal, body=b"") -> web.Response:
@@ -916,8 +910,7 @@ class Transports:
         body = b""
         try:
             check_origin(request.headers.get("Origin"), plane.allowed_origins)
-            key = await authenticate_request(plane.store, request.headers.get("Authorization"), "proxy",
-                                             verified=plane.verified, tokens=plane.tokens)
+            key = await plane._authenticate(request)
             session_id = request.query.get("session_id")
             bridge = self.sessions.get(session_id) if session_id else None
             if bridge is None or bridge.closed or bridge.key.id != key.id or bridge.server.name != name:

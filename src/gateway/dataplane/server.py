@@ -1,8 +1,10 @@
 """The data plane's HTTP endpoints and the request pipeline behind them.
 
 `/servers/{server_name}/mcp` runs one fixed pipeline, built once:
-authenticate (snapshot) -> route (snapshot) -> read and parse the body ->
-per-key quota (compiled buckets) -> forward (pooled upstream connection) ->
+client address (deny list, bans, per-address bucket) -> authenticate
+(snapshot) -> route (snapshot) -> read and parse the body -> rate-limit tiers
+(limits/limiter.py: key quotas, user by role, tenant, global through the fair
+queue) -> forward (pooled upstream connection) ->
 record (one `request_logs` row into the writer's queue). Each stage either
 hands on or stops the request with a `Refusal`; nothing on this path touches
 the database or Redis.
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import time
 import uuid
@@ -33,6 +34,7 @@ from gateway.dataplane.aggregate import Aggregate
 from gateway.dataplane.channels import ChannelUpstream, SseUpstream, WebSocketUpstream
 from gateway.dataplane.credentials import CredentialUnavailable, UpstreamCredentials
 from gateway.dataplane.jsonrpc import (
+    FORBIDDEN,
     INVALID_REQUEST,
     PAYLOAD_TOO_LARGE,
     RATE_LIMITED,
@@ -61,7 +63,7 @@ from gateway.dataplane.upstream import (
     UpstreamStopped,
     UpstreamTimeout,
 )
-from gateway.limits.quotas import KeyQuotas
+from gateway.limits.limiter import Limited, Limiter
 from gateway.limits.sessions import SessionCounter
 from gateway.records.metrics import Registry
 from gateway.snapshot import KeyEntry, ServerEntry, SnapshotStore
@@ -89,6 +91,11 @@ _RESPONSE_HEADERS_DROPPED = frozenset(
     }
 )
 _JSON = "application/json"
+# How a rate-limit refusal names the tier that refused.
+_TIER_NAMES = {
+    "ip": "this address", "anonymous": "this address without valid credentials", "api_key": "this API key",
+    "user": "this user's role", "tenant": "this tenant's share of the gateway", "global": "the gateway",
+}
 # Transports the gateway reaches over one long-lived connection (channels.py).
 _CHANNEL_UPSTREAMS: dict[str, type[ChannelUpstream]] = {"sse": SseUpstream, "websocket": WebSocketUpstream}
 # Servers answered by the single-server facade, and how refusals describe each.
@@ -108,7 +115,7 @@ class DataPlane:
         writer,
         metrics: Registry,
         *,
-        quotas: KeyQuotas | None,
+        limiter: Limiter | None,
         sessions: SessionSealer,
         session_counter: SessionCounter | None = None,
         tokens: TokenVerifier | None = None,
@@ -130,7 +137,8 @@ class DataPlane:
         self.config = config
         self.store = store
         self.writer = writer
-        self.quotas = quotas
+        # The rate-limit tiers (None: [limits] enabled = false).
+        self.limiter = limiter
         self.ready = ready
         self.pools: dict[str, UpstreamPool] = {}
         self.clients: dict = {}
@@ -166,6 +174,9 @@ class DataPlane:
         )
         self.refusals = metrics.counter(
             "gateway_refusals_total", "Requests the gateway refused itself, by reason", ("reason",)
+        )
+        self.limited = metrics.counter(
+            "gateway_rate_limited_total", "Requests refused by a rate-limit tier, by tier", ("tier",)
         )
         self.latency = metrics.histogram(
             "gateway_request_duration_seconds", "Time from request to the end of the answer", ("server",)
@@ -361,9 +372,7 @@ class DataPlane:
         try:
             headers = request.headers
             check_origin(headers.get("Origin"), self.allowed_origins)
-            key = await authenticate_request(
-                self.store, headers.get("Authorization"), "proxy", verified=self.verified, tokens=self.tokens
-            )
+            key = await self._authenticate(request)
             if aggregate:
                 if not with_body and not _opens_stream(request):
                     raise Refusal(
@@ -381,8 +390,8 @@ class DataPlane:
                 body = await self._read_body(request)
                 call = parse_body(body)
                 check_message(call, headers)
-            if self.quotas is not None:
-                self._check_quota(key)
+            if self.limiter is not None:
+                await self._limit(request, key, call)
             if call is not None and server is not None and server.transport_type == "http":
                 modern = call.envelope_version is not None
                 gap = self._era_gaps.get((server.id, server.endpoint_url, modern))
@@ -530,19 +539,58 @@ class DataPlane:
             self.watcher.remove(scope, listener)
         return response
 
-    def _check_quota(self, key: KeyEntry) -> None:
-        refused = self.quotas.try_acquire(key, time.monotonic())
-        if refused is None:
-            return
-        retry = max(1, math.ceil(refused.retry_after)) if refused.retry_after != math.inf else 3600
-        raise Refusal(
-            429,
-            RATE_LIMITED,
-            f"Rate limit exceeded: this API key allows {refused.limit} requests per "
-            f"{refused.window}; retry in {retry} s",
-            headers={"Retry-After": str(retry)},
-            data={"tier": "api_key", "window": refused.window, "retry_after": retry},
-        )
+    async def _authenticate(self, request: web.BaseRequest) -> KeyEntry:
+        """The caller's key, after its address passed the deny list, bans and its bucket.
+
+        Failed credentials are charged to the address's anonymous bucket: once it
+        is spent the answer is 429, not 401, so guessing keys goes slowly.
+        """
+        limiter = self.limiter
+        if limiter is not None:
+            try:
+                limiter.check_address(request.remote, time.monotonic())
+            except Limited as limited:
+                raise self._limit_refusal(limited) from None
+        try:
+            return await authenticate_request(
+                self.store, request.headers.get("Authorization"), "proxy", verified=self.verified, tokens=self.tokens
+            )
+        except Refusal as refusal:
+            if limiter is not None and refusal.http_status == 401:
+                limited = limiter.anonymous(request.remote, time.monotonic())
+                if limited is not None:
+                    raise self._limit_refusal(limited) from None
+            raise
+
+    async def _limit(self, request: web.BaseRequest, key: KeyEntry, call: Call | None) -> None:
+        """Charge the request to every tier of its principal (it may wait in the fair queue), or refuse it."""
+        limiter = self.limiter
+        cost = limiter.cost(call.method, call.target) if call is not None else 1.0
+        tenant = self.store.current.tenants.get(key.tenant_id)
+        try:
+            await limiter.admit(key, tenant.weight if tenant is not None else 100, request.remote, cost)
+        except Limited as limited:
+            raise self._limit_refusal(limited) from None
+
+    def _limit_refusal(self, limited: Limited) -> Refusal:
+        self.limited.inc(limited.tier)
+        if limited.status == 403:
+            return Refusal(403, FORBIDDEN, f"Forbidden: {limited.reason}", data={"tier": limited.tier})
+        retry = limited.retry_seconds
+        if limited.window:
+            what = f"{_TIER_NAMES[limited.tier]} allows {limited.limit:g} requests per {limited.window}"
+            message = f"Rate limit exceeded: {what}; retry in {retry} s"
+        else:
+            message = f"Rate limit exceeded: {limited.reason}; retry in {retry} s"
+        if limited.reason and limited.window:
+            message += f" ({limited.reason})"
+        headers = {"Retry-After": str(retry), "RateLimit-Reset": str(retry), "RateLimit-Remaining": "0"}
+        if limited.limit:
+            headers["RateLimit-Limit"] = f"{limited.limit:g}"
+        data = {"tier": limited.tier, "retry_after": retry}
+        if limited.window:
+            data.update(limit=limited.limit, window=limited.window)
+        return Refusal(429, RATE_LIMITED, message, headers=headers, data=data)
 
     def _record(self, request, started, exchange, key, server, call, body, with_body) -> None:
         elapsed = time.perf_counter() - started

@@ -96,7 +96,7 @@ for i = 1, (#KEYS - 1) / 2 do
       last = now
     end
     c = c + n
-    if c >= threshold then
+    if c > threshold - 1 then
       ban(i, address, ban_ms, by_count)
     else
       redis.call('HSET', KEYS[2 * i + 1], 'c', tostring(c), 't', tostring(last))
