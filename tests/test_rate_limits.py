@@ -289,3 +289,32 @@ async def test_three_processes_hold_one_global_limit_through_redis_and_its_outag
         assert {tier for gw in gateways for tier in gw.gateway.limiter.refusals} == {"global"}
     finally:
         await relay.stop()
+
+
+async def test_behind_a_trusted_proxy_the_forwarded_client_is_limited(make_gateway, pg_url, mcp_upstream_json):
+    gw = await make_gateway(pg_url, limits=_limits(ip_per_minute=2), dataplane={"trusted_proxies": "127.0.0.0/8"})
+    t = await gw.tenancy("acme", mcp_upstream_json)
+    untrusted = await make_gateway(pg_url, limits=_limits(ip_per_minute=2))
+
+    async def call(gateway, forwarded: str) -> int:
+        headers = {**_headers(t.api_key), "X-Forwarded-For": forwarded}
+        async with http.post(f"{gateway.url}/servers/demo/mcp", data=CALL, headers=headers) as resp:
+            return resp.status
+
+    async with aiohttp.ClientSession() as http:
+        # Each client behind the proxy has its own bucket; what a client claims about
+        # hops before it (the first entry) is not believed.
+        assert [await call(gw, "203.0.113.5") for _ in range(3)] == [200, 200, 429]
+        assert await call(gw, "198.51.100.1, 203.0.113.6") == 200
+        assert await call(gw, "198.51.100.2, 203.0.113.6") == 200
+        assert await call(gw, "198.51.100.3, 203.0.113.6") == 429
+        # Not a trusted proxy: the header changes nothing, the peer is limited.
+        assert [await call(untrusted, f"203.0.113.{i}") for i in range(3)] == [200, 200, 429]
+    deadline = time.monotonic() + 5
+    while True:
+        async with gw.gateway.engine.connect() as conn:
+            addresses = set((await conn.execute(sa.select(request_logs.c.client_ip))).scalars())
+        if {"203.0.113.5", "203.0.113.6"} <= addresses or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert {"203.0.113.5", "203.0.113.6", "127.0.0.1"} >= addresses >= {"203.0.113.5", "203.0.113.6"}

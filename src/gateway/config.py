@@ -9,7 +9,6 @@ reading the file.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -28,6 +27,12 @@ PositiveInt = Annotated[int, Meta(ge=1)]
 
 class ConfigError(Exception):
     """A configuration value is missing, malformed or out of range."""
+
+
+def _check_ranges(name: str, values: list[str]) -> None:
+    from gateway.netaddr import networks
+
+    networks(values, name)  # ValueError naming the entry
 
 
 class DatabaseConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -59,6 +64,11 @@ class DataPlaneConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Browser origins allowed besides loopback ones ("*": any). Requests without
     # an Origin header (non-browser clients) are always allowed.
     allowed_origins: list[str] = msgspec.field(default_factory=list)
+    # Load balancers and proxies in front of the gateway (CIDR ranges). A request
+    # from one of them is attributed to the address it names in X-Forwarded-For
+    # (the last hop not itself trusted) for limits, bans and request logs; from
+    # anywhere else the header is ignored. Empty: the peer address, always.
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
     # Relayed SSE streams: a GET stream with no byte for this long is ended (the
     # client reconnects); a call's stream (POST) idles out after upstream_timeout
     # instead. Any byte, a progress event included, restarts the clock.
@@ -70,6 +80,9 @@ class DataPlaneConfig(msgspec.Struct, forbid_unknown_fields=True):
     # While a client listens for list changes on /mcp or a facade, the lists behind
     # it are fetched again this often (configuration changes are announced at once).
     list_watch_interval: Positive = 10.0
+
+    def __post_init__(self) -> None:
+        _check_ranges("trusted_proxies", self.trusted_proxies)
 
 
 class ControlPlaneConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -151,11 +164,7 @@ class LimitSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         # A role left out keeps its default limit (0 turns a role's tier off).
         self.roles = {**_role_defaults(), **self.roles}
         for name in ("ip_allow", "ip_deny"):
-            for value in getattr(self, name):
-                try:
-                    ipaddress.ip_network(value, strict=False)
-                except ValueError:
-                    raise ValueError(f"{name}: {value!r} is not an IP address or CIDR range") from None
+            _check_ranges(name, getattr(self, name))
 
 
 class LimitsConfig(LimitSettings, forbid_unknown_fields=True, kw_only=True):

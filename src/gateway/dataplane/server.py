@@ -66,6 +66,7 @@ from gateway.dataplane.upstream import (
 from gateway.limits.limiter import Limited, Limiter
 from gateway.limits.sessions import SessionCounter
 from gateway.records.metrics import Registry
+from gateway.netaddr import is_ip, networks, within
 from gateway.snapshot import KeyEntry, ServerEntry, SnapshotStore
 
 if TYPE_CHECKING:
@@ -139,6 +140,7 @@ class DataPlane:
         self.writer = writer
         # The rate-limit tiers (None: [limits] enabled = false).
         self.limiter = limiter
+        self._trusted_proxies = networks(config.trusted_proxies, "trusted_proxies")
         self.ready = ready
         self.pools: dict[str, UpstreamPool] = {}
         self.clients: dict = {}
@@ -539,6 +541,20 @@ class DataPlane:
             self.watcher.remove(scope, listener)
         return response
 
+    def client_address(self, request: web.BaseRequest) -> str | None:
+        """The client's address: the peer's, or, from a trusted proxy, the one it names in X-Forwarded-For."""
+        peer = request.remote
+        if not self._trusted_proxies or peer is None or not within(peer, self._trusted_proxies):
+            return peer
+        forwarded = request.headers.getall("X-Forwarded-For", ())
+        hops = [hop.strip() for value in forwarded for hop in value.split(",")]
+        # Right to left: each trusted hop vouches for the one before it; the first
+        # untrusted one is the client (what it says about earlier hops is its own claim).
+        for hop in reversed(hops):
+            if not within(hop, self._trusted_proxies):
+                return hop if is_ip(hop) else peer
+        return hops[0] if hops and is_ip(hops[0]) else peer
+
     async def _authenticate(self, request: web.BaseRequest) -> KeyEntry:
         """The caller's key, after its address passed the deny list, bans and its bucket.
 
@@ -548,7 +564,7 @@ class DataPlane:
         limiter = self.limiter
         if limiter is not None:
             try:
-                limiter.check_address(request.remote, time.monotonic())
+                limiter.check_address(self.client_address(request), time.monotonic())
             except Limited as limited:
                 raise self._limit_refusal(limited) from None
         try:
@@ -557,7 +573,7 @@ class DataPlane:
             )
         except Refusal as refusal:
             if limiter is not None and refusal.http_status == 401:
-                limited = limiter.anonymous(request.remote, time.monotonic())
+                limited = limiter.anonymous(self.client_address(request), time.monotonic())
                 if limited is not None:
                     raise self._limit_refusal(limited) from None
             raise
@@ -568,7 +584,7 @@ class DataPlane:
         cost = limiter.cost(call.method, call.target) if call is not None else 1.0
         tenant = self.store.current.tenants.get(key.tenant_id)
         try:
-            await limiter.admit(key, tenant.weight if tenant is not None else 100, request.remote, cost)
+            await limiter.admit(key, tenant.weight if tenant is not None else 100, self.client_address(request), cost)
         except Limited as limited:
             raise self._limit_refusal(limited) from None
 
@@ -617,7 +633,7 @@ class DataPlane:
                 elapsed * 1000.0,
                 len(body),
                 exchange.sent,
-                request.remote,
+                self.client_address(request),
                 datetime.now(timezone.utc),
             ),
         )
@@ -940,5 +956,4 @@ def _too_large(limit: int) -> Refusal:
         PAYLOAD_TOO_LARGE,
         f"Request body too large: this gateway accepts at most {limit} bytes per message",
     )
-
 

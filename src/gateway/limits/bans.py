@@ -40,7 +40,6 @@ seconds, for people and Retry-After.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import math
 import time
@@ -50,6 +49,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from gateway._fast.violations import ViolationCounts
+from gateway.netaddr import networks, parse_ip
 from gateway.tasks import cancel_all
 
 log = logging.getLogger("gateway.bans")
@@ -207,8 +207,8 @@ class BanList:
 
     def reconfigure(self, settings) -> None:
         """Apply changed limits (a LimitSettings): thresholds, ban length, allow and deny ranges."""
-        allow = _networks(settings.ip_allow, "ip_allow")
-        deny = _networks(settings.ip_deny, "ip_deny")
+        allow = networks(settings.ip_allow, "ip_allow")
+        deny = networks(settings.ip_deny, "ip_deny")
         self.threshold = settings.ban_violations  # 0: violations ban nothing
         self.window = float(settings.ban_window)
         self.ban_seconds = float(settings.ban_seconds)
@@ -286,7 +286,7 @@ class BanList:
 
     def _classify(self, address: str) -> tuple[str, bool, bool]:
         try:
-            ip = _ip(address)
+            ip = parse_ip(address)
         except ValueError:
             return address, False, False  # not an IP (a Unix socket's peer): matches no range
         return str(ip), any(ip in net for net in self._allow), any(ip in net for net in self._deny)
@@ -358,7 +358,7 @@ class BanList:
                 f"{address!r} is a range: bans are per address (refuse a range with limits.ip_deny)"
             )
         try:
-            ip = _ip(address)
+            ip = parse_ip(address)
         except ValueError:
             raise ValueError(f"{address!r} is not an IPv4 or IPv6 address") from None
         key = str(ip)
@@ -568,27 +568,6 @@ class BanList:
         if self._redis_down:
             self._redis_down = False
             log.info("Redis is back: bans are shared again")
-
-
-def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    ip = ipaddress.ip_address(address)
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped  # ::ffff:192.0.2.1 is 192.0.2.1
-    return ip
-
-
-def _networks(ranges: list[str], name: str) -> tuple:
-    networks = []
-    for text in ranges:
-        try:
-            net = ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            raise ValueError(f"{name}: {text!r} is not an IP address or CIDR range") from None
-        if net.version == 6 and net.prefixlen >= 96 and net.network_address.ipv4_mapped is not None:
-            # ::ffff:10.0.0.0/104 is 10.0.0.0/8: addresses are compared in their IPv4 form.
-            net = ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
-        networks.append(net)
-    return tuple(networks)
 
 
 def _text(value) -> str:
