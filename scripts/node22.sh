@@ -30,6 +30,14 @@ if [[ -x "$node" && -f "$cache/.stamp" && "$(cat "$cache/.stamp")" == "$want" ]]
 fi
 
 mkdir -p "$cache"
+# One install at a time: parallel test workers (pytest-xdist) may all ask at once. The
+# others wait for the lock, then find the stamp and only print the path.
+exec 9>"$cache/.lock"
+flock 9
+if [[ -x "$node" && -f "$cache/.stamp" && "$(cat "$cache/.stamp")" == "$want" ]]; then
+    echo "$node"
+    exit 0
+fi
 echo "node22.sh: installing $want into $cache" >&2
 start=$SECONDS
 # The packages' own install scripts run under the machine's node (20); the Inspector's
