@@ -1,18 +1,64 @@
-"""Helpers the tests share that are not fixtures: ports, processes, a provisioned gateway."""
+"""Helpers the tests share that are not fixtures: ports, processes, a provisioned gateway.
+
+The suite runs in parallel (pytest-xdist workers): nothing here may hand two workers the same
+port, database or file.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+
+# Ports handed out by free_port(): below the kernel's ephemeral range, so no bind(("", 0))
+# and no outgoing connection of any process takes one of them, and each locked (flock on a
+# file per port) for the life of the process, so no other test process (xdist worker or a
+# second pytest run on the machine) hands out the same one. A test may therefore stop a
+# server and start it again on its port.
+_PORT_RANGE = (20000, 32000)
+_PORT_LOCK_DIR = Path(tempfile.gettempdir()) / "mcp-gateway-test-ports"
+_port_locks: list = []  # open lock files: the locks last as long as this process
+_next_port: list[int] = []
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A local port nobody listens on, this process's alone until it exits."""
+    low, high = _PORT_RANGE[0], min(_PORT_RANGE[1], _ephemeral_low())
+    if not _next_port:  # a random start: concurrent processes rarely even try the same ports
+        _next_port.append(random.randrange(low, high))
+    _PORT_LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    for _ in range(high - low):
+        port = _next_port[0]
+        _next_port[0] = port + 1 if port + 1 < high else low
+        lock = open(_PORT_LOCK_DIR / str(port), "a")  # noqa: SIM115 (kept open: it holds the lock)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another live process has it
+            lock.close()
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use by something else (or lingering in TIME_WAIT)
+                lock.close()
+                continue
+        _port_locks.append(lock)
+        return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def wait_for_port(port: int, process: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
@@ -39,6 +85,17 @@ def spawn_upstream(*extra: str) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}/mcp"
 
 
+# Rate limits far above what a test sends, so only the tests about limits meet them (they set
+# their own); the defaults themselves are checked in test_config.py. For gateways a test
+# starts, in process or as `gateway serve`.
+GENEROUS_LIMITS = {
+    "GATEWAY_LIMITS_GLOBAL_PER_MINUTE": "10000000",
+    "GATEWAY_LIMITS_ROLES": '{"ADMIN": 1000000, "USER": 1000000, "SERVICE": 1000000, "READONLY": 1000000}',
+    "GATEWAY_LIMITS_IP_PER_MINUTE": "10000000",
+    "GATEWAY_LIMITS_ANONYMOUS_PER_MINUTE": "1000000",
+}
+
+
 def gateway_config(database_url: str, config_file=None, **sections):
     """A Config on free ports with `sections` ({"dataplane": {...}}) applied over `config_file` (TOML)."""
     from gateway import config
@@ -49,6 +106,7 @@ def gateway_config(database_url: str, config_file=None, **sections):
         "GATEWAY_CONTROLPLANE_PORT": "0",
         "GATEWAY_WRITER_FLUSH_INTERVAL": "0.05",
         "GATEWAY_SNAPSHOT_POLL_INTERVAL": "0.2",
+        **GENEROUS_LIMITS,
     }
     for section, values in sections.items():
         for key, value in values.items():

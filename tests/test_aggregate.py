@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-
 import aiohttp
 import asyncpg
 import orjson
 import pytest
+from harness import free_port
 from mcp.shared.exceptions import MCPError
 
 from gateway.demo.client import gateway_client
@@ -58,9 +57,7 @@ async def test_unknown_and_foreign_tools_look_the_same(setup, mode):
 
 async def test_an_unreachable_server_is_left_out_and_named(setup):
     gw, t, _ = setup
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+    dead = f"http://127.0.0.1:{free_port()}/mcp"  # nobody listens there, nor will during the test
     await gw.admin("POST", "/servers", {"tenant_id": t.tenant_id, "name": "gone", "endpoint_url": dead})
     status, answer = await _post(gw, t, {"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
     assert status == 200
@@ -195,9 +192,7 @@ async def test_resource_pages_span_servers(pg_url, make_gateway, mcp_upstream, m
 
 async def test_an_unreachable_server_is_left_out_of_resource_lists(setup):
     gw, t, _ = setup
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+    dead = f"http://127.0.0.1:{free_port()}/mcp"  # nobody listens there, nor will during the test
     await gw.admin("POST", "/servers", {"tenant_id": t.tenant_id, "name": "gone", "endpoint_url": dead})
     for method, kind in (("resources/list", "resources"), ("resources/templates/list", "resourceTemplates")):
         status, answer = await _post(gw, t, {"jsonrpc": "2.0", "id": 1, "method": method})

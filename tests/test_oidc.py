@@ -26,6 +26,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from mcp import Client
 from mcp.client.sse import sse_client
+from harness import free_port
 from oidc_issuer import LocalIssuer, SigningKey
 
 from gateway.auth.authenticate import RetryAfterFetch, authenticate, authenticate_request
@@ -259,7 +260,8 @@ async def test_key_rotated_at_the_issuer(issuer, make_verifier):
 
 
 async def test_unreachable_issuer_is_503_then_recovers(make_verifier):
-    issuer = await LocalIssuer().start()
+    # A port of its own (not an ephemeral one another worker could take while it is down).
+    issuer = await LocalIssuer().start(port=free_port())
     port = issuer.port
     token = issuer.token(audience=RESOURCE, tenant="acme-corp")
     await issuer.stop()  # the gateway starts while the issuer is down

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import sqlalchemy as sa
+from harness import free_port
 
 from gateway.db import tables
 from gateway.db.engine import create_engine, create_pg_pool
@@ -184,7 +185,8 @@ class PostgresOutage:
     def __init__(self, pg_url: str) -> None:
         self._parts = urlsplit(pg_url)
         self._target = (self._parts.hostname, self._parts.port or 5432)
-        self.port = 0
+        # Not an ephemeral port: while cut, no other worker's server or connection may take it.
+        self.port = free_port()
         self._server: asyncio.Server | None = None
         self._transports: set[asyncio.Transport] = set()
         self._pipes: set[asyncio.Task] = set()
