@@ -12,6 +12,7 @@ GATEWAY_* variables on purpose: the gateway rejects unknown GATEWAY_* names).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 
@@ -23,6 +24,8 @@ from gateway.db import migrate
 
 PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# The suite runs in pytest-xdist workers, each a process of its own with its own RUN_ID:
+# every database and Redis key below is named after it, so workers never share one.
 RUN_ID = uuid.uuid4().hex[:8]
 
 
@@ -40,12 +43,32 @@ async def _admin(*statements: str) -> None:
         await conn.close()
 
 
+# Held while a template is migrated. The migrations also change what is server-wide, not
+# per database (CREATE ROLE gateway_tenant, GRANT it): on a fresh server, workers migrating
+# their templates at once would race to create the same role.
+_MIGRATION_LOCK = 0x6D637067  # pg_advisory_lock key: any constant of this suite's own
+
+
+@contextlib.contextmanager
+def _migration_lock():
+    loop = asyncio.new_event_loop()
+    conn = loop.run_until_complete(asyncpg.connect(PG_ADMIN_URL))
+    try:
+        loop.run_until_complete(conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK))
+        yield
+    finally:
+        loop.run_until_complete(conn.close())  # ends the session, and so its lock
+        loop.close()
+
+
 @pytest.fixture(scope="session")
 def pg_template() -> str:
-    """A database migrated to head, used only as a template."""
-    name = f"gwtpl_{RUN_ID}"
+    """A database migrated to head, used only as a template (one per worker: a template
+    may have no other connection while a database is cloned from it)."""
+    name = f"gwtpl_{RUN_ID}_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
     asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    migrate.upgrade(_pg_url(name))
+    with _migration_lock():
+        migrate.upgrade(_pg_url(name))
     yield name
     asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
@@ -60,8 +83,12 @@ def pg_url(pg_template: str) -> str:
 
 
 @pytest.fixture
-def empty_pg_url() -> str:
-    """URL of a fresh, empty database (no schema), for migration tests."""
+def empty_pg_url(pg_template: str) -> str:
+    """URL of a fresh, empty database (no schema), for migration tests.
+
+    After pg_template: what its migration creates server-wide (the role) exists by then,
+    so tests migrating this database never race another worker to create it.
+    """
     name = f"gwe_{RUN_ID}_{uuid.uuid4().hex[:10]}"
     asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
     yield _pg_url(name)
