@@ -116,7 +116,16 @@ async def test_sigterm_flushes_every_answered_request(pg_url, mcp_upstream_json)
 
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
             workers = [asyncio.create_task(client(http, w)) for w in range(8)]
+            deadline = asyncio.get_running_loop().time() + 60
             while answered < 200:
+                # A client that ended before the SIGTERM failed (or the gateway went away):
+                # its error, now, instead of waiting for answers that will never come.
+                ended = [w for w in workers if w.done()]
+                if ended:
+                    stop.set()
+                    await asyncio.gather(*workers)
+                    raise AssertionError(f"a client ended after {answered} answers, before the SIGTERM")
+                assert asyncio.get_running_loop().time() < deadline, f"only {answered} answers in 60 s"
                 await asyncio.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
             code = await asyncio.to_thread(proc.wait, 30)

@@ -370,6 +370,11 @@ async def test_rows_accepted_during_an_outage_arrive_once_it_ends(
     submit(150)
     await eventually(count_is(150))
 
+    async def acknowledged() -> bool:  # the rows are in, and the writer has seen the COMMIT answered
+        return writer.stats.written == 150
+
+    await eventually(acknowledged)
+
     await outage.cut()
     for _ in range(10):  # traffic keeps coming during the outage
         submit(100)
