@@ -20,6 +20,33 @@ def test_defaults_are_the_embedded_gateway():
     assert not cfg.uses_postgres
 
 
+def test_limit_defaults_are_the_documented_tiers():
+    limits = config.load(None, env={}).limits
+    assert limits.enabled and limits.global_per_minute == 5000
+    assert limits.roles == {"ADMIN": 1000, "USER": 100, "SERVICE": 1000, "READONLY": 100}
+    assert (limits.anonymous_per_minute, limits.ip_per_minute, limits.burst_seconds) == (20, 600, 60.0)
+    assert (limits.queue_max, limits.queue_deadline, limits.redis_down_policy) == (64, 2.0, "local")
+
+
+def test_limit_tables_from_toml_and_environment(tmp_path):
+    path = tmp_path / "limits.toml"
+    path.write_text('[limits]\nroles = {USER = 7}\ncosts = {"tools/call:search" = 5}\nip_deny = ["10.0.0.0/8"]\n')
+    limits = config.load(path, env={}).limits
+    assert limits.roles["USER"] == 7 and limits.roles["ADMIN"] == 1000  # a role left out keeps its default
+    assert limits.costs == {"tools/call:search": 5.0} and limits.ip_deny == ["10.0.0.0/8"]
+    limits = config.load(None, env={"GATEWAY_LIMITS_ROLES": '{"SERVICE": 0}', "GATEWAY_LIMITS_IP_ALLOW": "::1, 127.0.0.1"}).limits
+    assert limits.roles["SERVICE"] == 0 and limits.ip_allow == ["::1", "127.0.0.1"]
+    for env, named in [
+        ({"GATEWAY_LIMITS_ROLES": "USER=3"}, "must be a JSON object"),
+        ({"GATEWAY_LIMITS_ROLES": '{"BOSS": 3}'}, "BOSS"),
+        ({"GATEWAY_LIMITS_IP_DENY": "10.0.0.0/8, nonsense"}, "'nonsense' is not an IP address or CIDR range"),
+        ({"GATEWAY_DATAPLANE_TRUSTED_PROXIES": "300.1.1.1"}, "trusted_proxies"),
+        ({"GATEWAY_LIMITS_REDIS_DOWN_POLICY": "open"}, "redis_down_policy"),
+    ]:
+        with pytest.raises(config.ConfigError, match=named):
+            config.load(None, env=env)
+
+
 def test_toml_then_environment(tmp_path):
     path = tmp_path / "gateway.toml"
     path.write_text('[database]\nurl = "postgresql://postgres@127.0.0.1/test"\n[dataplane]\nport = 9000\n')

@@ -29,6 +29,7 @@ _KINDS = {
     "tenants": "tenant", "users": "user", "api-keys": "key", "servers": "server",
     "access-rules": "rule", "sessions": "session",
     "rate-limits": "limits",  # the deployment's: a tenant admin reads them (only its own weight), never writes
+    "bans": "ban",  # the deployment's, by address: operator only
 }
 # A valid body for each route that takes one (so a refusal is about whose object it is, not the body).
 # Creating: aimed at globex (its tenant, user, server). Unknown routes get {} and must still refuse alike.
@@ -115,7 +116,7 @@ async def test_control_plane_matrix(gateway, mcp_upstream):
     for method, path in _routes(gateway):
         if (method, path) in _PUBLIC or path.startswith(_OUTSIDE):
             continue
-        match = re.fullmatch(r"/api/v1/([a-z-]+)(?:/\{id\}(/.*)?)?(/[a-z]+)?", path)
+        match = re.fullmatch(r"/api/v1/([a-z-]+)(?:/\{(?:id|address)\}(/.*)?)?(/[a-z]+)?", path)
         collection = match.group(1) if match else None
         if collection not in _KINDS:
             unclassified.append((method, path))

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 import aiohttp
 import asyncpg
 import pytest
-from harness import free_port, wait_for_port
+from harness import GENEROUS_LIMITS, free_port, wait_for_port
 
 from gateway.controlplane import service
 from gateway.dataplane import jsonrpc
@@ -209,6 +209,7 @@ class ServeProcess:
             "GATEWAY_DATAPLANE_PORT": str(self.port), "GATEWAY_CONTROLPLANE_PORT": str(self.admin_port),
             # Only the Redis signal can bring the change within the test's bound.
             "GATEWAY_SNAPSHOT_POLL_INTERVAL": "60",
+            **GENEROUS_LIMITS,
         })
         self.log = open(log_path, "wb")
         self.process = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env,

@@ -11,7 +11,7 @@ import sys
 import aiohttp
 import asyncpg
 
-from harness import free_port, wait_for_port
+from harness import GENEROUS_LIMITS, free_port, wait_for_port
 
 CALL = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hi"}}}
 
@@ -93,6 +93,7 @@ async def test_sigterm_flushes_every_answered_request(pg_url, mcp_upstream_json)
         # A long interval: rows must leave at shutdown, not on the timer.
         "GATEWAY_WRITER_FLUSH_INTERVAL": "60",
         "GATEWAY_WRITER_BATCH_SIZE": "100000",
+        **GENEROUS_LIMITS,
     }
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env, stderr=subprocess.PIPE)
     try:
@@ -108,8 +109,8 @@ async def test_sigterm_flushes_every_answered_request(pg_url, mcp_upstream_json)
                 i += 1
                 try:
                     async with http.post(endpoint, json=_modern_call(i), headers=_headers(key)) as resp:
-                        await resp.read()
-                        assert resp.status == 200, resp.status
+                        text = await resp.read()
+                        assert resp.status == 200, (resp.status, text)
                         answered += 1
                 except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
                     return  # the gateway has closed its listener

@@ -23,9 +23,10 @@ from gateway.db.engine import create_engine
 from gateway.db.tables import metadata
 
 # Tables no tenant owns; every other table must carry row-level security.
-NOT_TENANT_OWNED = {"alembic_version", "config_state", "gateway_secrets", "signin_states"}
-# Of those, what gateway_tenant may touch at all (config_state: read and bump the version).
-TENANT_ROLE_REACHES = {"config_state"}
+NOT_TENANT_OWNED = {"alembic_version", "config_state", "gateway_secrets", "signin_states", "limit_settings"}
+# Of those, what gateway_tenant may touch at all (config_state: read and bump the version;
+# limit_settings: read, for GET /rate-limits).
+TENANT_ROLE_REACHES = {"config_state", "limit_settings"}
 # The column a table's owning tenant is read from (every other tenant-owned table: tenant_id).
 TENANT_COLUMN = {"tenants": "id"}
 # References a tenant's row may not point across tenants (foreign-key checks run as the owner).

@@ -203,13 +203,15 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, flush every record, close."""
-        if self.limiter is not None:
-            self.limiter.close()  # requests waiting for capacity are refused, not held through shutdown
         if self.dataplane is not None:
             await self.dataplane.end_streams()
+        # Requests waiting for capacity are in flight: served or refused at their deadline
+        # while the listeners drain.
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        if self.limiter is not None:
+            self.limiter.close()
         if self.writer is not None:
             await self.writer.stop(timeout=self.config.writer.shutdown_timeout)
         if self.dataplane is not None:

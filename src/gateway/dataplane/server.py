@@ -592,6 +592,9 @@ class DataPlane:
         self.limited.inc(limited.tier)
         if limited.status == 403:
             return Refusal(403, FORBIDDEN, f"Forbidden: {limited.reason}", data={"tier": limited.tier})
+        if limited.status == 503:
+            return Refusal(503, UPSTREAM_UNAVAILABLE, f"Unavailable: {limited.reason}; retry in 1 s",
+                           headers={"Retry-After": "1"}, data={"tier": limited.tier})
         retry = limited.retry_seconds
         if limited.window:
             what = f"{_TIER_NAMES[limited.tier]} allows {limited.limit:g} requests per {limited.window}"

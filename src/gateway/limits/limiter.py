@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass
 
 from gateway.config import LimitSettings
-from gateway.limits.fairness import FairQueue, FairQueueRefusal, QueueFull
+from gateway.limits.fairness import FairQueue, FairQueueRefusal, QueueClosed, QueueFull
 from gateway.limits.bans import BanList
 from gateway.limits.shared import SharedBucket, SharedBuckets
 
@@ -54,7 +54,7 @@ class Limited(Exception):
     window: str  # "minute", "hour", "day", or "" when no count applies
     retry_after: float  # seconds; inf: not by waiting
     reason: str = ""
-    status: int = 429
+    status: int = 429  # 403: the deny list; 503: shutting down
 
     @property
     def retry_seconds(self) -> int:
@@ -171,6 +171,8 @@ class Limiter:
                 if not self.fair.try_admit(key.tenant_id, weight, cost, now, bucket):
                     try:
                         await self.fair.wait(key.tenant_id, weight, cost, bucket)
+                    except QueueClosed:
+                        raise Limited("global", 0, "", 1.0, "the gateway is shutting down", status=503) from None
                     except FairQueueRefusal as exc:
                         raise Limited("global", self.settings.global_per_minute, "minute", exc.retry_after,
                                       "the gateway is at capacity and this tenant's queue "
