@@ -25,6 +25,14 @@ from gateway.snapshot import read_version
 LIMITS = {"ip_per_minute": 700, "queue_max": 32}  # this deployment's [limits] defaults
 
 
+@pytest.fixture(autouse=True)
+def _documented_defaults(monkeypatch):
+    """These tests compare against the documented [limits] defaults: not the harness's generous ones."""
+    import harness
+
+    monkeypatch.setattr(harness, "GENEROUS_LIMITS", {})
+
+
 async def _within(predicate, limit: float = 5.0) -> float:
     started = time.monotonic()
     while not predicate():

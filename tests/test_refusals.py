@@ -86,11 +86,12 @@ async def test_revoked_key_401(gateway, mcp_upstream):
 
 
 async def test_expired_key_401(gateway, mcp_upstream):
-    soon = (datetime.now(timezone.utc) + timedelta(seconds=1)).isoformat()
-    t = await gateway.tenancy("acme", mcp_upstream, expires_at=soon)
+    # Seconds enough for a busy machine to make the key and use it once before it expires.
+    soon = datetime.now(timezone.utc) + timedelta(seconds=4)
+    t = await gateway.tenancy("acme", mcp_upstream, expires_at=soon.isoformat())
     status, _, _ = await post(t.endpoint, key=t.api_key, json=INIT)
     assert status == 200
-    await asyncio.sleep(1.2)
+    await asyncio.sleep((soon - datetime.now(timezone.utc)).total_seconds() + 0.2)
     status, headers, body = await post(t.endpoint, key=t.api_key, json=INIT)
     assert status == 401
     assert "expired" in error_of(body)["message"]

@@ -148,7 +148,8 @@ async def test_redis_outage_falls_back_to_a_share_per_process_and_reconciles(red
     assert 0.8 * rate * t2 <= sum(during) <= capacity + 1.1 * rate * t2
     # What was admitted during the outage is reported when Redis is back, against a level that
     # refilled meanwhile: the deployment may fall short by up to one capacity, never exceed.
-    assert allowed - capacity - 0.01 * allowed <= total <= allowed * 1.01
+    # (On a busy machine a process left unscheduled also lets its part fill: a little less again.)
+    assert allowed - capacity - 0.03 * allowed <= total <= allowed * 1.01
 
 
 async def test_closed_policy_refuses_while_redis_is_unreachable(redis_url, redis_prefix):

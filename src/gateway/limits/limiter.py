@@ -126,8 +126,7 @@ class Limiter:
         if bucket.try_acquire(1.0, now):
             return None
         return self._refused(Limited("anonymous", self.settings.anonymous_per_minute, "minute",
-                                     bucket.retry_after(1.0, now),
-                                     "too many requests without valid credentials from this address"), address, now)
+                                     bucket.retry_after(1.0, now)), address, now)
 
     # -- after authentication ----------------------------------------------------------------------
 
