@@ -318,3 +318,20 @@ async def test_behind_a_trusted_proxy_the_forwarded_client_is_limited(make_gatew
             break
         await asyncio.sleep(0.05)
     assert {"203.0.113.5", "203.0.113.6", "127.0.0.1"} >= addresses >= {"203.0.113.5", "203.0.113.6"}
+
+
+async def test_a_tenant_may_borrow_only_up_to_its_burst_factor(make_gateway, pg_url, mcp_upstream_json):
+    gw = await make_gateway(pg_url, limits=_limits(global_per_minute=600, burst_seconds=1, tenant_burst_factor=1.0,
+                                                   queue_max=0))
+    a = await gw.tenancy("a", mcp_upstream_json)
+    b = await gw.tenancy("b", mcp_upstream_json)
+    async with aiohttp.ClientSession() as http:
+        assert (await _call(http, b.endpoint, b.api_key))[0] == 200  # b is active: a's share is half
+        results = [await _call(http, a.endpoint, a.api_key) for _ in range(12)]
+    statuses = [status for status, _, _ in results]
+    # Half of a 10-request burst at factor 1: about 5 for a, the rest refused by the tenant tier
+    # while the global bucket still holds b's half.
+    assert 4 <= statuses.count(200) <= 6, statuses
+    refused = [body["error"]["data"] for status, _, body in results if status == 429]
+    assert {data["tier"] for data in refused} == {"tenant"}
+    assert "this tenant's share of the gateway allows 300 requests per minute" in results[-1][2]["error"]["message"]
