@@ -22,7 +22,9 @@ RUN = Path(__file__).resolve().parent / "run.py"
 
 @pytest.mark.timeout(900)
 @pytest.mark.postgres
-def test_gateway_passes_every_scenario_the_fixture_passes(node22, tmp_path):
+def test_gateway_passes_every_scenario_the_fixture_passes(node22, tmp_path, pg_template):
+    # pg_template unused, but first: run.py migrates a database of its own, and what the
+    # migrations create server-wide (a role) must exist by then, not be raced for by workers.
     report_path = tmp_path / "report.json"
     done = subprocess.run(
         [sys.executable, str(RUN), "--node", str(node22.node), "--json", str(report_path), "--work-dir", str(tmp_path)],
