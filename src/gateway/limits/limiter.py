@@ -7,12 +7,12 @@ to the address's anonymous bucket (`anonymous_per_minute`) and gets 429
 instead of 401 once that is spent, so guessing keys is slow.
 
 After authentication, by principal: the key's hour and day quotas
-(`rate_limit_per_hour`/`_per_day`), the user's bucket by role (`roles`), the
-tenant's bucket (its weighted share of the global rate, times
-`tenant_burst_factor`), then the global bucket through the fair queue: when
-the global bucket is empty, requests wait in per-tenant queues served by
-weight (limits/fairness.py) up to `queue_deadline`, and only a full queue or a
-missed deadline is refused.
+(`rate_limit_per_hour`/`_per_day`), the user's bucket by role (`roles`), then
+the global bucket through the fair queue. With capacity to spare a tenant may
+borrow beyond its weighted share, up to `tenant_burst_factor` times it (the
+tenant's bucket); when the global bucket is empty, requests wait in per-tenant
+queues served by weight (limits/fairness.py) up to `queue_deadline`, and only a
+full queue or a missed deadline is refused.
 
 Every bucket is shared by all processes (limits/shared.py); a decision reads
 no network. A request costs 1 token on every tier, or what `costs` says for
@@ -162,12 +162,16 @@ class Limiter:
             if self._global is not None:
                 capacity, rate = self._global
                 share = self._share(key.tenant_id, weight, now)
-                factor = share * self.settings.tenant_burst_factor
-                if factor < 1.0:
-                    self._take(taken, ("tenant", key.tenant_id), capacity * factor,
-                               rate * factor, cost, now, "tenant", self.settings.global_per_minute * factor, "minute")
                 bucket = self.shared.bucket("global", capacity, rate, now)
-                if not self.fair.try_admit(key.tenant_id, weight, cost, now, bucket):
+                if self.fair.try_admit(key.tenant_id, weight, cost, now, bucket):
+                    # Capacity to spare: the tenant may borrow, up to its burst factor. (Under
+                    # contention the fair queue gives each tenant its weighted share instead.)
+                    taken.append(bucket)
+                    factor = share * self.settings.tenant_burst_factor
+                    if factor < 1.0:
+                        self._take(taken, ("tenant", key.tenant_id), capacity * factor, rate * factor, cost, now,
+                                   "tenant", self.settings.global_per_minute * factor, "minute")
+                else:
                     try:
                         await self.fair.wait(key.tenant_id, weight, cost, bucket)
                     except QueueClosed:
@@ -175,7 +179,7 @@ class Limiter:
                     except FairQueueRefusal as exc:
                         raise Limited("global", self.settings.global_per_minute, "minute", exc.retry_after,
                                       "the gateway is at capacity and this tenant's queue "
-                                      + ("is full" if isinstance(exc, QueueFull) else "did not move in time"))
+                                      + ("is full" if isinstance(exc, QueueFull) else "did not move in time")) from None
         except Limited as refused:
             for bucket in taken:
                 bucket.refund(cost)
