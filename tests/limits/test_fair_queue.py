@@ -270,8 +270,9 @@ async def test_the_dispatcher_sleeps_as_long_as_the_source_says():
     fq = FairQueue(source, max_queue=4, deadline=5.0)
     await fq.wait(uuid.uuid4(), 1.0, 5.0)  # half a second of tokens
     # One refusal, one sleep of retry_after, one grant (a timer that fires an
-    # instant early may cost one more question): never a poll.
-    assert source.asks <= 4, source.asks
+    # instant early may cost one more question, a loaded machine a few): never
+    # a poll, which would ask hundreds of times in half a second.
+    assert source.asks <= 8, source.asks
     assert source.granted == 5.0
 
 

@@ -261,7 +261,8 @@ class FairQueue:
         # its deadline passes; never sooner than the source could grant `cost`.
         oldest = state.waiters[0].timer
         left = oldest.when() - loop.time() if oldest is not None else 0.0
-        return max(source.retry_after(cost, self._clock()), left, 0.0)
+        # min: the loop's clock arithmetic can leave a hair over the deadline itself.
+        return max(source.retry_after(cost, self._clock()), min(left, self._deadline), 0.0)
 
     def _remove(self, waiter: _Waiter) -> None:
         """Take a waiter out of its queue unserved: nothing is charged."""
