@@ -9,6 +9,7 @@ ImportError, not a slower gateway.
 """
 
 import importlib
+import os
 import importlib.machinery
 import pkgutil
 from types import ModuleType
@@ -33,3 +34,21 @@ def compiled_modules() -> dict[str, bool]:
         name: is_extension_module(importlib.import_module(f"{__name__}.{name}").implementation)
         for name in names
     }
+
+
+def select(name: str) -> ModuleType:
+    """The implementation of fast module `name` a selector exports: the compiled one, or the twin on request.
+
+    GATEWAY_NO_EXTENSIONS=1 selects the pure-Python twin `<name>_py`.
+    Otherwise `<name>_c` must load compiled; anything else is an ImportError,
+    never a silent fallback.
+    """
+    if os.environ.get("GATEWAY_NO_EXTENSIONS") == "1":
+        return importlib.import_module(f"{__name__}.{name}_py")
+    module = importlib.import_module(f"{__name__}.{name}_c")
+    if not is_extension_module(module):
+        raise ImportError(
+            f"{__name__}.{name}_c was loaded from source ({module.__file__}): the extension is not built."
+            " Build it (pip install -e .) or set GATEWAY_NO_EXTENSIONS=1 to run the pure-Python twin."
+        )
+    return module
