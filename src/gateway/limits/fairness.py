@@ -30,8 +30,9 @@ from gateway._fast.fairness import DeficitRoundRobin
 
 log = logging.getLogger(__name__)
 
-# Waited when a source refuses yet says no wait is needed: a source that
-# disagrees with itself must not turn the dispatcher into a busy loop.
+# The shortest sleep after a refusal: a source that refuses yet says no wait is
+# needed, or a wait shorter than the event loop's timer resolution (uvloop:
+# 1 ms), must not turn the dispatcher into a busy loop.
 _MIN_SLEEP = 0.001
 # Retry-After offered to waiters failed by close() or by a broken source.
 _RETRY_AFTER_UNAVAILABLE = 1.0
@@ -345,7 +346,9 @@ class FairQueue:
                         DeadlineExceeded("the request costs more than the capacity can ever grant", math.inf)
                     )
                     continue
-                await self._sleep(loop, delay if delay > 0.0 else _MIN_SLEEP)
+                # At least _MIN_SLEEP: uvloop's timers count whole milliseconds, so a shorter
+                # sleep fires at once and the dispatcher would spin until the token arrives.
+                await self._sleep(loop, max(delay, _MIN_SLEEP))
         except Exception as exc:
             # A broken source (say, Redis gone wrong) must not leave waiters
             # hanging until their deadlines: fail them now, and say why.
