@@ -85,6 +85,7 @@ class Gateway:
             channel=f"{cfg.redis.key_prefix}config-changed",
             legacy_digest=self.secrets.legacy_digest,
             limit_defaults=cfg.limits,
+            upstream_defaults=cfg.upstreams,
         )
         await self.store.start()
 

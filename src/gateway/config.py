@@ -177,6 +177,58 @@ class LimitsConfig(LimitSettings, forbid_unknown_fields=True, kw_only=True):
     redis_down_policy: Literal["local", "closed"] = "local"
 
 
+class UpstreamSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How the gateway watches, protects and spreads traffic over each upstream.
+
+    The `[upstreams]` section gives the deployment's values; a server's own
+    `settings` (mcp_servers.settings, same keys) override them for that server.
+    """
+
+    # Health (registry/health.py). A generous timeout: a slow answer is DEGRADED, not a failure.
+    health_interval: Annotated[float, Meta(ge=1, le=86_400)] = 30.0
+    health_timeout: Annotated[float, Meta(gt=0, le=300)] = 10.0
+    # auto: ping, or a cheap list call for a server without ping; stdio: its process as well.
+    health_probe: Literal["auto", "ping", "list"] = "auto"
+    unhealthy_after: Annotated[int, Meta(ge=1, le=100)] = 3  # consecutive failures to become UNHEALTHY
+    healthy_after: Annotated[int, Meta(ge=1, le=100)] = 2  # consecutive successes to leave it
+    degraded_latency_ms: Annotated[float, Meta(gt=0, le=600_000)] = 2000.0
+    degraded_error_rate: Annotated[float, Meta(gt=0, le=1)] = 0.2  # of real traffic over the breaker window
+    # Capability discovery (registry/discovery.py): how often tools, resources and prompts are re-read.
+    discovery_interval: Annotated[float, Meta(ge=10, le=86_400)] = 300.0
+    # Circuit breaker (_fast/breaker): trips on `breaker_failure_rate` of at least
+    # `breaker_minimum_calls` calls in the last `breaker_window` seconds, or on
+    # `breaker_consecutive_failures` in a row; stays open `breaker_open_seconds`
+    # x the times it opened in a row (capped), then lets `breaker_half_open_calls` through.
+    breaker_enabled: bool = True
+    breaker_window: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    breaker_minimum_calls: Annotated[int, Meta(ge=1, le=1_000_000)] = 20
+    breaker_failure_rate: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    breaker_consecutive_failures: Annotated[int, Meta(ge=1, le=1_000_000)] = 5
+    breaker_open_seconds: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    breaker_max_open_seconds: Annotated[float, Meta(gt=0, le=86_400)] = 300.0
+    breaker_half_open_calls: Annotated[int, Meta(ge=1, le=1000)] = 3
+    # Request queue per upstream: calls in flight at once, how many may wait, for how long.
+    max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 1024
+    queue_max: Annotated[int, Meta(ge=0, le=100_000)] = 1024
+    queue_deadline: Annotated[float, Meta(ge=0, le=300)] = 5.0
+    # Retries of safe calls only (lists; tools annotated readOnlyHint or idempotentHint),
+    # at most `retry_budget` of the calls plus `retry_budget_min` per second.
+    retry_attempts: Annotated[int, Meta(ge=0, le=5)] = 2
+    retry_budget: Annotated[float, Meta(ge=0, le=1)] = 0.2
+    retry_budget_min: Annotated[float, Meta(ge=0, le=10_000)] = 10.0
+
+    def __post_init__(self) -> None:
+        if self.breaker_max_open_seconds < self.breaker_open_seconds:
+            raise ValueError("breaker_max_open_seconds must be at least breaker_open_seconds")
+
+
+def server_settings(defaults: UpstreamSettings, overrides: Mapping[str, Any] | None) -> UpstreamSettings:
+    """`defaults` with a server's own settings applied; raises msgspec.ValidationError naming a bad key."""
+    if not overrides:
+        return defaults
+    return msgspec.convert({**msgspec.structs.asdict(defaults), **overrides}, UpstreamSettings)
+
+
 class KeysConfig(msgspec.Struct, forbid_unknown_fields=True):
     # After a rotation the old key keeps working this long (seconds), so that
     # clients can move to the new one; a rotation request may ask for 0..rotation_grace_max.
@@ -298,6 +350,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
     sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    upstreams: UpstreamSettings = msgspec.field(default_factory=UpstreamSettings)
     keys: KeysConfig = msgspec.field(default_factory=KeysConfig)
     secrets: SecretsConfig = msgspec.field(default_factory=SecretsConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)

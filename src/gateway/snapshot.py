@@ -33,7 +33,7 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.config import LimitSettings
+from gateway.config import LimitSettings, UpstreamSettings, server_settings
 from gateway.dataplane.upstream import request_target
 from gateway.db.tables import config_state, enhanced_api_keys, limit_settings, mcp_servers, tenants, users
 from gateway.auth.access import EMPTY_POLICY, AccessPolicy, AccessRule
@@ -84,6 +84,9 @@ class ServerEntry:
     target: str  # path and query: the request line's target on that origin
     # The gateway's own credential for this server, sealed (dataplane/credentials.py opens it); None: none.
     auth_sealed: str | None = field(default=None, repr=False)
+    tags: tuple[str, ...] = ()
+    # The `[upstreams]` settings with this server's own overrides applied (health, breaker, queue, retries).
+    settings: UpstreamSettings = field(default_factory=UpstreamSettings, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +218,7 @@ async def load_snapshot(
     engine: AsyncEngine,
     legacy_digest: Callable[[str], str] | None = None,
     limit_defaults: LimitSettings | None = None,
+    upstream_defaults: UpstreamSettings | None = None,
 ) -> Snapshot:
     """Read everything the data plane needs in one transaction."""
     async with engine.connect() as conn:
@@ -273,6 +277,8 @@ async def load_snapshot(
             origin=_origin(r["endpoint_url"]),
             target=request_target(r["endpoint_url"]),
             auth_sealed=r["auth_sealed"] if r["auth_kind"] != "none" else None,
+            tags=tuple(r["tags"] or ()),
+            settings=_server_settings(upstream_defaults or UpstreamSettings(), r, version),
         )
         for r in server_rows
     }
@@ -283,6 +289,19 @@ async def load_snapshot(
         version=version, tenants=tenant_map, keys_by_prefix=keys, servers=servers, keys_by_digest=by_digest,
         legacy_digest=legacy_digest, limits=limits, limits_overridden=overridden,
     )
+
+
+def _server_settings(defaults: UpstreamSettings, row: Mapping[str, Any], version: int) -> UpstreamSettings:
+    overrides = row["settings"]
+    if overrides and not isinstance(overrides, dict):
+        log.warning("server %s: settings is not a JSON object (ignored): %r", row["id"], overrides)
+        return defaults
+    try:
+        return server_settings(defaults, overrides)
+    except msgspec.ValidationError as exc:
+        # The admin API validates; a stored value that no longer does must not stop the snapshot.
+        log.warning("server %s: settings ignored (configuration version %d): %s", row["id"], version, exc)
+        return defaults
 
 
 def _effective_limits(
@@ -312,9 +331,12 @@ class SnapshotStore:
     def __init__(
         self, engine: AsyncEngine, *, poll_interval: float = 1.0, redis=None, channel: str = "",
         legacy_digest: Callable[[str], str] | None = None, limit_defaults: LimitSettings | None = None,
+        upstream_defaults: UpstreamSettings | None = None,
     ) -> None:
         self.engine = engine
         self.legacy_digest = legacy_digest
+        # The `[upstreams]` section: each server's settings where it sets none of its own.
+        self.upstream_defaults = upstream_defaults
         # The `[limits]` section: what `Snapshot.limits` is where no admin override applies.
         self.limit_defaults = limit_defaults
         self.poll_interval = poll_interval
@@ -332,7 +354,9 @@ class SnapshotStore:
 
     async def refresh(self) -> Snapshot:
         async with self._lock:
-            snapshot = await load_snapshot(self.engine, self.legacy_digest, self.limit_defaults)
+            snapshot = await load_snapshot(
+                self.engine, self.legacy_digest, self.limit_defaults, self.upstream_defaults
+            )
             if snapshot.version >= self.current.version:
                 self.current = snapshot
                 self.loaded = True

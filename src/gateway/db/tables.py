@@ -39,6 +39,10 @@ TENANT_STATES = ("active", "suspended")
 ACCESS_EFFECTS = ("allow", "deny")
 # How the gateway authenticates itself to an upstream server (dataplane/credentials.py).
 UPSTREAM_AUTH_KINDS = ("none", "header", "oauth2_client_credentials")
+# A discovered tool's definition against the one an admin approved (registry/discovery.py).
+TOOL_PIN_STATES = ("approved", "changed")
+# How a routing rule picks one replica (registry/routing.py).
+ROUTING_STRATEGIES = ("weighted_round_robin", "least_outstanding", "lowest_latency")
 
 
 def utcnow() -> datetime:
@@ -116,6 +120,16 @@ mcp_servers = sa.Table(
     sa.Column("auth_kind", sa.String(32), nullable=False, default="none", server_default="none"),
     sa.Column("auth_summary", Json, nullable=True),
     sa.Column("auth_sealed", sa.Text, nullable=True),
+    # Per-server overrides of the deployment's upstream settings: {"health": {...},
+    # "breaker": {...}, "pool": {...}} (config.UpstreamSettings names the keys).
+    sa.Column("settings", Json, nullable=False, default=dict, server_default="{}"),
+    # The last health probe (registry/health.py): when, and what it saw
+    # ({"latency_ms", "error", "consecutive_failures", ...}).
+    sa.Column("health_checked_at", Timestamp, nullable=True),
+    sa.Column("health_detail", Json, nullable=True),
+    # The last capability discovery (registry/discovery.py): when, and why it failed.
+    sa.Column("discovered_at", Timestamp, nullable=True),
+    sa.Column("discovery_error", sa.Text, nullable=True),
     *_stamps(),
     sa.UniqueConstraint("tenant_id", "name"),
     _one_of("transport_type", TRANSPORTS, "transport_type"),
@@ -134,11 +148,22 @@ server_tools = sa.Table(
     sa.Column("description", sa.Text, nullable=True),
     sa.Column("input_schema", Json, nullable=False, default=dict),
     sa.Column("annotations", Json, nullable=True),
+    sa.Column("title", sa.String(255), nullable=True),
+    sa.Column("output_schema", Json, nullable=True),
     sa.Column("success_count", sa.BigInteger, nullable=False, default=0),
     sa.Column("error_count", sa.BigInteger, nullable=False, default=0),
     sa.Column("avg_execution_time", sa.Float, nullable=True),
+    # Tool-definition pinning: SHA-256 of the definition as last discovered, and
+    # of the one an admin approved (the first one seen is approved by itself).
+    # `pin_status` is 'changed' while they differ.
+    sa.Column("definition_hash", sa.String(64), nullable=False, default="", server_default=""),
+    sa.Column("approved_hash", sa.String(64), nullable=True),
+    sa.Column("approved_definition", Json, nullable=True),
+    sa.Column("pin_status", sa.String(16), nullable=False, default="approved", server_default="approved"),
+    sa.Column("changed_at", Timestamp, nullable=True),
     *_stamps(),
     sa.UniqueConstraint("server_id", "name"),
+    _one_of("pin_status", TOOL_PIN_STATES, "pin_status"),
     sa.Index(None, "name", "server_id"),
 )
 
@@ -152,8 +177,66 @@ server_resources = sa.Table(
     sa.Column("name", sa.String(255), nullable=True),
     sa.Column("description", sa.Text, nullable=True),
     sa.Column("mime_type", sa.String(255), nullable=True),
+    sa.Column("title", sa.String(255), nullable=True),
+    sa.Column("annotations", Json, nullable=True),
     *_stamps(),
     sa.UniqueConstraint("server_id", "uri"),
+)
+
+server_resource_templates = sa.Table(
+    "server_resource_templates",
+    metadata,
+    _id(),
+    _tenant_fk(),
+    sa.Column("server_id", sa.Uuid, sa.ForeignKey("mcp_servers.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("uri_template", sa.String(2048), nullable=False),
+    sa.Column("name", sa.String(255), nullable=True),
+    sa.Column("title", sa.String(255), nullable=True),
+    sa.Column("description", sa.Text, nullable=True),
+    sa.Column("mime_type", sa.String(255), nullable=True),
+    sa.Column("annotations", Json, nullable=True),
+    *_stamps(),
+    sa.UniqueConstraint("server_id", "uri_template"),
+)
+
+server_prompts = sa.Table(
+    "server_prompts",
+    metadata,
+    _id(),
+    _tenant_fk(),
+    sa.Column("server_id", sa.Uuid, sa.ForeignKey("mcp_servers.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("title", sa.String(255), nullable=True),
+    sa.Column("description", sa.Text, nullable=True),
+    sa.Column("arguments", Json, nullable=False, default=list),
+    *_stamps(),
+    sa.UniqueConstraint("server_id", "name"),
+)
+
+# Routing rules (registry/routing.py): a call addressed to a server whose name
+# matches `match_server` (glob), carrying every tag in `match_tags`, for a tool
+# matching `match_tool` (glob), goes to one of the rule's replicas: the servers
+# listed in `targets` ([{"server_id", "weight"}]) and the tenant's servers that
+# carry every tag in `target_tags`. Lowest `priority` first; the first match wins.
+routing_rules = sa.Table(
+    "routing_rules",
+    metadata,
+    _id(),
+    _tenant_fk(),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False, default=100),
+    sa.Column("enabled", sa.Boolean, nullable=False, default=True),
+    sa.Column("match_server", sa.String(255), nullable=True),
+    sa.Column("match_tool", sa.String(255), nullable=True),
+    sa.Column("match_tags", Json, nullable=False, default=list),
+    sa.Column("strategy", sa.String(32), nullable=False, default="weighted_round_robin"),
+    sa.Column("targets", Json, nullable=False, default=list),
+    sa.Column("target_tags", Json, nullable=False, default=list),
+    sa.Column("description", sa.Text, nullable=True),
+    *_stamps(),
+    sa.UniqueConstraint("tenant_id", "name"),
+    _one_of("strategy", ROUTING_STRATEGIES, "strategy"),
+    sa.Index(None, "tenant_id", "priority"),
 )
 
 enhanced_api_keys = sa.Table(
@@ -320,7 +403,9 @@ server_metrics = sa.Table(
     sa.Column("request_count", sa.Integer, nullable=False),
     sa.Column("error_count", sa.Integer, nullable=False),
     sa.Column("avg_response_ms", sa.Float, nullable=True),
+    sa.Column("p50_response_ms", sa.Float, nullable=True),
     sa.Column("p95_response_ms", sa.Float, nullable=True),
+    sa.Column("p99_response_ms", sa.Float, nullable=True),
     sa.Column("created_at", Timestamp, nullable=False, default=utcnow),
     sa.Index(None, "server_id", "window_start"),
 )
