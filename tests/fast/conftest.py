@@ -57,3 +57,19 @@ def python_violations() -> type:
 @pytest.fixture(scope="session", params=["compiled", "python"])
 def violations_impl(request: pytest.FixtureRequest) -> type:
     return request.getfixturevalue(f"{request.param}_violations")
+
+
+# The breaker fixtures give the module, not the class: the tests need its state constants too.
+@pytest.fixture(scope="session")
+def compiled_breaker():
+    return _compiled("gateway._fast.breaker_c")
+
+
+@pytest.fixture(scope="session")
+def python_breaker():
+    return importlib.import_module("gateway._fast.breaker_py")
+
+
+@pytest.fixture(scope="session", params=["compiled", "python"])
+def breaker_impl(request: pytest.FixtureRequest):
+    return request.getfixturevalue(f"{request.param}_breaker")

@@ -41,7 +41,10 @@ def test_selector_loads_the_compiled_module_unless_told_not_to():
 
 def test_compiled_modules_reports_the_selection():
     assert compiled_modules() == {
-        "fairness": not NO_EXTENSIONS, "token_bucket": not NO_EXTENSIONS, "violations": not NO_EXTENSIONS
+        "breaker": not NO_EXTENSIONS,
+        "fairness": not NO_EXTENSIONS,
+        "token_bucket": not NO_EXTENSIONS,
+        "violations": not NO_EXTENSIONS,
     }
 
 
@@ -55,7 +58,9 @@ def test_no_extensions_selects_the_twin():
     assert result.stdout.split() == [
         "False",
         "gateway._fast.token_bucket_py",
-        "{'fairness':",
+        "{'breaker':",
+        "False,",
+        "'fairness':",
         "False,",
         "'token_bucket':",
         "False,",
@@ -64,11 +69,33 @@ def test_no_extensions_selects_the_twin():
     ]
 
 
+def test_every_selector_loads_the_compiled_module_unless_told_not_to():
+    for name in compiled_modules():
+        selector = importlib.import_module(f"gateway._fast.{name}")
+        if NO_EXTENSIONS:
+            assert selector.COMPILED is False
+            assert selector.implementation.__name__ == f"gateway._fast.{name}_py"
+        else:
+            assert selector.COMPILED is True, name
+            assert selector.implementation.__name__ == f"gateway._fast.{name}_c"
+            assert selector.implementation.__file__.endswith(tuple(EXTENSION_SUFFIXES))
+
+
+def test_breaker_selector_exports_the_loaded_implementation():
+    breaker = importlib.import_module("gateway._fast.breaker")
+    assert breaker.COMPILED is not NO_EXTENSIONS
+    assert breaker.CircuitBreaker is breaker.implementation.CircuitBreaker
+    assert (breaker.CLOSED, breaker.OPEN, breaker.HALF_OPEN) == (0, 1, 2)
+    assert (breaker.REFUSED, breaker.ADMITTED) == (0, 1)
+    assert breaker.STATE_NAMES == ("closed", "open", "half_open")
+
+
 def test_compiled_source_is_a_relative_symlink_to_the_twin():
     # A copy instead of the link would let the two implementations drift. The
     # source tree is what counts: a wheel stores the link's target as a file.
-    source = pathlib.Path(__file__).resolve().parents[2] / "src" / "gateway" / "_fast" / "token_bucket_c.py"
-    assert os.readlink(source) == "token_bucket_py.py"
+    fast = pathlib.Path(__file__).resolve().parents[2] / "src" / "gateway" / "_fast"
+    for name in ("breaker", "fairness", "token_bucket", "violations"):
+        assert os.readlink(fast / f"{name}_c.py") == f"{name}_py.py"
 
 
 def test_unbuilt_extension_is_an_import_error(tmp_path):

@@ -1,0 +1,1 @@
+breaker_py.py
