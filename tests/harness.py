@@ -106,6 +106,9 @@ def gateway_config(database_url: str, config_file=None, **sections):
         "GATEWAY_CONTROLPLANE_PORT": "0",
         "GATEWAY_WRITER_FLUSH_INTERVAL": "0.05",
         "GATEWAY_SNAPSHOT_POLL_INTERVAL": "0.2",
+        # Health probes only where a test asks for them (tests/registry/test_health.py): a probe is a
+        # request the upstream counts and a transition is a configuration version, mid-test.
+        "GATEWAY_UPSTREAMS_HEALTH_INTERVAL": "86400",
         **GENEROUS_LIMITS,
     }
     for section, values in sections.items():

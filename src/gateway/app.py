@@ -1,10 +1,11 @@
 """Wiring: build every part from the configuration, start them in order, stop them in reverse.
 
 Start: database engine -> schema check (refuse an unmigrated database) ->
-Redis (if configured) -> snapshot -> record writer -> data plane and control
-plane listeners. Stop: listeners first (no new requests, in-flight ones
-finish), then the writer flushes everything queued, then pools and
-connections close. `serve` runs this under uvloop until SIGINT or SIGTERM.
+Redis (if configured) -> snapshot -> record writer -> upstream health
+monitor -> data plane and control plane listeners. Stop: listeners first (no
+new requests, in-flight ones finish), the health monitor, then the writer
+flushes everything queued, then pools and connections close. `serve` runs
+this under uvloop until SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from gateway.limits.sessions import SessionCounter
 from gateway.records.metrics import Registry
 from gateway.records.sinks import sink_for
 from gateway.records.writer import RecordWriter
+from gateway.registry.health import HealthMonitor
 from gateway.snapshot import SnapshotStore
 
 log = logging.getLogger("gateway")
@@ -59,6 +61,7 @@ class Gateway:
         self.shared_buckets: SharedBuckets | None = None  # limiter state, synchronized through Redis
         self.limiter: Limiter | None = None  # the rate-limit tiers, when [limits] is enabled
         self.bans: BanList | None = None  # per-address bans, when [limits] is enabled
+        self.health: HealthMonitor | None = None  # upstream health probes; `observe` takes real calls
 
     @property
     def dataplane_url(self) -> str:
@@ -138,6 +141,15 @@ class Gateway:
             key_usage=self.key_usage,
         )
         self.store.on_change(self.dataplane.on_snapshot)
+        # One prober per upstream across processes (a Redis lease); results reach every snapshot.
+        self.health = HealthMonitor(
+            self.engine, self.dataplane, publish_change=self.store.publish_change, redis=self.redis,
+            key_prefix=cfg.redis.key_prefix,
+        )
+        await self.health.start(self.store)
+        self.metrics.gauge(
+            "gateway_upstream_health", "Upstream servers by health status", self.health.status_counts, ("status",)
+        )
         self.dataplane_port = await self._listen(
             web.ServerRunner(self.dataplane.build_server(), shutdown_timeout=10.0), cfg.dataplane.host, cfg.dataplane.port
         )
@@ -211,6 +223,8 @@ class Gateway:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        if self.health is not None:
+            await self.health.stop()  # before the upstream clients and the engine go
         if self.limiter is not None:
             self.limiter.close()
         if self.writer is not None:

@@ -185,7 +185,7 @@ class UpstreamSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     """
 
     # Health (registry/health.py). A generous timeout: a slow answer is DEGRADED, not a failure.
-    health_interval: Annotated[float, Meta(ge=1, le=86_400)] = 30.0
+    health_interval: Annotated[float, Meta(ge=0.1, le=86_400)] = 30.0
     health_timeout: Annotated[float, Meta(gt=0, le=300)] = 10.0
     # auto: ping, or a cheap list call for a server without ping; stdio: its process as well.
     health_probe: Literal["auto", "ping", "list"] = "auto"
