@@ -47,6 +47,7 @@ def _bodies(theirs: dict[str, str]) -> dict[tuple[str, str], dict]:
         ("PUT", "/api/v1/servers/{id}/auth"): {"auth": {"kind": "none"}},
         ("POST", "/api/v1/access-rules"): {"tenant_id": theirs["tenant"], "effect": "deny", "description": "probe"},
         ("PATCH", "/api/v1/rate-limits"): {"ip_per_minute": 1},
+        ("PUT", "/api/v1/servers/{id}/maintenance"): {"maintenance": True},
     }
 
 

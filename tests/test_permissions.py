@@ -58,6 +58,10 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/bans"): OPERATOR,
     ("POST", "/api/v1/bans"): OPERATOR,
     ("DELETE", "/api/v1/bans/{address}"): OPERATOR,
+    # Upstream health (tests/registry/test_health.py covers the reach): everyone reads it, a tenant ADMIN
+    # puts a server in and out of maintenance.
+    ("GET", "/api/v1/servers/{id}/health"): EVERYONE,
+    ("PUT", "/api/v1/servers/{id}/maintenance"): ADMINS,
 }
 PUBLIC = {
     ("GET", "/api/v1/openapi.json"),
@@ -158,6 +162,9 @@ async def _request(p: Principals, who: str, method: str, route: str) -> int:
         body = {"ip_per_minute": 600}
     elif route == "/api/v1/sessions/{id}":
         path = route.replace("{id}", await p.session(own_user))
+    elif route in ("/api/v1/servers/{id}/health", "/api/v1/servers/{id}/maintenance"):
+        path = route.replace("{id}", p.server_id)
+        body = {"maintenance": True} if method == "PUT" else None
     elif route == "/api/v1/bans" and method == "POST":
         body = {"address": "192.0.2.44", "seconds": 60, "reason": "permissions test"}
     elif route == "/api/v1/bans/{address}":

@@ -159,6 +159,7 @@ class Gateway:
                 self.engine, self.store.publish_change, secrets=self.secrets, keys=cfg.keys, key_usage=self.key_usage,
                 signin=self.signin, limit_defaults=cfg.limits,
                 bans=self.bans,
+                upstream_defaults=cfg.upstreams,
             )
             self.controlplane_port = await self._listen(
                 web.AppRunner(control.build_app(), access_log=None, shutdown_timeout=10.0),

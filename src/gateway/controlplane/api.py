@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.auth.keys import bearer_token
 from gateway.auth.signin import SignIn
-from gateway.config import KeysConfig, LimitSettings
+from gateway.config import KeysConfig, LimitSettings, UpstreamSettings
 from gateway.controlplane import permissions, schemas, service
 from gateway.controlplane import sessions, signin_api
 from gateway.limits.bans import MAX_BAN_SECONDS, NeverBanned
@@ -75,8 +75,11 @@ class ControlPlane:
         signin: SignIn | None = None,
         limit_defaults: LimitSettings | None = None,
         bans: BanList | None = None,
+        upstream_defaults: UpstreamSettings | None = None,
     ) -> None:
         self.engine = engine
+        # The `[upstreams]` section: a server's health thresholds where it sets none of its own.
+        self.upstream_defaults = upstream_defaults or UpstreamSettings()
         # The `[limits]` section: what /rate-limits reports where no override applies.
         self.limit_defaults = limit_defaults or LimitSettings()
         self.on_change = on_change
@@ -108,6 +111,11 @@ class ControlPlane:
         r.add_get("/api/v1/servers", self._admin(self.list_servers, action="servers.read"))
         r.add_get("/api/v1/servers/{id}", self._admin(self.get_server, action="servers.read"))
         r.add_put("/api/v1/servers/{id}/auth", self._admin(self.set_server_auth, writes=True, action="servers.write"))
+        r.add_get("/api/v1/servers/{id}/health", self._admin(self.get_server_health, action="servers.health"))
+        r.add_put(
+            "/api/v1/servers/{id}/maintenance",
+            self._admin(self.set_server_maintenance, writes=True, action="servers.maintenance"),
+        )
         r.add_post("/api/v1/access-rules", self._admin(self.create_access_rule, writes=True))
         r.add_get("/api/v1/access-rules", self._admin(self.list_access_rules))
         r.add_get("/api/v1/access-rules/{id}", self._admin(self.get_access_rule))
@@ -257,6 +265,18 @@ class ControlPlane:
 
     async def get_server(self, request: web.Request, actor: service.Actor) -> web.Response:
         return _json(await service.get_server(self.engine, actor, _path_id(request, "server")))
+
+    # -- server health (registry/health.py) ----------------------------------------------------
+    async def get_server_health(self, request: web.Request, actor: service.Actor) -> web.Response:
+        server_id = _path_id(request, "server")
+        return _json(await service.get_server_health(self.engine, actor, server_id, self.upstream_defaults))
+
+    async def set_server_maintenance(self, request: web.Request, actor: service.Actor) -> web.Response:
+        server_id = _path_id(request, "server")
+        body = schemas.validate(schemas.ServerMaintenance, await request.read())
+        return _json(
+            await service.set_server_maintenance(self.engine, actor, server_id, body, self.upstream_defaults)
+        )
 
     # -- access rules ------------------------------------------------------------------------
     async def create_access_rule(self, request: web.Request, actor: service.Actor) -> web.Response:
@@ -476,6 +496,16 @@ def openapi_document() -> dict[str, Any]:
                 "get": {"parameters": paging, "responses": listing},
             },
             "/api/v1/servers/{id}": {"get": {"responses": {"200": {"description": "the server"}}}},
+            "/api/v1/servers/{id}/health": {"get": {"responses": {"200": {
+                "description": "{server_id, name, status, checked_at, detail (the last judgement: source, probe, "
+                               "latency_ms, error, consecutive_failures, consecutive_successes, traffic, "
+                               "last_transition), avg_response_time, thresholds (the settings in force)}"}}}},
+            "/api/v1/servers/{id}/maintenance": {"put": {
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": msgspec.json.schema(schemas.ServerMaintenance)}}},
+                "responses": {"200": {"description": "the server's health after the change (true: MAINTENANCE, "
+                                                     "never overridden by probes; false: UNKNOWN, probes resume)"},
+                              "422": {"description": "invalid fields, all listed"}}}},
             "/api/v1/rate-limits": {
                 "get": {"responses": {"200": {"description": "{limits (effective), overridden (keys), ignored "
                                                             "(stored overrides that no longer validate), defaults, "

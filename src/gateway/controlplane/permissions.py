@@ -54,6 +54,10 @@ PERMISSIONS: dict[str, Permission] = {
     "keys.read": Permission(READ, dict(_OWN_FOR_OTHERS), summary="read API keys (never their secrets)"),
     "servers.write": Permission(ADMIN, {"ADMIN": TENANT}, summary="register servers, set their credentials"),
     "servers.read": Permission(READ, dict(_EVERY_ROLE), summary="read servers"),
+    # Health (registry/health.py): everyone reads it with the server; a tenant ADMIN takes a server
+    # out of (and back into) probing and routing for maintenance.
+    "servers.health": Permission(READ, dict(_EVERY_ROLE), summary="read servers' health"),
+    "servers.maintenance": Permission(ADMIN, {"ADMIN": TENANT}, summary="put servers in or out of maintenance"),
     # Sign-in sessions (controlplane/sessions.py): everyone their own, a tenant ADMIN the tenant's.
     "sessions.read": Permission(READ, dict(_OWN_FOR_OTHERS), summary="read sign-in sessions"),
     "sessions.revoke": Permission(KEY_WRITE, dict(_OWN_FOR_OTHERS), summary="revoke sign-in sessions"),

@@ -157,6 +157,12 @@ class ServerCreate(msgspec.Struct, forbid_unknown_fields=True):
     auth: UpstreamAuth | None = None
 
 
+class ServerMaintenance(msgspec.Struct, forbid_unknown_fields=True):
+    """PUT /servers/{id}/maintenance: true sets MAINTENANCE (probes stop); false returns to UNKNOWN (they resume)."""
+
+    maintenance: bool
+
+
 # Globs (fnmatch syntax) over tool and prompt names, and over resource URIs: printable, no control characters.
 NameGlob = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
 UriGlob = Annotated[str, Meta(min_length=1, max_length=2048, pattern=r"^[^\x00-\x1f\x7f]+$")]

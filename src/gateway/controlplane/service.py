@@ -39,6 +39,7 @@ from gateway.controlplane import permissions, schemas
 from gateway.db.tables import config_state, enhanced_api_keys, limit_settings, mcp_servers, tenants, users, utcnow
 from gateway.db.tables import server_access_rules
 from gateway.snapshot import MERGED_LIMIT_KEYS, apply_limit_overrides
+from gateway.config import UpstreamSettings, server_settings
 
 if TYPE_CHECKING:
     from gateway.auth.sealing import GatewaySecrets
@@ -583,6 +584,90 @@ def _server_out(row: Any) -> dict[str, Any]:
     # Write-only credential: its kind and what is not secret (never auth_sealed).
     out["auth"] = {"kind": row.get("auth_kind") or "none", **(row.get("auth_summary") or {})}
     return out
+
+
+# -- server health ------------------------------------------------------------------------------
+_HEALTH_COLUMNS = (
+    mcp_servers.c.id, mcp_servers.c.name, mcp_servers.c.health_status, mcp_servers.c.health_checked_at,
+    mcp_servers.c.health_detail, mcp_servers.c.avg_response_time, mcp_servers.c.settings,
+)
+
+
+async def get_server_health(
+    engine: AsyncEngine, actor: Actor, server_id: uuid.UUID, defaults: UpstreamSettings
+) -> dict[str, Any]:
+    """The server's health as the monitor last recorded it, and the thresholds in force for it."""
+    async with scoped(engine, actor) as conn:
+        row = (
+            await conn.execute(
+                sa.select(*_HEALTH_COLUMNS).where(mcp_servers.c.id == server_id, actor.tenant_filter(mcp_servers))
+            )
+        ).mappings().first()
+    if row is None:
+        raise NotFound("server not found")
+    return _health_out(row, defaults)
+
+
+async def set_server_maintenance(
+    engine: AsyncEngine, actor: Actor, server_id: uuid.UUID, body: schemas.ServerMaintenance,
+    defaults: UpstreamSettings,
+) -> dict[str, Any]:
+    """Put a server in MAINTENANCE (probes stop, nothing overrides it), or take it out to UNKNOWN.
+
+    Taking out a server that is not in maintenance changes nothing. The
+    consecutive counts start again from zero either way.
+    """
+    async with scoped(engine, actor) as conn:
+        row = (
+            await conn.execute(
+                sa.select(*_HEALTH_COLUMNS)
+                .where(mcp_servers.c.id == server_id, actor.tenant_filter(mcp_servers))
+                .with_for_update()
+            )
+        ).mappings().first()
+        if row is None:
+            raise NotFound("server not found")
+        old = row["health_status"]
+        new = "MAINTENANCE" if body.maintenance else ("UNKNOWN" if old == "MAINTENANCE" else old)
+        if new != old:
+            detail = dict(row["health_detail"]) if isinstance(row["health_detail"], dict) else {}
+            detail.update(
+                consecutive_failures=0, consecutive_successes=0,
+                last_transition={
+                    "from": old, "to": new, "at": utcnow().isoformat(), "by": str(actor.user_id),
+                    "reason": "maintenance set by an admin" if body.maintenance else "maintenance ended by an admin",
+                },
+            )
+            row = (
+                await conn.execute(
+                    sa.update(mcp_servers)
+                    .where(mcp_servers.c.id == server_id)
+                    .values(health_status=new, health_detail=detail, updated_at=utcnow())
+                    .returning(*_HEALTH_COLUMNS)
+                )
+            ).mappings().one()
+            await bump_version(conn)
+            log.info("%s put server %s (%s) %s", actor.user_id, row["name"], server_id,
+                     "in maintenance" if body.maintenance else "out of maintenance")
+    return _health_out(row, defaults)
+
+
+def _health_out(row: Any, defaults: UpstreamSettings) -> dict[str, Any]:
+    from gateway.registry.health import thresholds  # imported here: registry/health.py builds on this module
+
+    try:
+        settings = server_settings(defaults, row["settings"] if isinstance(row["settings"], dict) else None)
+    except msgspec.ValidationError:
+        settings = defaults  # as the snapshot does: a stored value that no longer validates is ignored
+    return {
+        "server_id": row["id"],
+        "name": row["name"],
+        "status": row["health_status"],
+        "checked_at": row["health_checked_at"],
+        "detail": row["health_detail"],
+        "avg_response_time": row["avg_response_time"],
+        "thresholds": thresholds(settings),
+    }
 
 
 # -- access rules -------------------------------------------------------------------------------
