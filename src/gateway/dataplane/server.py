@@ -371,10 +371,12 @@ class DataPlane:
         server: ServerEntry | None = None
         call: Call | None = None
         body = b""
+        address: str | None = None
         try:
             headers = request.headers
             check_origin(headers.get("Origin"), self.allowed_origins)
-            key = await self._authenticate(request)
+            address = self.client_address(request)
+            key = await self._authenticate(request, address)
             if aggregate:
                 if not with_body and not _opens_stream(request):
                     raise Refusal(
@@ -393,7 +395,7 @@ class DataPlane:
                 call = parse_body(body)
                 check_message(call, headers)
             if self.limiter is not None:
-                await self._limit(request, key, call)
+                await self._limit(request, key, call, address)
             if call is not None and server is not None and server.transport_type == "http":
                 modern = call.envelope_version is not None
                 gap = self._era_gaps.get((server.id, server.endpoint_url, modern))
@@ -464,7 +466,7 @@ class DataPlane:
                 exchange.status = CLIENT_CLOSED
             raise
         finally:
-            self._record(request, started, exchange, key, server, call, body, with_body)
+            self._record(request, started, exchange, key, server, call, body, with_body, address)
 
     async def _listen(
         self,
@@ -555,16 +557,19 @@ class DataPlane:
                 return hop if is_ip(hop) else peer
         return hops[0] if hops and is_ip(hops[0]) else peer
 
-    async def _authenticate(self, request: web.BaseRequest) -> KeyEntry:
+    async def _authenticate(self, request: web.BaseRequest, address: str | None = None) -> KeyEntry:
         """The caller's key, after its address passed the deny list, bans and its bucket.
 
         Failed credentials are charged to the address's anonymous bucket: once it
         is spent the answer is 429, not 401, so guessing keys goes slowly.
+        `address`: `client_address(request)`, when the caller has it already.
         """
         limiter = self.limiter
         if limiter is not None:
+            if address is None:
+                address = self.client_address(request)
             try:
-                limiter.check_address(self.client_address(request), time.monotonic())
+                limiter.check_address(address, time.monotonic())
             except Limited as limited:
                 raise self._limit_refusal(limited) from None
         try:
@@ -573,18 +578,25 @@ class DataPlane:
             )
         except Refusal as refusal:
             if limiter is not None and refusal.http_status == 401:
-                limited = limiter.anonymous(self.client_address(request), time.monotonic())
+                limited = limiter.anonymous(address, time.monotonic())
                 if limited is not None:
                     raise self._limit_refusal(limited) from None
             raise
 
-    async def _limit(self, request: web.BaseRequest, key: KeyEntry, call: Call | None) -> None:
+    async def _limit(self, request: web.BaseRequest, key: KeyEntry, call: Call | None,
+                     address: str | None = None) -> None:
         """Charge the request to every tier of its principal (it may wait in the fair queue), or refuse it."""
         limiter = self.limiter
         cost = limiter.cost(call.method, call.target) if call is not None else 1.0
         tenant = self.store.current.tenants.get(key.tenant_id)
+        if address is None:
+            address = self.client_address(request)
         try:
-            await limiter.admit(key, tenant.weight if tenant is not None else 100, self.client_address(request), cost)
+            # Decided on the spot; only a request that must queue for the global bucket awaits.
+            pending = limiter.admit_now(key, tenant.weight if tenant is not None else 100, address, cost,
+                                        time.monotonic())
+            if pending is not None:
+                await limiter.wait(pending)
         except Limited as limited:
             raise self._limit_refusal(limited) from None
 
@@ -611,7 +623,7 @@ class DataPlane:
             data.update(limit=limited.limit, window=limited.window)
         return Refusal(429, RATE_LIMITED, message, headers=headers, data=data)
 
-    def _record(self, request, started, exchange, key, server, call, body, with_body) -> None:
+    def _record(self, request, started, exchange, key, server, call, body, with_body, address=None) -> None:
         elapsed = time.perf_counter() - started
         if key is not None and self.key_usage is not None and type(key) is KeyEntry:
             self.key_usage.note(key.id)  # last_used_at, written in the background
@@ -636,7 +648,7 @@ class DataPlane:
                 elapsed * 1000.0,
                 len(body),
                 exchange.sent,
-                self.client_address(request),
+                address if address is not None else self.client_address(request),
                 datetime.now(timezone.utc),
             ),
         )

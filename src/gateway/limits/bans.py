@@ -229,6 +229,17 @@ class BanList:
         key, allowed, _ = self._address(address)
         if allowed:
             return None
+        return self.ban_of(key, now)
+
+    def classify(self, address: str) -> tuple[str, bool, bool]:
+        """(the address as bans know it, in an allowed range, in a denied range): one cached lookup.
+
+        A caller may keep the answer until the next `reconfigure`.
+        """
+        return self._address(address)
+
+    def ban_of(self, key: str, now: float) -> Ban | None:
+        """The ban in force on an address `classify` named `key`, or None (not for allowed ranges)."""
         ban = self._bans.get(key)
         if ban is None:
             return None

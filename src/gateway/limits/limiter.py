@@ -15,7 +15,14 @@ queues served by weight (limits/fairness.py) up to `queue_deadline`, and only a
 full queue or a missed deadline is refused.
 
 Every bucket is shared by all processes (limits/shared.py); a decision reads
-no network. A request costs 1 token on every tier, or what `costs` says for
+no network. The request path is synchronous unless the request has to queue:
+`admit_now` decides every tier at once and only answers a `Pending` to await
+(`wait`) when the global bucket is contended. What a principal needs (its
+buckets, its tenant's state) is looked up once and kept in a `_Principal`,
+and what an address needs in an `_Address`, so a decision is a few attribute
+reads and compiled bucket calls, not a dozen dictionary lookups (every
+`uuid.UUID` hash is a Python call). Both caches are dropped when the settings
+change or the shared buckets forget one of theirs (`SharedBuckets.epoch`). A request costs 1 token on every tier, or what `costs` says for
 its method or tool. A tier that refuses gives back what the tiers before it
 took, so a refused request costs nothing. A refusal by a limit of the client's own
 (address, anonymous, key, user) counts as a violation of its address
@@ -45,9 +52,11 @@ _SHARES_EVERY = 1.0
 _OWN_TIERS = frozenset({"ip", "anonymous", "api_key", "user"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False)
 class Limited(Exception):
     """A tier refused: which, its limit and window, and when to try again."""
+
+    # Not frozen: raising and re-raising an exception writes its __traceback__.
 
     tier: str  # ip_deny, ip_ban, ip, anonymous, api_key, user, tenant, global
     limit: float
@@ -68,6 +77,61 @@ def _per_minute(per_minute: float, burst_seconds: float) -> tuple[float, float]:
     return max(1.0, rate * burst_seconds), rate
 
 
+class _Tenant:
+    """A tenant as the tenant tier sees it: when it was last active, its weight, its bucket."""
+
+    __slots__ = ("id", "weight", "seen", "active", "bucket", "factor")
+
+    def __init__(self, tenant_id: uuid.UUID, weight: int) -> None:
+        self.id = tenant_id
+        self.weight = weight
+        self.seen = -math.inf
+        self.active = False  # counted among the tenants sharing the global rate
+        self.bucket: SharedBucket | None = None  # for `factor`; None: look it up again
+        self.factor = 1.0
+
+
+class _Principal:
+    """One API key's tiers, looked up once: (bucket, tier, limit, window) in order, and its tenant."""
+
+    __slots__ = ("key", "tiers", "tenant")
+
+    def __init__(self, key, tiers: tuple, tenant: _Tenant) -> None:
+        self.key = key  # the KeyEntry it was built from: a new snapshot's entry builds it again
+        self.tiers = tiers
+        self.tenant = tenant
+
+
+class _Address:
+    """A client address as the address tiers see it."""
+
+    __slots__ = ("key", "allowed", "denied", "bucket")
+
+    def __init__(self, key: str, allowed: bool, denied: bool, bucket: SharedBucket | None) -> None:
+        self.key = key  # as bans know it (normalized)
+        self.allowed = allowed
+        self.denied = denied
+        self.bucket = bucket  # the per-address bucket, None when there is none or it is skipped
+
+
+class Pending:
+    """An admitted-so-far request that must queue for the global bucket: pass it to `Limiter.wait`."""
+
+    __slots__ = ("principal", "cost", "address", "taken", "source")
+
+    def __init__(self, principal: _Principal, cost: float, address: str | None, taken: list,
+                 source: SharedBucket) -> None:
+        self.principal = principal
+        self.cost = cost
+        self.address = address
+        self.taken = taken  # the buckets already charged, refunded if the wait fails
+        self.source = source  # the global bucket
+
+
+# Cached principals and addresses, each: past this many, the cache starts over.
+_CACHE_MAX = 65_536
+
+
 class Limiter:
     def __init__(self, shared: SharedBuckets, settings: LimitSettings, bans: BanList, *, clock=time.monotonic) -> None:
         self.shared = shared
@@ -75,10 +139,14 @@ class Limiter:
         self.clock = clock
         self.fair = FairQueue(max_queue=settings.queue_max, deadline=settings.queue_deadline)
         self.refusals: dict[str, int] = {}
-        self._tenant_seen: dict[uuid.UUID, float] = {}
-        self._tenant_weights: dict[uuid.UUID, int] = {}
+        self._tenants: dict[uuid.UUID, _Tenant] = {}
+        self._active: list[_Tenant] = []
         self._active_weight = 0
         self._shares_at = -math.inf
+        self._principals: dict[str, _Principal] = {}
+        self._addresses: dict[str, _Address] = {}
+        self._epoch = -1
+        self._global_bucket: SharedBucket | None = None
         self.configure(settings)
 
     def configure(self, settings: LimitSettings) -> None:
@@ -90,9 +158,20 @@ class Limiter:
         self._ip = _per_minute(settings.ip_per_minute, burst) if settings.ip_per_minute else None
         self._anonymous = _per_minute(settings.anonymous_per_minute, burst) if settings.anonymous_per_minute else None
         self._costs = dict(settings.costs)
+        self._burst_factor = settings.tenant_burst_factor
         self.fair.reconfigure(settings.queue_max, settings.queue_deadline)
         self.bans.reconfigure(settings)  # thresholds, allow and deny ranges
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop every cached lookup: the next decisions look their buckets up again."""
+        self._principals = {}
+        self._addresses = {}
+        self._global_bucket = None
+        for tenant in self._tenants.values():
+            tenant.bucket = None
         self._shares_at = -math.inf
+        self._epoch = self.shared.epoch
 
     # -- before authentication ---------------------------------------------------------------------
 
@@ -100,22 +179,35 @@ class Limiter:
         """Deny list, ban, per-address bucket: raises Limited. A decision, not a charge to keep: see `admit`."""
         if address is None:
             return
-        bans = self.bans
-        if bans.is_denied(address):
+        if self._epoch != self.shared.epoch:
+            self._forget()
+        state = self._addresses.get(address)
+        if state is None:
+            state = self._address(address, now)
+        if state.denied:
             raise self._refused(Limited("ip_deny", 0, "", math.inf, "this address is not allowed to use the gateway",
                                         status=403), None, now)
-        if bans.is_allowed_range(address):
+        if state.allowed:
             return
-        ban = bans.check(address, now)
+        ban = self.bans.ban_of(state.key, now)
         if ban is not None:
             raise self._refused(Limited("ip_ban", 0, "", max(1.0, ban.seconds_left()),
                                         f"this address is banned ({ban.reason})"), None, now)
-        if self._ip is not None:
+        bucket = state.bucket
+        if bucket is not None and not bucket.try_acquire(1.0, now):
+            raise self._refused(Limited("ip", self.settings.ip_per_minute, "minute",
+                                        bucket.retry_after(1.0, now)), address, now)
+
+    def _address(self, address: str, now: float) -> _Address:
+        key, allowed, denied = self.bans.classify(address)
+        bucket = None
+        if self._ip is not None and not allowed and not denied:
             capacity, rate = self._ip
             bucket = self.shared.bucket(("ip", address), capacity, rate, now)
-            if not bucket.try_acquire(1.0, now):
-                raise self._refused(Limited("ip", self.settings.ip_per_minute, "minute",
-                                            bucket.retry_after(1.0, now)), address, now)
+        if len(self._addresses) >= _CACHE_MAX:
+            self._addresses = {}
+        state = self._addresses[address] = _Address(key, allowed, denied, bucket)
+        return state
 
     def anonymous(self, address: str | None, now: float) -> Limited | None:
         """A request whose credentials failed: charge its address; the refusal to send instead of 401, if any."""
@@ -146,69 +238,137 @@ class Limiter:
 
     async def admit(self, key, weight: int, address: str | None, cost: float = 1.0) -> None:
         """Charge every tier of an authenticated request, or raise Limited having charged none."""
-        now = self.clock()
-        taken: list[SharedBucket] = []
-        try:
-            if key.rate_limit_per_hour:
-                self._take(taken, ("key-hour", key.id), key.rate_limit_per_hour,
-                           key.rate_limit_per_hour / HOUR, cost, now, "api_key", key.rate_limit_per_hour, "hour")
-            if key.rate_limit_per_day:
-                self._take(taken, ("key-day", key.id), key.rate_limit_per_day,
-                           key.rate_limit_per_day / DAY, cost, now, "api_key", key.rate_limit_per_day, "day")
-            role = self._roles.get(key.role)
-            if role is not None:
-                self._take(taken, ("user", key.user_id), role[0], role[1], cost, now, "user",
-                           self.settings.roles[key.role], "minute")
-            if self._global is not None:
-                capacity, rate = self._global
-                share = self._share(key.tenant_id, weight, now)
-                bucket = self.shared.bucket("global", capacity, rate, now)
-                if self.fair.try_admit(key.tenant_id, weight, cost, now, bucket):
-                    # Capacity to spare: the tenant may borrow, up to its burst factor. (Under
-                    # contention the fair queue gives each tenant its weighted share instead.)
-                    taken.append(bucket)
-                    factor = share * self.settings.tenant_burst_factor
-                    if factor < 1.0:
-                        self._take(taken, ("tenant", key.tenant_id), capacity * factor, rate * factor, cost, now,
-                                   "tenant", self.settings.global_per_minute * factor, "minute")
-                else:
-                    try:
-                        await self.fair.wait(key.tenant_id, weight, cost, bucket)
-                    except QueueClosed:
-                        raise Limited("global", 0, "", 1.0, "the gateway is shutting down", status=503) from None
-                    except FairQueueRefusal as exc:
-                        raise Limited("global", self.settings.global_per_minute, "minute", exc.retry_after,
-                                      "the gateway is at capacity and this tenant's queue "
-                                      + ("is full" if isinstance(exc, QueueFull) else "did not move in time")) from None
-        except Limited as refused:
-            for bucket in taken:
-                bucket.refund(cost)
-            raise self._refused(refused, address, self.clock()) from None
+        pending = self.admit_now(key, weight, address, cost, self.clock())
+        if pending is not None:
+            await self.wait(pending)
 
-    def _take(self, taken, key, capacity, rate, cost, now, tier, limit, window) -> None:
-        bucket = self.shared.bucket(key, capacity, rate, now)
-        if not bucket.try_acquire(cost, now):
-            raise Limited(tier, limit, window, bucket.retry_after(cost, now))
-        taken.append(bucket)
+    def admit_now(self, key, weight: int, address: str | None, cost: float, now: float) -> Pending | None:
+        """Charge every tier it can decide now: None when the request is admitted.
 
-    def _share(self, tenant_id: uuid.UUID, weight: int, now: float) -> float:
-        """This tenant's weighted share of the global rate among the tenants active lately (0..1]."""
-        seen = self._tenant_seen
-        if tenant_id not in seen:
-            self._shares_at = -math.inf  # a tenant joins: cut the shares again
-        seen[tenant_id] = now
-        self._tenant_weights[tenant_id] = weight
+        A `Pending` when every tier but the global one admitted it and the global
+        bucket is contended: `await wait(pending)` queues it fairly. Raises
+        Limited having charged nothing.
+        """
+        if self._epoch != self.shared.epoch:
+            self._forget()
+        principal = self._principals.get(key.prefix)
+        if principal is None or principal.key is not key:
+            principal = self._principal(key, now)
+        taken = None
+        for bucket, tier, limit, window in principal.tiers:
+            if not bucket.try_acquire(cost, now):
+                refused = Limited(tier, limit, window, bucket.retry_after(cost, now))
+                if taken is not None:
+                    for earlier in taken:
+                        earlier.refund(cost)
+                raise self._refused(refused, address, now)
+            if taken is None:
+                taken = [bucket]
+            else:
+                taken.append(bucket)
+        if self._global is None:
+            return None
+        tenant = principal.tenant
+        tenant.seen = now
+        if weight != tenant.weight or not tenant.active:
+            tenant.weight = weight
+            self._activate(tenant)
         if now - self._shares_at >= _SHARES_EVERY:
-            self._shares_at = now
-            for tenant in [t for t, at in seen.items() if now - at > _TENANT_ACTIVE]:
-                del seen[tenant]
-                self._tenant_weights.pop(tenant, None)
-            self._active_weight = sum(self._tenant_weights.values())
-        return weight / self._active_weight if self._active_weight else 1.0
+            self._cut_shares(now)
+        bucket = self._global_bucket
+        if bucket is None:
+            capacity, rate = self._global
+            bucket = self._global_bucket = self.shared.bucket("global", capacity, rate, now)
+        if not self.fair.try_admit(tenant.id, weight, cost, now, bucket):
+            return Pending(principal, cost, address, taken or [], bucket)
+        # Capacity to spare: the tenant may borrow, up to its burst factor. (Under
+        # contention the fair queue gives each tenant its weighted share instead.)
+        if tenant.factor < 1.0:
+            mine = tenant.bucket
+            if mine is None:
+                capacity, rate = self._global
+                factor = tenant.factor
+                mine = tenant.bucket = self.shared.bucket(("tenant", tenant.id), capacity * factor, rate * factor, now)
+            if not mine.try_acquire(cost, now):
+                refused = Limited("tenant", self.settings.global_per_minute * tenant.factor, "minute",
+                                  mine.retry_after(cost, now))
+                bucket.refund(cost)
+                for earlier in taken or ():
+                    earlier.refund(cost)
+                raise self._refused(refused, address, now)
+        return None
+
+    async def wait(self, pending: Pending) -> None:
+        """Queue for the global bucket in the tenant's turn, or raise Limited having refunded every tier."""
+        tenant = pending.principal.tenant
+        try:
+            await self.fair.wait(tenant.id, tenant.weight, pending.cost, pending.source)
+        except (QueueClosed, FairQueueRefusal) as exc:
+            for bucket in pending.taken:
+                bucket.refund(pending.cost)
+            if isinstance(exc, QueueClosed):
+                refused = Limited("global", 0, "", 1.0, "the gateway is shutting down", status=503)
+            else:
+                refused = Limited("global", self.settings.global_per_minute, "minute", exc.retry_after,
+                                  "the gateway is at capacity and this tenant's queue "
+                                  + ("is full" if isinstance(exc, QueueFull) else "did not move in time"))
+            raise self._refused(refused, pending.address, self.clock()) from None
+        except BaseException:
+            for bucket in pending.taken:  # cancelled (the client went away): it was never admitted
+                bucket.refund(pending.cost)
+            raise
+
+    def _principal(self, key, now: float) -> _Principal:
+        shared = self.shared
+        tiers = []
+        if key.rate_limit_per_hour:
+            n = key.rate_limit_per_hour
+            tiers.append((shared.bucket(("key-hour", key.id), n, n / HOUR, now), "api_key", n, "hour"))
+        if key.rate_limit_per_day:
+            n = key.rate_limit_per_day
+            tiers.append((shared.bucket(("key-day", key.id), n, n / DAY, now), "api_key", n, "day"))
+        role = self._roles.get(key.role)
+        if role is not None:
+            tiers.append((shared.bucket(("user", key.user_id), role[0], role[1], now), "user",
+                          self.settings.roles[key.role], "minute"))
+        tenant = self._tenants.get(key.tenant_id)
+        if tenant is None:
+            tenant = self._tenants[key.tenant_id] = _Tenant(key.tenant_id, 0)
+        if len(self._principals) >= _CACHE_MAX:
+            self._principals = {}
+        principal = self._principals[key.prefix] = _Principal(key, tuple(tiers), tenant)
+        return principal
+
+    def _activate(self, tenant: _Tenant) -> None:
+        """A tenant joins the active ones (or changed weight): cut the shares again at once."""
+        if not tenant.active:
+            tenant.active = True
+            self._active.append(tenant)
+        self._shares_at = -math.inf
+
+    def _cut_shares(self, now: float) -> None:
+        """Each active tenant's weighted share of the global rate x the burst factor; the idle leave."""
+        self._shares_at = now
+        active = []
+        for tenant in self._active:
+            if now - tenant.seen > _TENANT_ACTIVE:
+                tenant.active = False
+                tenant.bucket = None
+            else:
+                active.append(tenant)
+        self._active = active
+        total = self._active_weight = sum(t.weight for t in active)
+        for tenant in active:
+            factor = tenant.weight / total * self._burst_factor if total else 1.0
+            if factor != tenant.factor:
+                tenant.factor = factor
+                tenant.bucket = None  # looked up again with the new limits
+        if len(self._tenants) > len(active) + _CACHE_MAX:
+            self._tenants = {t.id: t for t in active}
+            self._principals = {}
 
     def _refused(self, refused: Limited, address: str | None, now: float) -> Limited:
         self.refusals[refused.tier] = self.refusals.get(refused.tier, 0) + 1
         if address is not None and refused.tier in _OWN_TIERS:
             self.bans.violation(address, now)
         return refused
-

@@ -180,6 +180,9 @@ class SharedBuckets:
         self.clock = clock
         self.process_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._buckets: dict[Hashable, SharedBucket] = {}
+        # Moves whenever a bucket is forgotten: a caller holding SharedBucket
+        # objects across requests (limits/limiter.py) must look them up again.
+        self.epoch = 0
         self._dirty: set[SharedBucket] = set()
         self._task: asyncio.Task | None = None
         # Processes alive, as last counted in Redis (1 until then, or without Redis).
@@ -306,5 +309,8 @@ class SharedBuckets:
         if len(self._buckets) < 1024:
             return
         for key, bucket in list(self._buckets.items()):
-            if now - bucket.touched > _FORGET_AFTER and bucket.spent == 0.0 and bucket not in self._dirty:
+            # With Redis, spend not yet reported keeps a bucket; without, nothing is ever reported.
+            unreported = self.redis is not None and (bucket.spent != 0.0 or bucket in self._dirty)
+            if now - bucket.touched > _FORGET_AFTER and not unreported:
                 del self._buckets[key]
+                self.epoch += 1
