@@ -38,6 +38,7 @@ from gateway.dataplane.upstream import request_target
 from gateway.db.tables import config_state, enhanced_api_keys, limit_settings, mcp_servers, tenants, users
 from gateway.auth.access import EMPTY_POLICY, AccessPolicy, AccessRule
 from gateway.db.tables import server_access_rules
+from gateway.db.tables import server_tools
 
 log = logging.getLogger("gateway.snapshot")
 
@@ -105,6 +106,9 @@ class Snapshot:
     # and which of its keys an override set.
     limits: LimitSettings = field(default_factory=LimitSettings)
     limits_overridden: frozenset[str] = frozenset()
+    # Tools withheld until an admin approves their changed definition, by server (registry/discovery.py):
+    # only on servers of tenants whose settings say "tool_pinning": "withhold". Enforced in dataplane/enforce.py.
+    withheld: dict[uuid.UUID, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.by_tenant and self.servers:
@@ -238,6 +242,7 @@ async def load_snapshot(
             await conn.execute(sa.select(mcp_servers).where(mcp_servers.c.is_active.is_(True)))
         ).mappings().all()
         rule_rows = (await conn.execute(sa.select(server_access_rules))).mappings().all()
+        changed_tools = (await conn.execute(_CHANGED_TOOLS)).all()
 
     tenant_map = {
         r["id"]: TenantEntry(
@@ -288,7 +293,27 @@ async def load_snapshot(
         access=access,
         version=version, tenants=tenant_map, keys_by_prefix=keys, servers=servers, keys_by_digest=by_digest,
         legacy_digest=legacy_digest, limits=limits, limits_overridden=overridden,
+        withheld=_withheld(changed_tools, tenant_rows, servers.values()),
     )
+
+
+# Tools whose definition changed since it was approved (few: pinning flags them one by one).
+_CHANGED_TOOLS = sa.select(server_tools.c.tenant_id, server_tools.c.server_id, server_tools.c.name).where(
+    server_tools.c.pin_status == "changed"
+)
+
+
+def _withheld(changed, tenant_rows, served) -> dict[uuid.UUID, frozenset[str]]:
+    """Changed tools by server, for tenants that withhold them (tenants.settings "tool_pinning": "withhold")."""
+    withholding = {
+        r["id"] for r in tenant_rows if isinstance(r["settings"], dict) and r["settings"].get("tool_pinning") == "withhold"
+    }
+    live = {s.id for s in served}
+    names: dict[uuid.UUID, set[str]] = {}
+    for tenant_id, server_id, name in changed:
+        if tenant_id in withholding and server_id in live:
+            names.setdefault(server_id, set()).add(name)
+    return {server_id: frozenset(tools) for server_id, tools in names.items()}
 
 
 def _server_settings(defaults: UpstreamSettings, row: Mapping[str, Any], version: int) -> UpstreamSettings:

@@ -62,6 +62,29 @@ def forbidden(server: ServerEntry, kind: str, name: str, decision: access.Decisi
     )
 
 
+# -- tool-definition pinning (registry/discovery.py) ----------------------------------------------
+# A tool whose definition changed since an admin approved it is withheld, where its tenant
+# asks for that, exactly like a tool the caller may not use: not listed, and refused (403
+# -32031) with a message saying why. `Snapshot.withheld` holds such tools by server.
+_TOOL_METHODS = frozenset({"tools/call", "tools/list"})
+
+
+def withheld(snapshot: Snapshot, server: ServerEntry, name: str) -> bool:
+    names = snapshot.withheld.get(server.id)
+    return names is not None and name in names
+
+
+def _withheld_refusal(server: ServerEntry, name: str) -> Refusal:
+    return Refusal(
+        403, FORBIDDEN, f"Forbidden: tool '{name}' on server '{server.name}' changed its definition since an admin "
+        "approved it; it is withheld until an admin approves the new definition",
+    )
+
+
+def _may_hide(snapshot: Snapshot, principal: Principal, server: ServerEntry, kind: str) -> bool:
+    return access.may_hide(snapshot, principal, server, kind) or (kind == TOOL and server.id in snapshot.withheld)
+
+
 def usable(snapshot: Snapshot, principal: Principal, server: ServerEntry) -> bool:
     """May the principal use `server` at all? One dict lookup when its tenant has no rules for it."""
     rules = snapshot.access.by_server.get(server.id)
@@ -84,6 +107,8 @@ def check_target(
     decision = access.decide(snapshot, principal, server, kind, name)
     if not decision:
         raise forbidden(server, kind, shown if shown is not None else name, decision)
+    if kind == TOOL and withheld(snapshot, server, name):
+        raise _withheld_refusal(server, shown if shown is not None else name)
 
 
 def check_params(snapshot: Snapshot, principal: Principal, server: ServerEntry, method: str, params: Any) -> None:
@@ -130,7 +155,7 @@ def check_call(
         return None  # a response to the server's own request
     if access.unrestricted(snapshot, principal, server) and (
         principal.role == access.ADMIN or method not in _TOUCHES_RESOURCES
-    ):
+    ) and (server.id not in snapshot.withheld or method not in _TOOL_METHODS):
         return None  # the common case: no rule here, a role that may do anything, no config:// at stake
     check_method(principal, method)
     target = TARGETS.get(method)
@@ -140,7 +165,7 @@ def check_call(
         return None
     listed = LISTS.get(method)
     if listed is not None:
-        if call.request_id is None or not access.may_hide(snapshot, principal, server, listed[1]):
+        if call.request_id is None or not _may_hide(snapshot, principal, server, listed[1]):
             return None
         return ListFilter(snapshot, principal, server, {call.request_id: listed}, single=listed)
     if method in _PARAM_TARGETS:
@@ -166,7 +191,7 @@ def _check_batch(snapshot: Snapshot, principal: Principal, server: ServerEntry, 
         check_params(snapshot, principal, server, method, item.get("params"))
         listed = LISTS.get(method)
         request_id = item.get("id")
-        if listed is not None and isinstance(request_id, (int, str)) and access.may_hide(
+        if listed is not None and isinstance(request_id, (int, str)) and _may_hide(
             snapshot, principal, server, listed[1]
         ):
             pending[request_id] = listed
@@ -182,12 +207,13 @@ def visible(snapshot: Snapshot, principal: Principal, server: ServerEntry, key: 
     are refused when read.
     """
     _, kind, field = _LIST_KINDS[key]
-    if not access.may_hide(snapshot, principal, server, kind):
+    if not _may_hide(snapshot, principal, server, kind):
         return items
+    hidden = snapshot.withheld.get(server.id, ()) if kind == TOOL else ()
     return [
         item for item in items
         if isinstance(item, dict) and isinstance(item.get(field), str)
-        and access.decide(snapshot, principal, server, kind, item[field])
+        and access.decide(snapshot, principal, server, kind, item[field]) and item[field] not in hidden
     ]
 
 

@@ -18,7 +18,9 @@ Where changes come from:
   aggregate's cache, so the refetch a notification prompts sees the change).
 
 A scope nobody listens to is not fetched. A server that fails to answer
-leaves its last known lists in place (an outage is not a change).
+leaves its last known lists in place (an outage is not a change). A server
+whose own lists changed is also told to `upstream_changed` (capability
+discovery reads it again, registry/discovery.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import asyncio
 import hashlib
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -79,6 +82,9 @@ class Watcher:
         self._digests: dict[Scope, dict[str, str]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        # Told of a server whose lists changed (registry/discovery.py discovers it again), and what each was.
+        self.upstream_changed: list[Callable[[ServerEntry], None]] = []
+        self._server_digests: dict[uuid.UUID, bytes] = {}
 
     @property
     def listening(self) -> int:
@@ -150,6 +156,7 @@ class Watcher:
         lists = await asyncio.gather(
             *(self._server_lists(server, snapshot.version) for server in servers)
         )
+        self._note_server_changes(servers, lists)
         failed = False
         for server, fetched in zip(servers, lists):
             # Access rules decide what a listener may see of these lists: changing them changes the lists.
@@ -170,6 +177,20 @@ class Watcher:
             # A server that did not answer: keep what was known rather than announce a change.
             return {kind: previous.get(kind, digest) for kind, digest in digests.items()}
         return digests
+
+    def _note_server_changes(self, servers: list[ServerEntry], lists: list[dict[str, list | None]]) -> None:
+        """Call `upstream_changed` for each server whose lists (all fetched) differ from what they were."""
+        if not self.upstream_changed:
+            return
+        for server, fetched in zip(servers, lists):
+            if any(items is None for items in fetched.values()):
+                continue  # an outage is not a change
+            digest = hashlib.blake2b(orjson.dumps(fetched, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+            before = self._server_digests.get(server.id)
+            self._server_digests[server.id] = digest
+            if before is not None and before != digest:
+                for callback in self.upstream_changed:
+                    callback(server)
 
     async def _server_lists(self, server: ServerEntry, version: int) -> dict[str, list | None]:
         kinds = list(_FETCHED)
