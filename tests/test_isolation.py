@@ -45,6 +45,8 @@ def _bodies(theirs: dict[str, str]) -> dict[tuple[str, str], dict]:
         ("POST", "/api/v1/servers"): {"tenant_id": theirs["tenant"], "name": "probe",
                                       "endpoint_url": "http://127.0.0.1:9/mcp"},
         ("PUT", "/api/v1/servers/{id}/auth"): {"auth": {"kind": "none"}},
+        ("PATCH", "/api/v1/servers/{id}"): {"description": "probe", "settings": {"discovery_interval": 60}},
+        ("POST", "/api/v1/servers/{id}/tools/{name}/approve"): {},
         ("POST", "/api/v1/access-rules"): {"tenant_id": theirs["tenant"], "effect": "deny", "description": "probe"},
         ("PATCH", "/api/v1/rate-limits"): {"ip_per_minute": 1},
         ("PUT", "/api/v1/servers/{id}/maintenance"): {"maintenance": True},

@@ -42,6 +42,16 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/servers"): EVERYONE,
     ("GET", "/api/v1/servers/{id}"): EVERYONE,
     ("PUT", "/api/v1/servers/{id}/auth"): ADMINS,
+    # The registry (test_registry_api.py covers the reach): everyone reads what discovery found, a tenant
+    # ADMIN changes, unregisters, discovers and approves.
+    ("PATCH", "/api/v1/servers/{id}"): ADMINS,
+    ("DELETE", "/api/v1/servers/{id}"): ADMINS,
+    ("GET", "/api/v1/servers/{id}/tools"): EVERYONE,
+    ("GET", "/api/v1/servers/{id}/resources"): EVERYONE,
+    ("GET", "/api/v1/servers/{id}/resource-templates"): EVERYONE,
+    ("GET", "/api/v1/servers/{id}/prompts"): EVERYONE,
+    ("POST", "/api/v1/servers/{id}/discover"): ADMINS,
+    ("POST", "/api/v1/servers/{id}/tools/{name}/approve"): ADMINS,
     # Access rules (their own tests cover their reach): a tenant ADMIN's business.
     ("POST", "/api/v1/access-rules"): ADMINS,
     ("GET", "/api/v1/access-rules"): ADMINS,
@@ -151,8 +161,21 @@ async def _request(p: Principals, who: str, method: str, route: str) -> int:
         path = route.replace("{id}", (await p.key(own_user, ["proxy"]))["id"])
     elif route == "/api/v1/servers" and method == "POST":
         body = {"tenant_id": p.tenant_id, "name": f"s-{uuid.uuid4().hex[:8]}", "endpoint_url": "http://127.0.0.1:9/m"}
+    elif route == "/api/v1/servers/{id}" and method == "DELETE":
+        status, server = await p.gw.admin("POST", "/servers", {"tenant_id": p.tenant_id, "name": "doomed",
+                                                               "endpoint_url": "http://127.0.0.1:9/m"})
+        assert status in (201, 409), server
+        if status == 409:  # a caller before this one was refused: the server is still there
+            _, page = await p.gw.admin("GET", f"/servers?tenant_id={p.tenant_id}&name=doomed")
+            server = page["items"][0]
+        path = route.replace("{id}", server["id"])
     elif route == "/api/v1/servers/{id}":
         path = route.replace("{id}", p.server_id)
+        body = {"description": f"changed by {who}"} if method == "PATCH" else None
+    elif route == "/api/v1/servers/{id}/tools/{name}/approve":
+        status, found = await p.gw.admin("POST", f"/servers/{p.server_id}/discover")
+        assert status == 200, found
+        path = route.replace("{id}", p.server_id).replace("{name}", "echo")
     elif route == "/api/v1/servers/{id}/auth":
         path = route.replace("{id}", p.server_id)
         body = {"auth": {"kind": "header", "header_name": "X-Key", "header_value": "v"}}
@@ -176,6 +199,8 @@ async def _request(p: Principals, who: str, method: str, route: str) -> int:
                                                                   "server_id": p.server_id})
         assert status == 201, rule
         path = route.replace("{id}", rule["id"])
+    elif route.rpartition("/")[2] in ("tools", "resources", "resource-templates", "prompts", "discover"):
+        path = route.replace("{id}", p.server_id)  # what discovery found, and discovering
     status, answer = await p.gw.admin(method, path.removeprefix("/api/v1"), body, key=p.keys[who])
     if status == 403:
         assert answer["error"]["code"] == "forbidden" and answer["error"]["message"], answer
@@ -201,6 +226,10 @@ async def test_openapi_is_public(gateway):
             paths = (await resp.json())["paths"]
     assert {"/api/v1/api-keys/{id}/rotate", "/api/v1/api-keys/import", "/api/v1/tenants/{id}",
             "/api/v1/users/{id}", "/api/v1/servers/{id}/auth"} <= set(paths)
+    # Every registry route is documented, with its operations.
+    for route in EXPECTED:
+        if route[1].startswith("/api/v1/servers"):
+            assert route[0].lower() in paths.get(route[1], {}), route
 
 
 # -- scopes ------------------------------------------------------------------------------------------------------

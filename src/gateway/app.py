@@ -35,6 +35,7 @@ from gateway.limits.sessions import SessionCounter
 from gateway.records.metrics import Registry
 from gateway.records.sinks import sink_for
 from gateway.records.writer import RecordWriter
+from gateway.registry.discovery import Discoverer
 from gateway.registry.health import HealthMonitor
 from gateway.snapshot import SnapshotStore
 
@@ -56,6 +57,7 @@ class Gateway:
         self._sink = None
         self.secrets: GatewaySecrets | None = None
         self.key_usage: KeyUsage | None = None
+        self.discoverer: Discoverer | None = None  # capability discovery: on registration, schedule, list changes
         self.tokens = None  # TokenVerifier, when JWT issuers are configured
         self.signin: SignIn | None = None  # sign-in providers of the control plane
         self.shared_buckets: SharedBuckets | None = None  # limiter state, synchronized through Redis
@@ -153,11 +155,17 @@ class Gateway:
         self.dataplane_port = await self._listen(
             web.ServerRunner(self.dataplane.build_server(), shutdown_timeout=10.0), cfg.dataplane.host, cfg.dataplane.port
         )
+        self.discoverer = Discoverer(
+            self.engine, self.store, self.dataplane.client_for, on_change=self.store.publish_change,
+            defaults=cfg.upstreams, redis=self.redis, key_prefix=cfg.redis.key_prefix,
+        )
+        self.dataplane.watcher.upstream_changed.append(self.discoverer.upstream_changed)
+        await self.discoverer.start()
         if cfg.controlplane.enabled:
             self.signin = SignIn(cfg.signin, cfg.auth)
             control = ControlPlane(
                 self.engine, self.store.publish_change, secrets=self.secrets, keys=cfg.keys, key_usage=self.key_usage,
-                signin=self.signin, limit_defaults=cfg.limits,
+                signin=self.signin, limit_defaults=cfg.limits, discoverer=self.discoverer,
                 bans=self.bans,
                 upstream_defaults=cfg.upstreams,
             )
@@ -230,6 +238,8 @@ class Gateway:
             self.limiter.close()
         if self.writer is not None:
             await self.writer.stop(timeout=self.config.writer.shutdown_timeout)
+        if self.discoverer is not None:
+            await self.discoverer.stop()  # before the upstream clients and the engine go
         if self.dataplane is not None:
             await self.dataplane.close()
         if self.bans is not None:

@@ -26,15 +26,21 @@ from gateway.config import KeysConfig, LimitSettings, UpstreamSettings
 from gateway.controlplane import permissions, schemas, service
 from gateway.controlplane import sessions, signin_api
 from gateway.limits.bans import MAX_BAN_SECONDS, NeverBanned
+from gateway.db.tables import HEALTH_STATES, TOOL_PIN_STATES, TRANSPORTS
+from gateway.registry import catalog
+from gateway.registry.discovery import NotServed
 
 if TYPE_CHECKING:
     from gateway.auth.key_usage import KeyUsage
     from gateway.auth.sealing import GatewaySecrets
     from gateway.limits.bans import Ban, BanList
+    from gateway.registry.discovery import Discoverer
 
 log = logging.getLogger("gateway.controlplane")
 
 Handler = Callable[[web.Request, service.Actor], Awaitable[web.Response]]
+# What a write handler wants done once its change is committed and this process's snapshot holds it.
+AFTER_CHANGE = web.RequestKey("after_change", list)
 MAX_PAGE = 500
 
 
@@ -73,6 +79,7 @@ class ControlPlane:
         keys: KeysConfig | None = None,
         key_usage: KeyUsage | None = None,
         signin: SignIn | None = None,
+        discoverer: Discoverer | None = None,
         limit_defaults: LimitSettings | None = None,
         bans: BanList | None = None,
         upstream_defaults: UpstreamSettings | None = None,
@@ -88,6 +95,7 @@ class ControlPlane:
         self.key_usage = key_usage  # admin keys' last_used_at, like the data plane's
         self.signin = signin_api.SigninRoutes(engine, signin)  # /auth/*; sessions work wherever keys do
         self.bans = bans  # per-address bans (limits/bans.py); None when [limits] is off
+        self.discoverer = discoverer  # capability discovery (registry/discovery.py); None: not in this process
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1024 * 1024)
@@ -111,6 +119,17 @@ class ControlPlane:
         r.add_get("/api/v1/servers", self._admin(self.list_servers, action="servers.read"))
         r.add_get("/api/v1/servers/{id}", self._admin(self.get_server, action="servers.read"))
         r.add_put("/api/v1/servers/{id}/auth", self._admin(self.set_server_auth, writes=True, action="servers.write"))
+        # The registry: change and unregister servers, what discovery found, tool-definition approval.
+        r.add_patch("/api/v1/servers/{id}", self._admin(self.update_server, writes=True, action="servers.write"))
+        r.add_delete("/api/v1/servers/{id}", self._admin(self.delete_server, writes=True, action="servers.write"))
+        for kind in catalog.KINDS:
+            r.add_get(f"/api/v1/servers/{{id}}/{kind}",
+                      self._admin(functools.partial(self.list_server_items, kind=kind), action="servers.read"))
+        r.add_post("/api/v1/servers/{id}/discover", self._admin(self.discover_server, action="servers.write"))
+        r.add_post(
+            "/api/v1/servers/{id}/tools/{name}/approve",
+            self._admin(self.approve_tool, writes=True, action="servers.write"),
+        )
         r.add_get("/api/v1/servers/{id}/health", self._admin(self.get_server_health, action="servers.health"))
         r.add_put(
             "/api/v1/servers/{id}/maintenance",
@@ -179,6 +198,8 @@ class ControlPlane:
                 return _error(413, "too_large", "the request body is larger than 1 MiB")
             if writes and response.status < 300:
                 await self.on_change()
+                for after_change in request.get(AFTER_CHANGE, ()):
+                    after_change()  # what needs the new configuration loaded (discovery of a server)
             return response
 
         wrapped.permission = action  # type: ignore[attr-defined] - read by the route table test
@@ -250,18 +271,80 @@ class ControlPlane:
     # -- servers -------------------------------------------------------------------------------
     async def create_server(self, request: web.Request, actor: service.Actor) -> web.Response:
         body = schemas.validate(schemas.ServerCreate, await request.read())
-        return _json(await service.create_server(self.engine, actor, body, self.secrets), 201)
+        server = await service.create_server(self.engine, actor, body, self.secrets)
+        self._discover_after_change(request, server["id"])
+        return _json(server, 201)
 
     async def set_server_auth(self, request: web.Request, actor: service.Actor) -> web.Response:
         server_id = _path_id(request, "server")
         body = schemas.validate(schemas.ServerAuthUpdate, await request.read())
-        return _json(await service.set_server_auth(self.engine, actor, server_id, body, self._secrets()))
+        server = await service.set_server_auth(self.engine, actor, server_id, body, self._secrets())
+        self._discover_after_change(request, server_id)  # a server that refused the old credential may answer now
+        return _json(server)
 
     async def list_servers(self, request: web.Request, actor: service.Actor) -> web.Response:
         limit, after = _paging(request)
         tenant = _uuid_param(request, "tenant_id")
-        items = await service.list_servers(self.engine, actor, limit=limit, after=after, tenant_id=tenant)
+        items = await service.list_servers(
+            self.engine, actor, limit=limit, after=after, tenant_id=tenant, **_server_filters(request)
+        )
         return _page(items, limit)
+
+    # -- the registry: changes, discovery, pinning (registry/discovery.py, registry/catalog.py) -------
+    async def update_server(self, request: web.Request, actor: service.Actor) -> web.Response:
+        server_id = _path_id(request, "server")
+        body = schemas.validate(schemas.ServerUpdate, await request.read())
+        server, moved = await service.update_server(self.engine, actor, server_id, body, self.upstream_defaults)
+        if moved:
+            self._discover_after_change(request, server_id)
+        return _json(server)
+
+    async def delete_server(self, request: web.Request, actor: service.Actor) -> web.Response:
+        return _json(await service.delete_server(self.engine, actor, _path_id(request, "server")))
+
+    async def list_server_items(self, request: web.Request, actor: service.Actor, *, kind: str) -> web.Response:
+        server_id = _path_id(request, "server")
+        limit, after = _paging(request)
+        pin_status = request.query.get("pin_status")
+        if kind != "tools" and pin_status is not None:
+            raise schemas.ValidationFailed([{"field": "pin_status", "message": "only tools are pinned"}])
+        if pin_status is not None and pin_status not in TOOL_PIN_STATES:
+            raise schemas.ValidationFailed(
+                [{"field": "pin_status", "message": f"must be one of {', '.join(TOOL_PIN_STATES)}"}]
+            )
+        items = await catalog.list_items(
+            self.engine, actor, server_id, kind, limit=limit, after=after, pin_status=pin_status
+        )
+        return _page(items, limit)
+
+    async def discover_server(self, request: web.Request, actor: service.Actor) -> web.Response:
+        server_id = _path_id(request, "server")
+        server = await service.get_server(self.engine, actor, server_id)  # another tenant's: 404
+        if self.discoverer is None:
+            raise service.Conflict("capability discovery does not run in this process")
+        try:
+            outcome = await self.discoverer.discover(server_id)
+        except NotServed as exc:
+            raise service.Conflict(f"server '{server['name']}' cannot be discovered: {exc}") from None
+        if not outcome.ok:
+            return _error(502, "discovery_failed", f"discovering server '{server['name']}' failed: {outcome.error}")
+        return _json(outcome.as_dict())
+
+    async def approve_tool(self, request: web.Request, actor: service.Actor) -> web.Response:
+        server_id = _path_id(request, "server")
+        raw = await request.read()
+        body = schemas.validate(schemas.ToolApproval, raw) if raw.strip() else schemas.ToolApproval()
+        tool = await catalog.approve_tool(
+            self.engine, actor, server_id, request.match_info["name"], expected_hash=body.definition_hash
+        )
+        log.info("user %s approved the definition %s of tool %r on server %s", actor.user_id,
+                 tool["definition_hash"][:12], tool["name"], server_id)
+        return _json(tool)
+
+    def _discover_after_change(self, request: web.Request, server_id: uuid.UUID) -> None:
+        """Ask for a discovery of the server once the change is committed and this process's snapshot has it."""
+        if self.discoverer is not None:
+            request.setdefault(AFTER_CHANGE, []).append(functools.partial(self.discoverer.request, server_id))
 
     async def get_server(self, request: web.Request, actor: service.Actor) -> web.Response:
         return _json(await service.get_server(self.engine, actor, _path_id(request, "server")))
@@ -395,6 +478,30 @@ def _uuid_param(request: web.Request, name: str) -> uuid.UUID | None:
         raise schemas.ValidationFailed([{"field": name, "message": "must be a UUID"}]) from None
 
 
+def _server_filters(request: web.Request) -> dict[str, Any]:
+    """GET /servers filters: tag (repeatable: every one), transport_type, health_status, tool (offering a
+    tool of that name), name."""
+    filters: dict[str, Any] = {}
+    errors = []
+    for name in ("tag", "transport_type", "health_status", "tool", "name"):
+        for value in request.query.getall(name, []) if name == "tag" else [request.query.get(name)]:
+            if value is None:
+                continue
+            if not 1 <= len(value) <= 255:
+                errors.append({"field": name, "message": "must be 1 to 255 characters"})
+            elif name == "transport_type" and value not in TRANSPORTS:
+                errors.append({"field": name, "message": f"must be one of {', '.join(TRANSPORTS)}"})
+            elif name == "health_status" and value not in HEALTH_STATES:
+                errors.append({"field": name, "message": f"must be one of {', '.join(HEALTH_STATES)}"})
+            elif name == "tag":
+                filters.setdefault("tags", []).append(value)
+            else:
+                filters[name] = value
+    if errors:
+        raise schemas.ValidationFailed(errors)
+    return filters
+
+
 def _paging(request: web.Request) -> tuple[int, uuid.UUID | None]:
     errors = []
     limit = 100
@@ -431,7 +538,7 @@ def openapi_document() -> dict[str, Any]:
         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}},
         {"name": "cursor", "in": "query", "schema": {"type": "string"}},
     ]
-    return {
+    document = {
         "openapi": "3.1.0",
         "info": {"title": "MCP gateway admin API", "version": "1"},
         "components": {
@@ -544,3 +651,48 @@ def openapi_document() -> dict[str, Any]:
             "/auth/logout": {"post": {"responses": {"200": {"description": "the caller's session ended"}}}},
         },
     }
+    for path, operations in _registry_paths(body, paging, listing).items():
+        document["paths"].setdefault(path, {}).update(operations)
+    return document
+
+
+def _registry_paths(body, paging: list[dict], listing: dict) -> dict[str, dict]:
+    """The registry's routes: server filters, changes, what discovery found, approval of tool definitions."""
+    def query(name: str, schema: dict, description: str) -> dict:
+        return {"name": name, "in": "query", "schema": schema, "description": description}
+
+    filters = [
+        query("tenant_id", {"type": "string", "format": "uuid"}, "servers of this tenant (operator)"),
+        query("tag", {"type": "string"}, "servers carrying this tag (repeat it: every one of them)"),
+        query("transport_type", {"enum": list(TRANSPORTS)}, "servers of this transport"),
+        query("health_status", {"enum": list(HEALTH_STATES)}, "servers in this health status"),
+        query("tool", {"type": "string"}, "servers whose last discovery found a tool of this name"),
+        query("name", {"type": "string"}, "the server of this name"),
+    ]
+    found = {"200": {"description": "a page: {items, next_cursor}"}, "404": {"description": "no such server"}}
+    paths = {
+        "/api/v1/servers": {"get": {"parameters": paging + filters, "responses": listing}},
+        "/api/v1/servers/{id}": {
+            "patch": {"requestBody": body("ServerUpdate"), "responses": {
+                "200": {"description": "the server as changed; a changed endpoint is discovered again"},
+                "422": {"description": "invalid fields (settings name the bad key): nothing changed"}}},
+            "delete": {"responses": {"200": {"description": "unregistered: the server as it was (what discovery "
+                                                            "found and the access rules naming it went with it)"}}},
+        },
+        "/api/v1/servers/{id}/discover": {"post": {"responses": {
+            "200": {"description": "{server_id, ok, discovered_at, capabilities, counts, added, updated, removed, "
+                                   "flagged (tools whose definition changed), restored, notes}"},
+            "409": {"description": "the server is inactive (not served)"},
+            "502": {"description": "the server could not be discovered; its last discovery is kept"}}}},
+        "/api/v1/servers/{id}/tools/{name}/approve": {"post": {
+            "requestBody": {**body("ToolApproval"), "required": False},
+            "responses": {"200": {"description": "the tool, its current definition approved (no longer withheld)"},
+                          "404": {"description": "no such server or tool"},
+                          "409": {"description": "the definition changed again since the hash given"}}}},
+    }
+    for kind in catalog.KINDS:
+        parameters = paging
+        if kind == "tools":
+            parameters = paging + [query("pin_status", {"enum": list(TOOL_PIN_STATES)}, "approved or changed")]
+        paths[f"/api/v1/servers/{{id}}/{kind}"] = {"get": {"parameters": parameters, "responses": found}}
+    return paths

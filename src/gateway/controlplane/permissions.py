@@ -52,7 +52,8 @@ PERMISSIONS: dict[str, Permission] = {
     "keys.write": Permission(KEY_WRITE, {"ADMIN": TENANT, "USER": OWN}, summary="create, rotate, revoke API keys"),
     "keys.import": Permission(ADMIN, {"ADMIN": TENANT}, summary="import legacy API keys"),
     "keys.read": Permission(READ, dict(_OWN_FOR_OTHERS), summary="read API keys (never their secrets)"),
-    "servers.write": Permission(ADMIN, {"ADMIN": TENANT}, summary="register servers, set their credentials"),
+    "servers.write": Permission(ADMIN, {"ADMIN": TENANT}, summary="register, change and unregister servers, set "
+                                "their credentials, discover them and approve their tools' definitions"),
     "servers.read": Permission(READ, dict(_EVERY_ROLE), summary="read servers"),
     # Health (registry/health.py): everyone reads it with the server; a tenant ADMIN takes a server
     # out of (and back into) probing and routing for maintenance.

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import msgspec
 from msgspec import Meta
 
-from gateway.config import LimitSettings
+from gateway.config import LimitSettings, UpstreamSettings
 from gateway.db.tables import ACCESS_EFFECTS
 from gateway.db.tables import HEALTH_STATES, ROLES, SCOPES, TENANT_STATES, TRANSPORTS, UPSTREAM_AUTH_KINDS
 
@@ -163,6 +163,32 @@ class ServerMaintenance(msgspec.Struct, forbid_unknown_fields=True):
     maintenance: bool
 
 
+class ServerUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    """PATCH /servers/{id}: only the fields given change. `settings` merges into the server's
+    overrides of the `[upstreams]` settings (a null value removes that override)."""
+
+    description: Annotated[str, Meta(max_length=2000)] | None | Unset = UNSET
+    endpoint_url: Annotated[str, Meta(min_length=1, max_length=500)] | Unset = UNSET
+    transport_type: Transport | Unset = UNSET
+    tags: Annotated[list[Tag], Meta(max_length=50)] | Unset = UNSET
+    settings: dict[str, Any] | Unset = UNSET
+    is_active: bool | Unset = UNSET
+
+
+_NEEDS_A_FIELD = (*_NEEDS_A_FIELD, ServerUpdate)
+
+
+class ToolApproval(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /servers/{id}/tools/{name}/approve: optionally, the definition hash reviewed (409 if it moved on)."""
+
+    definition_hash: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+
+# How a tenant wants tools whose definition changed since approval treated (tenants.settings "tool_pinning"):
+# flagged for the admins only, or also withheld from the data plane until approved.
+TOOL_PINNING = ("flag", "withhold")
+
+
 # Globs (fnmatch syntax) over tool and prompt names, and over resource URIs: printable, no control characters.
 NameGlob = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
 UriGlob = Annotated[str, Meta(min_length=1, max_length=2048, pattern=r"^[^\x00-\x1f\x7f]+$")]
@@ -206,16 +232,14 @@ def _extra_checks(cls: type, values: dict[str, Any]) -> list[dict[str, str]]:
     if cls is AccessRuleCreate:
         errors.extend(_access_rule_problems(values))
     if cls is ServerCreate and isinstance(values.get("endpoint_url"), str):
-        url = values["endpoint_url"]
-        parts = urlsplit(url)
-        transport = values.get("transport_type", "http")
-        if transport == "stdio":
-            pass  # a command line, checked when the stdio transport starts it
-        elif transport == "websocket":
-            if parts.scheme not in ("ws", "wss") or not parts.hostname:
-                errors.append({"field": "endpoint_url", "message": "must be a ws:// or wss:// URL with a host"})
-        elif parts.scheme not in ("http", "https") or not parts.hostname:
-            errors.append({"field": "endpoint_url", "message": "must be an http:// or https:// URL with a host"})
+        problems = endpoint_problems(values.get("transport_type", "http"), values["endpoint_url"])
+        errors.extend({"field": "endpoint_url", "message": m} for m in problems)
+    if cls is ServerUpdate and isinstance(values.get("settings"), dict):
+        errors.extend(server_settings_problems(values["settings"]))
+    if cls in (TenantCreate, TenantUpdate) and isinstance(values.get("settings"), dict):
+        pinning = values["settings"].get("tool_pinning", "flag")
+        if pinning not in TOOL_PINNING:
+            errors.append({"field": "settings.tool_pinning", "message": f"must be one of {', '.join(TOOL_PINNING)}"})
     if cls is ServerCreate and "__" in values.get("name", ""):
         errors.append({"field": "name", "message": "must not contain '__' (it separates server and tool in /mcp)"})
     if cls is ApiKeyCreate and isinstance(values.get("expires_at"), datetime):
@@ -238,6 +262,38 @@ def _extra_checks(cls: type, values: dict[str, Any]) -> list[dict[str, str]]:
     auth = values.get("auth")
     if cls in (ServerCreate, ServerAuthUpdate) and auth is not None:
         errors.extend(_auth_problems(auth, values.get("transport_type", "http") if cls is ServerCreate else None))
+    return errors
+
+
+def endpoint_problems(transport: str, url: str) -> list[str]:
+    """What is wrong with `url` as the endpoint of a server of this transport (nothing, usually)."""
+    parts = urlsplit(url)
+    if transport == "stdio":
+        return []  # a command line, checked when the stdio transport starts it
+    if transport == "websocket":
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            return ["must be a ws:// or wss:// URL with a host"]
+    elif parts.scheme not in ("http", "https") or not parts.hostname:
+        return ["must be an http:// or https:// URL with a host"]
+    return []
+
+
+def server_settings_problems(settings: dict[str, Any]) -> list[dict[str, str]]:
+    """Each key of a server's settings checked against `UpstreamSettings` (null removes an override)."""
+    known = {f.name: f.type for f in msgspec.structs.fields(UpstreamSettings)}
+    errors = []
+    for key, value in settings.items():
+        if key not in known:
+            errors.append({"field": f"settings.{key}",
+                           "message": f"unknown setting (known: {', '.join(sorted(known))})"})
+            continue
+        if value is None:
+            continue
+        try:
+            # The key's own type and range; rules across keys are checked with the stored ones (service.py).
+            msgspec.convert(value, known[key])
+        except msgspec.ValidationError as exc:
+            errors.append({"field": f"settings.{key}", "message": _message(exc)})
     return errors
 
 
@@ -357,7 +413,7 @@ def schema_components() -> dict[str, Any]:
     """JSON Schemas of the request bodies, for the OpenAPI document."""
     _, components = msgspec.json.schema_components(
         [TenantCreate, TenantUpdate, UserCreate, UserUpdate, ApiKeyCreate, ApiKeyRotate, ApiKeyImport, ServerCreate,
-         ServerAuthUpdate, AccessRuleCreate, LimitSettings],
+         ServerAuthUpdate, AccessRuleCreate, LimitSettings, ServerUpdate, ToolApproval, UpstreamSettings],
         ref_template="#/components/schemas/{name}",
     )
     return components

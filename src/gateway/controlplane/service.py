@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import secrets as _random
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -38,6 +39,7 @@ from gateway.config import LimitSettings
 from gateway.controlplane import permissions, schemas
 from gateway.db.tables import config_state, enhanced_api_keys, limit_settings, mcp_servers, tenants, users, utcnow
 from gateway.db.tables import server_access_rules
+from gateway.db.tables import server_tools
 from gateway.snapshot import MERGED_LIMIT_KEYS, apply_limit_overrides
 from gateway.config import UpstreamSettings, server_settings
 
@@ -519,12 +521,39 @@ async def create_server(
 
 
 async def list_servers(
-    engine: AsyncEngine, actor: Actor, *, limit: int, after: uuid.UUID | None, tenant_id: uuid.UUID | None = None
+    engine: AsyncEngine, actor: Actor, *, limit: int, after: uuid.UUID | None, tenant_id: uuid.UUID | None = None,
+    name: str | None = None, tags: Sequence[str] = (), transport_type: str | None = None,
+    health_status: str | None = None, tool: str | None = None,
 ) -> list[dict]:
+    """Servers within reach; each filter given narrows (`tags`: every one of them; `tool`: servers whose
+    last discovery found a tool of that name)."""
     query = sa.select(mcp_servers).where(actor.tenant_filter(mcp_servers))
     if tenant_id is not None:
         query = query.where(mcp_servers.c.tenant_id == tenant_id)
+    if name is not None:
+        query = query.where(mcp_servers.c.name == name)
+    if transport_type is not None:
+        query = query.where(mcp_servers.c.transport_type == transport_type)
+    if health_status is not None:
+        query = query.where(mcp_servers.c.health_status == health_status)
+    for tag in tags:
+        query = query.where(_has_tag(engine.dialect.name, tag))
+    if tool is not None:
+        query = query.where(
+            sa.exists().where(server_tools.c.server_id == mcp_servers.c.id, server_tools.c.name == tool)
+        )
     return [_server_out(r) for r in await _page(engine, actor, query, mcp_servers, limit, after)]
+
+
+def _has_tag(dialect: str, tag: str) -> sa.ColumnElement[bool]:
+    """`tags` (a JSON array of strings) holds `tag`: JSONB containment on PostgreSQL, json_each on SQLite."""
+    if dialect == "postgresql":
+        return mcp_servers.c.tags.op("@>")(sa.cast(sa.literal(msgspec.json.encode([tag]).decode()), JSONB))
+    # One bound parameter per tag: several of these may be in one query.
+    name = f"tag_{uuid.uuid4().hex[:8]}"
+    return sa.text(f"EXISTS (SELECT 1 FROM json_each(mcp_servers.tags) WHERE json_each.value = :{name})").bindparams(
+        **{name: tag}
+    )
 
 
 async def get_server(engine: AsyncEngine, actor: Actor, server_id: uuid.UUID) -> dict[str, Any]:
@@ -557,6 +586,76 @@ async def set_server_auth(
     return _server_out(row)
 
 
+async def update_server(
+    engine: AsyncEngine, actor: Actor, server_id: uuid.UUID, body: schemas.ServerUpdate, defaults: UpstreamSettings
+) -> tuple[dict[str, Any], bool]:
+    """Change what a PATCH gives; return the server and whether its endpoint changed (it is discovered again).
+
+    `settings` merges into the server's overrides (a null removes one), and the
+    result must validate over `defaults` (the `[upstreams]` section). The
+    endpoint is checked against the transport it will have. Nothing is written
+    unless everything validates.
+    """
+    changes = _given(body)
+    async with scoped(engine, actor) as conn:
+        row = (
+            await conn.execute(
+                sa.select(mcp_servers)
+                .where(mcp_servers.c.id == server_id, actor.tenant_filter(mcp_servers))
+                .with_for_update()
+            )
+        ).mappings().first()
+        if row is None:
+            raise NotFound("server not found")
+        transport = changes.get("transport_type", row["transport_type"])
+        endpoint = changes.get("endpoint_url", row["endpoint_url"])
+        moved = transport != row["transport_type"] or endpoint != row["endpoint_url"]
+        if moved and "stdio" in (transport, row["transport_type"]) and not actor.is_operator:
+            raise Forbidden("only the gateway operator changes stdio servers (they run commands on the gateway host)")
+        errors = []
+        if moved:
+            errors += [{"field": "endpoint_url" if "endpoint_url" in changes else "transport_type", "message": m}
+                       for m in schemas.endpoint_problems(transport, endpoint)]
+        if transport == "stdio" and row["auth_kind"] != "none":
+            errors.append({"field": "transport_type", "message": "a stdio server takes no credential: remove it "
+                                                                  "first (PUT /servers/{id}/auth {\"kind\": \"none\"})"})
+        if "settings" in changes:
+            stored = row["settings"] if isinstance(row["settings"], dict) else {}
+            merged = {**stored, **changes["settings"]}
+            changes["settings"] = {k: v for k, v in merged.items() if v is not None}
+            try:
+                server_settings(defaults, changes["settings"])
+            except msgspec.ValidationError as exc:
+                errors.append({"field": "settings", "message": str(exc).split(" - at ")[0].replace("`", "")})
+        if errors:
+            raise schemas.ValidationFailed(errors)
+        row = (
+            await conn.execute(
+                sa.update(mcp_servers).where(mcp_servers.c.id == server_id)
+                .values(**changes, updated_at=utcnow()).returning(*mcp_servers.c)
+            )
+        ).mappings().one()
+        await bump_version(conn)
+    reactivated = changes.get("is_active") is True
+    return _server_out(row), (moved or reactivated) and row["is_active"]
+
+
+async def delete_server(engine: AsyncEngine, actor: Actor, server_id: uuid.UUID) -> dict[str, Any]:
+    """Unregister a server: its discovered tools, resources and prompts and the access rules naming it go with it."""
+    async with scoped(engine, actor) as conn:
+        result = await conn.execute(
+            sa.delete(mcp_servers)
+            .where(mcp_servers.c.id == server_id, actor.tenant_filter(mcp_servers))
+            .returning(*mcp_servers.c)
+        )
+        row = result.mappings().first()
+        if row is None:
+            raise NotFound("server not found")
+        await bump_version(conn)
+    log.info("server %s (%s) unregistered by user %s", row["name"], server_id, actor.user_id)
+    return _server_out(row)
+
+
 def _sealed_auth(auth: Any, server_id: uuid.UUID, secrets: GatewaySecrets | None) -> dict[str, Any]:
     """The auth columns: the kind and what may be shown in clear, and the whole credential sealed to this server."""
     if auth is None or isinstance(auth, schemas.NoAuth):
@@ -583,6 +682,9 @@ def _server_out(row: Any) -> dict[str, Any]:
     }
     # Write-only credential: its kind and what is not secret (never auth_sealed).
     out["auth"] = {"kind": row.get("auth_kind") or "none", **(row.get("auth_summary") or {})}
+    # Per-server setting overrides, and the last capability discovery (registry/discovery.py).
+    out.update({k: row.get(k) for k in ("settings", "discovered_at", "discovery_error")})
+    out["settings"] = out["settings"] or {}
     return out
 
 
