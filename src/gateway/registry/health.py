@@ -395,13 +395,14 @@ class HealthMonitor:
             if died is not None:
                 return died
         method = "ping"
-        loop = asyncio.get_running_loop()
+        # Not loop.time(): uvloop's is the loop iteration's cached time, in whole milliseconds.
+        clock = time.perf_counter
         try:
             client = self._client(server)
             # Started (stdio), connected (SSE, WebSocket), era known and session held (HTTP): not timed.
             await self._bounded(client, client.ensure_ready(), max(settings.health_timeout, 30.0))
             method = probe_method(settings, client.era, state.probe_method)
-            started = loop.time()
+            started = clock()
             try:
                 await self._bounded(client, client.request(method, {}), settings.health_timeout)
             except UpstreamRpcError as exc:
@@ -410,14 +411,14 @@ class HealthMonitor:
                 if method != "tools/list" and settings.health_probe == "auto":
                     state.probe_method = method = "tools/list"
                     log.info("server %s has no ping: probing it with tools/list", server.name)
-                    started = loop.time()
+                    started = clock()
                     try:
                         await self._bounded(client, client.request(method, {}), settings.health_timeout)
                     except UpstreamRpcError as again:
                         if again.error.get("code") != METHOD_NOT_FOUND:
                             raise
                 # "Method not found" is an answer: the server is up, it just lacks the method.
-            latency = (loop.time() - started) * 1000.0
+            latency = (clock() - started) * 1000.0
         except UpstreamRpcError as exc:
             return Verdict(False, "probe", method, error=f"{method} answered with error {exc.error.get('code')}: "
                                                          f"{str(exc.error.get('message', ''))[:200]}")
@@ -558,8 +559,9 @@ def judge(
     if status == UNHEALTHY and state.successes < settings.healthy_after:
         return UNHEALTHY, None
     reason = None
-    if verdict.source == "probe" and verdict.latency_ms is not None and verdict.latency_ms > settings.degraded_latency_ms:
-        reason = f"{verdict.method} took {verdict.latency_ms:.0f} ms (degraded above {settings.degraded_latency_ms:g} ms)"
+    slow = settings.degraded_latency_ms
+    if verdict.source == "probe" and verdict.latency_ms is not None and verdict.latency_ms > slow:
+        reason = f"{verdict.method} took {verdict.latency_ms:.0f} ms (degraded above {slow:g} ms)"
     elif calls >= settings.breaker_minimum_calls and failed / calls > settings.degraded_error_rate:
         reason = (f"{failed} of {calls} real calls failed in {settings.breaker_window:g} s "
                   f"(degraded above {settings.degraded_error_rate:.0%})")
