@@ -187,7 +187,9 @@ class UpstreamSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     # Health (registry/health.py). A generous timeout: a slow answer is DEGRADED, not a failure.
     health_interval: Annotated[float, Meta(ge=0.1, le=86_400)] = 30.0
     health_timeout: Annotated[float, Meta(gt=0, le=300)] = 10.0
-    # auto: ping, or a cheap list call for a server without ping; stdio: its process as well.
+    # auto: ping (server/discover for 2026-07-28 upstreams, which have no ping), or tools/list for a
+    # server that lacks it; ping: no fallback ("method not found" is an answer); list: always tools/list.
+    # stdio servers: their process state as well.
     health_probe: Literal["auto", "ping", "list"] = "auto"
     unhealthy_after: Annotated[int, Meta(ge=1, le=100)] = 3  # consecutive failures to become UNHEALTHY
     healthy_after: Annotated[int, Meta(ge=1, le=100)] = 2  # consecutive successes to leave it
