@@ -139,6 +139,15 @@ class ControlPlane:
         r.add_get("/api/v1/access-rules", self._admin(self.list_access_rules))
         r.add_get("/api/v1/access-rules/{id}", self._admin(self.get_access_rule))
         r.add_delete("/api/v1/access-rules/{id}", self._admin(self.delete_access_rule, writes=True))
+        r.add_post("/api/v1/routing-rules", self._admin(self.create_routing_rule, writes=True, action="routing.write"))
+        r.add_get("/api/v1/routing-rules", self._admin(self.list_routing_rules, action="routing.read"))
+        r.add_get("/api/v1/routing-rules/{id}", self._admin(self.get_routing_rule, action="routing.read"))
+        r.add_patch(
+            "/api/v1/routing-rules/{id}", self._admin(self.update_routing_rule, writes=True, action="routing.write")
+        )
+        r.add_delete(
+            "/api/v1/routing-rules/{id}", self._admin(self.delete_routing_rule, writes=True, action="routing.write")
+        )
         r.add_get("/api/v1/sessions", self._admin(self.list_sessions, action="sessions.read"))
         r.add_delete("/api/v1/sessions/{id}", self._admin(self.revoke_session, action="sessions.revoke"))
         r.add_get("/api/v1/rate-limits", self._admin(self.get_rate_limits, action="limits.read"))
@@ -379,6 +388,28 @@ class ControlPlane:
 
     async def delete_access_rule(self, request: web.Request, actor: service.Actor) -> web.Response:
         return _json(await service.delete_access_rule(self.engine, actor, _path_id(request, "access rule")))
+
+    # -- routing rules (registry/routing.py) -----------------------------------------------------
+    async def create_routing_rule(self, request: web.Request, actor: service.Actor) -> web.Response:
+        body = schemas.validate(schemas.RoutingRuleCreate, await request.read())
+        return _json(await service.create_routing_rule(self.engine, actor, body), 201)
+
+    async def list_routing_rules(self, request: web.Request, actor: service.Actor) -> web.Response:
+        limit, after = _paging(request)
+        tenant = _uuid_param(request, "tenant_id")
+        return _page(await service.list_routing_rules(self.engine, actor, limit=limit, after=after, tenant_id=tenant),
+                     limit)
+
+    async def get_routing_rule(self, request: web.Request, actor: service.Actor) -> web.Response:
+        return _json(await service.get_routing_rule(self.engine, actor, _path_id(request, "routing rule")))
+
+    async def update_routing_rule(self, request: web.Request, actor: service.Actor) -> web.Response:
+        rule_id = _path_id(request, "routing rule")
+        body = schemas.validate(schemas.RoutingRuleUpdate, await request.read())
+        return _json(await service.update_routing_rule(self.engine, actor, rule_id, body))
+
+    async def delete_routing_rule(self, request: web.Request, actor: service.Actor) -> web.Response:
+        return _json(await service.delete_routing_rule(self.engine, actor, _path_id(request, "routing rule")))
 
     # -- sign-in sessions ----------------------------------------------------------------------
     async def list_sessions(self, request: web.Request, actor: service.Actor) -> web.Response:
@@ -653,7 +684,34 @@ def openapi_document() -> dict[str, Any]:
     }
     for path, operations in _registry_paths(body, paging, listing).items():
         document["paths"].setdefault(path, {}).update(operations)
+    document["paths"].update(_routing_paths(body, paging, listing))
     return document
+
+
+def _routing_paths(body, paging: list[dict], listing: dict) -> dict[str, dict]:
+    """Routing rules (registry/routing.py): which replica of a server answers a call."""
+    tenant = {"name": "tenant_id", "in": "query", "schema": {"type": "string", "format": "uuid"},
+              "description": "rules of this tenant (operator)"}
+    invalid = {"422": {"description": "invalid fields, all listed (a target that is not a server of the rule's "
+                                      "tenant, no replica at all, a bad strategy or weight): nothing written"}}
+    named = {"409": {"description": "the tenant has a routing rule of this name"}}
+    return {
+        "/api/v1/routing-rules": {
+            "post": {"requestBody": body("RoutingRuleCreate"),
+                     "responses": {"201": {"description": "the rule; every gateway process routes by it within a "
+                                                          "second"}, **invalid, **named}},
+            "get": {"parameters": paging + [tenant], "responses": listing},
+        },
+        "/api/v1/routing-rules/{id}": {
+            "get": {"responses": {"200": {"description": "the rule (targets with their server names)"},
+                                  "404": {"description": "no such rule"}}},
+            "patch": {"requestBody": body("RoutingRuleUpdate"),
+                      "responses": {"200": {"description": "the rule as changed"}, **invalid, **named,
+                                    "404": {"description": "no such rule"}}},
+            "delete": {"responses": {"200": {"description": "deleted: the rule as it was"},
+                                     "404": {"description": "no such rule"}}},
+        },
+    }
 
 
 def _registry_paths(body, paging: list[dict], listing: dict) -> dict[str, dict]:

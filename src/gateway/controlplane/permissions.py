@@ -59,6 +59,9 @@ PERMISSIONS: dict[str, Permission] = {
     # out of (and back into) probing and routing for maintenance.
     "servers.health": Permission(READ, dict(_EVERY_ROLE), summary="read servers' health"),
     "servers.maintenance": Permission(ADMIN, {"ADMIN": TENANT}, summary="put servers in or out of maintenance"),
+    # Routing rules (registry/routing.py): like access rules, a tenant ADMIN's business; a `read` key reads them.
+    "routing.read": Permission(READ, {"ADMIN": TENANT}, summary="read routing rules"),
+    "routing.write": Permission(ADMIN, {"ADMIN": TENANT}, summary="create, change and delete routing rules"),
     # Sign-in sessions (controlplane/sessions.py): everyone their own, a tenant ADMIN the tenant's.
     "sessions.read": Permission(READ, dict(_OWN_FOR_OTHERS), summary="read sign-in sessions"),
     "sessions.revoke": Permission(KEY_WRITE, dict(_OWN_FOR_OTHERS), summary="revoke sign-in sessions"),

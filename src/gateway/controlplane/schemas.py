@@ -19,6 +19,7 @@ from msgspec import Meta
 from gateway.config import LimitSettings, UpstreamSettings
 from gateway.db.tables import ACCESS_EFFECTS
 from gateway.db.tables import HEALTH_STATES, ROLES, SCOPES, TENANT_STATES, TRANSPORTS, UPSTREAM_AUTH_KINDS
+from gateway.db.tables import ROUTING_STRATEGIES
 
 Name = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"\S")]
 ServerName = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
@@ -227,6 +228,75 @@ def _access_rule_problems(values: dict[str, Any]) -> list[dict[str, str]]:
     return errors
 
 
+# Routing rules (registry/routing.py has the semantics): which replica of a server answers a call.
+Strategy = Literal[ROUTING_STRATEGIES]  # type: ignore[valid-type]
+Priority = Annotated[int, Meta(ge=0, le=10_000)]
+RouteTags = Annotated[list[Tag], Meta(max_length=50)]
+
+
+class RoutingTarget(msgspec.Struct, forbid_unknown_fields=True):
+    """One replica: a server of the rule's tenant, and its share of the calls."""
+
+    server_id: uuid.UUID
+    weight: Weight = 1
+
+
+Targets = Annotated[list[RoutingTarget], Meta(max_length=100)]
+
+
+class RoutingRuleCreate(msgspec.Struct, forbid_unknown_fields=True):
+    """A routing rule: calls to a server matching `match_server` (glob), carrying every tag of `match_tags`,
+    for a tool matching `match_tool` (glob; none: every call) go to one of the replicas: the servers in
+    `targets` and the tenant's servers carrying every tag of `target_tags` (at least one of the two).
+    The enabled rule with the lowest `priority` (then name) decides."""
+
+    name: Name
+    tenant_id: uuid.UUID | None = None
+    priority: Priority = 100
+    enabled: bool = True
+    match_server: NameGlob | None = None
+    match_tool: NameGlob | None = None
+    match_tags: RouteTags = []
+    strategy: Strategy = "weighted_round_robin"
+    targets: Targets = []
+    target_tags: RouteTags = []
+    description: Annotated[str, Meta(max_length=2000)] | None = None
+
+
+class RoutingRuleUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    """PATCH /routing-rules/{id}: only the fields given change (null clears a glob or the description)."""
+
+    name: Name | Unset = UNSET
+    priority: Priority | Unset = UNSET
+    enabled: bool | Unset = UNSET
+    match_server: NameGlob | None | Unset = UNSET
+    match_tool: NameGlob | None | Unset = UNSET
+    match_tags: RouteTags | Unset = UNSET
+    strategy: Strategy | Unset = UNSET
+    targets: Targets | Unset = UNSET
+    target_tags: RouteTags | Unset = UNSET
+    description: Annotated[str, Meta(max_length=2000)] | None | Unset = UNSET
+
+
+_NEEDS_A_FIELD = (*_NEEDS_A_FIELD, RoutingRuleUpdate)
+
+
+def _routing_rule_problems(values: dict[str, Any], *, creating: bool) -> list[dict[str, str]]:
+    """What is wrong with a rule's replicas as given: a server listed twice; on creation, no replica at all
+    (a change is checked against the stored rule, and whether servers exist, by the service)."""
+    errors = []
+    targets, target_tags = values.get("targets") or [], values.get("target_tags") or []
+    if creating and not targets and not target_tags:
+        errors.append({"field": "targets", "message": "give at least one target server or target tag "
+                                                      "(targets and target_tags are both empty)"})
+    seen: set[uuid.UUID] = set()
+    for i, target in enumerate(targets):
+        if target.server_id in seen:
+            errors.append({"field": f"targets[{i}].server_id", "message": "names a server already listed"})
+        seen.add(target.server_id)
+    return errors
+
+
 def _extra_checks(cls: type, values: dict[str, Any]) -> list[dict[str, str]]:
     errors = []
     if cls is AccessRuleCreate:
@@ -334,12 +404,13 @@ def _message(exc: msgspec.ValidationError) -> str:
 
 
 def _nested_field(name: str, exc: msgspec.ValidationError) -> str:
-    """`auth.header_value` for an error inside the credential object (other fields keep their plain name)."""
+    """`auth.header_value` for an error inside the credential object, `targets[0].weight` inside a routing
+    rule's targets (other fields keep their plain name)."""
     text = str(exc)
-    if name != "auth":
+    if name not in ("auth", "targets"):
         return name
     _, _, at = text.partition(" - at `$")
-    path = at.rstrip("`") if at.startswith(".") else ""
+    path = at.rstrip("`") if at.startswith((".", "[")) else ""
     missing = re.match(r"Object missing required field `(\w+)`", text)
     return f"{name}{path}.{missing.group(1)}" if missing else name + path
 
@@ -369,11 +440,16 @@ def validate(cls: type[msgspec.Struct], body: bytes) -> msgspec.Struct:
             field_name, message = _nested_field(name, exc), _message(exc)
             if field_name == "auth.kind":
                 message += f" (kinds: {', '.join(UPSTREAM_AUTH_KINDS)})"
+            if field_name == "strategy":
+                message += f" (strategies: {', '.join(ROUTING_STRATEGIES)})"
             errors.append({"field": field_name, "message": message})
     if not raw and cls in _NEEDS_A_FIELD:
         names = ", ".join(fields)
         errors.append({"field": "$", "message": f"nothing to change: give at least one of {names}"})
     errors.extend(_extra_checks(cls, values))
+    if cls in (RoutingRuleCreate, RoutingRuleUpdate) and not any(e["field"].startswith("target") for e in errors):
+        # Only once both converted: an invalid list is not an empty one.
+        errors.extend(_routing_rule_problems(values, creating=cls is RoutingRuleCreate))
     if errors:
         raise ValidationFailed(errors)
     return cls(**values)
@@ -413,7 +489,8 @@ def schema_components() -> dict[str, Any]:
     """JSON Schemas of the request bodies, for the OpenAPI document."""
     _, components = msgspec.json.schema_components(
         [TenantCreate, TenantUpdate, UserCreate, UserUpdate, ApiKeyCreate, ApiKeyRotate, ApiKeyImport, ServerCreate,
-         ServerAuthUpdate, AccessRuleCreate, LimitSettings, ServerUpdate, ToolApproval, UpstreamSettings],
+         ServerAuthUpdate, AccessRuleCreate, LimitSettings, ServerUpdate, ToolApproval, UpstreamSettings,
+         RoutingRuleCreate, RoutingRuleUpdate],
         ref_template="#/components/schemas/{name}",
     )
     return components

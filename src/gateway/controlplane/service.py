@@ -38,7 +38,7 @@ from gateway.auth.keys import hash_key, mint_key, parse_key, verify_key
 from gateway.config import LimitSettings
 from gateway.controlplane import permissions, schemas
 from gateway.db.tables import config_state, enhanced_api_keys, limit_settings, mcp_servers, tenants, users, utcnow
-from gateway.db.tables import server_access_rules
+from gateway.db.tables import routing_rules, server_access_rules
 from gateway.db.tables import server_tools
 from gateway.snapshot import MERGED_LIMIT_KEYS, apply_limit_overrides
 from gateway.config import UpstreamSettings, server_settings
@@ -897,6 +897,153 @@ async def _page(
     query = query.order_by(table.c.id).limit(limit)
     async with scoped(engine, actor) as conn:
         return (await conn.execute(query)).mappings().all()
+
+
+# -- routing rules ------------------------------------------------------------------------------
+# Rows of `routing_rules`; the snapshot compiles them (registry/routing.py, RoutingTable.build).
+_ROUTE_COLUMNS = (
+    "id", "tenant_id", "name", "priority", "enabled", "match_server", "match_tool", "match_tags", "strategy",
+    "targets", "target_tags", "description", "created_at", "updated_at",
+)
+# Said alike of a server that does not exist and of another tenant's: the answer must not tell them apart.
+_NO_SUCH_TARGET = "no server with this id in the rule's tenant"
+
+
+async def _check_targets(
+    conn: AsyncConnection, actor: Actor, tenant_id: uuid.UUID, targets: Sequence[schemas.RoutingTarget]
+) -> list[dict[str, Any]]:
+    """The targets as stored ({"server_id": str, "weight"}), or ValidationFailed naming each unknown server."""
+    ids = {t.server_id for t in targets}
+    found = set()
+    if ids:
+        found = set((await conn.execute(
+            sa.select(mcp_servers.c.id).where(
+                mcp_servers.c.id.in_(ids), mcp_servers.c.tenant_id == tenant_id, actor.tenant_filter(mcp_servers)
+            )
+        )).scalars())
+    errors = [{"field": f"targets[{i}].server_id", "message": _NO_SUCH_TARGET}
+              for i, t in enumerate(targets) if t.server_id not in found]
+    if errors:
+        raise schemas.ValidationFailed(errors)
+    return [{"server_id": str(t.server_id), "weight": t.weight} for t in targets]
+
+
+async def create_routing_rule(engine: AsyncEngine, actor: Actor, body: schemas.RoutingRuleCreate) -> dict[str, Any]:
+    """A rule for the caller's tenant (the operator names one); every target must be a server of that tenant."""
+    tenant_id = actor.own_tenant(body.tenant_id)
+    now = utcnow()
+    async with scoped(engine, actor) as conn:
+        await _require_tenant(conn, tenant_id)
+        row = {
+            "id": uuid.uuid4(), "tenant_id": tenant_id, "name": body.name, "priority": body.priority,
+            "enabled": body.enabled, "match_server": body.match_server, "match_tool": body.match_tool,
+            "match_tags": body.match_tags, "strategy": body.strategy,
+            "targets": await _check_targets(conn, actor, tenant_id, body.targets), "target_tags": body.target_tags,
+            "description": body.description, "created_at": now, "updated_at": now,
+        }
+        try:
+            await conn.execute(sa.insert(routing_rules).values(**row))
+        except IntegrityError as exc:
+            raise _unique_violation(exc, f"a routing rule named '{body.name}' in this tenant") from None
+        await bump_version(conn)
+        return await _route_out(conn, actor, row)
+
+
+async def list_routing_rules(
+    engine: AsyncEngine, actor: Actor, *, limit: int, after: uuid.UUID | None, tenant_id: uuid.UUID | None = None,
+) -> list[dict]:
+    query = sa.select(routing_rules).where(actor.tenant_filter(routing_rules))
+    if tenant_id is not None:
+        query = query.where(routing_rules.c.tenant_id == tenant_id)
+    rows = await _page(engine, actor, query, routing_rules, limit, after)
+    async with scoped(engine, actor) as conn:
+        return await _routes_out(conn, actor, rows)
+
+
+async def get_routing_rule(engine: AsyncEngine, actor: Actor, rule_id: uuid.UUID) -> dict[str, Any]:
+    async with scoped(engine, actor) as conn:
+        return await _route_out(conn, actor, await _find_route(conn, actor, rule_id))
+
+
+async def update_routing_rule(
+    engine: AsyncEngine, actor: Actor, rule_id: uuid.UUID, body: schemas.RoutingRuleUpdate
+) -> dict[str, Any]:
+    """Change what a PATCH gives. The rule as changed must still have a replica (targets or target_tags),
+    and new targets must be servers of its tenant; nothing is written otherwise."""
+    changes = _given(body)
+    async with scoped(engine, actor) as conn:
+        row = await _find_route(conn, actor, rule_id, for_update=True)
+        if "targets" in changes:
+            changes["targets"] = await _check_targets(conn, actor, row["tenant_id"], body.targets)
+        targets = changes.get("targets", row["targets"]) or []
+        target_tags = changes.get("target_tags", row["target_tags"]) or []
+        if not targets and not target_tags:
+            field = "targets" if "targets" in changes else "target_tags"
+            raise schemas.ValidationFailed([{"field": field, "message": "would leave the rule without a replica: "
+                                                                        "targets and target_tags both empty"}])
+        try:
+            row = (
+                await conn.execute(
+                    sa.update(routing_rules).where(routing_rules.c.id == rule_id)
+                    .values(**changes, updated_at=utcnow()).returning(*routing_rules.c)
+                )
+            ).mappings().one()
+        except IntegrityError:
+            raise Conflict(f"a routing rule named '{changes.get('name')}' already exists in this tenant") from None
+        await bump_version(conn)
+        return await _route_out(conn, actor, row)
+
+
+async def delete_routing_rule(engine: AsyncEngine, actor: Actor, rule_id: uuid.UUID) -> dict[str, Any]:
+    """Delete a rule; the answer is the rule as it was."""
+    async with scoped(engine, actor) as conn:
+        row = await _find_route(conn, actor, rule_id)
+        out = await _route_out(conn, actor, row)
+        await conn.execute(
+            sa.delete(routing_rules).where(routing_rules.c.id == rule_id, actor.tenant_filter(routing_rules))
+        )
+        await bump_version(conn)
+    return out
+
+
+async def _find_route(conn: AsyncConnection, actor: Actor, rule_id: uuid.UUID, *, for_update: bool = False):
+    query = sa.select(routing_rules).where(routing_rules.c.id == rule_id, actor.tenant_filter(routing_rules))
+    if for_update:
+        query = query.with_for_update()
+    row = (await conn.execute(query)).mappings().first()
+    if row is None:
+        raise NotFound("routing rule not found")  # also another tenant's
+    return row
+
+
+async def _route_out(conn: AsyncConnection, actor: Actor, row: Any) -> dict[str, Any]:
+    return (await _routes_out(conn, actor, [row]))[0]
+
+
+async def _routes_out(conn: AsyncConnection, actor: Actor, rows: Sequence[Any]) -> list[dict[str, Any]]:
+    """The rules, each target with its server's name (None: the server was unregistered since)."""
+    ids = set()
+    for row in rows:
+        for target in row["targets"] or ():
+            try:
+                ids.add(uuid.UUID(str(target["server_id"])))
+            except (KeyError, TypeError, ValueError):
+                continue
+    names = {}
+    if ids:
+        found = await conn.execute(
+            sa.select(mcp_servers.c.id, mcp_servers.c.tenant_id, mcp_servers.c.name).where(
+                mcp_servers.c.id.in_(ids), actor.tenant_filter(mcp_servers)
+            )
+        )
+        names = {(r.tenant_id, str(r.id)): r.name for r in found}
+    out = []
+    for row in rows:
+        rule = {k: row[k] for k in _ROUTE_COLUMNS}
+        rule["targets"] = [{**t, "server_name": names.get((row["tenant_id"], str(t.get("server_id"))))}
+                           for t in row["targets"] or ()]
+        out.append(rule)
+    return out
 
 
 # -- limit settings -----------------------------------------------------------------------------
