@@ -27,7 +27,7 @@ _OUTSIDE = ("/auth/",)
 # The kind of object behind `{id}` in each collection.
 _KINDS = {
     "tenants": "tenant", "users": "user", "api-keys": "key", "servers": "server",
-    "access-rules": "rule", "sessions": "session",
+    "access-rules": "rule", "sessions": "session", "routing-rules": "route",
     "rate-limits": "limits",  # the deployment's: a tenant admin reads them (only its own weight), never writes
     "bans": "ban",  # the deployment's, by address: operator only
 }
@@ -50,6 +50,9 @@ def _bodies(theirs: dict[str, str]) -> dict[tuple[str, str], dict]:
         ("POST", "/api/v1/access-rules"): {"tenant_id": theirs["tenant"], "effect": "deny", "description": "probe"},
         ("PATCH", "/api/v1/rate-limits"): {"ip_per_minute": 1},
         ("PUT", "/api/v1/servers/{id}/maintenance"): {"maintenance": True},
+        ("POST", "/api/v1/routing-rules"): {"tenant_id": theirs["tenant"], "name": "probe",
+                                            "targets": [{"server_id": theirs["server"]}]},
+        ("PATCH", "/api/v1/routing-rules/{id}"): {"description": "probe", "priority": 0},
     }
 
 
@@ -81,8 +84,15 @@ async def _build(gw, upstream: str) -> _World:
         })
         assert status == 201, rule
         ids["rule"] = rule["id"]
+        status, route = await gw.admin("POST", "/routing-rules", {
+            "tenant_id": t.tenant_id, "name": f"{name}-route", "match_tool": "search_*",
+            "targets": [{"server_id": t.server_id, "weight": 2}], "description": f"{name} route",
+        })
+        assert status == 201, route
+        ids["route"] = route["id"]
         world.secrets[name] += [t.tenant_id, t.user_id, t.api_key_id, t.server_id, admin["id"], key["id"],
-                                f"{name}-files", f"{name}-user", f"{name}-admin", f"{name}@example.com"]
+                                f"{name}-files", f"{name}-user", f"{name}-admin", f"{name}@example.com",
+                                route["id"], f"{name}-route"]
     return world
 
 
@@ -152,7 +162,7 @@ async def test_control_plane_matrix(gateway, mcp_upstream):
     assert not unclassified, f"routes the isolation matrix does not cover: {unclassified}"
     assert checked >= 10
     # And nothing of globex's changed: its objects are as the operator left them.
-    for collection in ("users", "api-keys", "servers", "access-rules"):
+    for collection in ("users", "api-keys", "servers", "access-rules", "routing-rules"):
         status, page = await gateway.admin("GET", f"/{collection}?limit=500")
         assert status == 200, page
         probes = [item for item in page["items"] if "probe" in json.dumps(item)]

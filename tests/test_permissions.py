@@ -57,6 +57,12 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/access-rules"): ADMINS,
     ("GET", "/api/v1/access-rules/{id}"): ADMINS,
     ("DELETE", "/api/v1/access-rules/{id}"): ADMINS,
+    # Routing rules (test_routing_rules_api.py covers their reach): like access rules, a tenant ADMIN's business.
+    ("POST", "/api/v1/routing-rules"): ADMINS,
+    ("GET", "/api/v1/routing-rules"): ADMINS,
+    ("GET", "/api/v1/routing-rules/{id}"): ADMINS,
+    ("PATCH", "/api/v1/routing-rules/{id}"): ADMINS,
+    ("DELETE", "/api/v1/routing-rules/{id}"): ADMINS,
     # Sign-in sessions (test_signin.py covers their reach): everyone their own, a tenant ADMIN the tenant's.
     ("GET", "/api/v1/sessions"): EVERYONE,
     ("DELETE", "/api/v1/sessions/{id}"): EVERYONE,
@@ -199,6 +205,15 @@ async def _request(p: Principals, who: str, method: str, route: str) -> int:
                                                                   "server_id": p.server_id})
         assert status == 201, rule
         path = route.replace("{id}", rule["id"])
+    elif route == "/api/v1/routing-rules" and method == "POST":
+        body = {"tenant_id": p.tenant_id, "name": f"r-{uuid.uuid4().hex[:8]}", "targets": [{"server_id": p.server_id}]}
+    elif route == "/api/v1/routing-rules/{id}":
+        status, rule = await p.gw.admin("POST", "/routing-rules", {"tenant_id": p.tenant_id,
+                                                                   "name": f"r-{uuid.uuid4().hex[:8]}",
+                                                                   "targets": [{"server_id": p.server_id}]})
+        assert status == 201, rule
+        path = route.replace("{id}", rule["id"])
+        body = {"priority": 5} if method == "PATCH" else None
     elif route.rpartition("/")[2] in ("tools", "resources", "resource-templates", "prompts", "discover"):
         path = route.replace("{id}", p.server_id)  # what discovery found, and discovering
     status, answer = await p.gw.admin(method, path.removeprefix("/api/v1"), body, key=p.keys[who])
@@ -226,9 +241,9 @@ async def test_openapi_is_public(gateway):
             paths = (await resp.json())["paths"]
     assert {"/api/v1/api-keys/{id}/rotate", "/api/v1/api-keys/import", "/api/v1/tenants/{id}",
             "/api/v1/users/{id}", "/api/v1/servers/{id}/auth"} <= set(paths)
-    # Every registry route is documented, with its operations.
+    # Every registry and routing-rule route is documented, with its operations.
     for route in EXPECTED:
-        if route[1].startswith("/api/v1/servers"):
+        if route[1].startswith(("/api/v1/servers", "/api/v1/routing-rules")):
             assert route[0].lower() in paths.get(route[1], {}), route
 
 
