@@ -330,6 +330,62 @@ async def _access_delete(args, engine, actor):
     print(f"deleted {_describe_rule(rule)}", file=sys.stderr)
 
 
+async def _routes_create(args, engine, actor):
+    from gateway.controlplane import schemas, service
+
+    try:
+        tenant_id = uuid.UUID(args.tenant)
+    except ValueError:
+        raise schemas.ValidationFailed([{"field": "tenant_id", "message": "must be a UUID"}]) from None
+    targets = []
+    for i, given in enumerate(args.target or ()):
+        server, _, weight = given.partition(":")
+        try:
+            server_id = str(uuid.UUID(server))
+        except ValueError:  # a server name of the tenant
+            found = await service.list_servers(engine, actor, limit=1, after=None, tenant_id=tenant_id, name=server)
+            if not found:
+                raise schemas.ValidationFailed([{"field": f"targets[{i}]",
+                                                 "message": f"no server named {server!r} in the tenant"}]) from None
+            server_id = str(found[0]["id"])
+        targets.append({"server_id": server_id, "weight": int(weight) if weight.isdigit() else weight or 1})
+    body = _convert(
+        schemas.RoutingRuleCreate, name=args.name, tenant_id=args.tenant, priority=args.priority,
+        enabled=False if args.disabled else None, match_server=args.server, match_tool=args.tool,
+        match_tags=args.tag, strategy=args.strategy, targets=targets or None, target_tags=args.target_tag,
+        description=args.description,
+    )
+    rule = await service.create_routing_rule(engine, actor, body)
+    _emit(routing_rule_id=str(rule["id"]))
+
+
+def _describe_route(rule: dict) -> str:
+    match = [f"server {rule['match_server'] or '*'}", f"tool {rule['match_tool'] or '*'}"]
+    if rule["match_tags"]:
+        match.append(f"tags {','.join(rule['match_tags'])}")
+    replicas = [f"{t['server_name'] or t['server_id'] + ' (gone)'}:{t['weight']}" for t in rule["targets"]]
+    replicas += [f"tags {','.join(rule['target_tags'])}"] if rule["target_tags"] else []
+    state = "" if rule["enabled"] else " (disabled)"
+    return (f"{rule['id']}  {rule['priority']:>5} {rule['name']:<24} {' '.join(match)} -> "
+            f"{rule['strategy']} over {' + '.join(replicas)}{state}")
+
+
+async def _routes_list(args, engine, actor):
+    from gateway.controlplane import service
+
+    tenant = uuid.UUID(args.tenant) if args.tenant else None
+    rules = await service.list_routing_rules(engine, actor, limit=500, after=None, tenant_id=tenant)
+    for rule in sorted(rules, key=lambda r: (str(r["tenant_id"]), r["priority"], r["name"])):
+        print(_describe_route(rule))
+
+
+async def _routes_delete(args, engine, actor):
+    from gateway.controlplane import service
+
+    rule = await service.delete_routing_rule(engine, actor, uuid.UUID(args.rule_id))
+    print(f"deleted {_describe_route(rule)}", file=sys.stderr)
+
+
 # -- demo -----------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.app import Gateway, run, serve_until_signalled
@@ -544,6 +600,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = access.add_parser("delete", help="delete a rule")
     p.add_argument("rule_id")
     p.set_defaults(func=_admin(_access_delete))
+
+    routes = sub.add_parser("routes", help="manage routing rules (which replica of a server answers a call)")
+    routes = routes.add_subparsers(dest="action", required=True)
+    p = routes.add_parser("create", help="add a rule; the enabled rule with the lowest priority decides")
+    p.add_argument("name")
+    p.add_argument("--tenant", required=True, help="tenant id")
+    p.add_argument("--server", help="glob over the addressed server's name (default: any)")
+    p.add_argument("--tool", help="glob over the tool name (default: every call, lists included)")
+    p.add_argument("--tag", action="append", help="the addressed server must carry this tag (repeatable)")
+    p.add_argument("--target", action="append", metavar="SERVER[:WEIGHT]",
+                   help="a replica: server id or name, weight 1..1000 (default 1); repeatable")
+    p.add_argument("--target-tag", action="append", help="replicas: the tenant's servers carrying this tag")
+    p.add_argument("--strategy", choices=("weighted_round_robin", "least_outstanding", "lowest_latency"))
+    p.add_argument("--priority", type=int, help="0..10000, lowest first (default 100)")
+    p.add_argument("--disabled", action="store_true", help="store it without routing by it")
+    p.add_argument("--description")
+    p.set_defaults(func=_admin(_routes_create))
+    p = routes.add_parser("list", help="list rules, in the order they are tried")
+    p.add_argument("--tenant", help="only this tenant's")
+    p.set_defaults(func=_admin(_routes_list))
+    p = routes.add_parser("delete", help="delete a rule")
+    p.add_argument("rule_id")
+    p.set_defaults(func=_admin(_routes_delete))
     return parser
 
 
