@@ -35,6 +35,8 @@ from gateway.limits.sessions import SessionCounter
 from gateway.records.metrics import Registry
 from gateway.records.sinks import sink_for
 from gateway.records.writer import RecordWriter
+from gateway.dataplane.guard import UpstreamGuard
+from gateway.registry.breakers import BreakerBoard
 from gateway.registry.discovery import Discoverer
 from gateway.registry.health import HealthMonitor
 from gateway.snapshot import SnapshotStore
@@ -64,6 +66,8 @@ class Gateway:
         self.limiter: Limiter | None = None  # the rate-limit tiers, when [limits] is enabled
         self.bans: BanList | None = None  # per-address bans, when [limits] is enabled
         self.health: HealthMonitor | None = None  # upstream health probes; `observe` takes real calls
+        self.breakers: BreakerBoard | None = None  # a circuit breaker per upstream, shared through Redis
+        self.guard: UpstreamGuard | None = None  # routing, breakers, queues and retries around upstream calls
 
     @property
     def dataplane_url(self) -> str:
@@ -124,6 +128,14 @@ class Gateway:
             self.limiter = Limiter(self.shared_buckets, self.store.current.limits, self.bans)
             self.store.on_change(self._limits_changed)
             self._register_limit_metrics()
+        # A circuit breaker per upstream, transitions shared through Redis; the guard
+        # around every upstream call (routing, breaker, queue, retries) holds it.
+        self.breakers = BreakerBoard(self.redis, cfg.redis.key_prefix)
+        await self.breakers.start()
+        self.guard = UpstreamGuard(self.breakers)
+        self.guard.configure(self.store.current)
+        self.store.on_change(self.guard.configure)
+        self._register_guard_metrics()
         self.dataplane = DataPlane(
             cfg.dataplane,
             self.store,
@@ -141,6 +153,7 @@ class Gateway:
             ready=lambda: self.writer.running,
             credentials=UpstreamCredentials(self.secrets.credentials, timeout=cfg.dataplane.upstream_timeout),
             key_usage=self.key_usage,
+            guard=self.guard,
         )
         self.store.on_change(self.dataplane.on_snapshot)
         # One prober per upstream across processes (a Redis lease); results reach every snapshot.
@@ -149,6 +162,7 @@ class Gateway:
             key_prefix=cfg.redis.key_prefix,
         )
         await self.health.start(self.store)
+        self.guard.health = self.health  # real calls count as passive health
         self.metrics.gauge(
             "gateway_upstream_health", "Upstream servers by health status", self.health.status_counts, ("status",)
         )
@@ -197,6 +211,19 @@ class Gateway:
             ("what",),
         )
 
+    def _register_guard_metrics(self) -> None:
+        breakers, guard = self.breakers, self.guard
+        self.metrics.gauge(
+            "gateway_upstream_breaker", "Circuit breaker per upstream server: 0 closed, 1 half-open, 2 open",
+            lambda: [((str(server_id),), _BREAKER_LEVEL.get(status.state, 0))
+                     for server_id, status in breakers.states().items()],
+            ("server_id",),
+        )
+        self.metrics.gauge(
+            "gateway_upstream_calls", "Calls per upstream server in flight and waiting for a slot",
+            guard.queue_figures, ("server_id", "state"),
+        )
+
     def _limits_changed(self, snapshot) -> None:
         if snapshot.limits != self.limiter.settings:
             self.limiter.configure(snapshot.limits)
@@ -236,6 +263,8 @@ class Gateway:
             await self.health.stop()  # before the upstream clients and the engine go
         if self.limiter is not None:
             self.limiter.close()
+        if self.guard is not None:
+            self.guard.close()
         if self.writer is not None:
             await self.writer.stop(timeout=self.config.writer.shutdown_timeout)
         if self.discoverer is not None:
@@ -244,6 +273,8 @@ class Gateway:
             await self.dataplane.close()
         if self.bans is not None:
             await self.bans.stop()
+        if self.breakers is not None:
+            await self.breakers.close()  # writes the last transitions
         if self.shared_buckets is not None:
             await self.shared_buckets.stop()  # reports what was admitted since the last report
         if self.key_usage is not None:
@@ -260,6 +291,9 @@ class Gateway:
             await self.redis.aclose()
         if self.engine is not None:
             await self.engine.dispose()
+
+
+_BREAKER_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
 
 
 def _tune_gc() -> None:

@@ -37,7 +37,8 @@ from gateway.config import LimitSettings, UpstreamSettings, server_settings
 from gateway.dataplane.upstream import request_target
 from gateway.db.tables import config_state, enhanced_api_keys, limit_settings, mcp_servers, tenants, users
 from gateway.auth.access import EMPTY_POLICY, AccessPolicy, AccessRule
-from gateway.db.tables import server_access_rules
+from gateway.db.tables import routing_rules, server_access_rules
+from gateway.registry.routing import EMPTY_ROUTING, RoutingTable
 from gateway.db.tables import server_tools
 
 log = logging.getLogger("gateway.snapshot")
@@ -109,6 +110,10 @@ class Snapshot:
     # Tools withheld until an admin approves their changed definition, by server (registry/discovery.py):
     # only on servers of tenants whose settings say "tool_pinning": "withhold". Enforced in dataplane/enforce.py.
     withheld: dict[uuid.UUID, frozenset[str]] = field(default_factory=dict)
+    # Routing rules, compiled against `servers` (registry/routing.py).
+    routing: RoutingTable = EMPTY_ROUTING
+    # Tools a server marks readOnlyHint or idempotentHint (as discovered), by server: calls that may be retried.
+    safe_tools: dict[uuid.UUID, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.by_tenant and self.servers:
@@ -242,7 +247,9 @@ async def load_snapshot(
             await conn.execute(sa.select(mcp_servers).where(mcp_servers.c.is_active.is_(True)))
         ).mappings().all()
         rule_rows = (await conn.execute(sa.select(server_access_rules))).mappings().all()
+        route_rows = (await conn.execute(sa.select(routing_rules))).mappings().all()
         changed_tools = (await conn.execute(_CHANGED_TOOLS)).all()
+        hinted_tools = (await conn.execute(_HINTED_TOOLS)).all()
 
     tenant_map = {
         r["id"]: TenantEntry(
@@ -294,10 +301,27 @@ async def load_snapshot(
         version=version, tenants=tenant_map, keys_by_prefix=keys, servers=servers, keys_by_digest=by_digest,
         legacy_digest=legacy_digest, limits=limits, limits_overridden=overridden,
         withheld=_withheld(changed_tools, tenant_rows, servers.values()),
+        routing=RoutingTable.build(route_rows, servers.values()),
+        safe_tools=_safe_tools(hinted_tools),
     )
 
 
 # Tools whose definition changed since it was approved (few: pinning flags them one by one).
+_HINTED_TOOLS = sa.select(server_tools.c.server_id, server_tools.c.name, server_tools.c.annotations).where(
+    server_tools.c.annotations.is_not(None)
+)
+
+
+def _safe_tools(rows) -> dict[uuid.UUID, frozenset[str]]:
+    safe: dict[uuid.UUID, set[str]] = {}
+    for server_id, name, annotations in rows:
+        if isinstance(annotations, dict) and (
+            annotations.get("readOnlyHint") is True or annotations.get("idempotentHint") is True
+        ):
+            safe.setdefault(server_id, set()).add(name)
+    return {server_id: frozenset(names) for server_id, names in safe.items()}
+
+
 _CHANGED_TOOLS = sa.select(server_tools.c.tenant_id, server_tools.c.server_id, server_tools.c.name).where(
     server_tools.c.pin_status == "changed"
 )

@@ -63,6 +63,7 @@ from gateway.dataplane.upstream import (
     UpstreamStopped,
     UpstreamTimeout,
 )
+from gateway.dataplane.guard import SAFE_METHODS, Ticket, UpstreamGuard
 from gateway.limits.limiter import Limited, Limiter
 from gateway.limits.sessions import SessionCounter
 from gateway.records.metrics import Registry
@@ -106,6 +107,17 @@ SUBSCRIPTION_ID = "io.modelcontextprotocol/subscriptionId"
 _KEEPALIVE_SECONDS = 15.0
 # Status recorded for a request whose client left before any answer (as nginx logs it).
 CLIENT_CLOSED = 499
+# What a safe call may be retried after (dataplane/guard.py): the upstream was not reached or broke
+# the exchange, or said it cannot answer now. Never a timeout: the call may have run.
+_RETRYABLE_CODES = frozenset({UPSTREAM_UNAVAILABLE, UPSTREAM_BAD_RESPONSE})
+_RETRYABLE_STATUSES = frozenset({502, 503, 504})
+
+
+def guard_safe(method: str | None, tool: str | None, snapshot, server: ServerEntry) -> bool:
+    """Whether a call may be sent twice: a list call, or a tool `server` marks read-only or idempotent."""
+    if method in SAFE_METHODS:
+        return True
+    return tool is not None and tool in snapshot.safe_tools.get(server.id, ())
 
 
 class DataPlane:
@@ -123,7 +135,10 @@ class DataPlane:
         ready=lambda: True,
         credentials: UpstreamCredentials | None = None,
         key_usage: KeyUsage | None = None,
+        guard: UpstreamGuard | None = None,
     ) -> None:
+        # Breakers, routing, per-upstream queues and retries (None: calls go out unguarded).
+        self.guard = guard
         # The gateway's own credentials for upstreams (per server, opened from the snapshot).
         self.credentials = credentials if credentials is not None else UpstreamCredentials(None)
         # Keys seen in use (last_used_at, flushed in the background); None: not recorded.
@@ -672,6 +687,15 @@ class DataPlane:
         call: Call | None = None,
         listing: enforce.ListFilter | None = None,
     ) -> web.StreamResponse:
+        """Send the request to `server`, or to the replica its routing rule picks, through the guard.
+
+        The guard (dataplane/guard.py) refuses while the breaker is open, holds
+        the call until the upstream has a slot, and allows a failed safe call
+        (a list, or a tool the server marks read-only or idempotent) another
+        attempt, on another replica where there is one, while the retry budget
+        holds. Only connection failures, broken exchanges and 502/503/504
+        answers are retried, never a timeout (the call may have run).
+        """
         if server.transport_type != "http":
             raise Refusal(
                 502,
@@ -679,6 +703,75 @@ class DataPlane:
                 f"Server '{server.name}' uses the {server.transport_type} transport, "
                 "which this gateway version cannot reach yet",
             )
+        guard = self.guard
+        if guard is None or body is None:
+            # GET streams and DELETEs go to the addressed server as they are.
+            return await self._send(request, key, server, body, exchange, call, listing, None)
+        snapshot = self.store.current
+        tool = call.target if call is not None and call.method == "tools/call" else None
+        session = request.headers.get("Mcp-Session-Id")
+        if session is None:
+            target = guard.route(snapshot, server, tool)
+            replicas = guard.replicas(snapshot, server, tool)
+        else:
+            # A session lives on the replica that opened it: no other may take its calls.
+            target = self._session_replica(session, key, guard.replicas(snapshot, server, tool)) or server
+            replicas = ()
+        tenant = snapshot.tenants.get(key.tenant_id)
+        weight = tenant.weight if tenant is not None else 100
+        retry_safe = call is not None and not call.is_batch and guard_safe(call.method, tool, snapshot, target)
+        attempts = 0
+        tried: list[ServerEntry] = []
+        while True:
+            ticket = await guard.enter(target, key.tenant_id, weight)
+            try:
+                response = await self._send(request, key, target, body, exchange, call, listing, ticket)
+            except Refusal as refusal:
+                guard.leave(ticket)
+                if refusal.code not in _RETRYABLE_CODES or not retry_safe:
+                    raise
+                failure: Refusal | web.StreamResponse = refusal
+            except BaseException:
+                guard.leave(ticket)
+                raise
+            else:
+                guard.leave(ticket)  # unless a stream holds it until it ends
+                if exchange.status not in _RETRYABLE_STATUSES or not retry_safe:
+                    return response
+                failure = response
+            tried.append(target)
+            if attempts >= target.settings.retry_attempts or not guard.may_retry(target):
+                if isinstance(failure, Refusal):
+                    raise failure
+                return failure
+            attempts += 1
+            target = guard.failover(replicas, tried) or target
+            log.info("retrying a safe call (%s) to '%s', attempt %d", call.method, target.name, attempts + 1)
+            exchange.status, exchange.sent = 0, 0
+
+    def _session_replica(self, token: str, key: KeyEntry, replicas: tuple) -> ServerEntry | None:
+        """The replica whose session `token` is (several replicas: each is asked; they are few)."""
+        for replica in replicas:
+            if self.sessions.open(token, key.id, replica.id) is not None:
+                return replica
+        return None
+
+    async def _send(
+        self,
+        request: web.BaseRequest,
+        key: KeyEntry,
+        server: ServerEntry,
+        body: bytes | None,
+        exchange: _Exchange,
+        call: Call | None,
+        listing: enforce.ListFilter | None,
+        ticket: Ticket | None,
+    ) -> web.StreamResponse:
+        """One exchange with `server`, noting on the guard's `ticket` (if any) how it went.
+
+        A relayed event stream takes the ticket over (`ticket.held`) and gives it
+        back itself when it ends; the caller gives back any other.
+        """
         pool = self.pool_for(server)
         headers = []
         session: str | None = None  # the upstream session this request names, if any
@@ -694,13 +787,13 @@ class DataPlane:
                 value = session.encode("latin-1")
             headers.append((name, value))
         counter = self.session_counter
-        ticket = None  # a place held under the key's session cap while an initialize is out
+        session_ticket = None  # a place held under the key's session cap while an initialize is out
         if counter is not None:
             if session is not None:
                 counter.seen(key.id, session)
             elif call is not None and call.method == "initialize":
-                ticket = await counter.admit(key.id)
-                if ticket is None:
+                session_ticket = await counter.admit(key.id)
+                if session_ticket is None:
                     raise _too_many_sessions(counter)
         try:
             if credential is not None:
@@ -708,14 +801,18 @@ class DataPlane:
             payload = pool.encode_request(request.method, server.target, headers, body)
             upstream = await pool.request(payload, timeout=self.config.upstream_timeout)
             exchange.status = upstream.status
+            if ticket is not None:
+                ticket.ok = upstream.status < 500
             if upstream.status == 401 and credential is not None:
                 credential.invalidate()  # an expired or revoked token: the next request fetches another
             if counter is not None:
-                _count_session(counter, key, session, ticket, upstream, request.method)
-                ticket = None
+                _count_session(counter, key, session, session_ticket, upstream, request.method)
+                session_ticket = None
             if upstream.is_event_stream:
                 request_id = call.request_id if call is not None else None
-                return await self._stream(request, upstream, exchange, key, server, request_id, listing)
+                if ticket is not None:
+                    ticket.held = True  # the stream gives it back when it ends
+                return await self._stream(request, upstream, exchange, key, server, request_id, listing, ticket)
             if upstream.complete:
                 content = await upstream.read()  # the usual case: it all came with the headers
             else:
@@ -727,16 +824,22 @@ class DataPlane:
                         f"the answer's body did not arrive within {self.config.upstream_timeout:g}s"
                     ) from None
         except UpstreamTimeout as exc:
+            if ticket is not None:
+                ticket.ok = False
             raise Refusal(504, UPSTREAM_TIMEOUT, f"Server '{server.name}' did not answer in time: {exc}") from None
         except CredentialUnavailable as exc:
             raise Refusal(502, UPSTREAM_UNAVAILABLE, f"Server '{server.name}' was not called: {exc}") from None
         except UpstreamConnectError as exc:
+            if ticket is not None:
+                ticket.ok = False
             raise Refusal(502, UPSTREAM_UNAVAILABLE, f"Server '{server.name}' is unreachable: {exc}") from None
         except UpstreamError as exc:
+            if ticket is not None:
+                ticket.ok = False
             raise Refusal(502, UPSTREAM_BAD_RESPONSE, f"Server '{server.name}' broke the exchange: {exc}") from None
         finally:
-            if ticket is not None:
-                counter.abandoned(key.id, ticket)  # the initialize never reached an answer
+            if session_ticket is not None:
+                counter.abandoned(key.id, session_ticket)  # the initialize never reached an answer
         if listing is not None:
             content = listing.message(content)
         exchange.sent = len(content)
@@ -745,6 +848,19 @@ class DataPlane:
     async def _stream(
         self, request: web.BaseRequest, upstream: UpstreamResponse, exchange: _Exchange, key: KeyEntry,
         server: ServerEntry, request_id: int | str | None, listing: enforce.ListFilter | None = None,
+        ticket: Ticket | None = None,
+    ) -> web.StreamResponse:
+        """Relay an upstream event stream; the guard's `ticket` (if any) is given back when it ends."""
+        try:
+            return await self._relay_stream(request, upstream, exchange, key, server, request_id, listing, ticket)
+        finally:
+            if ticket is not None:
+                self.guard.leave(ticket, stream_ended=True)
+
+    async def _relay_stream(
+        self, request: web.BaseRequest, upstream: UpstreamResponse, exchange: _Exchange, key: KeyEntry,
+        server: ServerEntry, request_id: int | str | None, listing: enforce.ListFilter | None,
+        ticket: Ticket | None,
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, headers=self._response_headers(upstream, key, server))
         # Each chunk goes to the client as it comes: no buffering of SSE.
@@ -768,6 +884,8 @@ class DataPlane:
             await _end_quietly(response)
         except UpstreamTimeout as exc:
             exchange.error = f"stream ended by the gateway: {exc}"
+            if ticket is not None and request.method == "POST":
+                ticket.ok = False  # a call's answer that stopped coming (a GET stream may idle)
             if request_id is not None:
                 # The client is waiting for this request's answer: give it one.
                 refusal = Refusal(504, UPSTREAM_TIMEOUT, f"Server '{server.name}' {exc}; the call was abandoned")
@@ -780,6 +898,8 @@ class DataPlane:
             await _end_quietly(response)
         except UpstreamError as exc:
             # The headers are gone already; all that is left is to end the stream.
+            if ticket is not None:
+                ticket.ok = False
             exchange.error = f"upstream stream broke: {exc}"
             log.warning("upstream stream broke after %d bytes: %s", exchange.sent, exc)
             await _end_quietly(response)

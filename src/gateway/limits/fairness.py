@@ -304,6 +304,10 @@ class FairQueue:
             DeadlineExceeded(f"not served within {self._deadline:g} s", self._deadline)
         )
 
+    def wake(self) -> None:
+        """The source has capacity again (a slot freed): the dispatcher tries at once instead of sleeping on."""
+        self._wake()
+
     def _wake(self) -> None:
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():

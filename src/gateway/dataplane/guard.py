@@ -1,0 +1,305 @@
+"""Protection and routing around every call the gateway sends upstream.
+
+What it owns, per upstream server (all decided in this process, no network):
+- routing: a call addressed to a server that a routing rule covers goes to
+  one of the rule's replicas (registry/routing.py), skipping replicas that
+  are UNHEALTHY, in MAINTENANCE or behind an open circuit breaker;
+- the circuit breaker (registry/breakers.py, shared through Redis): an open
+  one refuses at once with 503 and Retry-After;
+- the request queue: at most `max_concurrency` calls in flight; more wait,
+  tenants served in their weighted turn (limits/fairness.py, the fair queue of
+  the rate limiter, with the upstream's free slots as the capacity), at most
+  `queue_max` per tenant and `queue_deadline` seconds, else 503;
+- the retry budget: a failed safe call (see `safe`) may go again, to another
+  replica where there is one, while the budget holds: each call adds
+  `retry_budget` of a retry, and `retry_budget_min` more come every second,
+  so retries never multiply load during an outage;
+- what each call taught: the breaker's count, the router's latency and calls
+  in flight, and passive health (registry/health.py `observe`).
+
+What counts as a failure: a transport error, a timeout or an HTTP 5xx from
+the upstream. A JSON-RPC error answer, a tool's `isError` result, a 4xx:
+the upstream is up and answering, so a success for breaker and health.
+
+What it must not do: hold a slot or a trial call after the call ended (every
+`enter` has exactly one `leave`, also when the client goes away).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable
+
+from gateway._fast.breaker import OPEN
+from gateway.dataplane.jsonrpc import UPSTREAM_UNAVAILABLE, Refusal
+from gateway.limits.fairness import FairQueue, FairQueueRefusal, QueueClosed
+from gateway.registry.routing import Router
+
+# Health states a replica is never chosen in.
+_DOWN = frozenset({"UNHEALTHY", "MAINTENANCE"})
+# List calls: the same question twice gives the same answer, so they may be retried.
+SAFE_METHODS = frozenset({
+    "tools/list", "resources/list", "resources/templates/list", "prompts/list", "ping", "server/discover",
+})
+
+
+class _Slots:
+    """An upstream's calls in flight, as a capacity source for the fair queue."""
+
+    __slots__ = ("limit", "in_flight", "queue")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self.queue: FairQueue | None = None
+
+    def try_acquire(self, cost: float, now: float) -> bool:
+        if self.in_flight < self.limit:
+            self.in_flight += 1
+            return True
+        return False
+
+    def retry_after(self, cost: float, now: float) -> float:
+        # No clock frees a slot: a call ending does, and wakes the queue (`free`).
+        return 3600.0
+
+    def refund(self, cost: float) -> None:
+        self.free()
+
+    def free(self) -> None:
+        self.in_flight -= 1
+        queue = self.queue
+        if queue is not None and queue.queued:
+            queue.wake()
+
+
+class _Budget:
+    """Retries left for one upstream: `ratio` of a retry per call, `per_second` more each second."""
+
+    __slots__ = ("tokens", "capacity", "ratio", "per_second", "at")
+
+    def __init__(self, ratio: float, per_second: float, now: float) -> None:
+        self.ratio = ratio
+        self.per_second = per_second
+        self.capacity = max(1.0, per_second)
+        self.tokens = self.capacity
+        self.at = now
+
+    def deposit(self) -> None:
+        tokens = self.tokens + self.ratio
+        self.tokens = tokens if tokens < self.capacity else self.capacity
+
+    def withdraw(self, now: float) -> bool:
+        elapsed = now - self.at
+        self.at = now
+        if elapsed > 0:
+            self.tokens = min(self.capacity, self.tokens + elapsed * self.per_second)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class _Upstream:
+    """What the guard keeps for one upstream server."""
+
+    __slots__ = ("slots", "queue", "budget", "settings", "retries", "refused_open", "refused_queue")
+
+    def __init__(self, settings, now: float) -> None:
+        self.settings = settings
+        self.slots = _Slots(settings.max_concurrency)
+        self.queue = FairQueue(max_queue=settings.queue_max, deadline=settings.queue_deadline)
+        self.slots.queue = self.queue
+        self.budget = _Budget(settings.retry_budget, settings.retry_budget_min, now)
+        self.retries = 0
+        self.refused_open = 0
+        self.refused_queue = 0
+
+    def reconfigure(self, settings, now: float) -> None:
+        if settings is self.settings:
+            return
+        self.settings = settings
+        self.slots.limit = settings.max_concurrency
+        self.queue.reconfigure(settings.queue_max, settings.queue_deadline)
+        if (settings.retry_budget, settings.retry_budget_min) != (self.budget.ratio, self.budget.per_second):
+            self.budget = _Budget(settings.retry_budget, settings.retry_budget_min, now)
+
+
+class Ticket:
+    """One call let through by `UpstreamGuard.enter`: give it back with `leave`, once.
+
+    `ok` is what the call found: True (answered), False (transport error,
+    timeout, 5xx), None (no result: not sent, or the client went away).
+    `held`: a relayed stream took the ticket over and gives it back at its end.
+    """
+
+    __slots__ = ("server", "breaker", "started", "upstream", "ok", "held", "left")
+
+    def __init__(self, server, breaker: int, started: float, upstream: _Upstream) -> None:
+        self.server = server
+        self.breaker = breaker  # the breaker's ticket
+        self.started = started
+        self.upstream = upstream
+        self.ok: bool | None = None
+        self.held = False
+        self.left = False
+
+
+class UpstreamGuard:
+    def __init__(self, breakers, health=None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """`breakers`: a BreakerBoard; `health`: a HealthMonitor (its `observe`), or None."""
+        self.breakers = breakers
+        self.health = health
+        self.router = Router()
+        self.clock = clock
+        self._upstreams: dict[uuid.UUID, _Upstream] = {}
+
+    def configure(self, snapshot) -> None:
+        """Follow a new snapshot: breakers for its servers, new queue and budget settings, forget the gone."""
+        servers = {s.id: s for s in snapshot.servers.values()}
+        self.breakers.configure((s.id, s.settings) for s in servers.values())
+        now = self.clock()
+        for server_id in [s for s in self._upstreams if s not in servers]:
+            upstream = self._upstreams.pop(server_id)
+            upstream.queue.close()
+        for server_id, upstream in self._upstreams.items():
+            upstream.reconfigure(servers[server_id].settings, now)
+
+    def close(self) -> None:
+        """Shutdown: every call waiting for a slot is refused at once."""
+        for upstream in self._upstreams.values():
+            upstream.queue.close()
+
+    # -- routing ----------------------------------------------------------------------------------------
+
+    def usable(self, server, now: float | None = None) -> bool:
+        """Whether a call may be sent to `server` now: not down, breaker not refusing."""
+        if server.health_status in _DOWN:
+            return False
+        return self.breakers.available(server.id, self.clock() if now is None else now)
+
+    def route(self, snapshot, server, tool: str | None):
+        """The server that takes a call addressed to `server`: itself, or the replica a routing rule picks.
+
+        Raises Refusal(503) when a rule covers the call and none of its replicas is usable.
+        """
+        route = snapshot.routing.route(server, tool) if snapshot.routing.by_tenant else None
+        if route is None:
+            return server
+        now = self.clock()
+        chosen = self.router.choose(route, lambda s: self.usable(s, now))
+        if chosen is None:
+            raise Refusal(
+                503, UPSTREAM_UNAVAILABLE,
+                f"No replica of '{server.name}' can take calls now (routing rule '{route.name}': every replica "
+                "is unhealthy, in maintenance or behind an open circuit breaker); retry later",
+                headers={"Retry-After": str(self._retry_seconds(route.replicas, now))},
+            )
+        return chosen
+
+    def replicas(self, snapshot, server, tool: str | None) -> tuple:
+        """Every replica a routing rule gives a call to `server` (for failover), or ()."""
+        route = snapshot.routing.route(server, tool) if snapshot.routing.by_tenant else None
+        return tuple(r.server for r in route.replicas) if route is not None else ()
+
+    def failover(self, replicas: tuple, tried: list):
+        """The replica a retry goes to: a usable one not tried yet, the least busy first; None if none."""
+        now = self.clock()
+        left = [r for r in replicas if r not in tried and self.usable(r, now)]
+        if not left:
+            return None
+        return min(left, key=lambda r: self.router.outstanding(r.id))
+
+    # -- one call ---------------------------------------------------------------------------------------
+
+    async def enter(self, server, tenant_id, weight: int = 100) -> Ticket:
+        """Let one call to `server` go: its breaker agrees and it has a slot (it may wait for one).
+
+        Raises Refusal(503) with Retry-After when the breaker is open or the queue refuses.
+        """
+        now = self.clock()
+        upstream = self._upstreams.get(server.id)
+        if upstream is None:
+            upstream = self._upstreams[server.id] = _Upstream(server.settings, now)
+        trial = self.breakers.allow(server.id, now)
+        if not trial:
+            upstream.refused_open += 1
+            retry = self.breakers.retry_after(server.id, now)
+            raise Refusal(
+                503, UPSTREAM_UNAVAILABLE,
+                f"Server '{server.name}' is failing and its circuit breaker is open: calls are refused for "
+                f"{_seconds(retry)} s, then a few are tried again",
+                headers={"Retry-After": str(_seconds(retry))},
+                data={"breaker": "open", "retry_after": _seconds(retry)},
+            )
+        slots = upstream.slots
+        if not upstream.queue.try_admit(tenant_id, weight, 1.0, now, slots):
+            try:
+                await upstream.queue.wait(tenant_id, weight, 1.0, slots)
+            except (FairQueueRefusal, QueueClosed) as exc:
+                self.breakers.release(server.id, trial)
+                upstream.refused_queue += 1
+                retry = _seconds(min(exc.retry_after, upstream.settings.queue_deadline or 1.0))
+                raise Refusal(
+                    503, UPSTREAM_UNAVAILABLE,
+                    f"Server '{server.name}' has {slots.limit} calls in flight and its queue "
+                    f"{'is full' if 'full' in str(exc) else 'did not move in time'}; retry in {retry} s",
+                    headers={"Retry-After": str(retry)},
+                ) from None
+            except BaseException:
+                self.breakers.release(server.id, trial)
+                raise
+        upstream.budget.deposit()
+        self.router.started(server.id)
+        return Ticket(server, trial, self.clock(), upstream)
+
+    def leave(self, ticket: Ticket, *, stream_ended: bool = False) -> None:
+        """The call ended, as `ticket.ok` says; a ticket a stream holds is given back only when it ended."""
+        if ticket.left or (ticket.held and not stream_ended):
+            return
+        ticket.left = True
+        ok = ticket.ok
+        server_id = ticket.server.id
+        now = self.clock()
+        ticket.upstream.slots.free()
+        if ok is None:
+            self.breakers.release(server_id, ticket.breaker)
+            self.router.finished(server_id, None)
+            return
+        self.breakers.record(server_id, ok, now)
+        elapsed = now - ticket.started
+        self.router.finished(server_id, elapsed if ok else None)
+        if self.health is not None:
+            self.health.observe(server_id, ok, elapsed * 1000.0)
+
+    def may_retry(self, server) -> bool:
+        """Whether the retry budget of `server` allows one more attempt now (and takes it)."""
+        upstream = self._upstreams.get(server.id)
+        if upstream is None or upstream.settings.retry_attempts == 0:
+            return False
+        if upstream.budget.withdraw(self.clock()):
+            upstream.retries += 1
+            return True
+        return False
+
+    # -- what metrics show ------------------------------------------------------------------------------
+
+    def queue_figures(self) -> list[tuple[tuple[str, str], float]]:
+        """(server id, in_flight | queued) -> count, for every upstream called since start."""
+        figures = []
+        for server_id, upstream in self._upstreams.items():
+            figures.append(((str(server_id), "in_flight"), upstream.slots.in_flight))
+            figures.append(((str(server_id), "queued"), upstream.queue.queued))
+        return figures
+
+    def _retry_seconds(self, replicas, now: float) -> int:
+        waits = [self.breakers.retry_after(r.server.id, now) for r in replicas
+                 if self.breakers.state(r.server.id) == OPEN]
+        return _seconds(min(waits)) if waits else 5
+
+
+def _seconds(value: float) -> int:
+    """Retry-After as sent: whole seconds, at least 1."""
+    return max(1, math.ceil(value)) if math.isfinite(value) else 3600
