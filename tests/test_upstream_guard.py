@@ -63,6 +63,15 @@ class Peer:
         message = await request.json()
         method = message.get("method", "")
         self.calls[method] = self.calls.get(method, 0) + 1
+        if "id" not in message:
+            return web.Response(status=202)  # a notification
+        if method == "initialize":
+            return web.json_response({"jsonrpc": "2.0", "id": message["id"], "result": {
+                "protocolVersion": "2025-11-25", "capabilities": {"tools": {}},
+                "serverInfo": {"name": self.name, "version": "1"}}})
+        if method == "server/discover":
+            return web.json_response({"jsonrpc": "2.0", "id": message["id"],
+                                      "error": {"code": -32601, "message": "Method not found"}})
         if method != "tools/call" and method != "tools/list":
             # Discovery and the like: a plain answer, whatever the mode.
             return web.json_response({"jsonrpc": "2.0", "id": message.get("id"), "result": {"tools": []}})
@@ -158,6 +167,45 @@ async def test_breaker_opens_refuses_without_calling_then_recovers(pg_url, make_
         status, body, _ = await post(gw, t, "flaky", CALL)
         assert status == 200, body
     assert peer.count("tools/call") == 8
+
+
+async def test_calls_through_mcp_meet_the_same_breaker_and_routing(pg_url, make_gateway, mcp_upstream, peers):
+    a, url_a = await peers("a")
+    b, url_b = await peers("b")
+    gw = await make_gateway(pg_url, upstreams=FAST_BREAKER)
+    t = await gw.tenancy("acme", mcp_upstream)
+    id_a = await register(gw, t, "search-a", url_a)
+    id_b = await register(gw, t, "search-b", url_b)
+    await add_rule(gw, pg_url, t, match_server="search-a", match_tool="work", targets=[(id_a, 1), (id_b, 1)])
+    call = {**CALL, "params": {"name": "search-a__work", "arguments": {}}}
+    answered = []
+    for _ in range(4):
+        status, body, _ = await post_mcp(gw, t, call)
+        assert status == 200, body
+        answered.append(body["result"]["content"][0]["text"])
+    assert sorted(answered) == ["a", "a", "b", "b"]  # the rule spreads /mcp calls too
+    b.mode = "fail"
+    direct = {**CALL, "params": {"name": "search-b__other", "arguments": {}}}  # no rule: always search-b
+    for _ in range(3):
+        status, body, _ = await post_mcp(gw, t, direct)
+        assert status == 502, body
+    status, body, headers = await post_mcp(gw, t, direct)
+    assert status == 503 and "circuit breaker is open" in body["error"]["message"] and "Retry-After" in headers
+    # With search-b's breaker open, the rule sends every call to search-a.
+    for _ in range(4):
+        status, body, _ = await post_mcp(gw, t, call)
+        assert status == 200 and body["result"]["content"][0]["text"] == "a"
+
+
+async def post_mcp(gw, tenancy, body: dict):
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async with http.post(
+            f"{gw.url}/mcp", json=body,
+            headers={"Authorization": f"Bearer {tenancy.api_key}", "Accept": "application/json",
+                     "MCP-Protocol-Version": "2025-11-25"},
+        ) as resp:
+            raw = await resp.read()
+            return resp.status, (orjson.loads(raw) if raw else {}), resp.headers
 
 
 async def test_a_failed_trial_reopens_for_longer(pg_url, make_gateway, mcp_upstream, peers):

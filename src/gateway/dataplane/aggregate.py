@@ -101,6 +101,8 @@ class Aggregate:
         self.page_size = page_size
         self._cache: dict[tuple[uuid.UUID, str, int], tuple[float, list[dict]]] = {}
         self.relay = Relay(timeout=timeout, max_duration=max_duration)
+        # Routing, breakers and queues around calls (dataplane/guard.py); None: calls go out unguarded.
+        self.guard = None
 
     async def answer(
         self,
@@ -137,7 +139,7 @@ class Aggregate:
             if only is not None:
                 # Access rules for the one server behind the facade; its lists come back filtered.
                 enforce.check_params(snapshot, key, only, method, params)
-                result, server = await self._single(only, method, params, down), only
+                result, server = await self._single(only, method, params, down, key.tenant_id), only
                 enforce.filter_result(snapshot, key, only, method, result)
             elif method == "initialize":
                 result, server = self._initialize(params, self._capabilities()), None
@@ -190,7 +192,8 @@ class Aggregate:
 
     # -- one server behind a facade (stdio upstreams) ---------------------------------------------
     async def _single(
-        self, server: ServerEntry, method: str, params: dict[str, Any], down: Downstream | None
+        self, server: ServerEntry, method: str, params: dict[str, Any], down: Downstream | None,
+        tenant_id: uuid.UUID | None = None,
     ) -> dict[str, Any]:
         client = self.client_for(server)
         try:
@@ -221,11 +224,34 @@ class Aggregate:
             meta = {k: v for k, v in (params.get("_meta") or {}).items() if not k.startswith(_ENVELOPE_PREFIX)}
             if meta:
                 forwarded["_meta"] = meta
-            return await self._call(client, method, forwarded, down)
+            return await self._guarded(server, tenant_id, client, method, forwarded, down)
         except UpstreamTimeout as exc:
             raise _upstream_refusal(504, server, f"did not answer in time: {exc}") from None
         except (UpstreamError, OSError) as exc:
             raise _upstream_refusal(502, server, f"is unreachable or broke the exchange: {exc}") from None
+
+    async def _guarded(
+        self, server: ServerEntry, tenant_id: uuid.UUID | None, client, method: str, params: dict[str, Any],
+        down: Downstream | None,
+    ) -> dict[str, Any]:
+        """A call through the guard: refused while the breaker is open, held for a slot, its outcome counted."""
+        guard = self.guard
+        if guard is None:
+            return await self._call(client, method, params, down)
+        ticket = await guard.enter(server, tenant_id)
+        try:
+            result = await self._call(client, method, params, down)
+        except UpstreamRpcError:
+            ticket.ok = True  # an error answer: the upstream is up
+            raise
+        except (UpstreamError, OSError):
+            ticket.ok = False
+            raise
+        else:
+            ticket.ok = True
+            return result
+        finally:
+            guard.leave(ticket)
 
     async def _call(self, client, method: str, params: dict[str, Any], down: Downstream | None) -> dict[str, Any]:
         if down is None:
@@ -281,6 +307,8 @@ class Aggregate:
         now = time.monotonic()
         if cached is not None and cached[0] > now and not fresh:
             return cached[1]
+        if self.guard is not None and not self.guard.usable(server):
+            return None  # its breaker is open (or it is down): left out at once, not after a timeout
         client = self.client_for(server)
         items: list[dict] = []
         cursor = None
@@ -319,7 +347,10 @@ class Aggregate:
             what = "tool" if method == "tools/call" else "prompt"
             raise UpstreamRpcError({"code": INVALID_PARAMS, "message": f"Unknown {what}: {full}"})
         enforce.check_target(snapshot, key, server, enforce.TARGETS[method][0], name, shown=full)
-        return await self._forward(server, method, params, "name", name, down), server
+        if self.guard is not None:
+            # A routing rule may send the call to another replica of the server.
+            server = self.guard.route(snapshot, server, name if method == "tools/call" else None)
+        return await self._forward(server, method, params, "name", name, down, key.tenant_id), server
 
     async def _read_resource(self, snapshot: Snapshot, key: KeyEntry, params: dict, down: Downstream | None):
         uri = params.get("uri")
@@ -338,7 +369,7 @@ class Aggregate:
             raise UpstreamRpcError({"code": INVALID_PARAMS, "message": message, "data": {"uri": uri}})
         enforce.check_target(snapshot, key, server, enforce.RESOURCE, original, shown=uri)
         try:
-            result = await self._forward(server, "resources/read", params, "uri", original, down)
+            result = await self._forward(server, "resources/read", params, "uri", original, down, key.tenant_id)
         except UpstreamRpcError as exc:
             data = exc.error.get("data")
             if isinstance(data, dict) and data.get("uri") == original:
@@ -354,7 +385,8 @@ class Aggregate:
         return result, server
 
     async def _forward(
-        self, server: ServerEntry, method: str, params: dict, field: str, value: str, down: Downstream | None
+        self, server: ServerEntry, method: str, params: dict, field: str, value: str, down: Downstream | None,
+        tenant_id: uuid.UUID | None = None,
     ) -> dict:
         """`method` on `server` with params[field] = value and the client's own `_meta` keys only."""
         forwarded = {k: v for k, v in params.items() if k != "_meta"}
@@ -363,7 +395,7 @@ class Aggregate:
         if meta:
             forwarded["_meta"] = meta
         try:
-            return await self._call(self.client_for(server), method, forwarded, down)
+            return await self._guarded(server, tenant_id, self.client_for(server), method, forwarded, down)
         except UpstreamTimeout as exc:
             raise _upstream_refusal(504, server, f"did not answer in time: {exc}") from None
         except (UpstreamError, OSError) as exc:

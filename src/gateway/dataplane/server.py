@@ -174,6 +174,7 @@ class DataPlane:
             self.client_for, timeout=config.upstream_timeout, page_size=config.aggregate_page_size,
             max_duration=config.stream_max_duration,
         )
+        self.aggregate.guard = guard
         self.watcher = Watcher(self.aggregate, store, interval=config.list_watch_interval)
         self.allowed_origins = frozenset(config.allowed_origins)
         self.verified = VerifiedKeys()
