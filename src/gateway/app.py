@@ -153,7 +153,7 @@ class Gateway:
             ready=lambda: self.writer.running,
             credentials=UpstreamCredentials(self.secrets.credentials, timeout=cfg.dataplane.upstream_timeout),
             key_usage=self.key_usage,
-            guard=self.guard,
+            guard=self.guard if cfg.dataplane.upstream_guard else None,
         )
         self.store.on_change(self.dataplane.on_snapshot)
         # One prober per upstream across processes (a Redis lease); results reach every snapshot.

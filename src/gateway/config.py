@@ -80,6 +80,10 @@ class DataPlaneConfig(msgspec.Struct, forbid_unknown_fields=True):
     # While a client listens for list changes on /mcp or a facade, the lists behind
     # it are fetched again this often (configuration changes are announced at once).
     list_watch_interval: Positive = 10.0
+    # Routing rules, circuit breakers, per-upstream queues and retries around every
+    # upstream call (dataplane/guard.py). false: calls go straight out, for
+    # measuring what the guard costs; never in production.
+    upstream_guard: bool = True
 
     def __post_init__(self) -> None:
         _check_ranges("trusted_proxies", self.trusted_proxies)
