@@ -36,6 +36,7 @@ from gateway.records.metrics import Registry
 from gateway.records.sinks import sink_for
 from gateway.records.writer import RecordWriter
 from gateway.dataplane.guard import UpstreamGuard
+from gateway.records.server_stats import ServerStats
 from gateway.registry.breakers import BreakerBoard
 from gateway.registry.discovery import Discoverer
 from gateway.registry.health import HealthMonitor
@@ -68,6 +69,7 @@ class Gateway:
         self.health: HealthMonitor | None = None  # upstream health probes; `observe` takes real calls
         self.breakers: BreakerBoard | None = None  # a circuit breaker per upstream, shared through Redis
         self.guard: UpstreamGuard | None = None  # routing, breakers, queues and retries around upstream calls
+        self.server_stats: ServerStats | None = None  # per-server and per-tool call figures, flushed per window
 
     @property
     def dataplane_url(self) -> str:
@@ -108,6 +110,9 @@ class Gateway:
         )
         await self.writer.start()
         self._register_writer_metrics()
+        # Calls, errors and latency per upstream and tool, a server_metrics row per window.
+        self.server_stats = ServerStats(self.writer, self.engine, window=cfg.writer.server_metrics_window)
+        await self.server_stats.start()
         self.key_usage = KeyUsage(self.engine, interval=cfg.keys.last_used_flush_interval)
         await self.key_usage.start()
 
@@ -132,7 +137,7 @@ class Gateway:
         # around every upstream call (routing, breaker, queue, retries) holds it.
         self.breakers = BreakerBoard(self.redis, cfg.redis.key_prefix)
         await self.breakers.start()
-        self.guard = UpstreamGuard(self.breakers)
+        self.guard = UpstreamGuard(self.breakers, stats=self.server_stats)
         self.guard.configure(self.store.current)
         self.store.on_change(self.guard.configure)
         self._register_guard_metrics()
@@ -265,6 +270,8 @@ class Gateway:
             self.limiter.close()
         if self.guard is not None:
             self.guard.close()
+        if self.server_stats is not None:
+            await self.server_stats.stop()  # the window in progress, into the writer before it stops
         if self.writer is not None:
             await self.writer.stop(timeout=self.config.writer.shutdown_timeout)
         if self.discoverer is not None:

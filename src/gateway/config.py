@@ -102,6 +102,9 @@ class WriterConfig(msgspec.Struct, forbid_unknown_fields=True):
     flush_interval: Positive = 0.5
     # How long a clean shutdown may spend flushing what is queued.
     shutdown_timeout: Positive = 10.0
+    # Calls, errors and latency per upstream server and tool are summed over
+    # windows this long, then written to server_metrics (records/server_stats.py).
+    server_metrics_window: Annotated[float, Meta(ge=0.05, le=3600)] = 60.0
 
 
 class SnapshotConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -97,7 +97,9 @@ def server_metric(i: int) -> tuple:
         "request_count": i,
         "error_count": i // 10,
         "avg_response_ms": 12.5,
+        "p50_response_ms": 11.0,
         "p95_response_ms": None,
+        "p99_response_ms": 40.0,
         "created_at": BASE_TIME,
     }
     return tuple(values[name] for name in COLUMNS["server_metrics"])

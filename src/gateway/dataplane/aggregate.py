@@ -238,7 +238,8 @@ class Aggregate:
         guard = self.guard
         if guard is None:
             return await self._call(client, method, params, down)
-        ticket = await guard.enter(server, tenant_id)
+        tool = params.get("name") if method == "tools/call" else None
+        ticket = await guard.enter(server, tenant_id, tool=tool if isinstance(tool, str) else None)
         try:
             result = await self._call(client, method, params, down)
         except UpstreamRpcError:

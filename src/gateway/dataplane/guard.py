@@ -15,7 +15,8 @@ What it owns, per upstream server (all decided in this process, no network):
   `retry_budget` of a retry, and `retry_budget_min` more come every second,
   so retries never multiply load during an outage;
 - what each call taught: the breaker's count, the router's latency and calls
-  in flight, and passive health (registry/health.py `observe`).
+  in flight, passive health (registry/health.py `observe`) and the figures
+  per server and tool (records/server_stats.py).
 
 What counts as a failure: a transport error, a timeout or an HTTP 5xx from
 the upstream. A JSON-RPC error answer, a tool's `isError` result, a 4xx:
@@ -135,10 +136,12 @@ class Ticket:
     `held`: a relayed stream took the ticket over and gives it back at its end.
     """
 
-    __slots__ = ("server", "breaker", "started", "upstream", "ok", "held", "left")
+    __slots__ = ("server", "breaker", "started", "upstream", "ok", "held", "left", "tenant_id", "tool")
 
-    def __init__(self, server, breaker: int, started: float, upstream: _Upstream) -> None:
+    def __init__(self, server, breaker: int, started: float, upstream: _Upstream, tenant_id, tool) -> None:
         self.server = server
+        self.tenant_id = tenant_id
+        self.tool = tool  # the tool called, for per-tool figures; None for other methods
         self.breaker = breaker  # the breaker's ticket
         self.started = started
         self.upstream = upstream
@@ -148,10 +151,11 @@ class Ticket:
 
 
 class UpstreamGuard:
-    def __init__(self, breakers, health=None, *, clock: Callable[[], float] = time.monotonic) -> None:
-        """`breakers`: a BreakerBoard; `health`: a HealthMonitor (its `observe`), or None."""
+    def __init__(self, breakers, health=None, stats=None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """`breakers`: a BreakerBoard; `health`: a HealthMonitor, `stats`: a ServerStats (their `observe`), or None."""
         self.breakers = breakers
         self.health = health
+        self.stats = stats
         self.router = Router()
         self.clock = clock
         self._upstreams: dict[uuid.UUID, _Upstream] = {}
@@ -214,7 +218,7 @@ class UpstreamGuard:
 
     # -- one call ---------------------------------------------------------------------------------------
 
-    async def enter(self, server, tenant_id, weight: int = 100) -> Ticket:
+    async def enter(self, server, tenant_id, weight: int = 100, tool: str | None = None) -> Ticket:
         """Let one call to `server` go: its breaker agrees and it has a slot (it may wait for one).
 
         Raises Refusal(503) with Retry-After when the breaker is open or the queue refuses.
@@ -253,7 +257,7 @@ class UpstreamGuard:
                 raise
         upstream.budget.deposit()
         self.router.started(server.id)
-        return Ticket(server, trial, self.clock(), upstream)
+        return Ticket(server, trial, self.clock(), upstream, tenant_id, tool)
 
     def leave(self, ticket: Ticket, *, stream_ended: bool = False) -> None:
         """The call ended, as `ticket.ok` says; a ticket a stream holds is given back only when it ended."""
@@ -273,6 +277,8 @@ class UpstreamGuard:
         self.router.finished(server_id, elapsed if ok else None)
         if self.health is not None:
             self.health.observe(server_id, ok, elapsed * 1000.0)
+        if self.stats is not None:
+            self.stats.observe(ticket.tenant_id, server_id, ticket.tool, ok, elapsed)
 
     def may_retry(self, server) -> bool:
         """Whether the retry budget of `server` allows one more attempt now (and takes it)."""

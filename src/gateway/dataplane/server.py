@@ -724,7 +724,7 @@ class DataPlane:
         attempts = 0
         tried: list[ServerEntry] = []
         while True:
-            ticket = await guard.enter(target, key.tenant_id, weight)
+            ticket = await guard.enter(target, key.tenant_id, weight, tool)
             try:
                 response = await self._send(request, key, target, body, exchange, call, listing, ticket)
             except Refusal as refusal:
