@@ -3,7 +3,8 @@
     python bench/proxy.py
     python bench/proxy.py --duration 8 --connections 32 --payload-bytes 256 --rounds 3
     python bench/proxy.py --database sqlite
-    python bench/proxy.py --limits on          # only the gateway with every rate-limit tier on
+    python bench/proxy.py --gateways on        # only the production gateway (every feature on)
+    python bench/proxy.py --compare guard      # the upstream guard on against off, instead of the limits
     BENCH_PG_URL=postgresql://user@host:5432/postgres python bench/proxy.py
 
 It starts, as child processes on free 127.0.0.1 ports: the stub upstream
@@ -13,19 +14,37 @@ process) on a database of its own: `gwbench_proxy_<random>`, created on the
 PostgreSQL server BENCH_PG_URL names (default postgres@127.0.0.1:5432) and
 dropped WITH (FORCE) at the end, or a temporary SQLite file. The gateway runs
 as in production: API-key authentication and one `request_logs` row per
-request through the batched writer are on, and so are the rate limits.
+request through the batched writer are on, and so are the rate limits and
+the upstream guard.
 
-`--limits` (default `both`) says which gateway configurations run. "on":
-every rate-limit tier decides every request (per-address bucket, the key's
-hour and day quotas, the user's bucket by role, the tenant's share, the global
-bucket through the fair queue), at limits far above any load here
+`--compare` (default `limits`) names the feature measured: the "on" gateway
+is always the production configuration, every feature on; the "off" gateway
+turns off that one feature and nothing else (the table COMPARISONS).
+`--gateways` (default `both`) says which of the two run; "both": two gateway
+processes on the same database, measured in every round (alternating which
+goes first), and the report adds on/off ratios of throughput and of CPU per
+request for the feature. (`--limits X` is the older spelling of `--compare
+limits --gateways X`.)
+
+The rate limits, on: every tier decides every request (per-address bucket,
+the key's hour and day quotas, the user's bucket by role, the tenant's share,
+the global bucket through the fair queue), at limits far above any load here
 (LIMITS_HIGH per minute, the settings' maximum; burst factor 1 so that the
 tenant tier decides with the two tenants the keys belong to): it measures the
-cost of deciding, never refusals. "off": GATEWAY_LIMITS_ENABLED=false, no tier
-at all (no per-key quota either). "both": two gateway processes on the same
-database, one of each, measured in every round (alternating which goes
-first), and the report adds limits on/off ratios of throughput and of CPU per
-request.
+cost of deciding, never refusals. Off (`--compare limits`):
+GATEWAY_LIMITS_ENABLED=false, no tier at all (no per-key quota either).
+
+The upstream guard, on: every call goes through the router, the upstream's
+circuit breaker (local: no Redis), its queue (default max_concurrency 1024, so
+nothing waits at this concurrency) and passive health. With `--compare guard`
+each tenant also gets a routing rule, `bench-self`, that covers the benchmarked
+server and has that same server as its only replica (weighted round robin),
+so every request is routed too. Off (`--compare guard`):
+GATEWAY_DATAPLANE_UPSTREAM_GUARD=false, calls go straight out (the rule stays
+in the database; that gateway ignores it). After its first measured run each
+gateway's /metrics is checked for a series only the feature makes
+(gateway_fair_queue, gateway_upstream_calls): present when on, absent when
+off, or the run stops.
 
 It drives keep-alive POSTs (a JSON-RPC tools/call) at fixed concurrency with
 wrk (one thread, a generated Lua script; an aiohttp client if wrk is not on
@@ -45,15 +64,16 @@ Quotas are real, so they must never refuse a measured request: every gateway
 phase gets fresh keys (100000 requests/hour each, the API's maximum), enough
 that none can run dry even at the harness's ceiling, half in each of the two
 tenants, and the script sends round-robin across them (the same work per
-request as with one key). The limits-off gateway gets the same keys, so both
-do the same work but the limits.
+request as with one key). The "off" gateway gets the same keys, so both do
+the same work but the compared feature.
 Non-2xx answers are counted (wrk) and, for the gateway, broken down by status
 from its /metrics; a 429 aborts the run. (A few 499s there are normal: wrk
 closes its connections with requests in flight when time is up.)
 
-Prints the table, gateway/baseline (target: >= 1.5x, for the limits-on
-gateway when it runs), gateway/upstream, limits on/off when both run, then
-the conditions; writes the same to bench/results/proxy-<time>.json.
+Prints the table, gateway/baseline (target: >= 1.5x, for the production
+gateway when it runs), gateway/upstream, "limits on/off" or "guard on/off"
+when both run, then the conditions; writes the same to
+bench/results/proxy-<time>.json (its "compare" says which feature).
 Children are stopped and the database dropped on every exit (errors, Ctrl-C,
 SIGTERM); if this script is killed outright, setpriv's parent-death signal
 still stops the children (only the database would stay: gwbench_proxy_*).
@@ -108,23 +128,94 @@ NOISE_PCT = 10.0  # other work above this share of a pinned CPU in a measured ru
 TENANTS = ("bench", "bench-b")
 # Far above any load the harness makes: LimitSettings' maximum for a per-minute limit.
 LIMITS_HIGH = 100_000_000
-LIMITS_ENV = {
-    "on": {
-        "GATEWAY_LIMITS_ENABLED": "true",
-        "GATEWAY_LIMITS_GLOBAL_PER_MINUTE": str(LIMITS_HIGH),
-        "GATEWAY_LIMITS_ROLES": json.dumps(dict.fromkeys(("ADMIN", "USER", "SERVICE", "READONLY"), LIMITS_HIGH)),
-        "GATEWAY_LIMITS_IP_PER_MINUTE": str(LIMITS_HIGH),
-        "GATEWAY_LIMITS_ANONYMOUS_PER_MINUTE": str(LIMITS_HIGH),
-        # Each of two equal tenants gets half the global rate, and with a burst factor of 1
-        # (the least) that share is a bucket of its own: the tenant tier decides every request.
-        "GATEWAY_LIMITS_TENANT_BURST_FACTOR": "1.0",
-    },
-    "off": {"GATEWAY_LIMITS_ENABLED": "false"},
+# Every gateway starts from the production configuration, every feature on, always set explicitly: the
+# limit defaults (global 5000/min, ...) would throttle the bench, not measure the gateway.
+PRODUCTION_ENV = {
+    "GATEWAY_LIMITS_ENABLED": "true",
+    "GATEWAY_LIMITS_GLOBAL_PER_MINUTE": str(LIMITS_HIGH),
+    "GATEWAY_LIMITS_ROLES": json.dumps(dict.fromkeys(("ADMIN", "USER", "SERVICE", "READONLY"), LIMITS_HIGH)),
+    "GATEWAY_LIMITS_IP_PER_MINUTE": str(LIMITS_HIGH),
+    "GATEWAY_LIMITS_ANONYMOUS_PER_MINUTE": str(LIMITS_HIGH),
+    # Each of two equal tenants gets half the global rate, and with a burst factor of 1
+    # (the least) that share is a bucket of its own: the tenant tier decides every request.
+    "GATEWAY_LIMITS_TENANT_BURST_FACTOR": "1.0",
+    "GATEWAY_DATAPLANE_UPSTREAM_GUARD": "true",
 }
-# The gateway target of each limits configuration ("gateway" stays the key of the production one).
-GATEWAYS = {"on": "gateway", "off": "gateway-limits-off"}
-LABELS = {"upstream": "upstream direct", "baseline": "baseline (aiohttp)", "gateway": "gateway (limits on)",
-          "gateway-limits-off": "gateway (limits off)"}
+DESCRIBE_LIMITS_ON = (
+    f"every tier at {LIMITS_HIGH:,}/min (global, each role, per address, anonymous), tenant burst factor 1 with "
+    f"{len(TENANTS)} tenants active (the tenant tier decides), per-key quotas {KEY_PER_HOUR}/h and "
+    f"{KEY_PER_DAY}/day (fresh keys per run); no Redis, so buckets are decided in the one process and never "
+    "synchronized"
+)
+ROUTE_NAME = "bench-self"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What `--compare` measures: the production gateway ("on") against one with a single feature off."""
+
+    feature: str  # "limits" or "guard", as labels, ratios and the JSON name it
+    off_env: dict[str, str]  # the settings that turn the feature off, over PRODUCTION_ENV
+    describe_on: str  # the conditions' line for each gateway
+    describe_off: str
+    cost: str  # what the on/off difference in CPU per request is
+    on_metric: str  # a /metrics series only a gateway with the feature on has (after its first call)
+    flag: str  # how the conditions spell the gateways that ran (followed by on, off or both)
+    # Each tenant gets a routing rule sending calls to its server to that same server (its only replica),
+    # so that every request is routed; a gateway with the guard off ignores it.
+    routing_rule: bool = False
+
+    @property
+    def targets(self) -> dict[str, str]:
+        """The target of each configuration ("gateway" stays the key of the production one)."""
+        return {"on": "gateway", "off": f"gateway-{self.feature}-off"}
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {target: f"gateway ({self.feature} {setting})" for setting, target in self.targets.items()}
+
+    def env(self, setting: str) -> dict[str, str]:
+        return PRODUCTION_ENV if setting == "on" else {**PRODUCTION_ENV, **self.off_env}
+
+    def describe(self, setting: str) -> str:
+        return f"{self.feature} {setting}: " + (self.describe_on if setting == "on" else self.describe_off)
+
+
+COMPARISONS = {
+    "limits": Comparison(
+        feature="limits",
+        off_env={"GATEWAY_LIMITS_ENABLED": "false"},
+        describe_on=DESCRIBE_LIMITS_ON,
+        describe_off="GATEWAY_LIMITS_ENABLED=false (no tier, no per-key quota)",
+        cost="deciding every tier costs",
+        on_metric="gateway_fair_queue",
+        flag="--limits",
+    ),
+    "guard": Comparison(
+        feature="guard",
+        off_env={"GATEWAY_DATAPLANE_UPSTREAM_GUARD": "false"},
+        describe_on=(
+            f"every call through the upstream guard: routing rule '{ROUTE_NAME}' in each tenant (weighted round "
+            f"robin, the server '{SERVER_NAME}' its own only replica), its circuit breaker (local: no Redis), the "
+            "per-upstream queue (max_concurrency 1024: no call waits at this concurrency), passive health from "
+            f"every call (no retry: none fails); limits on: {DESCRIBE_LIMITS_ON}"
+        ),
+        describe_off=(
+            "GATEWAY_DATAPLANE_UPSTREAM_GUARD=false (calls go straight out: no routing, breaker, queue or retry; "
+            "the same routing rules, ignored); limits on as in the guard-on gateway"
+        ),
+        cost="the breaker, routing and queue cost",
+        on_metric="gateway_upstream_calls",
+        flag="--compare guard --gateways",
+        routing_rule=True,
+    ),
+}
+COMPARE = COMPARISONS["limits"]  # set by --compare
+BASE_LABELS = {"upstream": "upstream direct", "baseline": "baseline (aiohttp)"}
+
+
+def label(target: str) -> str:
+    return BASE_LABELS.get(target) or COMPARE.labels[target]
 
 
 class BenchError(Exception):
@@ -299,7 +390,8 @@ class Database:
 
 
 # -- the gateway -----------------------------------------------------------------------------------
-def gateway_env(db_url: str, dataplane_port: int = 0, controlplane_port: int = 0, limits: str = "on") -> dict[str, str]:
+def gateway_env(db_url: str, dataplane_port: int = 0, controlplane_port: int = 0,
+                setting: str = "on") -> dict[str, str]:
     # Only our settings: a GATEWAY_* variable in the caller's environment would
     # change what is measured. GATEWAY_NO_EXTENSIONS is kept, and reported.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") or k == "GATEWAY_NO_EXTENSIONS"}
@@ -311,8 +403,7 @@ def gateway_env(db_url: str, dataplane_port: int = 0, controlplane_port: int = 0
         GATEWAY_CONTROLPLANE_PORT=str(controlplane_port),
         GATEWAY_LOG_LEVEL="WARNING",
     )
-    # Always explicit: the defaults (global 5000/min, ...) would throttle the bench, not measure the gateway.
-    env.update(LIMITS_ENV[limits])
+    env.update(COMPARE.env(setting))
     return env
 
 
@@ -321,14 +412,17 @@ def gateway_cli(*args: str) -> list[str]:
 
 
 class Gateway:
-    """A gateway process, provisioned through its admin API (or sharing the database of `peer`, provisioned)."""
+    """A gateway process, provisioned through its admin API (or sharing the database of `peer`, provisioned).
 
-    def __init__(self, children: Children, db: Database, upstream_url: str, limits: str,
+    `setting`: "on", the production configuration, or "off", with the feature `--compare` names off.
+    """
+
+    def __init__(self, children: Children, db: Database, upstream_url: str, setting: str,
                  peer: Gateway | None = None) -> None:
-        self.name = GATEWAYS[limits]
-        self.limits = limits
+        self.name = COMPARE.targets[setting]
+        self.setting = setting
         if peer is None:
-            env = gateway_env(db.url, limits=limits)
+            env = gateway_env(db.url, setting=setting)
             for command in ("migrate", "bootstrap"):
                 done = subprocess.run(gateway_cli(command), env=env, capture_output=True, text=True, timeout=120)
                 if done.returncode != 0:
@@ -341,7 +435,7 @@ class Gateway:
             self.admin_key = peer.admin_key
         dataplane, controlplane = free_port(), free_port()
         self.proc = children.start(self.name, gateway_cli("serve"), cpu=PROXY_CPU,
-                                   env=gateway_env(db.url, dataplane, controlplane, limits))
+                                   env=gateway_env(db.url, dataplane, controlplane, setting))
         self.url = f"http://{HOST}:{dataplane}"
         self.admin_url = f"http://{HOST}:{controlplane}/api/v1"
         self.endpoint = f"{self.url}/servers/{SERVER_NAME}/mcp"
@@ -353,8 +447,14 @@ class Gateway:
                 user = self.admin("POST", "/users", {"tenant_id": tenant["id"], "username": name,
                                                      "email": f"{name}@bench.invalid", "role": "USER"})
                 self.user_ids.append(user["id"])
-                self.admin("POST", "/servers", {"tenant_id": tenant["id"], "name": SERVER_NAME,
-                                                "endpoint_url": upstream_url, "transport_type": "http"})
+                server = self.admin("POST", "/servers", {"tenant_id": tenant["id"], "name": SERVER_NAME,
+                                                         "endpoint_url": upstream_url, "transport_type": "http"})
+                if COMPARE.routing_rule:
+                    # Made before any key: a key that works is proof the snapshot holds the rule too.
+                    self.admin("POST", "/routing-rules", {
+                        "tenant_id": tenant["id"], "name": ROUTE_NAME, "match_server": SERVER_NAME,
+                        "targets": [{"server_id": server["id"], "weight": 1}], "strategy": "weighted_round_robin",
+                    })
         else:
             self.user_ids = peer.user_ids  # the same tenants, users and servers: one database
         self.keys_made = 0
@@ -395,15 +495,25 @@ class Gateway:
                 time.sleep(0.1)
         return keys
 
-    def statuses(self) -> dict[str, float]:
-        """Requests by HTTP status so far, as the gateway's /metrics counts them."""
+    def metrics(self) -> str:
         request = urllib.request.Request(self.url + "/metrics", headers={"Authorization": f"Bearer {self.metrics_key}"})
         with urllib.request.urlopen(request, timeout=10) as response:
-            text = response.read().decode()
+            return response.read().decode()
+
+    def statuses(self) -> dict[str, float]:
+        """Requests by HTTP status so far, as the gateway's /metrics counts them."""
         counts: dict[str, float] = {}
-        for match in re.finditer(r'^gateway_requests_total\{.*status="([^"]*)"\}\s+(\S+)$', text, re.MULTILINE):
+        for match in re.finditer(r'^gateway_requests_total\{.*status="([^"]*)"\}\s+(\S+)$', self.metrics(),
+                                 re.MULTILINE):
             counts[match[1]] = counts.get(match[1], 0) + float(match[2])
         return counts
+
+    def check_setting(self) -> None:
+        """After some calls: the compared feature is on in this process exactly when it should be."""
+        on = re.search(rf"^{COMPARE.on_metric}\{{", self.metrics(), re.MULTILINE) is not None
+        if on != (self.setting == "on"):
+            raise BenchError(f"{label(self.name)}: /metrics {'shows' if on else 'lacks'} {COMPARE.on_metric} "
+                             f"({COMPARE.feature} {'on' if on else 'off'}): the setting did not take")
 
 
 # -- the request ---------------------------------------------------------------------------------
@@ -707,7 +817,7 @@ def measure(target: str, url: str, pids: dict[str, int], load, body: bytes, gate
     result.statuses = {s: n - before.get(s, 0) for s, n in after.items() if n != before.get(s, 0)}
     if result.statuses.get("429"):
         raise BenchError(
-            f"{LABELS[target]} refused {result.statuses['429']:.0f} measured requests with 429: a key's quota "
+            f"{label(target)} refused {result.statuses['429']:.0f} measured requests with 429: a key's quota "
             f"ran out or a limit is too low, so the figures would measure refusals (statuses {result.statuses})"
         )
     return result
@@ -741,15 +851,6 @@ def gateway_source() -> str:
     return f"{commit}" + (" + uncommitted changes under src/gateway" if dirty else "")
 
 
-def describe_limits(limits: str) -> str:
-    if limits == "off":
-        return "limits off: GATEWAY_LIMITS_ENABLED=false (no tier, no per-key quota)"
-    return (f"limits on: every tier at {LIMITS_HIGH:,}/min (global, each role, per address, anonymous), tenant "
-            f"burst factor 1 with {len(TENANTS)} tenants active (the tenant tier decides), per-key quotas "
-            f"{KEY_PER_HOUR}/h and {KEY_PER_DAY}/day (fresh keys per run); no Redis, so buckets are decided in "
-            "the one process and never synchronized")
-
-
 def conditions(args, body: bytes, load, db: Database, pids: dict[str, int], load_at_start, source: str,
                gateways: dict[str, Gateway]) -> dict:
     import aiohttp
@@ -774,16 +875,16 @@ def conditions(args, body: bytes, load, db: Database, pids: dict[str, int], load
         "database": db.describe(),
         "pinning": (
             f"proxy under test on CPU {PROXY_CPU} (baseline: cpus {cpus(pids['baseline'])}, "
-            + ", ".join(f"{LABELS[t]}: cpus {cpus(pids[t])}" for t in gateways)
+            + ", ".join(f"{label(t)}: cpus {cpus(pids[t])}" for t in gateways)
             + f"); wrk + stub on CPU {LOAD_CPU} (stub: cpus {cpus(pids['upstream'])}); database server not pinned"
         ),
         "gateway": (
-            f"1 process per configuration ({len(gateways)}: --limits {args.limits}"
+            f"1 process per configuration ({len(gateways)}: {COMPARE.flag} {args.gateways}"
             + (", both on one database, the idle one waiting on the same CPU" if len(gateways) > 1 else "")
             + f"); API-key auth and request_logs through the batched writer on; {len(TENANTS)} tenants, the keys "
             "alternating between them; log level WARNING; no Redis"
         ),
-        **{LABELS[t]: describe_limits(g.limits) for t, g in gateways.items()},
+        **{label(t): COMPARE.describe(g.setting) for t, g in gateways.items()},
         "gateway_source": source,
         "fast_modules_compiled": compiled_modules(),
         "GATEWAY_NO_EXTENSIONS": os.environ.get("GATEWAY_NO_EXTENSIONS", "(unset)"),
@@ -807,28 +908,29 @@ def summarize(loads: list[Load]) -> dict:
 def report(results: dict[str, list[Load]], cond: dict) -> dict:
     targets = list(results)
     medians = {t: summarize(results[t]) for t in targets}
-    # The production configuration (limits on) is the one held to the target, when it ran.
-    primary = "gateway" if "gateway" in medians else GATEWAYS["off"]
+    # The production configuration (every feature on) is the one held to the target, when it ran.
+    feature, off_target = COMPARE.feature, COMPARE.targets["off"]
+    primary = "gateway" if "gateway" in medians else off_target
     gateway, baseline = medians[primary], medians["baseline"]
     ratios = {
         "gateway/baseline": gateway["rps"] / baseline["rps"],
         "gateway/upstream": gateway["rps"] / medians["upstream"]["rps"],
         "baseline/gateway CPU per request": baseline["cpu_us_per_request"] / gateway["cpu_us_per_request"],
     }
-    both = "gateway" in medians and GATEWAYS["off"] in medians
+    both = "gateway" in medians and off_target in medians
     if both:
-        on, off = medians["gateway"], medians[GATEWAYS["off"]]
-        ratios["gateway limits off/baseline"] = off["rps"] / baseline["rps"]
-        ratios["baseline/gateway limits off CPU per request"] = (baseline["cpu_us_per_request"]
-                                                                  / off["cpu_us_per_request"])
-        ratios["limits on/off"] = on["rps"] / off["rps"]
-        ratios["limits on/off CPU per request"] = on["cpu_us_per_request"] / off["cpu_us_per_request"]
+        on, off = medians["gateway"], medians[off_target]
+        ratios[f"gateway {feature} off/baseline"] = off["rps"] / baseline["rps"]
+        ratios[f"baseline/gateway {feature} off CPU per request"] = (baseline["cpu_us_per_request"]
+                                                                     / off["cpu_us_per_request"])
+        ratios[f"{feature} on/off"] = on["rps"] / off["rps"]
+        ratios[f"{feature} on/off CPU per request"] = on["cpu_us_per_request"] / off["cpu_us_per_request"]
     rounds = len(results[primary])
     print(f"\n{'target':<20} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'CPU us/req':>10} "
           f"{'CPU%':>5} {'others%':>7}" + (f"   median of {rounds} rounds" if rounds > 1 else ""))
     for t in targets:
         m = medians[t]
-        print(f"{LABELS[t]:<20} {m['rps']:>9,.0f} {m['p50_ms']:>7.2f} {m['p99_ms']:>7.2f} {m['errors']:>6} "
+        print(f"{label(t):<20} {m['rps']:>9,.0f} {m['p50_ms']:>7.2f} {m['p99_ms']:>7.2f} {m['errors']:>6} "
               f"{m['cpu_us_per_request']:>10.1f} {m['cpu_pct']:>5.0f} {m['others_pct']:>7.0f}")
     print("(CPU: the proxy's own, the stub's for upstream direct; others%: the most either pinned CPU gave to "
           "other work in a measured run)")
@@ -837,19 +939,19 @@ def report(results: dict[str, list[Load]], cond: dict) -> dict:
         print(f"WARNING: other work took up to {noisy:.0f}% of a pinned CPU during a measured run: the machine "
               "was not quiet, req/s are disturbed (CPU us/req less so)")
     verdict = "meets" if ratios["gateway/baseline"] >= 1.5 else "BELOW"
-    which = "limits on" if primary == "gateway" else "limits off"
+    which = f"{feature} on" if primary == "gateway" else f"{feature} off"
     print(f"\ngateway/baseline = {ratios['gateway/baseline']:.2f}x   ({which}; {verdict} the target of 1.50x; "
           f"by CPU per request {ratios['baseline/gateway CPU per request']:.2f}x)")
     if both:
-        print(f"gateway (limits off)/baseline = {ratios['gateway limits off/baseline']:.2f}x   (by CPU per request "
-              f"{ratios['baseline/gateway limits off CPU per request']:.2f}x)")
+        print(f"{label(off_target)}/baseline = {ratios[f'gateway {feature} off/baseline']:.2f}x   (by CPU per request "
+              f"{ratios[f'baseline/gateway {feature} off CPU per request']:.2f}x)")
     print(f"gateway/upstream = {ratios['gateway/upstream']:.2f}x   ({which}; upstream direct = load generator + stub "
           "on one core, this harness's ceiling)")
     if both:
         extra = on["cpu_us_per_request"] - off["cpu_us_per_request"]
-        print(f"limits on/off    = {ratios['limits on/off']:.2f}x throughput, "
-              f"{ratios['limits on/off CPU per request']:.2f}x CPU per request ({extra:+.1f} us/request: what "
-              "deciding every tier costs)")
+        print(f"{feature + ' on/off':<16} = {ratios[f'{feature} on/off']:.2f}x throughput, "
+              f"{ratios[f'{feature} on/off CPU per request']:.2f}x CPU per request ({extra:+.1f} us/request: what "
+              f"{COMPARE.cost})")
     print("\nconditions:")
     for name, value in cond.items():
         print(f"  {name:<22} {value}")
@@ -879,8 +981,8 @@ def run(args, work_dir: Path, children: Children, db: Database) -> int:
                                            "--connections", str(args.connections)], cpu=PROXY_CPU)
     children.wait_ready("baseline", baseline, lambda: listening(baseline_port), f"not listening on {baseline_port}")
     gateways: dict[str, Gateway] = {}
-    for limits in ("on", "off") if args.limits == "both" else (args.limits,):
-        gateway = Gateway(children, db, stub_url, limits, peer=next(iter(gateways.values()), None))
+    for setting in ("on", "off") if args.gateways == "both" else (args.gateways,):
+        gateway = Gateway(children, db, stub_url, setting, peer=next(iter(gateways.values()), None))
         gateways[gateway.name] = gateway
     urls = {"upstream": stub_url, "baseline": f"http://{HOST}:{baseline_port}/mcp",
             **{t: g.endpoint for t, g in gateways.items()}}
@@ -896,12 +998,14 @@ def run(args, work_dir: Path, children: Children, db: Database) -> int:
     for r in range(args.rounds):
         # The upstream first (it sets the key budget's ceiling), then the proxies, every other round reversed.
         for target in ["upstream", *(proxies if r % 2 == 0 else reversed(proxies))]:
-            log(f"round {r + 1}/{args.rounds}: {LABELS[target]} ...")
+            log(f"round {r + 1}/{args.rounds}: {label(target)} ...")
             result = measure(target, urls[target], pids, load, body, gateways, args.duration, ceiling)
             if target == "upstream":
                 # Nothing behind this harness goes faster than wrk + stub alone.
                 ceiling = max(ceiling, result.rps)
             results[target].append(result)
+            if r == 0 and target in gateways:
+                gateways[target].check_setting()  # before any more time goes into a run that would mislead
             statuses = f", gateway statuses {result.statuses}" if result.statuses else ""
             log(f"    {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, "
                 f"{result.requests} requests, {result.non_2xx} non-2xx, {result.socket_errors} socket errors, "
@@ -921,8 +1025,8 @@ def run(args, work_dir: Path, children: Children, db: Database) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS_DIR / f"proxy-{stamp}.json"
     runs = {t: [{**asdict(x), "cpu_us_per_request": x.cpu_us_per_request} for x in results[t]] for t in results}
-    out.write_text(json.dumps({"benchmark": "proxy", "timestamp": stamp, **summary, "runs": runs,
-                               "conditions": cond, "request_logs_rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"benchmark": "proxy", "compare": COMPARE.feature, "timestamp": stamp, **summary,
+                               "runs": runs, "conditions": cond, "request_logs_rows": rows}, indent=2) + "\n")
     print(f"\nfigures written to {out.relative_to(BENCH_DIR.parent)}")
     errors = {t: sum(x.errors for x in results[t]) for t in results}
     if any(errors.values()):
@@ -946,15 +1050,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="plain 2025-era calls, 2026-07-28 stateless calls, or 2025-era calls in a session")
     parser.add_argument("--load", choices=("auto", "wrk", "aiohttp"), default="auto",
                         help="load generator (auto: wrk if on PATH)")
-    parser.add_argument("--limits", choices=("on", "off", "both"), default="both",
-                        help="gateway with every rate-limit tier on (far above the load), off, or both in each round")
+    parser.add_argument("--compare", choices=tuple(COMPARISONS), default="limits",
+                        help="the feature the second gateway turns off: limits (every rate-limit tier, far above "
+                             "the load) or guard (the upstream guard: routing, breaker, queue, retries)")
+    parser.add_argument("--gateways", choices=("on", "off", "both"),
+                        help="the production gateway (on), the one with the compared feature off, or both in "
+                             "each round (default)")
+    parser.add_argument("--limits", choices=("on", "off", "both"),
+                        help="the same as --compare limits --gateways LIMITS")
     args = parser.parse_args(argv)
+    if args.limits is not None:
+        if args.compare != "limits" or args.gateways is not None:
+            parser.error("--limits X means --compare limits --gateways X: give --limits alone")
+        args.gateways = args.limits
+    args.gateways = args.gateways or "both"
     if args.duration <= 0 or args.connections < 1 or args.rounds < 1:
         parser.error("--duration, --connections and --rounds must be positive")
     if len(os.sched_getaffinity(0)) < 2:
         parser.error("needs two CPUs (one for the proxy under test, one for the load)")
-    global CASE
+    global CASE, COMPARE
     CASE = args.case
+    COMPARE = COMPARISONS[args.compare]
     # SIGTERM and SIGHUP unwind like Ctrl-C, through the cleanup below.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
@@ -968,7 +1084,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, work_dir, children, db)
     except BenchError as exc:
         log(f"bench: {exc}")
-        for name in GATEWAYS.values():
+        for name in COMPARE.targets.values():
             tail = children.log_tail(name)
             if tail:
                 log(f"bench: the log of {name} ends with:\n{tail}")
