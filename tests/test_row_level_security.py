@@ -35,6 +35,8 @@ REFERENCES = {
     "server_resources": {"server_id": "mcp_servers"},
     "server_resource_templates": {"server_id": "mcp_servers"},
     "server_prompts": {"server_id": "mcp_servers"},
+    "alert_rules": {"server_id": "mcp_servers"},
+    "alert_events": {"rule_id": "alert_rules"},
     "enhanced_api_keys": {"user_id": "users"},
     "sessions": {"user_id": "users"},
     "server_access_rules": {"user_id": "users", "api_key_id": "enhanced_api_keys", "server_id": "mcp_servers"},
@@ -45,7 +47,7 @@ RECORDS = {"audit_logs", "request_logs", "server_metrics"}
 
 def _rows(tag: str) -> dict[str, dict]:
     """One row of a tenant in every tenant-owned table, each pointing at the tenant's own objects."""
-    tenant, user, server, key = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    tenant, user, server, key, rule = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     later = datetime.now(timezone.utc) + timedelta(hours=1)
     mine = {"tenant_id": tenant}
     return {
@@ -57,6 +59,13 @@ def _rows(tag: str) -> dict[str, dict]:
         "server_resource_templates": {**mine, "id": uuid.uuid4(), "server_id": server,
                                       "uri_template": f"demo://{tag}/{{id}}"},
         "server_prompts": {**mine, "id": uuid.uuid4(), "server_id": server, "name": f"prompt-{tag}"},
+        "retention_policies": {**mine, "id": uuid.uuid4(), "table_name": "request_logs", "days": 30},
+        "alert_rules": {**mine, "id": rule, "name": f"alert-{tag}", "server_id": server, "metric": "error_rate",
+                        "threshold": 0.5},
+        "alert_events": {**mine, "id": uuid.uuid4(), "rule_id": rule, "state": "firing", "threshold": 0.5,
+                         "fired_at": later},
+        "system_config": {**mine, "id": uuid.uuid4(), "key": f"k-{tag}", "value": {"v": 1}},
+        "system_config_history": {**mine, "id": uuid.uuid4(), "key": f"k-{tag}", "version": 1, "change": "set"},
         "routing_rules": {**mine, "id": uuid.uuid4(), "name": f"route-{tag}", "match_server": f"s-{tag}",
                           "targets": [{"server_id": str(server), "weight": 1}]},
         "enhanced_api_keys": {**mine, "id": key, "user_id": user, "name": f"k-{tag}", "key_prefix": f"p{tag}",

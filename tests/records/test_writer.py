@@ -82,6 +82,10 @@ def audit_entry(i: int) -> tuple:
         "error_code": None,
         "duration_ms": 1.25,
         "created_at": (BASE_TIME + timedelta(seconds=i)).astimezone(OFFSETS[i % 3]),
+        "role": "USER",
+        "chain_seq": None,
+        "prev_hash": None,
+        "entry_hash": None,
     }
     return tuple(values[name] for name in COLUMNS["audit_logs"])
 

@@ -365,7 +365,16 @@ audit_logs = sa.Table(
     sa.Column("error_code", sa.Integer, nullable=True),
     sa.Column("duration_ms", sa.Float, nullable=True),
     sa.Column("created_at", Timestamp, nullable=False, default=utcnow),
+    # Who acted, by role (the user's, or the token's mapped role).
+    sa.Column("role", sa.String(16), nullable=True),
+    # The tenant's hash chain (records/audit.py): position, the previous entry's
+    # hash and this entry's, set when the entry is written; NULL for entries
+    # without a tenant (the operator's platform-wide actions chain under none).
+    sa.Column("chain_seq", sa.BigInteger, nullable=True),
+    sa.Column("prev_hash", sa.String(64), nullable=True),
+    sa.Column("entry_hash", sa.String(64), nullable=True),
     sa.Index(None, "tenant_id", "created_at"),
+    sa.Index(None, "tenant_id", "chain_seq", unique=True),
 )
 
 request_logs = sa.Table(
@@ -408,6 +417,115 @@ server_metrics = sa.Table(
     sa.Column("p99_response_ms", sa.Float, nullable=True),
     sa.Column("created_at", Timestamp, nullable=False, default=utcnow),
     sa.Index(None, "server_id", "window_start"),
+)
+
+# Records retention (records/retention.py): rows of `table_name` older than
+# `days` are deleted by a scheduled job; tenant_id NULL is the deployment's
+# default, a tenant's own row overrides it for that tenant.
+RETENTION_TABLES = ("request_logs", "audit_logs", "server_metrics", "alert_events")
+retention_policies = sa.Table(
+    "retention_policies",
+    metadata,
+    _id(),
+    _tenant_fk(nullable=True),
+    sa.Column("table_name", sa.String(64), nullable=False),
+    sa.Column("days", sa.Integer, nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False, default=True),
+    sa.Column("last_run_at", Timestamp, nullable=True),
+    sa.Column("last_deleted", sa.BigInteger, nullable=False, default=0, server_default="0"),
+    *_stamps(),
+    _one_of("table_name", RETENTION_TABLES, "table_name"),
+    sa.CheckConstraint("days BETWEEN 1 AND 36500", name="days"),
+    sa.Index(None, "tenant_id", "table_name", unique=True),
+    sa.Index("ix_retention_policies_default_table", "table_name", unique=True,
+             postgresql_where=sa.text("tenant_id IS NULL"), sqlite_where=sa.text("tenant_id IS NULL")),
+)
+
+# Performance alerts (records/alerts.py): a rule on a metric of one server (or
+# of every server of the tenant) over a window; its firings and resolutions
+# are alert_events.
+ALERT_METRICS = ("error_rate", "latency_p95", "latency_p99", "health", "request_rate")
+ALERT_STATES = ("firing", "resolved")
+alert_rules = sa.Table(
+    "alert_rules",
+    metadata,
+    _id(),
+    _tenant_fk(nullable=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("server_id", sa.Uuid, sa.ForeignKey("mcp_servers.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("metric", sa.String(32), nullable=False),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("window_minutes", sa.Integer, nullable=False, default=5),
+    sa.Column("webhook_url", sa.String(1000), nullable=True),
+    sa.Column("enabled", sa.Boolean, nullable=False, default=True),
+    sa.Column("description", sa.Text, nullable=True),
+    *_stamps(),
+    _one_of("metric", ALERT_METRICS, "metric"),
+    sa.CheckConstraint("window_minutes BETWEEN 1 AND 10080", name="window_minutes"),
+    sa.Index(None, "tenant_id", "name", unique=True),
+)
+
+alert_events = sa.Table(
+    "alert_events",
+    metadata,
+    _id(),
+    _tenant_fk(nullable=True),
+    sa.Column("rule_id", sa.Uuid, sa.ForeignKey("alert_rules.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("server_id", sa.Uuid, nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("value", sa.Float, nullable=True),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("message", sa.Text, nullable=True),
+    sa.Column("fired_at", Timestamp, nullable=False),
+    sa.Column("resolved_at", Timestamp, nullable=True),
+    sa.Column("notified_at", Timestamp, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False, default=utcnow),
+    _one_of("state", ALERT_STATES, "state"),
+    sa.Index(None, "tenant_id", "fired_at"),
+    sa.Index(None, "rule_id", "state"),
+)
+
+# System configuration (controlplane: /api/v1/config): key/value settings by
+# category; tenant_id NULL is the deployment's value, a tenant's row overrides
+# it for that tenant. A sensitive value is kept sealed (auth/sealing.py) in
+# `value_sealed` and never returned in clear; `runtime` settings apply without
+# a restart (every process within a second). Every change is a row of
+# system_config_history.
+system_config = sa.Table(
+    "system_config",
+    metadata,
+    _id(),
+    _tenant_fk(nullable=True),
+    sa.Column("key", sa.String(128), nullable=False),
+    sa.Column("category", sa.String(64), nullable=False, default="general"),
+    sa.Column("value", Json, nullable=True),
+    sa.Column("value_sealed", sa.Text, nullable=True),
+    sa.Column("sensitive", sa.Boolean, nullable=False, default=False),
+    sa.Column("runtime", sa.Boolean, nullable=False, default=True),
+    sa.Column("description", sa.Text, nullable=True),
+    sa.Column("version", sa.Integer, nullable=False, default=1),
+    sa.Column("updated_by", sa.Uuid, nullable=True),
+    *_stamps(),
+    sa.Index(None, "tenant_id", "key", unique=True),
+    sa.Index("ix_system_config_default_key", "key", unique=True,
+             postgresql_where=sa.text("tenant_id IS NULL"), sqlite_where=sa.text("tenant_id IS NULL")),
+)
+
+system_config_history = sa.Table(
+    "system_config_history",
+    metadata,
+    _id(),
+    _tenant_fk(nullable=True),
+    sa.Column("config_id", sa.Uuid, nullable=True),
+    sa.Column("key", sa.String(128), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("value", Json, nullable=True),
+    sa.Column("value_sealed", sa.Text, nullable=True),
+    sa.Column("sensitive", sa.Boolean, nullable=False, default=False),
+    sa.Column("change", sa.String(16), nullable=False),  # set | delete
+    sa.Column("changed_by", sa.Uuid, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False, default=utcnow),  # when the change was made
+    sa.Index(None, "tenant_id", "key", "version"),
 )
 
 # One row: bumped in the same transaction as every configuration write, so
