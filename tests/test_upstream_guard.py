@@ -75,7 +75,8 @@ class Peer:
         if method != "tools/call" and method != "tools/list":
             # Discovery and the like: a plain answer, whatever the mode.
             return web.json_response({"jsonrpc": "2.0", "id": message.get("id"), "result": {"tools": []}})
-        self.in_flight += 1
+        calling = method == "tools/call"  # discovery lists tools on its own, outside the guard
+        self.in_flight += calling
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             if self.delay:
@@ -88,7 +89,7 @@ class Peer:
             result = {"content": [{"type": "text", "text": self.name}]} if method == "tools/call" else {"tools": []}
             return web.json_response({"jsonrpc": "2.0", "id": message.get("id"), "result": result})
         finally:
-            self.in_flight -= 1
+            self.in_flight -= calling
 
 
 @pytest.fixture

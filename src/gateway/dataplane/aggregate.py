@@ -350,7 +350,7 @@ class Aggregate:
         enforce.check_target(snapshot, key, server, enforce.TARGETS[method][0], name, shown=full)
         if self.guard is not None:
             # A routing rule may send the call to another replica of the server.
-            server = self.guard.route(snapshot, server, name if method == "tools/call" else None)
+            server = self.guard.route(snapshot, server, name if method == "tools/call" else None)[0]
         return await self._forward(server, method, params, "name", name, down, key.tenant_id), server
 
     async def _read_resource(self, snapshot: Snapshot, key: KeyEntry, params: dict, down: Downstream | None):

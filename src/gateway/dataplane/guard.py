@@ -33,7 +33,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from gateway._fast.breaker import OPEN
+from gateway._fast.breaker import ADMITTED, OPEN
 from gateway.dataplane.jsonrpc import UPSTREAM_UNAVAILABLE, Refusal
 from gateway.limits.fairness import FairQueue, FairQueueRefusal, QueueClosed
 from gateway.registry.routing import Router
@@ -104,11 +104,20 @@ class _Budget:
 
 
 class _Upstream:
-    """What the guard keeps for one upstream server."""
+    """What the guard keeps for one upstream server, and its references into the boards it reports to.
 
-    __slots__ = ("slots", "queue", "budget", "settings", "retries", "refused_open", "refused_queue")
+    `breaker` and `replica` are the server's own CircuitBreaker and ReplicaStats,
+    kept so a call costs one lookup (this object) instead of one per board;
+    they are fetched again after every configuration change (`epoch`).
+    """
+
+    __slots__ = ("slots", "queue", "budget", "settings", "retries", "refused_open", "refused_queue",
+                 "breaker", "replica", "epoch")
 
     def __init__(self, settings, now: float) -> None:
+        self.breaker = None
+        self.replica = None
+        self.epoch = -1
         self.settings = settings
         self.slots = _Slots(settings.max_concurrency)
         self.queue = FairQueue(max_queue=settings.queue_max, deadline=settings.queue_deadline)
@@ -159,11 +168,13 @@ class UpstreamGuard:
         self.router = Router()
         self.clock = clock
         self._upstreams: dict[uuid.UUID, _Upstream] = {}
+        self._epoch = 0  # configurations seen: an _Upstream of an older one fetches its references again
 
     def configure(self, snapshot) -> None:
         """Follow a new snapshot: breakers for its servers, new queue and budget settings, forget the gone."""
         servers = {s.id: s for s in snapshot.servers.values()}
         self.breakers.configure((s.id, s.settings) for s in servers.values())
+        self._epoch += 1
         now = self.clock()
         for server_id in [s for s in self._upstreams if s not in servers]:
             upstream = self._upstreams.pop(server_id)
@@ -182,16 +193,19 @@ class UpstreamGuard:
         """Whether a call may be sent to `server` now: not down, breaker not refusing."""
         if server.health_status in _DOWN:
             return False
-        return self.breakers.available(server.id, self.clock() if now is None else now)
+        if now is None:
+            now = self.clock()
+        breaker = self._upstream(server, now).breaker
+        return breaker is None or breaker.retry_after(now) == 0.0
 
     def route(self, snapshot, server, tool: str | None):
-        """The server that takes a call addressed to `server`: itself, or the replica a routing rule picks.
+        """The server that takes a call addressed to `server` and the rule that chose it (None: no rule).
 
         Raises Refusal(503) when a rule covers the call and none of its replicas is usable.
         """
         route = snapshot.routing.route(server, tool) if snapshot.routing.by_tenant else None
         if route is None:
-            return server
+            return server, None
         now = self.clock()
         chosen = self.router.choose(route, lambda s: self.usable(s, now))
         if chosen is None:
@@ -201,17 +215,19 @@ class UpstreamGuard:
                 "is unhealthy, in maintenance or behind an open circuit breaker); retry later",
                 headers={"Retry-After": str(self._retry_seconds(route.replicas, now))},
             )
-        return chosen
+        return chosen, route
 
     def replicas(self, snapshot, server, tool: str | None) -> tuple:
-        """Every replica a routing rule gives a call to `server` (for failover), or ()."""
+        """Every replica a routing rule gives a call to `server`, or ()."""
         route = snapshot.routing.route(server, tool) if snapshot.routing.by_tenant else None
         return tuple(r.server for r in route.replicas) if route is not None else ()
 
-    def failover(self, replicas: tuple, tried: list):
-        """The replica a retry goes to: a usable one not tried yet, the least busy first; None if none."""
+    def failover(self, route, tried: list):
+        """The replica of `route` (or None) a retry goes to: a usable one not tried yet, the least busy first."""
+        if route is None:
+            return None
         now = self.clock()
-        left = [r for r in replicas if r not in tried and self.usable(r, now)]
+        left = [r.server for r in route.replicas if r.server not in tried and self.usable(r.server, now)]
         if not left:
             return None
         return min(left, key=lambda r: self.router.outstanding(r.id))
@@ -225,9 +241,10 @@ class UpstreamGuard:
         """
         now = self.clock()
         upstream = self._upstreams.get(server.id)
-        if upstream is None:
-            upstream = self._upstreams[server.id] = _Upstream(server.settings, now)
-        trial = self.breakers.allow(server.id, now)
+        if upstream is None or upstream.epoch != self._epoch:
+            upstream = self._upstream(server, now)
+        breaker = upstream.breaker
+        trial = breaker.allow(now) if breaker is not None else ADMITTED
         if not trial:
             upstream.refused_open += 1
             retry = self.breakers.retry_after(server.id, now)
@@ -243,7 +260,8 @@ class UpstreamGuard:
             try:
                 await upstream.queue.wait(tenant_id, weight, 1.0, slots)
             except (FairQueueRefusal, QueueClosed) as exc:
-                self.breakers.release(server.id, trial)
+                if breaker is not None:
+                    breaker.release(trial)
                 upstream.refused_queue += 1
                 retry = _seconds(min(exc.retry_after, upstream.settings.queue_deadline or 1.0))
                 raise Refusal(
@@ -253,11 +271,24 @@ class UpstreamGuard:
                     headers={"Retry-After": str(retry)},
                 ) from None
             except BaseException:
-                self.breakers.release(server.id, trial)
+                if breaker is not None:
+                    breaker.release(trial)
                 raise
+            now = self.clock()
         upstream.budget.deposit()
-        self.router.started(server.id)
-        return Ticket(server, trial, self.clock(), upstream, tenant_id, tool)
+        upstream.replica.started()
+        return Ticket(server, trial, now, upstream, tenant_id, tool)
+
+    def _upstream(self, server, now: float) -> _Upstream:
+        """The guard's state of `server`, its references to the boards fetched for this configuration."""
+        upstream = self._upstreams.get(server.id)
+        if upstream is None:
+            upstream = self._upstreams[server.id] = _Upstream(server.settings, now)
+        if upstream.epoch != self._epoch:
+            upstream.breaker = self.breakers.breaker(server.id)
+            upstream.replica = self.router.stats(server.id)
+            upstream.epoch = self._epoch
+        return upstream
 
     def leave(self, ticket: Ticket, *, stream_ended: bool = False) -> None:
         """The call ended, as `ticket.ok` says; a ticket a stream holds is given back only when it ended."""
@@ -265,16 +296,20 @@ class UpstreamGuard:
             return
         ticket.left = True
         ok = ticket.ok
+        upstream = ticket.upstream
+        upstream.slots.free()
+        breaker = upstream.breaker if upstream.epoch == self._epoch else self.breakers.breaker(ticket.server.id)
+        if ok is None:
+            if breaker is not None:
+                breaker.release(ticket.breaker)
+            upstream.replica.finished(None)
+            return
         server_id = ticket.server.id
         now = self.clock()
-        ticket.upstream.slots.free()
-        if ok is None:
-            self.breakers.release(server_id, ticket.breaker)
-            self.router.finished(server_id, None)
-            return
-        self.breakers.record(server_id, ok, now)
+        if breaker is not None and breaker.record(ok, now):
+            self.breakers.transition(server_id, breaker, now)
         elapsed = now - ticket.started
-        self.router.finished(server_id, elapsed if ok else None)
+        upstream.replica.finished(elapsed if ok else None)
         if self.health is not None:
             self.health.observe(server_id, ok, elapsed * 1000.0)
         if self.stats is not None:

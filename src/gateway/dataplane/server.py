@@ -712,12 +712,11 @@ class DataPlane:
         tool = call.target if call is not None and call.method == "tools/call" else None
         session = request.headers.get("Mcp-Session-Id")
         if session is None:
-            target = guard.route(snapshot, server, tool)
-            replicas = guard.replicas(snapshot, server, tool)
+            target, route = guard.route(snapshot, server, tool)
         else:
             # A session lives on the replica that opened it: no other may take its calls.
             target = self._session_replica(session, key, guard.replicas(snapshot, server, tool)) or server
-            replicas = ()
+            route = None
         tenant = snapshot.tenants.get(key.tenant_id)
         weight = tenant.weight if tenant is not None else 100
         retry_safe = call is not None and not call.is_batch and guard_safe(call.method, tool, snapshot, target)
@@ -746,7 +745,7 @@ class DataPlane:
                     raise failure
                 return failure
             attempts += 1
-            target = guard.failover(replicas, tried) or target
+            target = guard.failover(route, tried) or target
             log.info("retrying a safe call (%s) to '%s', attempt %d", call.method, target.name, attempts + 1)
             exchange.status, exchange.sent = 0, 0
 

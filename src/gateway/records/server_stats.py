@@ -54,15 +54,15 @@ class _Window:
         self.samples: list[float] = []
 
     def add(self, ok: bool, seconds: float) -> None:
-        self.calls += 1
+        calls = self.calls = self.calls + 1
         if not ok:
             self.errors += 1
         self.total += seconds
         samples = self.samples
-        if len(samples) < _SAMPLES:
+        if calls <= _SAMPLES:
             samples.append(seconds)
         else:
-            slot = random.randrange(self.calls)  # reservoir: every call equally likely to be kept
+            slot = int(random.random() * calls)  # reservoir: every call equally likely to be kept
             if slot < _SAMPLES:
                 samples[slot] = seconds
 
@@ -79,7 +79,7 @@ class ServerStats:
         self.window = window
         self._ids = ids
         self._started = time.time()
-        self._windows: dict[tuple[uuid.UUID, str | None], _Window] = {}
+        self._windows: dict[uuid.UUID, dict[str | None, _Window]] = {}
         # Tool counts not yet in server_tools: (server_id, tool) -> [successes, errors, seconds].
         self._tool_counts: dict[tuple[uuid.UUID, str], list] = {}
         self._task: asyncio.Task | None = None
@@ -89,11 +89,15 @@ class ServerStats:
     def observe(self, tenant_id: uuid.UUID | None, server_id: uuid.UUID, tool: str | None, ok: bool,
                 seconds: float) -> None:
         """One upstream call ended with an answer (`ok`) or a failure, after `seconds` (request path)."""
-        windows = self._windows
-        for key in ((server_id, None), (server_id, tool)) if tool is not None else ((server_id, None),):
-            window = windows.get(key)
+        # Per server: its own window (key None) and one per tool; one UUID hash per call.
+        windows = self._windows.get(server_id)
+        if windows is None:
+            windows = self._windows[server_id] = {None: _Window(tenant_id)}
+        windows[None].add(ok, seconds)
+        if tool is not None:
+            window = windows.get(tool)
             if window is None:
-                window = windows[key] = _Window(tenant_id)
+                window = windows[tool] = _Window(tenant_id)
             window.add(ok, seconds)
 
     async def start(self) -> None:
@@ -119,7 +123,7 @@ class ServerStats:
             start = datetime.fromtimestamp(started, timezone.utc)
             seconds = max(1, round(self._started - started))
             now = datetime.now(timezone.utc)
-            for (server_id, tool), w in windows.items():
+            for server_id, tool, w in ((s, t, w) for s, by_tool in windows.items() for t, w in by_tool.items()):
                 ordered = sorted(w.samples)
                 row = {
                     "id": self._ids(), "tenant_id": w.tenant_id, "server_id": server_id, "tool_name": tool,

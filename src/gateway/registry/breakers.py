@@ -278,6 +278,16 @@ class BreakerBoard:
         """Every breaker's state and openings in a row, by server id (for metrics)."""
         return {s: BreakerStatus(b.state_name, b.opened_count) for s, b in self._breakers.items()}
 
+    def breaker(self, server_id: Hashable) -> CircuitBreaker | None:
+        """The breaker of `server_id` itself (None: it has none), for a caller that keeps it between
+        calls to skip the lookups; valid until the next `configure`. A caller that `record`s on it
+        directly passes a True answer on to `transition`."""
+        return self._breakers.get(server_id)
+
+    def transition(self, server_id: Hashable, breaker: CircuitBreaker, now: float) -> None:
+        """`breaker` (from `breaker()`) just opened or closed: log it and share it."""
+        self._transition(server_id, breaker, now)
+
     def _transition(self, server_id: Hashable, breaker: CircuitBreaker, now: float) -> None:
         if breaker.state == OPEN:
             log.warning(

@@ -44,6 +44,8 @@ STRATEGIES = ("weighted_round_robin", "least_outstanding", "lowest_latency")
 _EWMA = 0.2
 # lowest_latency: one call in this many goes round robin, to keep every replica's figure fresh.
 _EXPLORE = 16
+# Routing answers remembered per table, by (server, tool); past this many, the memory starts over.
+_MEMO_MAX = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,7 @@ class RoutingTable:
     """Every tenant's rules in the order they are tried."""
 
     by_tenant: dict[uuid.UUID, tuple[Route, ...]] = field(default_factory=dict)
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, rows: Iterable[Mapping[str, Any]], servers: Iterable[Any]) -> RoutingTable:
@@ -130,35 +133,62 @@ class RoutingTable:
         routes = self.by_tenant.get(server.tenant_id)
         if routes is None:
             return None
+        # The answer depends only on the server and the tool: remembered for this table's life.
+        memo = self._memo
+        key = (server.id, tool)
+        if key in memo:
+            return memo[key]
+        found = None
         for route in routes:
             if route.matches(server, tool):
-                return route
-        return None
+                found = route
+                break
+        if len(memo) >= _MEMO_MAX:
+            memo.clear()
+        memo[key] = found
+        return found
 
 
 EMPTY_ROUTING = RoutingTable()
 
 
-class _Stats:
+class ReplicaStats:
+    """What the strategies know of one server on this process: calls in flight, smoothed latency."""
+
     __slots__ = ("outstanding", "latency")
 
     def __init__(self) -> None:
         self.outstanding = 0
         self.latency = -1.0  # seconds, smoothed; negative: not measured yet
 
+    def started(self) -> None:
+        self.outstanding += 1
+
+    def finished(self, seconds: float | None) -> None:
+        """A call `started` ended; `seconds` its latency when it got an answer (None: failed or cancelled)."""
+        if self.outstanding > 0:
+            self.outstanding -= 1
+        if seconds is not None:
+            latency = self.latency
+            self.latency = seconds if latency < 0 else latency + _EWMA * (seconds - latency)
+
 
 class Router:
     """Picks a replica for each call and keeps what the strategies need (this process only)."""
 
     def __init__(self) -> None:
-        self._stats: dict[uuid.UUID, _Stats] = {}
+        self._stats: dict[uuid.UUID, ReplicaStats] = {}
         self._credit: dict[tuple[uuid.UUID, uuid.UUID], float] = {}  # (rule, server) -> smooth WRR credit
         self._turn: dict[uuid.UUID, int] = {}  # rule -> round-robin position for ties
         self._calls: dict[uuid.UUID, int] = {}  # rule -> lowest_latency picks, for exploring
 
     def choose(self, route: Route, usable: Callable[[Any], bool]) -> Any | None:
         """The replica that takes this call, among those `usable` says yes to; None if none is."""
-        candidates = [r for r in route.replicas if usable(r.server)]
+        replicas = route.replicas
+        if len(replicas) == 1:
+            only = replicas[0].server
+            return only if usable(only) else None
+        candidates = [r for r in replicas if usable(r.server)]
         if not candidates:
             return None
         if len(candidates) == 1:
@@ -169,20 +199,21 @@ class Router:
             return self._lowest_latency(route, candidates)
         return self._weighted_round_robin(route, candidates)
 
-    def started(self, server_id: uuid.UUID) -> None:
+    def stats(self, server_id: uuid.UUID) -> ReplicaStats:
+        """The figures of `server_id` (made when first asked): a caller may keep it and call it directly."""
         stats = self._stats.get(server_id)
         if stats is None:
-            stats = self._stats[server_id] = _Stats()
-        stats.outstanding += 1
+            stats = self._stats[server_id] = ReplicaStats()
+        return stats
+
+    def started(self, server_id: uuid.UUID) -> None:
+        self.stats(server_id).started()
 
     def finished(self, server_id: uuid.UUID, seconds: float | None) -> None:
         """A call `started` ended; `seconds` its latency when it got an answer (None: failed or cancelled)."""
         stats = self._stats.get(server_id)
-        if stats is None:
-            return
-        stats.outstanding = max(0, stats.outstanding - 1)
-        if seconds is not None:
-            stats.latency = seconds if stats.latency < 0 else stats.latency + _EWMA * (seconds - stats.latency)
+        if stats is not None:
+            stats.finished(seconds)
 
     def outstanding(self, server_id: uuid.UUID) -> int:
         stats = self._stats.get(server_id)
