@@ -345,6 +345,42 @@ class SigninConfig(msgspec.Struct, forbid_unknown_fields=True):
     state_ttl: Annotated[int, Meta(ge=30, le=3600)] = 600
 
 
+Days = Annotated[int, Meta(ge=0, le=36_500)]  # 0: keep forever
+
+
+class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The job that deletes old records (records/retention.py); one process runs it at a time.
+
+    The `*_days` keys apply where no retention policy (`/api/v1/retention-policies`)
+    says otherwise: a tenant's policy, else the deployment's, else these.
+    """
+
+    enabled: bool = True
+    # A run is due when the last one (any process's) is this old (seconds).
+    interval: Annotated[float, Meta(ge=0.05, le=7 * 86_400)] = 3600.0
+    # Rows per DELETE statement, each committed on its own, with a pause between
+    # them so no table is locked for long and the writer keeps appending.
+    batch_size: Annotated[int, Meta(ge=1, le=100_000)] = 5000
+    batch_pause: Annotated[float, Meta(ge=0, le=60)] = 0.05
+    request_logs_days: Days = 30
+    audit_logs_days: Days = 365
+    server_metrics_days: Days = 30
+    alert_events_days: Days = 90
+
+
+class AlertsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The performance alert evaluator (records/alerts.py); one process evaluates at a time."""
+
+    enabled: bool = True
+    # Every enabled rule is evaluated this often (seconds).
+    interval: Annotated[float, Meta(ge=0.05, le=3600)] = 30.0
+    # A webhook POST gets this long (seconds); a failed one is tried again
+    # `webhook_retries` times, after webhook_backoff, then twice that, and so on.
+    webhook_timeout: Annotated[float, Meta(gt=0, le=120)] = 5.0
+    webhook_retries: Annotated[int, Meta(ge=0, le=10)] = 3
+    webhook_backoff: Annotated[float, Meta(ge=0, le=600)] = 1.0
+
+
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "text"
@@ -364,6 +400,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     secrets: SecretsConfig = msgspec.field(default_factory=SecretsConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     signin: SigninConfig = msgspec.field(default_factory=SigninConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
     @property
