@@ -30,6 +30,7 @@ _KINDS = {
     "access-rules": "rule", "sessions": "session", "routing-rules": "route",
     "rate-limits": "limits",  # the deployment's: a tenant admin reads them (only its own weight), never writes
     "bans": "ban",  # the deployment's, by address: operator only
+    "config": "setting",  # `{key}`: a tenant's override of it is that tenant's
 }
 # A valid body for each route that takes one (so a refusal is about whose object it is, not the body).
 # Creating: aimed at globex (its tenant, user, server). Unknown routes get {} and must still refuse alike.
@@ -53,6 +54,7 @@ def _bodies(theirs: dict[str, str]) -> dict[tuple[str, str], dict]:
         ("POST", "/api/v1/routing-rules"): {"tenant_id": theirs["tenant"], "name": "probe",
                                             "targets": [{"server_id": theirs["server"]}]},
         ("PATCH", "/api/v1/routing-rules/{id}"): {"description": "probe", "priority": 0},
+        ("PUT", "/api/v1/config/{key}"): {"value": "probe", "tenant_id": theirs["tenant"]},
     }
 
 
@@ -90,9 +92,15 @@ async def _build(gw, upstream: str) -> _World:
         })
         assert status == 201, route
         ids["route"] = route["id"]
+        # A setting only this tenant has (its override; no deployment's value). The key is what a caller
+        # names, so it may be echoed back; its value must never cross.
+        status, setting = await gw.admin("PUT", f"/config/{name}.private", {"value": f"{name}-setting-value",
+                                                                            "tenant_id": t.tenant_id})
+        assert status == 200, setting
+        ids["setting"] = setting["key"]
         world.secrets[name] += [t.tenant_id, t.user_id, t.api_key_id, t.server_id, admin["id"], key["id"],
                                 f"{name}-files", f"{name}-user", f"{name}-admin", f"{name}@example.com",
-                                route["id"], f"{name}-route"]
+                                route["id"], f"{name}-route", setting["id"], f"{name}-setting-value"]
     return world
 
 
@@ -129,7 +137,7 @@ async def test_control_plane_matrix(gateway, mcp_upstream):
     for method, path in _routes(gateway):
         if (method, path) in _PUBLIC or path.startswith(_OUTSIDE):
             continue
-        match = re.fullmatch(r"/api/v1/([a-z-]+)(?:/\{(?:id|address)\}(/.*)?)?(/[a-z]+)?", path)
+        match = re.fullmatch(r"/api/v1/([a-z-]+)(?:/\{(?:id|address|key)\}(/.*)?)?(/[a-z]+)?", path)
         collection = match.group(1) if match else None
         if collection not in _KINDS:
             unclassified.append((method, path))
@@ -138,11 +146,12 @@ async def test_control_plane_matrix(gateway, mcp_upstream):
         body = bodies.get((method, path), {}) if method in ("POST", "PUT", "PATCH") else None
         known = (method, path) in bodies or body is None
         refused = (403, 404) if known else (403, 404, 422)
-        if "{id}" in path:
+        slot = "{id}" if "{id}" in path else "{key}" if "{key}" in path else None
+        if slot is not None:
             if kind not in theirs:
                 continue  # globex has no such object in this build (e.g. no sessions without sign-in)
-            target = path.replace("{id}", theirs[kind])
-            missing = path.replace("{id}", str(uuid.uuid4()))
+            target = path.replace(slot, theirs[kind])
+            missing = path.replace(slot, str(uuid.uuid4()) if slot == "{id}" else f"no.{uuid.uuid4().hex}")
             status, text = await _call(gateway, method, target, mine, body)
             status_missing, text_missing = await _call(gateway, method, missing, mine, body)
             assert status in refused, (method, target, status, text)
@@ -162,7 +171,7 @@ async def test_control_plane_matrix(gateway, mcp_upstream):
     assert not unclassified, f"routes the isolation matrix does not cover: {unclassified}"
     assert checked >= 10
     # And nothing of globex's changed: its objects are as the operator left them.
-    for collection in ("users", "api-keys", "servers", "access-rules", "routing-rules"):
+    for collection in ("users", "api-keys", "servers", "access-rules", "routing-rules", "config"):
         status, page = await gateway.admin("GET", f"/{collection}?limit=500")
         assert status == 200, page
         probes = [item for item in page["items"] if "probe" in json.dumps(item)]

@@ -78,6 +78,13 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     # puts a server in and out of maintenance.
     ("GET", "/api/v1/servers/{id}/health"): EVERYONE,
     ("PUT", "/api/v1/servers/{id}/maintenance"): ADMINS,
+    # System configuration (test_system_config.py covers the reach): a tenant ADMIN reads the deployment's values
+    # and its tenant's overrides, and writes only those overrides.
+    ("GET", "/api/v1/config"): ADMINS,
+    ("GET", "/api/v1/config/{key}"): ADMINS,
+    ("PUT", "/api/v1/config/{key}"): ADMINS,
+    ("DELETE", "/api/v1/config/{key}"): ADMINS,
+    ("GET", "/api/v1/config/{key}/history"): ADMINS,
 }
 PUBLIC = {
     ("GET", "/api/v1/openapi.json"),
@@ -216,6 +223,15 @@ async def _request(p: Principals, who: str, method: str, route: str) -> int:
         body = {"priority": 5} if method == "PATCH" else None
     elif route.rpartition("/")[2] in ("tools", "resources", "resource-templates", "prompts", "discover"):
         path = route.replace("{id}", p.server_id)  # what discovery found, and discovering
+    elif route.startswith("/api/v1/config/{key}"):
+        key = f"perm.{uuid.uuid4().hex[:8]}"  # a deployment's value and the tenant's override of it
+        for tenant in (None, p.tenant_id):
+            status, made = await p.gw.admin("PUT", f"/config/{key}", {"value": 1, "tenant_id": tenant})
+            assert status == 200, made
+        path = route.replace("{key}", key)
+        if method == "DELETE" or route.endswith("/history"):
+            path += f"?tenant_id={p.tenant_id}"
+        body = {"value": 2, "tenant_id": p.tenant_id} if method == "PUT" else None
     status, answer = await p.gw.admin(method, path.removeprefix("/api/v1"), body, key=p.keys[who])
     if status == 403:
         assert answer["error"]["code"] == "forbidden" and answer["error"]["message"], answer
@@ -243,7 +259,7 @@ async def test_openapi_is_public(gateway):
             "/api/v1/users/{id}", "/api/v1/servers/{id}/auth"} <= set(paths)
     # Every registry and routing-rule route is documented, with its operations.
     for route in EXPECTED:
-        if route[1].startswith(("/api/v1/servers", "/api/v1/routing-rules")):
+        if route[1].startswith(("/api/v1/servers", "/api/v1/routing-rules", "/api/v1/config")):
             assert route[0].lower() in paths.get(route[1], {}), route
 
 

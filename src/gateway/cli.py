@@ -1,6 +1,6 @@
 """The `gateway` command: serve, migrate, bootstrap, demo, and local admin tools.
 
-Local admin commands (`keys`, `servers`, `tenants`, `users`) act on the
+Local admin commands (`keys`, `servers`, `tenants`, `users`, `config set`) act on the
 configured database directly as the operator, for the machine that runs the
 gateway; remote administration goes through the admin API. Lines meant for
 machines are `name=value` on stdout; everything else goes to stderr.
@@ -112,6 +112,8 @@ def cmd_config_get(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     values = msgspec.to_builtins(cfg)
+    if args.key and args.key not in {key for key, _env, _default in config_module.describe()}:
+        return _admin(_config_show)(args)  # not a file/env key: a stored system setting
     for key, env, _default in config_module.describe():
         section, name = key.split(".", 1)
         if args.key and key != args.key:
@@ -386,6 +388,124 @@ async def _routes_delete(args, engine, actor):
     print(f"deleted {_describe_route(rule)}", file=sys.stderr)
 
 
+# -- system configuration (controlplane/system_config.py) -----------------------------------------
+def _config_scope(args) -> object:
+    """--tenant: a tenant's id, or `default`; left out: the deployment's value (the CLI acts as the operator)."""
+    import msgspec
+
+    from gateway.controlplane import schemas
+
+    if args.tenant is None:
+        return msgspec.UNSET
+    if args.tenant == "default":
+        return None
+    try:
+        return uuid.UUID(args.tenant)
+    except ValueError:
+        raise schemas.ValidationFailed([{"field": "tenant_id", "message": "must be a UUID or 'default'"}]) from None
+
+
+def _shown_value(setting: dict) -> str:
+    import orjson
+
+    if setting["sensitive"]:
+        return "(sensitive, set)" if setting["set"] else "(sensitive, not set)"
+    return orjson.dumps(setting["value"]).decode()
+
+
+def _describe_setting(s: dict) -> str:
+    scope = "default" if s["tenant_id"] is None else f"tenant {s['tenant_id']}"
+    return (f"{s['key']:<32} {scope:<44} {s['category']:<12} v{s['version']:<4} "
+            f"{'runtime' if s['runtime'] else 'restart':<8} {_shown_value(s)}")
+
+
+async def _signal_change(args, engine) -> None:
+    """Tell running gateways at once (Redis, when configured); without it their version poll finds the change."""
+    from gateway.snapshot import read_version
+
+    cfg = _load(args)
+    if not cfg.redis.url:
+        return
+    import redis.asyncio as redis
+
+    client = redis.from_url(cfg.redis.url)
+    try:
+        await client.publish(f"{cfg.redis.key_prefix}config-changed", str(await read_version(engine)))
+    except Exception as exc:  # noqa: BLE001 - the poll still brings the change
+        print(f"gateway: could not signal the change on Redis ({exc}); gateways see it at their next poll",
+              file=sys.stderr)
+    finally:
+        await client.aclose()
+
+
+async def _config_set(args, engine, actor):
+    import orjson
+
+    from gateway.auth.sealing import load_secrets
+    from gateway.controlplane import schemas, system_config
+
+    if args.sensitive:
+        if args.value is not None:
+            raise schemas.ValidationFailed([{"field": "value", "message": "a sensitive value is read from stdin, "
+                                                                          "never from the command line"}])
+        # Read from stdin, never from the command line (process listings and shell history show arguments).
+        text = sys.stdin.readline().rstrip("\r\n")
+    elif args.value is None:
+        raise schemas.ValidationFailed([{"field": "value", "message": "is required (or --sensitive, from stdin)"}])
+    else:
+        text = args.value
+    try:
+        value = orjson.loads(text)  # JSON when it is JSON (5, true, {"a": 1}, "quoted")
+    except orjson.JSONDecodeError:
+        value = text  # else the text itself
+    fields = {"value": value, "category": args.category, "sensitive": True if args.sensitive else None,
+              "runtime": args.runtime, "description": args.description}
+    body = schemas.validate(schemas.ConfigSet, orjson.dumps({k: v for k, v in fields.items() if v is not None}))
+    if args.tenant is not None:
+        body.tenant_id = _config_scope(args)
+    secrets = await load_secrets(engine, _load(args).secrets.key)
+    setting = await system_config.set_setting(engine, actor, args.key, body, secrets)
+    await _signal_change(args, engine)
+    _emit(config_key=setting["key"], version=str(setting["version"]))
+    print(f"set {_describe_setting(setting)} (applies {setting['applies']})", file=sys.stderr)
+
+
+async def _config_delete(args, engine, actor):
+    from gateway.controlplane import system_config
+
+    setting = await system_config.delete_setting(engine, actor, args.key, _config_scope(args))
+    await _signal_change(args, engine)
+    print(f"deleted {_describe_setting(setting)}", file=sys.stderr)
+
+
+async def _config_list(args, engine, actor):
+    from gateway.controlplane import system_config
+
+    settings = await system_config.list_settings(engine, actor, limit=500, after=None, requested=_config_scope(args),
+                                                 category=args.category)
+    for s in sorted(settings, key=lambda s: (s["key"], s["tenant_id"] is not None, str(s["tenant_id"]))):
+        print(_describe_setting(s))
+
+
+async def _config_history(args, engine, actor):
+    import orjson
+
+    from gateway.controlplane import system_config
+
+    for h in await system_config.history(engine, actor, args.key, _config_scope(args), limit=500):
+        value = "(sensitive)" if h["sensitive"] and h["set"] else orjson.dumps(h["value"]).decode()
+        print(f"v{h['version']:<4} {h['created_at'].isoformat(timespec='seconds')} {h['change']:<6} "
+              f"by {h['changed_by']}  {value if h['set'] else ''}".rstrip())
+
+
+async def _config_show(args, engine, actor):
+    from gateway.controlplane import system_config
+
+    s = await system_config.get_effective(engine, actor, args.key, _config_scope(args))
+    print(f"{s['key']} = {_shown_value(s)}    (stored: {s['source']}, v{s['version']}, {s['category']}, "
+          f"applies {s['applies']})")
+
+
 # -- demo -----------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.app import Gateway, run, serve_until_signalled
@@ -509,10 +629,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream-port", type=int, default=0, help="port of the demo MCP server (default: any free)")
     p.set_defaults(func=cmd_demo)
 
-    cfg = sub.add_parser("config", help="show the effective configuration").add_subparsers(dest="action", required=True)
-    p = cfg.add_parser("get", help="print settings with the variables that override them")
+    cfg = sub.add_parser("config", help="show the file/env configuration; set and list stored system settings")
+    cfg = cfg.add_subparsers(dest="action", required=True)
+    p = cfg.add_parser("get", help="print settings with the variables that override them (a key that is not one "
+                                   "of them: the stored system setting in force)")
     p.add_argument("key", nargs="?")
+    p.add_argument("--tenant", help="for a stored setting: the tenant whose value in force is shown")
     p.set_defaults(func=cmd_config_get)
+    p = cfg.add_parser("set", help="store a system setting (version + 1; runtime ones reach every gateway within a "
+                                   "second)")
+    p.add_argument("key")
+    p.add_argument("value", nargs="?", help="JSON, or else taken as a string; with --sensitive, read from stdin")
+    p.add_argument("--tenant", help="a tenant's override (default: the deployment's value)")
+    p.add_argument("--category", help="default: general (or what the setting already has)")
+    p.add_argument("--sensitive", action="store_true", help="stored sealed, never shown; the value is read from stdin")
+    p.add_argument("--runtime", action=argparse.BooleanOptionalAction, default=None,
+                   help="applies without a restart (default: yes, or what the setting already has)")
+    p.add_argument("--description")
+    p.set_defaults(func=_admin(_config_set))
+    p = cfg.add_parser("delete", help="delete a stored setting (a tenant's: the deployment's value applies again)")
+    p.add_argument("key")
+    p.add_argument("--tenant", help="a tenant's override (default: the deployment's value)")
+    p.set_defaults(func=_admin(_config_delete))
+    p = cfg.add_parser("list", help="list stored system settings (sensitive values never shown)")
+    p.add_argument("--tenant", help="a tenant's overrides only, or 'default': the deployment's values only")
+    p.add_argument("--category")
+    p.set_defaults(func=_admin(_config_list))
+    p = cfg.add_parser("history", help="every change of a stored setting, newest first")
+    p.add_argument("key")
+    p.add_argument("--tenant", help="a tenant's override (default: the deployment's value)")
+    p.set_defaults(func=_admin(_config_history))
 
     servers = sub.add_parser("servers", help="manage upstream servers").add_subparsers(dest="action", required=True)
     p = servers.add_parser("register", help="register an upstream MCP server")

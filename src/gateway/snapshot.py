@@ -40,6 +40,7 @@ from gateway.auth.access import EMPTY_POLICY, AccessPolicy, AccessRule
 from gateway.db.tables import routing_rules, server_access_rules
 from gateway.registry.routing import EMPTY_ROUTING, RoutingTable
 from gateway.db.tables import server_tools
+from gateway.db.tables import system_config
 
 log = logging.getLogger("gateway.snapshot")
 
@@ -114,6 +115,10 @@ class Snapshot:
     routing: RoutingTable = EMPTY_ROUTING
     # Tools a server marks readOnlyHint or idempotentHint (as discovered), by server: calls that may be retried.
     safe_tools: dict[uuid.UUID, frozenset[str]] = field(default_factory=dict)
+    # Runtime system settings (/api/v1/config): (tenant id or None for the deployment's, key) -> value; read
+    # them through `setting`. Only non-sensitive runtime values are here (the data plane needs no sealed
+    # ones); values are shared between readers, never to be changed in place.
+    settings: dict[tuple[uuid.UUID | None, str], Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.by_tenant and self.servers:
@@ -128,6 +133,19 @@ class Snapshot:
     def servers_of(self, tenant_id: uuid.UUID) -> tuple[ServerEntry, ...]:
         return self.by_tenant.get(tenant_id, ())
 
+    def setting(self, key: str, tenant_id: uuid.UUID | None = None, default: Any = None) -> Any:
+        """A runtime system setting for a tenant: its override, else the deployment's value, else `default`.
+
+        A tenant override that is not carried here (sensitive, or not a runtime
+        setting) still hides the deployment's value from that tenant: `default`.
+        """
+        if tenant_id is not None:
+            found = self.settings.get((tenant_id, key), _NO_SETTING)
+            if found is not _NO_SETTING:
+                return default if found is _WITHHELD_SETTING else found
+        found = self.settings.get((None, key), _NO_SETTING)
+        return default if found is _NO_SETTING or found is _WITHHELD_SETTING else found
+
     def legacy_key(self, token: str) -> KeyEntry | None:
         """The imported legacy key this token would be, found in one lookup (the secret is not checked here)."""
         if self.legacy_digest is None or not self.keys_by_digest:
@@ -136,6 +154,15 @@ class Snapshot:
 
 
 EMPTY = Snapshot(version=0, tenants={}, keys_by_prefix={}, servers={})
+_NO_SETTING = object()
+_WITHHELD_SETTING = object()  # stored, but not for the data plane (sensitive, or applies after a restart)
+_SETTINGS = sa.select(system_config.c.tenant_id, system_config.c.key, system_config.c.value,
+                      system_config.c.sensitive, system_config.c.runtime)
+
+
+def _runtime_settings(rows) -> dict[tuple[uuid.UUID | None, str], Any]:
+    return {(tenant_id, key): value if runtime and not sensitive else _WITHHELD_SETTING
+            for tenant_id, key, value, sensitive, runtime in rows}
 
 
 def _epoch(value: datetime | None) -> float | None:
@@ -250,6 +277,7 @@ async def load_snapshot(
         route_rows = (await conn.execute(sa.select(routing_rules))).mappings().all()
         changed_tools = (await conn.execute(_CHANGED_TOOLS)).all()
         hinted_tools = (await conn.execute(_HINTED_TOOLS)).all()
+        setting_rows = (await conn.execute(_SETTINGS)).all()
 
     tenant_map = {
         r["id"]: TenantEntry(
@@ -303,6 +331,7 @@ async def load_snapshot(
         withheld=_withheld(changed_tools, tenant_rows, servers.values()),
         routing=RoutingTable.build(route_rows, servers.values()),
         safe_tools=_safe_tools(hinted_tools),
+        settings=_runtime_settings(setting_rows),
     )
 
 

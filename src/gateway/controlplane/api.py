@@ -25,6 +25,7 @@ from gateway.auth.signin import SignIn
 from gateway.config import KeysConfig, LimitSettings, UpstreamSettings
 from gateway.controlplane import permissions, schemas, service
 from gateway.controlplane import sessions, signin_api
+from gateway.controlplane import system_config
 from gateway.limits.bans import MAX_BAN_SECONDS, NeverBanned
 from gateway.db.tables import HEALTH_STATES, TOOL_PIN_STATES, TRANSPORTS
 from gateway.registry import catalog
@@ -156,6 +157,11 @@ class ControlPlane:
         r.add_get("/api/v1/bans", self._admin(self.list_bans, action="bans.read"))
         r.add_post("/api/v1/bans", self._admin(self.create_ban, action="bans.write"))
         r.add_delete("/api/v1/bans/{address}", self._admin(self.lift_ban, action="bans.write"))
+        r.add_get("/api/v1/config", self._admin(self.list_config, action="config.read"))
+        r.add_get("/api/v1/config/{key}", self._admin(self.get_config, action="config.read"))
+        r.add_put("/api/v1/config/{key}", self._admin(self.set_config, writes=True, action="config.write"))
+        r.add_delete("/api/v1/config/{key}", self._admin(self.delete_config, writes=True, action="config.write"))
+        r.add_get("/api/v1/config/{key}/history", self._admin(self.config_history, action="config.read"))
         self.signin.add_routes(r)
         return app
 
@@ -464,6 +470,54 @@ class ControlPlane:
             raise service.Conflict("per-address bans are off: [limits] enabled is false")
         return self.bans
 
+    # -- system configuration (controlplane/system_config.py) -----------------------------------
+    async def list_config(self, request: web.Request, actor: service.Actor) -> web.Response:
+        limit, after = _paging(request)
+        category = request.query.get("category")
+        if category is not None:
+            try:
+                msgspec.convert(category, schemas.ConfigCategory)
+            except msgspec.ValidationError:
+                raise schemas.ValidationFailed(
+                    [{"field": "category", "message": f"must match {schemas.CONFIG_CATEGORY_PATTERN}"}]
+                ) from None
+        items = await system_config.list_settings(
+            self.engine, actor, limit=limit, after=after, requested=_config_scope(request), category=category
+        )
+        return _page(items, limit)
+
+    async def get_config(self, request: web.Request, actor: service.Actor) -> web.Response:
+        key = request.match_info["key"]
+        return _json(await system_config.get_effective(self.engine, actor, key, _config_scope(request)))
+
+    async def set_config(self, request: web.Request, actor: service.Actor) -> web.Response:
+        body = schemas.validate(schemas.ConfigSet, await request.read())
+        key = request.match_info["key"]
+        return _json(await system_config.set_setting(self.engine, actor, key, body, self._secrets()))
+
+    async def delete_config(self, request: web.Request, actor: service.Actor) -> web.Response:
+        key = request.match_info["key"]
+        return _json(await system_config.delete_setting(self.engine, actor, key, _config_scope(request)))
+
+    async def config_history(self, request: web.Request, actor: service.Actor) -> web.Response:
+        # Newest first, paged by version: the cursor is the last version of the page.
+        errors, limit, before = [], 100, None
+        raw, cursor = request.query.get("limit"), request.query.get("cursor")
+        if raw is not None and not (raw.isdigit() and 1 <= int(raw) <= MAX_PAGE):
+            errors.append({"field": "limit", "message": f"must be an integer from 1 to {MAX_PAGE}"})
+        elif raw is not None:
+            limit = int(raw)
+        if cursor and not (cursor.isdigit() and int(cursor) > 0):
+            errors.append({"field": "cursor", "message": "is not a cursor this API returned"})
+        elif cursor:
+            before = int(cursor)
+        if errors:
+            raise schemas.ValidationFailed(errors)
+        items = await system_config.history(self.engine, actor, request.match_info["key"], _config_scope(request),
+                                            limit=limit, before=before)
+        next_cursor = str(items[-1]["version"]) if len(items) == limit else None
+        return _json({"items": items, "next_cursor": next_cursor})
+
     # -- OpenAPI -------------------------------------------------------------------------------
     async def openapi(self, request: web.Request) -> web.Response:
         return _json(openapi_document())
@@ -497,6 +551,21 @@ def _path_id(request: web.Request, what: str) -> uuid.UUID:
         return uuid.UUID(request.match_info["id"])
     except ValueError:
         raise service.NotFound(f"{what} not found") from None
+
+
+def _config_scope(request: web.Request) -> system_config.Scope:
+    """`tenant_id` of the config routes: a tenant's id, `default` (the deployment's value), or left out."""
+    value = request.query.get("tenant_id")
+    if value is None:
+        return msgspec.UNSET
+    if value == system_config.DEFAULT_SCOPE:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise schemas.ValidationFailed(
+            [{"field": "tenant_id", "message": f"must be a tenant's UUID or '{system_config.DEFAULT_SCOPE}'"}]
+        ) from None
 
 
 def _uuid_param(request: web.Request, name: str) -> uuid.UUID | None:
@@ -685,7 +754,58 @@ def openapi_document() -> dict[str, Any]:
     for path, operations in _registry_paths(body, paging, listing).items():
         document["paths"].setdefault(path, {}).update(operations)
     document["paths"].update(_routing_paths(body, paging, listing))
+    document["paths"].update(_config_paths(paging, listing))
     return document
+
+
+def _config_paths(paging: list[dict], listing: dict) -> dict[str, dict]:
+    """System configuration (controlplane/system_config.py): settings, tenant overrides, their history."""
+    scope = {"name": "tenant_id", "in": "query", "schema": {"type": "string"},
+             "description": "a tenant's UUID (its override; a tenant ADMIN: only its own) or 'default' (the "
+                            "deployment's value); left out: the operator's is the deployment's value, a tenant "
+                            "ADMIN's its own tenant's override"}
+    key = {"name": "key", "in": "path", "required": True,
+           "schema": {"type": "string", "pattern": schemas.CONFIG_KEY_PATTERN}}
+    invalid = {"422": {"description": "invalid fields, all listed (key, category, value over 64 KiB): nothing "
+                                      "written"}}
+    missing = {"404": {"description": "no such setting in this scope (also another tenant's override)"}}
+    shown = ("sensitive values are never shown: value null, sensitive true, set true")
+    return {
+        "/api/v1/config": {"get": {
+            "parameters": paging + [
+                {**scope, "description": "a tenant's UUID: its overrides; 'default': the deployment's values; left "
+                                         "out: everything within reach (a tenant ADMIN: the deployment's values "
+                                         "and its own overrides)"},
+                {"name": "category", "in": "query", "schema": {"type": "string"}},
+            ],
+            "responses": {**listing, **invalid},
+            "description": f"stored settings ({shown})",
+        }},
+        "/api/v1/config/{key}": {
+            "get": {"parameters": [key, {**scope, "description": "the tenant whose effective value is asked "
+                                                                 "(default: the caller's); 'default': the "
+                                                                 "deployment's value itself"}],
+                    "responses": {"200": {"description": "the value in force: the tenant's override, else the "
+                                                         f"deployment's value (source says which); {shown}"},
+                                  **missing, **invalid}},
+            "put": {"parameters": [key],
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": msgspec.json.schema(schemas.ConfigSet)}}},
+                    "responses": {"200": {"description": "the setting as stored (version + 1, a history row); a "
+                                                         "runtime setting reaches every process within a second, "
+                                                         "others apply after a restart"},
+                                  "403": {"description": "a tenant ADMIN naming the deployment's value"},
+                                  "404": {"description": "no such tenant (also another tenant)"}, **invalid}},
+            "delete": {"parameters": [key, scope],
+                       "responses": {"200": {"description": "deleted: the setting as it was"}, **missing}},
+        },
+        "/api/v1/config/{key}/history": {"get": {
+            "parameters": [key, scope, *paging],
+            "responses": {"200": {"description": "every change in this scope, newest first: {items: [{version, "
+                                                 f"change (set|delete), value, sensitive, set, changed_by, "
+                                                 f"created_at}}], next_cursor (a version)}}; {shown}"},
+                          **missing, **invalid}}},
+    }
 
 
 def _routing_paths(body, paging: list[dict], listing: dict) -> dict[str, dict]:

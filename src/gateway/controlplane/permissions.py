@@ -72,6 +72,11 @@ PERMISSIONS: dict[str, Permission] = {
     # Per-address bans (limits/bans.py): addresses are not any tenant's, so the operator's alone.
     "bans.read": Permission(READ, operator_only=True, summary="list banned addresses"),
     "bans.write": Permission(ADMIN, operator_only=True, summary="ban and unban addresses"),
+    # System configuration (controlplane/system_config.py): a tenant ADMIN reads the deployment's values
+    # (sensitive ones never in clear) and its own tenant's overrides, and writes only those overrides; the
+    # deployment's values are the operator's (checked in system_config.py).
+    "config.read": Permission(READ, {"ADMIN": TENANT}, summary="read system configuration"),
+    "config.write": Permission(ADMIN, {"ADMIN": TENANT}, summary="set and delete system configuration"),
 }
 
 # A route registered without naming its action gets this: what every admin

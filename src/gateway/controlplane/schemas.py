@@ -297,8 +297,49 @@ def _routing_rule_problems(values: dict[str, Any], *, creating: bool) -> list[di
     return errors
 
 
+# System configuration (controlplane/system_config.py): a setting's key (in the path) and category.
+CONFIG_KEY_PATTERN = r"^[a-z][a-z0-9_.-]{0,127}$"
+CONFIG_CATEGORY_PATTERN = r"^[a-z][a-z0-9_.-]{0,63}$"
+MAX_CONFIG_VALUE = 65_536  # bytes of the value as JSON
+ConfigCategory = Annotated[str, Meta(pattern=CONFIG_CATEGORY_PATTERN)]
+
+
+class ConfigSet(msgspec.Struct, forbid_unknown_fields=True):
+    """PUT /config/{key}: the value (any JSON, up to 64 KiB encoded), and what a new setting is.
+
+    Fields left out keep what the stored row says (or, for a new tenant
+    override, what the deployment's value says; else the defaults below).
+    `tenant_id` left out: the caller's scope (the operator: the deployment's
+    value; a tenant ADMIN: its own tenant's override); null: the deployment's
+    value (the operator only); a tenant's id: that tenant's override.
+    """
+
+    value: Any
+    category: ConfigCategory | Unset = UNSET  # default "general"
+    sensitive: bool | Unset = UNSET  # default false; true: stored sealed, never shown again
+    runtime: bool | Unset = UNSET  # default true; false: applies after a restart
+    description: Annotated[str, Meta(max_length=1000)] | None | Unset = UNSET
+    tenant_id: uuid.UUID | None | Unset = UNSET
+
+
+def config_key_problem(key: str) -> str | None:
+    """Why `key` cannot name a setting, or None."""
+    if re.fullmatch(CONFIG_KEY_PATTERN, key) is None:
+        return (f"must match {CONFIG_KEY_PATTERN}: a lowercase letter, then up to 127 lowercase letters, digits, "
+                "'_', '.' or '-'")
+    return None
+
+
+def _config_value_problems(values: dict[str, Any]) -> list[dict[str, str]]:
+    if "value" in values and len(msgspec.json.encode(values["value"])) > MAX_CONFIG_VALUE:
+        return [{"field": "value", "message": f"is larger than {MAX_CONFIG_VALUE // 1024} KiB of JSON"}]
+    return []
+
+
 def _extra_checks(cls: type, values: dict[str, Any]) -> list[dict[str, str]]:
     errors = []
+    if cls is ConfigSet:
+        errors.extend(_config_value_problems(values))
     if cls is AccessRuleCreate:
         errors.extend(_access_rule_problems(values))
     if cls is ServerCreate and isinstance(values.get("endpoint_url"), str):
