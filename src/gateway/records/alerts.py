@@ -142,6 +142,7 @@ class AlertEvaluator:
         self.failed_attempts = 0  # webhook POSTs that failed (each retry counts)
         self.given_up = 0  # deliveries abandoned after every retry
         self._task: asyncio.Task | None = None
+        self._evaluating = asyncio.Lock()
         self._http: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_DELIVERIES)
         # (event id, state) -> its delivery task; an event's tasks run in order.
@@ -183,12 +184,13 @@ class AlertEvaluator:
 
     async def evaluate_once(self) -> Evaluation | None:
         """Evaluate every enabled rule and send what must be sent; None when another process evaluates."""
-        if not await self.lock.try_acquire():
-            return None
-        result = await self._evaluate()
-        self.evaluations += 1
-        await self._redeliver()
-        return result
+        async with self._evaluating:  # the loop's tick and a caller's never interleave
+            if not await self.lock.try_acquire():
+                return None
+            result = await self._evaluate()
+            self.evaluations += 1
+            await self._redeliver()
+            return result
 
     # -- evaluation -------------------------------------------------------------------------------
     async def _evaluate(self) -> Evaluation:
