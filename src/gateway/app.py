@@ -32,7 +32,9 @@ from gateway.limits.bans import BanList
 from gateway.limits.limiter import Limiter
 from gateway.limits.shared import SharedBuckets
 from gateway.limits.sessions import SessionCounter
+from gateway.records.alerts import AlertEvaluator
 from gateway.records.metrics import Registry
+from gateway.records.retention import RetentionJob
 from gateway.records.sinks import sink_for
 from gateway.records.writer import RecordWriter
 from gateway.dataplane.guard import UpstreamGuard
@@ -70,6 +72,8 @@ class Gateway:
         self.breakers: BreakerBoard | None = None  # a circuit breaker per upstream, shared through Redis
         self.guard: UpstreamGuard | None = None  # routing, breakers, queues and retries around upstream calls
         self.server_stats: ServerStats | None = None  # per-server and per-tool call figures, flushed per window
+        self.retention: RetentionJob | None = None  # deletes records older than their policy (one process at a time)
+        self.alerts: AlertEvaluator | None = None  # evaluates alert rules, sends their webhooks (one process at a time)
 
     @property
     def dataplane_url(self) -> str:
@@ -115,6 +119,11 @@ class Gateway:
         await self.server_stats.start()
         self.key_usage = KeyUsage(self.engine, interval=cfg.keys.last_used_flush_interval)
         await self.key_usage.start()
+        # The records' lifecycle, each run by one process of the deployment at a time (records/joblock.py).
+        self.retention = RetentionJob(self.engine, cfg.retention)
+        await self.retention.start()
+        self.alerts = AlertEvaluator(self.engine, cfg.alerts)
+        await self.alerts.start()
 
         secret = cfg.sessions.secret or await shared_secret(self.engine)
         if cfg.auth.issuers:
@@ -187,6 +196,7 @@ class Gateway:
                 signin=self.signin, limit_defaults=cfg.limits, discoverer=self.discoverer,
                 bans=self.bans,
                 upstream_defaults=cfg.upstreams,
+                retention=self.retention, retention_defaults=cfg.retention,
             )
             self.controlplane_port = await self._listen(
                 web.AppRunner(control.build_app(), access_log=None, shutdown_timeout=10.0),
@@ -266,6 +276,10 @@ class Gateway:
         self._runners.clear()
         if self.health is not None:
             await self.health.stop()  # before the upstream clients and the engine go
+        if self.alerts is not None:
+            await self.alerts.stop()  # webhooks in flight are cancelled: the next evaluator sends them
+        if self.retention is not None:
+            await self.retention.stop()  # a run in progress stops, its current batch rolled back
         if self.limiter is not None:
             self.limiter.close()
         if self.guard is not None:
