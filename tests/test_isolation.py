@@ -30,6 +30,7 @@ _KINDS = {
     "access-rules": "rule", "sessions": "session", "routing-rules": "route",
     "rate-limits": "limits",  # the deployment's: a tenant admin reads them (only its own weight), never writes
     "bans": "ban",  # the deployment's, by address: operator only
+    "retention-policies": "policy", "alerts": "alert",  # a tenant's overrides and alert rules (and their events)
     "config": "setting",  # `{key}`: a tenant's override of it is that tenant's
 }
 # A valid body for each route that takes one (so a refusal is about whose object it is, not the body).
@@ -54,6 +55,12 @@ def _bodies(theirs: dict[str, str]) -> dict[tuple[str, str], dict]:
         ("POST", "/api/v1/routing-rules"): {"tenant_id": theirs["tenant"], "name": "probe",
                                             "targets": [{"server_id": theirs["server"]}]},
         ("PATCH", "/api/v1/routing-rules/{id}"): {"description": "probe", "priority": 0},
+        ("POST", "/api/v1/retention-policies"): {"tenant_id": theirs["tenant"], "table_name": "request_logs",
+                                                 "days": 1},
+        ("POST", "/api/v1/retention-policies/run"): {},
+        ("PATCH", "/api/v1/retention-policies/{id}"): {"days": 1},
+        ("POST", "/api/v1/alerts"): {"tenant_id": theirs["tenant"], "name": "probe", "metric": "health"},
+        ("PATCH", "/api/v1/alerts/{id}"): {"description": "probe", "threshold": 1},
         ("PUT", "/api/v1/config/{key}"): {"value": "probe", "tenant_id": theirs["tenant"]},
     }
 
@@ -92,6 +99,16 @@ async def _build(gw, upstream: str) -> _World:
         })
         assert status == 201, route
         ids["route"] = route["id"]
+        status, policy = await gw.admin("POST", "/retention-policies", {"tenant_id": t.tenant_id,
+                                                                        "table_name": "request_logs", "days": 45})
+        assert status == 201, policy
+        status, alert = await gw.admin("POST", "/alerts", {
+            "tenant_id": t.tenant_id, "name": f"{name}-alert", "server_id": t.server_id, "metric": "error_rate",
+            "threshold": 0.25, "webhook_url": f"http://{name}.example/hook", "description": f"{name} alert",
+        })
+        assert status == 201, alert
+        ids.update(policy=policy["id"], alert=alert["id"])
+        world.secrets[name] += [policy["id"], alert["id"], f"{name}-alert", f"{name}.example"]
         # A setting only this tenant has (its override; no deployment's value). The key is what a caller
         # names, so it may be echoed back; its value must never cross.
         status, setting = await gw.admin("PUT", f"/config/{name}.private", {"value": f"{name}-setting-value",

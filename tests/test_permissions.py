@@ -66,6 +66,20 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     # Sign-in sessions (test_signin.py covers their reach): everyone their own, a tenant ADMIN the tenant's.
     ("GET", "/api/v1/sessions"): EVERYONE,
     ("DELETE", "/api/v1/sessions/{id}"): EVERYONE,
+    # Retention policies (test_lifecycle_api.py covers the reach): the operator's defaults, a tenant ADMIN's
+    # overrides for its own tenant; running the job now is the operator's.
+    ("GET", "/api/v1/retention-policies"): ADMINS,
+    ("POST", "/api/v1/retention-policies"): ADMINS,
+    ("POST", "/api/v1/retention-policies/run"): OPERATOR,
+    ("PATCH", "/api/v1/retention-policies/{id}"): ADMINS,
+    ("DELETE", "/api/v1/retention-policies/{id}"): ADMINS,
+    # Alert rules and their events (test_lifecycle_api.py): like routing rules, a tenant ADMIN's business.
+    ("GET", "/api/v1/alerts"): ADMINS,
+    ("POST", "/api/v1/alerts"): ADMINS,
+    ("GET", "/api/v1/alerts/{id}"): ADMINS,
+    ("PATCH", "/api/v1/alerts/{id}"): ADMINS,
+    ("DELETE", "/api/v1/alerts/{id}"): ADMINS,
+    ("GET", "/api/v1/alerts/{id}/events"): ADMINS,
     # The deployment's limits (test_rate_limit_settings.py): a tenant ADMIN reads, the operator changes.
     ("GET", "/api/v1/rate-limits"): ADMINS,
     ("PATCH", "/api/v1/rate-limits"): OPERATOR,
@@ -221,6 +235,26 @@ async def _request(p: Principals, who: str, method: str, route: str) -> int:
         assert status == 201, rule
         path = route.replace("{id}", rule["id"])
         body = {"priority": 5} if method == "PATCH" else None
+    elif route.startswith("/api/v1/retention-policies") and not route.endswith("/run"):
+        # One policy per caller: a table of its own in the tenant (the operator's: the deployment's).
+        table = {"ADMIN": "request_logs", "READONLY": "audit_logs", "SERVICE": "server_metrics",
+                 "USER": "alert_events", "operator": "request_logs"}[who]
+        policy = {"tenant_id": None if who == "operator" else p.tenant_id, "table_name": table, "days": 400}
+        if route.endswith("{id}"):
+            status, made = await p.gw.admin("POST", "/retention-policies", policy)
+            assert status == 201, made
+            path = route.replace("{id}", made["id"])
+            body = {"days": 500} if method == "PATCH" else None
+        elif method == "POST":
+            body = policy
+    elif route == "/api/v1/alerts" and method == "POST":
+        body = {"tenant_id": p.tenant_id, "name": f"a-{uuid.uuid4().hex[:8]}", "metric": "health"}
+    elif route.startswith("/api/v1/alerts/{id}"):
+        status, rule = await p.gw.admin("POST", "/alerts", {"tenant_id": p.tenant_id, "server_id": p.server_id,
+                                                            "name": f"a-{uuid.uuid4().hex[:8]}", "metric": "health"})
+        assert status == 201, rule
+        path = route.replace("{id}", rule["id"])
+        body = {"enabled": False} if method == "PATCH" else None
     elif route.rpartition("/")[2] in ("tools", "resources", "resource-templates", "prompts", "discover"):
         path = route.replace("{id}", p.server_id)  # what discovery found, and discovering
     elif route.startswith("/api/v1/config/{key}"):

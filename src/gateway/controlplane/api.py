@@ -22,12 +22,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.auth.keys import bearer_token
 from gateway.auth.signin import SignIn
-from gateway.config import KeysConfig, LimitSettings, UpstreamSettings
+from gateway.config import KeysConfig, LimitSettings, RetentionConfig, UpstreamSettings
 from gateway.controlplane import permissions, schemas, service
 from gateway.controlplane import sessions, signin_api
+from gateway.controlplane import lifecycle
 from gateway.controlplane import system_config
 from gateway.limits.bans import MAX_BAN_SECONDS, NeverBanned
 from gateway.db.tables import HEALTH_STATES, TOOL_PIN_STATES, TRANSPORTS
+from gateway.db.tables import ALERT_STATES
 from gateway.registry import catalog
 from gateway.registry.discovery import NotServed
 
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from gateway.auth.key_usage import KeyUsage
     from gateway.auth.sealing import GatewaySecrets
     from gateway.limits.bans import Ban, BanList
+    from gateway.records.retention import RetentionJob
     from gateway.registry.discovery import Discoverer
 
 log = logging.getLogger("gateway.controlplane")
@@ -84,6 +87,8 @@ class ControlPlane:
         limit_defaults: LimitSettings | None = None,
         bans: BanList | None = None,
         upstream_defaults: UpstreamSettings | None = None,
+        retention: RetentionJob | None = None,
+        retention_defaults: RetentionConfig | None = None,
     ) -> None:
         self.engine = engine
         # The `[upstreams]` section: a server's health thresholds where it sets none of its own.
@@ -97,6 +102,8 @@ class ControlPlane:
         self.signin = signin_api.SigninRoutes(engine, signin)  # /auth/*; sessions work wherever keys do
         self.bans = bans  # per-address bans (limits/bans.py); None when [limits] is off
         self.discoverer = discoverer  # capability discovery (registry/discovery.py); None: not in this process
+        self.retention = retention  # the retention job (records/retention.py), for "run now"; None: not here
+        self.retention_defaults = retention_defaults or RetentionConfig()  # the [retention] section's days
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1024 * 1024)
@@ -149,6 +156,23 @@ class ControlPlane:
         r.add_delete(
             "/api/v1/routing-rules/{id}", self._admin(self.delete_routing_rule, writes=True, action="routing.write")
         )
+        # Retention policies and alert rules: the data plane does not read them (the jobs read the database),
+        # so their writes need no version bump nor change signal (writes=False).
+        r.add_get("/api/v1/retention-policies", self._admin(self.list_retention_policies, action="retention.read"))
+        r.add_post("/api/v1/retention-policies", self._admin(self.create_retention_policy, action="retention.write"))
+        r.add_post("/api/v1/retention-policies/run", self._admin(self.run_retention, action="retention.run"))
+        r.add_patch(
+            "/api/v1/retention-policies/{id}", self._admin(self.update_retention_policy, action="retention.write")
+        )
+        r.add_delete(
+            "/api/v1/retention-policies/{id}", self._admin(self.delete_retention_policy, action="retention.write")
+        )
+        r.add_get("/api/v1/alerts", self._admin(self.list_alert_rules, action="alerts.read"))
+        r.add_post("/api/v1/alerts", self._admin(self.create_alert_rule, action="alerts.write"))
+        r.add_get("/api/v1/alerts/{id}", self._admin(self.get_alert_rule, action="alerts.read"))
+        r.add_patch("/api/v1/alerts/{id}", self._admin(self.update_alert_rule, action="alerts.write"))
+        r.add_delete("/api/v1/alerts/{id}", self._admin(self.delete_alert_rule, action="alerts.write"))
+        r.add_get("/api/v1/alerts/{id}/events", self._admin(self.list_alert_events, action="alerts.read"))
         r.add_get("/api/v1/sessions", self._admin(self.list_sessions, action="sessions.read"))
         r.add_delete("/api/v1/sessions/{id}", self._admin(self.revoke_session, action="sessions.revoke"))
         r.add_get("/api/v1/rate-limits", self._admin(self.get_rate_limits, action="limits.read"))
@@ -416,6 +440,71 @@ class ControlPlane:
 
     async def delete_routing_rule(self, request: web.Request, actor: service.Actor) -> web.Response:
         return _json(await service.delete_routing_rule(self.engine, actor, _path_id(request, "routing rule")))
+
+    # -- retention policies (records/retention.py, controlplane/lifecycle.py) ---------------------
+    async def list_retention_policies(self, request: web.Request, actor: service.Actor) -> web.Response:
+        limit, after = _paging(request)
+        tenant = _uuid_param(request, "tenant_id")
+        items = await lifecycle.list_retention_policies(self.engine, actor, limit=limit, after=after, tenant_id=tenant)
+        return _json({"items": items, "next_cursor": str(items[-1]["id"]) if len(items) == limit else None,
+                      "in_force": await lifecycle.in_force(self.engine, actor, self.retention_defaults, tenant)})
+
+    async def create_retention_policy(self, request: web.Request, actor: service.Actor) -> web.Response:
+        body = schemas.validate(schemas.RetentionPolicyCreate, await request.read())
+        return _json(await lifecycle.create_retention_policy(self.engine, actor, body, self.retention_defaults), 201)
+
+    async def update_retention_policy(self, request: web.Request, actor: service.Actor) -> web.Response:
+        policy_id = _path_id(request, "retention policy")
+        body = schemas.validate(schemas.RetentionPolicyUpdate, await request.read())
+        return _json(await lifecycle.update_retention_policy(self.engine, actor, policy_id, body,
+                                                             self.retention_defaults))
+
+    async def delete_retention_policy(self, request: web.Request, actor: service.Actor) -> web.Response:
+        return _json(await lifecycle.delete_retention_policy(self.engine, actor, _path_id(request, "retention policy")))
+
+    async def run_retention(self, request: web.Request, actor: service.Actor) -> web.Response:
+        from gateway.records.retention import RetentionBusy
+
+        if self.retention is None:
+            raise service.Conflict("the retention job does not run in this process")
+        try:
+            report = await self.retention.run_now()
+        except RetentionBusy as exc:
+            raise service.Conflict(f"{exc}; try again when it is done") from None
+        log.info("operator %s ran retention: %d records deleted", actor.user_id, sum(report.deleted.values()))
+        return _json(report.as_dict())
+
+    # -- alert rules and their events (records/alerts.py, controlplane/lifecycle.py) ---------------
+    async def list_alert_rules(self, request: web.Request, actor: service.Actor) -> web.Response:
+        limit, after = _paging(request)
+        tenant, server = _uuid_param(request, "tenant_id"), _uuid_param(request, "server_id")
+        items = await lifecycle.list_alert_rules(self.engine, actor, limit=limit, after=after, tenant_id=tenant,
+                                                 server_id=server)
+        return _page(items, limit)
+
+    async def create_alert_rule(self, request: web.Request, actor: service.Actor) -> web.Response:
+        body = schemas.validate(schemas.AlertRuleCreate, await request.read())
+        return _json(await lifecycle.create_alert_rule(self.engine, actor, body), 201)
+
+    async def get_alert_rule(self, request: web.Request, actor: service.Actor) -> web.Response:
+        return _json(await lifecycle.get_alert_rule(self.engine, actor, _path_id(request, "alert rule")))
+
+    async def update_alert_rule(self, request: web.Request, actor: service.Actor) -> web.Response:
+        rule_id = _path_id(request, "alert rule")
+        body = schemas.validate(schemas.AlertRuleUpdate, await request.read())
+        return _json(await lifecycle.update_alert_rule(self.engine, actor, rule_id, body))
+
+    async def delete_alert_rule(self, request: web.Request, actor: service.Actor) -> web.Response:
+        return _json(await lifecycle.delete_alert_rule(self.engine, actor, _path_id(request, "alert rule")))
+
+    async def list_alert_events(self, request: web.Request, actor: service.Actor) -> web.Response:
+        rule_id = _path_id(request, "alert rule")
+        limit, after = _paging(request)
+        state = request.query.get("state")
+        if state is not None and state not in ALERT_STATES:
+            raise schemas.ValidationFailed([{"field": "state", "message": f"must be one of {', '.join(ALERT_STATES)}"}])
+        return _page(await lifecycle.list_alert_events(self.engine, actor, rule_id, limit=limit, after=after,
+                                                       state=state), limit)
 
     # -- sign-in sessions ----------------------------------------------------------------------
     async def list_sessions(self, request: web.Request, actor: service.Actor) -> web.Response:
@@ -754,6 +843,7 @@ def openapi_document() -> dict[str, Any]:
     for path, operations in _registry_paths(body, paging, listing).items():
         document["paths"].setdefault(path, {}).update(operations)
     document["paths"].update(_routing_paths(body, paging, listing))
+    document["paths"].update(_lifecycle_paths(paging, listing))
     document["paths"].update(_config_paths(paging, listing))
     return document
 
@@ -805,6 +895,55 @@ def _config_paths(paging: list[dict], listing: dict) -> dict[str, dict]:
                                                  f"change (set|delete), value, sensitive, set, changed_by, "
                                                  f"created_at}}], next_cursor (a version)}}; {shown}"},
                           **missing, **invalid}}},
+    }
+
+
+def _lifecycle_paths(paging: list[dict], listing: dict) -> dict[str, dict]:
+    """Retention policies (records/retention.py) and alert rules with their events (records/alerts.py)."""
+    def body(cls: type) -> dict:
+        return {"required": True, "content": {"application/json": {"schema": msgspec.json.schema(cls)}}}
+
+    tenant = {"name": "tenant_id", "in": "query", "schema": {"type": "string", "format": "uuid"},
+              "description": "this tenant's (operator)"}
+    invalid = {"422": {"description": "invalid fields, all listed: nothing written"}}
+    missing = {"404": {"description": "not found (also another tenant's)"}}
+    return {
+        "/api/v1/retention-policies": {
+            "get": {"parameters": paging + [tenant], "responses": {"200": {
+                "description": "{items, next_cursor, in_force: per table the days kept for the caller's tenant "
+                               "(the operator: the tenant named, else tenants without a policy) and where that "
+                               "comes from}"}}},
+            "post": {"requestBody": body(schemas.RetentionPolicyCreate), "responses": {
+                "201": {"description": "the policy; the next run applies it"}, **invalid,
+                "409": {"description": "a policy for this table and tenant (or the deployment) exists"}}},
+        },
+        "/api/v1/retention-policies/{id}": {
+            "patch": {"requestBody": body(schemas.RetentionPolicyUpdate),
+                      "responses": {"200": {"description": "the policy as changed"}, **invalid, **missing}},
+            "delete": {"responses": {"200": {"description": "deleted: the policy as it was"}, **missing}},
+        },
+        "/api/v1/retention-policies/run": {"post": {"responses": {
+            "200": {"description": "{started_at, finished_at, deleted (per table), total, statements, by_tenant}"},
+            "409": {"description": "a run is in progress (here or in another process)"}}}},
+        "/api/v1/alerts": {
+            "get": {"parameters": paging + [tenant, {"name": "server_id", "in": "query",
+                                                      "schema": {"type": "string", "format": "uuid"}}],
+                    "responses": listing},
+            "post": {"requestBody": body(schemas.AlertRuleCreate), "responses": {
+                "201": {"description": "the rule (firing: its events firing now)"}, **invalid,
+                "409": {"description": "the tenant has an alert rule of this name"}}},
+        },
+        "/api/v1/alerts/{id}": {
+            "get": {"responses": {"200": {"description": "the rule"}, **missing}},
+            "patch": {"requestBody": body(schemas.AlertRuleUpdate),
+                      "responses": {"200": {"description": "the rule as changed"}, **invalid, **missing}},
+            "delete": {"responses": {"200": {"description": "deleted with its events: the rule as it was"},
+                                     **missing}},
+        },
+        "/api/v1/alerts/{id}/events": {"get": {
+            "parameters": paging + [{"name": "state", "in": "query", "schema": {"enum": list(ALERT_STATES)}}],
+            "responses": {"200": {"description": "a page of the rule's events, newest first: {items, next_cursor}"},
+                          **missing}}},
     }
 
 

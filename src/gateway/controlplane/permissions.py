@@ -65,6 +65,14 @@ PERMISSIONS: dict[str, Permission] = {
     # Sign-in sessions (controlplane/sessions.py): everyone their own, a tenant ADMIN the tenant's.
     "sessions.read": Permission(READ, dict(_OWN_FOR_OTHERS), summary="read sign-in sessions"),
     "sessions.revoke": Permission(KEY_WRITE, dict(_OWN_FOR_OTHERS), summary="revoke sign-in sessions"),
+    # Records retention (records/retention.py): the operator sets the deployment's policies and runs the job
+    # now; a tenant ADMIN reads and sets its own tenant's overrides.
+    "retention.read": Permission(READ, {"ADMIN": TENANT}, summary="read retention policies"),
+    "retention.write": Permission(ADMIN, {"ADMIN": TENANT}, summary="set and delete retention policies"),
+    "retention.run": Permission(ADMIN, operator_only=True, summary="run the retention job now"),
+    # Performance alerts (records/alerts.py): like routing rules, a tenant ADMIN's business.
+    "alerts.read": Permission(READ, {"ADMIN": TENANT}, summary="read alert rules and their events"),
+    "alerts.write": Permission(ADMIN, {"ADMIN": TENANT}, summary="create, change and delete alert rules"),
     # The deployment's limits (/api/v1/rate-limits): a tenant ADMIN reads them (and its own
     # tenant's weight) to know what its users get; only the operator changes them.
     "limits.read": Permission(READ, {"ADMIN": TENANT}, summary="read the deployment's rate limits"),

@@ -20,6 +20,7 @@ from gateway.config import LimitSettings, UpstreamSettings
 from gateway.db.tables import ACCESS_EFFECTS
 from gateway.db.tables import HEALTH_STATES, ROLES, SCOPES, TENANT_STATES, TRANSPORTS, UPSTREAM_AUTH_KINDS
 from gateway.db.tables import ROUTING_STRATEGIES
+from gateway.db.tables import ALERT_METRICS, RETENTION_TABLES
 
 Name = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"\S")]
 ServerName = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
@@ -373,6 +374,7 @@ def _extra_checks(cls: type, values: dict[str, Any]) -> list[dict[str, str]]:
     auth = values.get("auth")
     if cls in (ServerCreate, ServerAuthUpdate) and auth is not None:
         errors.extend(_auth_problems(auth, values.get("transport_type", "http") if cls is ServerCreate else None))
+    errors.extend(_lifecycle_problems(cls, values))
     return errors
 
 
@@ -524,6 +526,88 @@ def validate_limit_patch(body: bytes) -> dict[str, Any]:
     if errors:
         raise ValidationFailed(errors)
     return raw
+
+
+# Retention policies (records/retention.py) and alert rules (records/alerts.py).
+RetentionTable = Literal[RETENTION_TABLES]  # type: ignore[valid-type]
+RetentionDays = Annotated[int, Meta(ge=1, le=36_500)]
+AlertMetric = Literal[ALERT_METRICS]  # type: ignore[valid-type]
+Threshold = Annotated[float, Meta(ge=0, le=1e12)]
+WindowMinutes = Annotated[int, Meta(ge=1, le=10_080)]
+WebhookUrl = Annotated[str, Meta(min_length=1, max_length=1000)]
+
+
+class RetentionPolicyCreate(msgspec.Struct, forbid_unknown_fields=True):
+    """Keep rows of `table_name` for `days`. No `tenant_id`: the operator's is the deployment's policy, a
+    tenant ADMIN's its own tenant's; a tenant's id: that tenant's (its own, for a tenant ADMIN)."""
+
+    table_name: RetentionTable
+    days: RetentionDays
+    tenant_id: uuid.UUID | None = None
+    enabled: bool = True
+
+
+class RetentionPolicyUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    """PATCH /retention-policies/{id}: only the fields given change."""
+
+    days: RetentionDays | Unset = UNSET
+    enabled: bool | Unset = UNSET
+
+
+class AlertRuleCreate(msgspec.Struct, forbid_unknown_fields=True):
+    """A performance alert: `metric` of `server_id` (none: each server of the tenant) over the last
+    `window_minutes`, firing above `threshold` (error_rate a fraction 0..1, latency in ms, request_rate per
+    minute; health fires while UNHEALTHY and takes no threshold); `webhook_url` is POSTed each firing and
+    resolution."""
+
+    name: Name
+    metric: AlertMetric
+    tenant_id: uuid.UUID | None = None
+    server_id: uuid.UUID | None = None
+    threshold: Threshold | None = None
+    window_minutes: WindowMinutes = 5
+    webhook_url: WebhookUrl | None = None
+    enabled: bool = True
+    description: Annotated[str, Meta(max_length=2000)] | None = None
+
+
+class AlertRuleUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    """PATCH /alerts/{id}: only the fields given change (null clears server_id, webhook_url, description)."""
+
+    name: Name | Unset = UNSET
+    metric: AlertMetric | Unset = UNSET
+    server_id: uuid.UUID | None | Unset = UNSET
+    threshold: Threshold | Unset = UNSET
+    window_minutes: WindowMinutes | Unset = UNSET
+    webhook_url: WebhookUrl | None | Unset = UNSET
+    enabled: bool | Unset = UNSET
+    description: Annotated[str, Meta(max_length=2000)] | None | Unset = UNSET
+
+
+_NEEDS_A_FIELD = (*_NEEDS_A_FIELD, RetentionPolicyUpdate, AlertRuleUpdate)
+
+
+def alert_threshold_problems(metric: str, threshold: float | None) -> list[dict[str, str]]:
+    """What is wrong with `threshold` for a rule on `metric` (nothing, usually)."""
+    if metric == "health":
+        return []
+    if threshold is None:
+        return [{"field": "threshold", "message": f"is required for metric {metric}"}]
+    if metric == "error_rate" and threshold > 1:
+        return [{"field": "threshold", "message": "an error rate is a fraction from 0 to 1 (0.05: 5%)"}]
+    return []
+
+
+def _lifecycle_problems(cls: type, values: dict[str, Any]) -> list[dict[str, str]]:
+    errors = []
+    if cls is AlertRuleCreate and "metric" in values:
+        errors.extend(alert_threshold_problems(values["metric"], values.get("threshold")))
+    if cls in (AlertRuleCreate, AlertRuleUpdate) and isinstance(values.get("webhook_url"), str):
+        parts = urlsplit(values["webhook_url"])
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment or parts.username:
+            errors.append({"field": "webhook_url",
+                           "message": "must be an http:// or https:// URL with a host (no fragment, no user)"})
+    return errors
 
 
 def schema_components() -> dict[str, Any]:
