@@ -44,9 +44,14 @@ async def _tenant(gw, name: str) -> tuple[str, str]:
     return tenant["id"], key["key"]
 
 
+def _ours(items) -> list:
+    """Leave out the rows the gateway's own jobs keep (records/retention.py), should one have run meanwhile."""
+    return [item for item in items if not item["key"].startswith("records.")]
+
+
 async def _rows(gw, table: sa.Table = system_config) -> list[dict]:
     async with gw.gateway.engine.connect() as conn:
-        return [dict(r) for r in (await conn.execute(sa.select(table))).mappings()]
+        return _ours(dict(r) for r in (await conn.execute(sa.select(table))).mappings())
 
 
 async def _within(predicate, limit: float = 5.0) -> float:
@@ -129,25 +134,25 @@ async def test_settings_are_set_read_overridden_deleted_and_versioned(gateway):
     status, other = await gw.admin("PUT", "/config/gateway.motd", {"value": "maintenance at 5"})
     assert status == 200 and other["category"] == "general"
     status, page = await gw.admin("GET", "/config")
-    assert {(s["key"], s["tenant_id"]) for s in page["items"]} == {
+    assert {(s["key"], s["tenant_id"]) for s in _ours(page["items"])} == {
         ("ui.banner", None), ("ui.banner", acme), ("gateway.motd", None)}
     status, page = await gw.admin("GET", "/config?category=ui")
-    assert {(s["key"], s["tenant_id"]) for s in page["items"]} == {("ui.banner", None), ("ui.banner", acme)}
+    assert {(s["key"], s["tenant_id"]) for s in _ours(page["items"])} == {("ui.banner", None), ("ui.banner", acme)}
     status, page = await gw.admin("GET", f"/config?tenant_id={acme}")
-    assert [(s["key"], s["tenant_id"]) for s in page["items"]] == [("ui.banner", acme)]
+    assert [(s["key"], s["tenant_id"]) for s in _ours(page["items"])] == [("ui.banner", acme)]
     status, page = await gw.admin("GET", "/config?tenant_id=default")
-    assert {s["key"] for s in page["items"]} == {"ui.banner", "gateway.motd"}
-    assert all(s["tenant_id"] is None for s in page["items"])
+    assert {s["key"] for s in _ours(page["items"])} == {"ui.banner", "gateway.motd"}
+    assert all(s["tenant_id"] is None for s in _ours(page["items"]))
     # Acme's admin: the deployment's values and its own overrides.
     status, page = await gw.admin("GET", "/config", key=acme_key)
-    assert {(s["key"], s["tenant_id"]) for s in page["items"]} == {
+    assert {(s["key"], s["tenant_id"]) for s in _ours(page["items"])} == {
         ("ui.banner", None), ("ui.banner", acme), ("gateway.motd", None)}
     seen, cursor = [], None
     while True:
         status, page = await gw.admin("GET", "/config?limit=1" + (f"&cursor={cursor}" if cursor else ""),
                                       key=acme_key)
         assert status == 200 and len(page["items"]) <= 1, page
-        seen += [s["id"] for s in page["items"]]
+        seen += [s["id"] for s in _ours(page["items"])]
         cursor = page["next_cursor"]
         if cursor is None:
             break
@@ -312,7 +317,7 @@ async def test_another_tenants_override_is_not_found_and_defaults_are_the_operat
     await same("PUT", "/config/feature.flag", "/config/feature.flag", {"value": "probe", "tenant_id": globex})
     # Listing: the deployment's values and acme's own; asking for globex's finds nothing.
     status, page = await gw.admin("GET", "/config", key=acme_key)
-    assert [(s["key"], s["tenant_id"]) for s in page["items"]] == [("feature.flag", None)]
+    assert [(s["key"], s["tenant_id"]) for s in _ours(page["items"])] == [("feature.flag", None)]
     status, page = await gw.admin("GET", f"/config?tenant_id={globex}", key=acme_key)
     assert status == 200 and page["items"] == []
     # Acme's value in force is the default, not globex's override.
@@ -338,6 +343,21 @@ async def test_another_tenants_override_is_not_found_and_defaults_are_the_operat
     rows = await _rows(gw)
     assert sorted((r["key"], str(r["tenant_id"])) for r in rows) == sorted([
         ("globex.only", globex), ("feature.flag", "None"), ("feature.flag", globex), ("feature.flag", acme)])
+    # Keys the gateway's own jobs keep (records/retention.py: the audit anchor) are read-only, to everyone.
+    from gateway.records.retention import _put_system_value
+
+    async with gw.gateway.engine.begin() as conn:
+        await _put_system_value(conn, uuid.UUID(acme), "records.audit_anchor", {"chain_seq": 7}, "anchor")
+    status, got = await gw.admin("GET", "/config/records.audit_anchor", key=acme_key)
+    assert status == 200 and got["value"] == {"chain_seq": 7}, got
+    for who in (acme_key, None):
+        for method, path, body in (("PUT", "/config/records.audit_anchor", {"value": {"chain_seq": 99}}),
+                                   ("DELETE", f"/config/records.audit_anchor?tenant_id={acme}", None)):
+            status, answer = await gw.admin(method, path, body, key=who)
+            assert status == 403 and "kept by the gateway" in answer["error"]["message"], (method, answer)
+    status, got = await gw.admin("GET", "/config/records.audit_anchor", key=acme_key)
+    assert got["value"] == {"chain_seq": 7}
+
     # Roles other than ADMIN neither read nor write configuration (tests/test_permissions.py: every role).
     status, user = await gw.admin("POST", "/users", {"tenant_id": acme, "username": "acme-user",
                                                      "email": "acme-user@example.com", "role": "USER"})
@@ -438,7 +458,7 @@ async def test_config_on_the_command_line(pg_url, redis_url, redis_prefix, make_
 
     listed = await cli("config", "list")
     assert listed.returncode == 0, listed.stderr
-    lines = listed.stdout.splitlines()
+    lines = [line for line in listed.stdout.splitlines() if not line.startswith("records.")]
     assert len(lines) == 4 and SECRET not in listed.stdout
     assert [line.split()[0] for line in lines] == ["boot.workers", "smtp.password", "ui.theme", "ui.theme"]
     assert "(sensitive, set)" in lines[1] and '"dark"' in lines[2] and acme in lines[3] and "light" in lines[3]

@@ -48,6 +48,10 @@ DEFAULT_CATEGORY = "general"
 # The query-string spelling of "the deployment's value" for `tenant_id` (the body says null).
 DEFAULT_SCOPE = "default"
 RUNTIME, AFTER_RESTART = "at runtime", "after a restart"
+# Keys the gateway's own jobs keep in this table (records/retention.py: `records.retention_run`, and each
+# tenant's `records.audit_anchor`, where `gateway audit verify` starts). Shown like any setting, never written
+# through the API or the CLI: a tenant ADMIN moving its anchor could hide the deletion of audit entries.
+RESERVED_PREFIXES = ("records.",)
 
 Scope = uuid.UUID | None | msgspec.UnsetType  # a tenant, the deployment's value, or "the caller's"
 
@@ -61,6 +65,12 @@ def _check_key(key: str) -> None:
     problem = schemas.config_key_problem(key)
     if problem is not None:
         raise schemas.ValidationFailed([{"field": "key", "message": problem}])
+
+
+def _check_writable(key: str) -> None:
+    if key.startswith(RESERVED_PREFIXES):
+        raise Forbidden(f"'{key}' is kept by the gateway itself (keys under "
+                        f"{', '.join(repr(p) for p in RESERVED_PREFIXES)}); it is read-only here")
 
 
 def row_scope(actor: Actor, requested: Scope) -> uuid.UUID | None:
@@ -238,6 +248,7 @@ async def set_setting(
 ) -> dict[str, Any]:
     """Create or replace the value of `key` in one scope; the answer is the setting as stored (never in clear)."""
     _check_key(key)
+    _check_writable(key)
     tenant_id = row_scope(actor, body.tenant_id)
     # A new override takes what the body leaves out from the deployment's value of the key.
     inherited = await _deployment_row(engine, key) if tenant_id is not None else None
@@ -290,6 +301,7 @@ async def delete_setting(engine: AsyncEngine, actor: Actor, key: str, requested:
     The answer is the setting as it was; the history keeps a `delete` row.
     """
     _check_key(key)
+    _check_writable(key)
     tenant_id = row_scope(actor, requested)
     now = utcnow()
     async with scoped(engine, actor) as conn:
