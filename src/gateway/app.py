@@ -48,8 +48,15 @@ log = logging.getLogger("gateway")
 
 
 class Gateway:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, reuse_port: bool = False, check_schema: bool = True,
+                 before_listen=None) -> None:
         self.config = config
+        # `serve --workers N` (workers.py): every worker binds the same ports (SO_REUSEPORT), the
+        # supervisor has checked the schema once for all of them, and `before_listen(gateway)` makes
+        # the data plane a worker's before the first connection.
+        self.reuse_port = reuse_port
+        self.check_schema = check_schema
+        self.before_listen = before_listen
         self.engine = None
         self.redis = None
         self.store: SnapshotStore | None = None
@@ -75,6 +82,10 @@ class Gateway:
         self.retention: RetentionJob | None = None  # deletes records older than their policy (one process at a time)
         self.alerts: AlertEvaluator | None = None  # evaluates alert rules, sends their webhooks (one process at a time)
 
+    def add_runner(self, runner: web.BaseRunner) -> None:
+        """A listener started outside `start` (a worker's metrics socket), stopped first with the others."""
+        self._runners.append(runner)
+
     @property
     def dataplane_url(self) -> str:
         return f"http://{_host(self.config.dataplane.host)}:{self.dataplane_port}"
@@ -85,7 +96,8 @@ class Gateway:
 
     async def start(self) -> None:
         cfg = self.config
-        await migrate.check_current(cfg.database.url)
+        if self.check_schema:
+            await migrate.check_current(cfg.database.url)
         self.engine = create_engine(cfg.database.url, pool_size=cfg.database.pool_max)
         if cfg.redis.url:
             import redis.asyncio as redis
@@ -180,6 +192,8 @@ class Gateway:
         self.metrics.gauge(
             "gateway_upstream_health", "Upstream servers by health status", self.health.status_counts, ("status",)
         )
+        if self.before_listen is not None:
+            await self.before_listen(self)
         self.dataplane_port = await self._listen(
             web.ServerRunner(self.dataplane.build_server(), shutdown_timeout=10.0), cfg.dataplane.host, cfg.dataplane.port
         )
@@ -245,7 +259,7 @@ class Gateway:
 
     async def _listen(self, runner: web.BaseRunner, host: str, port: int) -> int:
         await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=1024)
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=self.reuse_port or None)
         await site.start()
         self._runners.append(runner)
         return site._server.sockets[0].getsockname()[1]

@@ -59,16 +59,49 @@ def _emit(**values: str) -> None:
 
 # -- commands -------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway import workers
     from gateway.app import Gateway, run, serve_until_signalled
-    from gateway.db.migrate import SchemaNotCurrent
+    from gateway.db import migrate
 
     cfg = _load(args)
     configure_logging(cfg)
+    if args.worker_index is not None:
+        return _serve_worker(args, cfg)
+    count = workers.parse_workers(args.workers)
+    workers.check_config(cfg, count)
     try:
-        run(serve_until_signalled(Gateway(cfg)))
-    except SchemaNotCurrent as exc:
+        if args.migrate:  # once, here: never in each worker
+            migrate.upgrade(cfg.database.url)
+        if count == 1:
+            run(serve_until_signalled(Gateway(cfg)))
+            return 0
+        asyncio.run(migrate.check_current(cfg.database.url))  # once for every worker
+    except migrate.SchemaNotCurrent as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
+    supervisor = workers.Supervisor(
+        count, workers.worker_command(args.config, count), stop_timeout=cfg.writer.shutdown_timeout + 30.0
+    )
+    return supervisor.run()
+
+
+def _serve_worker(args: argparse.Namespace, cfg: Config) -> int:
+    """One worker of `serve --workers N`, started by the supervisor (workers.py)."""
+    import errno
+
+    from gateway import workers
+    from gateway.app import run
+
+    identity = workers.WorkerIdentity(args.worker_index, args.worker_count, args.worker_dir, args.worker_restarts)
+    workers.name_worker_logs(identity.index)
+    try:
+        run(workers.serve_worker(cfg, identity))
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            # Another program holds the port (or it is not ours to bind): starting again will not help.
+            print(f"gateway: worker {identity.index}: {exc}", file=sys.stderr)
+            return workers.FATAL_STATUS
+        raise
     return 0
 
 
@@ -618,7 +651,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", "-c", help="TOML configuration file (default: $GATEWAY_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("serve", help="run the data plane and the admin API").set_defaults(func=cmd_serve)
+    p = sub.add_parser("serve", help="run the data plane and the admin API")
+    p.add_argument("--workers", default="1", metavar="N",
+                   help="worker processes on the same ports (SO_REUSEPORT), supervised; 'auto': one per CPU "
+                        "(default 1: this process serves). More than one needs Redis and PostgreSQL")
+    p.add_argument("--migrate", action="store_true", help="apply the schema migrations first (once, before any worker)")
+    # Set by the supervisor for each worker it starts (workers.py); not for people.
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-count", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--worker-dir", help=argparse.SUPPRESS)
+    p.add_argument("--worker-restarts", type=int, default=0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("migrate", help="create or upgrade the database schema")
     p.add_argument("revision", nargs="?", default="head")
     p.set_defaults(func=cmd_migrate)

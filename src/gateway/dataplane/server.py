@@ -208,6 +208,10 @@ class DataPlane:
         )
 
     # -- wiring ----------------------------------------------------------------------
+    def wrap_operational(self, path: str, wrapper) -> None:
+        """Serve an operational path (`/metrics`, `/healthz`) through `wrapper(handler)` (workers.py)."""
+        self._operational[path] = wrapper(self._operational[path])
+
     def build_server(self) -> web.Server:
         """aiohttp's low-level server with our own dispatch.
 
