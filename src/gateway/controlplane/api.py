@@ -143,6 +143,16 @@ class ControlPlane:
             "/api/v1/servers/{id}/maintenance",
             self._admin(self.set_server_maintenance, writes=True, action="servers.maintenance"),
         )
+        r.add_get("/api/v1/analytics/server-health", self._admin(self.analytics_server_health, action="analytics.read"))
+        r.add_get(
+            "/api/v1/analytics/request-performance",
+            self._admin(self.analytics_request_performance, action="analytics.read"),
+        )
+        r.add_get(
+            "/api/v1/analytics/tenant-usage/{tenant_id}",
+            self._admin(self.analytics_tenant_usage, action="analytics.read"),
+        )
+        r.add_get("/api/v1/analytics/database", self._admin(self.analytics_database, action="analytics.database"))
         r.add_post("/api/v1/access-rules", self._admin(self.create_access_rule, writes=True))
         r.add_get("/api/v1/access-rules", self._admin(self.list_access_rules))
         r.add_get("/api/v1/access-rules/{id}", self._admin(self.get_access_rule))
@@ -399,6 +409,27 @@ class ControlPlane:
         return _json(
             await service.set_server_maintenance(self.engine, actor, server_id, body, self.upstream_defaults)
         )
+
+    # -- analytics (records/analytics.py) -------------------------------------------------------
+    async def analytics_server_health(self, request: web.Request, actor: service.Actor) -> web.Response:
+        tenant = _uuid_param(request, "tenant_id")
+        return _json(await service.analytics_server_health(self.engine, actor, tenant_id=tenant))
+
+    async def analytics_request_performance(self, request: web.Request, actor: service.Actor) -> web.Response:
+        hours = schemas.analytics_hours(request.query.get("hours"))
+        tenant = _uuid_param(request, "tenant_id")
+        return _json(await service.analytics_request_performance(self.engine, actor, hours=hours, tenant_id=tenant))
+
+    async def analytics_tenant_usage(self, request: web.Request, actor: service.Actor) -> web.Response:
+        hours = schemas.analytics_hours(request.query.get("hours"))
+        try:
+            tenant_id = uuid.UUID(request.match_info["tenant_id"])
+        except ValueError:
+            raise service.NotFound("tenant not found") from None
+        return _json(await service.analytics_tenant_usage(self.engine, actor, tenant_id, hours=hours))
+
+    async def analytics_database(self, request: web.Request, actor: service.Actor) -> web.Response:
+        return _json(await service.analytics_database(self.engine, actor))
 
     # -- access rules ------------------------------------------------------------------------
     async def create_access_rule(self, request: web.Request, actor: service.Actor) -> web.Response:
@@ -842,6 +873,7 @@ def openapi_document() -> dict[str, Any]:
     }
     for path, operations in _registry_paths(body, paging, listing).items():
         document["paths"].setdefault(path, {}).update(operations)
+    document["paths"].update(_analytics_paths())
     document["paths"].update(_routing_paths(body, paging, listing))
     document["paths"].update(_lifecycle_paths(paging, listing))
     document["paths"].update(_config_paths(paging, listing))
@@ -970,6 +1002,37 @@ def _routing_paths(body, paging: list[dict], listing: dict) -> dict[str, dict]:
             "delete": {"responses": {"200": {"description": "deleted: the rule as it was"},
                                      "404": {"description": "no such rule"}}},
         },
+    }
+
+
+def _analytics_paths() -> dict[str, dict]:
+    """Analytics (records/analytics.py): the same answers from PostgreSQL's SQL functions or SQLite."""
+    hours = {"name": "hours", "in": "query", "description": "the window: the last N hours (default "
+             f"{schemas.ANALYTICS_HOURS_DEFAULT})", "schema": {"type": "integer", "minimum": 1,
+                                                               "maximum": schemas.ANALYTICS_HOURS_MAX}}
+    tenant = {"name": "tenant_id", "in": "query", "schema": {"type": "string", "format": "uuid"},
+              "description": "this tenant only (the operator; a tenant admin always sees its own)"}
+    bad_hours = {"422": {"description": "hours is not a whole number from 1 to "
+                                        f"{schemas.ANALYTICS_HOURS_MAX}"}}
+    return {
+        "/api/v1/analytics/server-health": {"get": {"parameters": [tenant], "responses": {"200": {
+            "description": "{items: [{server_id, tenant_id, name, health_status, health_checked_at, "
+                           "avg_response_time, requests, errors, error_rate (of the last hour)}], next_cursor: "
+                           "null, as_of, window_hours: 1}"}}}},
+        "/api/v1/analytics/request-performance": {"get": {"parameters": [hours, tenant], "responses": {"200": {
+            "description": "{items: [{tenant_id, server_id, server_name, method, requests, errors, error_rate, "
+                           "avg_ms, p50_ms, p95_ms, p99_ms}], next_cursor: null, as_of, hours}"}, **bad_hours}}},
+        "/api/v1/analytics/tenant-usage/{tenant_id}": {"get": {"parameters": [hours], "responses": {
+            "200": {"description": "{tenant_id, hours, as_of, requests, errors, error_rate, tools_used, users, "
+                                   "top_tools: [{tool_name, calls, errors}], api_keys: [{api_key_id, name, "
+                                   "requests_last_hour, rate_limit_per_hour, hour_used, requests_last_day, "
+                                   "rate_limit_per_day, day_used}]}"},
+            "404": {"description": "no such tenant within reach (another tenant's is not found alike)"},
+            **bad_hours}}},
+        "/api/v1/analytics/database": {"get": {"responses": {"200": {
+            "description": "{dialect, database, size_bytes, tables, indexes} (operator only): on PostgreSQL per "
+                           "table its live-row estimate, sizes, scans, changes and vacuums, per index its scans "
+                           "and size; on SQLite exact row counts and free_bytes, no index statistics"}}}},
     }
 
 

@@ -59,6 +59,11 @@ PERMISSIONS: dict[str, Permission] = {
     # out of (and back into) probing and routing for maintenance.
     "servers.health": Permission(READ, dict(_EVERY_ROLE), summary="read servers' health"),
     "servers.maintenance": Permission(ADMIN, {"ADMIN": TENANT}, summary="put servers in or out of maintenance"),
+    # Analytics (records/analytics.py): a tenant ADMIN reads its own tenant's figures (every key's quota
+    # use among them); the database's size and statistics belong to the deployment, so to the operator.
+    "analytics.read": Permission(READ, {"ADMIN": TENANT}, summary="read analytics (server health, request "
+                                 "performance, tenant usage)"),
+    "analytics.database": Permission(READ, operator_only=True, summary="read the database's size and statistics"),
     # Routing rules (registry/routing.py): like access rules, a tenant ADMIN's business; a `read` key reads them.
     "routing.read": Permission(READ, {"ADMIN": TENANT}, summary="read routing rules"),
     "routing.write": Permission(ADMIN, {"ADMIN": TENANT}, summary="create, change and delete routing rules"),

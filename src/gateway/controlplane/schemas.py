@@ -428,6 +428,22 @@ def legacy_key_problem(token: str) -> str | None:
     return None
 
 
+# Analytics windows (records/analytics.py): whole hours, up to 30 days.
+ANALYTICS_HOURS_MAX = 720
+ANALYTICS_HOURS_DEFAULT = 24
+
+
+def analytics_hours(raw: str | None) -> int:
+    """The `hours` query parameter of the analytics routes, or ValidationFailed (422)."""
+    if raw is None:
+        return ANALYTICS_HOURS_DEFAULT
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= ANALYTICS_HOURS_MAX:
+        raise ValidationFailed(
+            [{"field": "hours", "message": f"must be a whole number of hours from 1 to {ANALYTICS_HOURS_MAX}"}]
+        )
+    return int(raw)
+
+
 def _auth_problems(auth: Any, transport: str | None) -> list[dict[str, str]]:
     errors = []
     if transport == "stdio" and not isinstance(auth, NoAuth):

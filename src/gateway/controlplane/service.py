@@ -40,6 +40,7 @@ from gateway.controlplane import permissions, schemas
 from gateway.db.tables import config_state, enhanced_api_keys, limit_settings, mcp_servers, tenants, users, utcnow
 from gateway.db.tables import routing_rules, server_access_rules
 from gateway.db.tables import server_tools
+from gateway.records import analytics
 from gateway.snapshot import MERGED_LIMIT_KEYS, apply_limit_overrides
 from gateway.config import UpstreamSettings, server_settings
 
@@ -770,6 +771,64 @@ def _health_out(row: Any, defaults: UpstreamSettings) -> dict[str, Any]:
         "avg_response_time": row["avg_response_time"],
         "thresholds": thresholds(settings),
     }
+
+
+# -- analytics (records/analytics.py computes; this decides whose rows) ----------------------------
+def _analytics_tenant(actor: Actor, requested: uuid.UUID | None) -> tuple[bool, uuid.UUID | None]:
+    """(whether anything can match, the tenant to summarize: None is every tenant, the operator's view).
+
+    A tenant's actor always gets its own tenant; asking for another one is a
+    filter that matches nothing, as on the listing routes.
+    """
+    if actor.is_operator:
+        return True, requested
+    if actor.reach != permissions.TENANT:
+        raise Forbidden("analytics cover a whole tenant")
+    return requested in (None, actor.tenant_id), actor.tenant_id
+
+
+async def analytics_server_health(
+    engine: AsyncEngine, actor: Actor, *, tenant_id: uuid.UUID | None = None
+) -> dict[str, Any]:
+    """Every server within reach (the operator's: every tenant's, or `tenant_id`'s) and its last hour."""
+    possible, tenant = _analytics_tenant(actor, tenant_id)
+    as_of = utcnow()
+    items = []
+    if possible:
+        async with scoped(engine, actor) as conn:
+            items = await analytics.server_health(conn, tenant_id=tenant, as_of=as_of)
+    return {"items": items, "next_cursor": None, "as_of": as_of, "window_hours": 1}
+
+
+async def analytics_request_performance(
+    engine: AsyncEngine, actor: Actor, *, hours: int, tenant_id: uuid.UUID | None = None
+) -> dict[str, Any]:
+    """Requests by tenant, server and method over the last `hours`, within reach."""
+    possible, tenant = _analytics_tenant(actor, tenant_id)
+    as_of = utcnow()
+    items = []
+    if possible:
+        async with scoped(engine, actor) as conn:
+            items = await analytics.request_performance(conn, hours=hours, tenant_id=tenant, as_of=as_of)
+    return {"items": items, "next_cursor": None, "as_of": as_of, "hours": hours}
+
+
+async def analytics_tenant_usage(engine: AsyncEngine, actor: Actor, tenant_id: uuid.UUID, *, hours: int) -> dict:
+    """A tenant's usage; another tenant's is "not found", like a tenant that does not exist."""
+    _analytics_tenant(actor, None)
+    reach = tenants.c.id == actor.tenant_id if not actor.is_operator else sa.true()
+    async with scoped(engine, actor) as conn:
+        if (await conn.execute(sa.select(tenants.c.id).where(tenants.c.id == tenant_id, reach))).first() is None:
+            raise NotFound("tenant not found")
+        return await analytics.tenant_usage(conn, tenant_id=tenant_id, hours=hours, as_of=utcnow())
+
+
+async def analytics_database(engine: AsyncEngine, actor: Actor) -> dict[str, Any]:
+    """The database's size, tables and indexes: the deployment's, so the operator's alone."""
+    if not actor.is_operator:
+        raise Forbidden("only the gateway operator reads the database's statistics")
+    async with scoped(engine, actor) as conn:
+        return await analytics.database_report(conn)
 
 
 # -- access rules -------------------------------------------------------------------------------
