@@ -24,6 +24,8 @@ from aiohttp import web
 _PUBLIC = {("GET", "/api/v1/openapi.json")}
 # Path prefixes outside the admin API proper: sign-in flows are exercised by their own tests.
 _OUTSIDE = ("/auth/",)
+# Routes that answer with figures, not objects: test_analytics_matrix attacks every one of them.
+_ANALYTICS = "/api/v1/analytics/"
 # The kind of object behind `{id}` in each collection.
 _KINDS = {
     "tenants": "tenant", "users": "user", "api-keys": "key", "servers": "server",
@@ -152,7 +154,7 @@ async def test_control_plane_matrix(gateway, mcp_upstream):
     unclassified = []
     checked = 0
     for method, path in _routes(gateway):
-        if (method, path) in _PUBLIC or path.startswith(_OUTSIDE):
+        if (method, path) in _PUBLIC or path.startswith(_OUTSIDE) or path.startswith(_ANALYTICS):
             continue
         match = re.fullmatch(r"/api/v1/([a-z-]+)(?:/\{(?:id|address|key)\}(/.*)?)?(/[a-z]+)?", path)
         collection = match.group(1) if match else None
@@ -195,6 +197,61 @@ async def test_control_plane_matrix(gateway, mcp_upstream):
         assert not probes, (collection, probes)
     status, tenant = await gateway.admin("GET", f"/tenants/{theirs['tenant']}")
     assert status == 200 and tenant["status"] == "active", tenant
+
+
+async def test_analytics_matrix(gateway, mcp_upstream):
+    """Acme's admin asks every analytics route about everyone, and about globex by name: never a figure of
+    globex's; globex's tenant is "not found" like a made-up one. The operator sees both (so the rows are there)."""
+    from datetime import datetime, timezone
+
+    import sqlalchemy as sa
+
+    from gateway.db.tables import request_logs
+
+    world = await _build(gateway, mcp_upstream)
+    theirs, mine = world.ids["globex"], world.admin_keys["acme"]
+    now = datetime.now(timezone.utc)
+    rows = []
+    for name, ids in world.ids.items():
+        world.secrets[name].append(f"{name}-secret-tool")
+        for i in range(3):
+            rows.append({"id": uuid.uuid4(), "tenant_id": uuid.UUID(ids["tenant"]), "user_id": uuid.UUID(ids["user"]),
+                         "api_key_id": uuid.UUID(ids["key"]), "server_id": uuid.UUID(ids["server"]),
+                         "server_name": f"{name}-files", "method": "tools/call", "tool_name": f"{name}-secret-tool",
+                         "status_code": 200, "error_code": None, "error": None, "duration_ms": 1.0 + i,
+                         "request_bytes": 1, "response_bytes": 1, "client_ip": "127.0.0.1", "created_at": now})
+    async with gateway.gateway.engine.begin() as conn:
+        await conn.execute(sa.insert(request_logs), rows)
+
+    routes = [(m, p) for m, p in _routes(gateway) if p.startswith(_ANALYTICS)]
+    assert len(routes) >= 4, routes
+    for method, path in routes:
+        operator_view = None
+        if "{tenant_id}" in path:
+            status, own = await _call(gateway, method, path.replace("{tenant_id}", world.ids["acme"]["tenant"]), mine)
+            assert status == 200, (path, own)
+            status, operator_view = await _call(gateway, method, path.replace("{tenant_id}", theirs["tenant"]),
+                                                gateway.admin_key)
+            assert status == 200, (path, operator_view)
+            missing = str(uuid.uuid4())
+            status, text = await _call(gateway, method, path.replace("{tenant_id}", theirs["tenant"]), mine)
+            status_missing, text_missing = await _call(gateway, method, path.replace("{tenant_id}", missing), mine)
+            assert status == status_missing == 404, (path, status, status_missing)
+            assert text == text_missing, (path, text, text_missing)
+            texts = [own, text]
+        elif "{" not in path:
+            texts = []
+            for query in ("", f"?tenant_id={theirs['tenant']}"):
+                status, text = await _call(gateway, method, path + query, mine)
+                assert status in (200, 403), (path, status, text)
+                texts.append(text)
+            operator_view = (await _call(gateway, method, path, gateway.admin_key))[1]
+        else:
+            raise AssertionError(f"the analytics matrix does not know how to attack {method} {path}")
+        for text in texts:
+            assert not _leaks(text, world.secrets["globex"]), (path, _leaks(text, world.secrets["globex"]))
+        if path.endswith(("server-health", "request-performance", "tenant-usage/{tenant_id}")):
+            assert "globex-files" in operator_view or "globex-secret-tool" in operator_view, (path, operator_view)
 
 
 MCP_METHODS = [

@@ -88,6 +88,12 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/bans"): OPERATOR,
     ("POST", "/api/v1/bans"): OPERATOR,
     ("DELETE", "/api/v1/bans/{address}"): OPERATOR,
+    # Analytics (test_analytics.py covers the reach): a tenant ADMIN its own tenant's figures; the database's
+    # size and statistics are the deployment's.
+    ("GET", "/api/v1/analytics/server-health"): ADMINS,
+    ("GET", "/api/v1/analytics/request-performance"): ADMINS,
+    ("GET", "/api/v1/analytics/tenant-usage/{tenant_id}"): ADMINS,
+    ("GET", "/api/v1/analytics/database"): OPERATOR,
     # Upstream health (tests/registry/test_health.py covers the reach): everyone reads it, a tenant ADMIN
     # puts a server in and out of maintenance.
     ("GET", "/api/v1/servers/{id}/health"): EVERYONE,
@@ -212,6 +218,8 @@ async def _request(p: Principals, who: str, method: str, route: str) -> int:
         body = {"ip_per_minute": 600}
     elif route == "/api/v1/sessions/{id}":
         path = route.replace("{id}", await p.session(own_user))
+    elif route == "/api/v1/analytics/tenant-usage/{tenant_id}":
+        path = route.replace("{tenant_id}", p.tenant_id)
     elif route in ("/api/v1/servers/{id}/health", "/api/v1/servers/{id}/maintenance"):
         path = route.replace("{id}", p.server_id)
         body = {"maintenance": True} if method == "PUT" else None
