@@ -205,6 +205,31 @@ async def test_a_failing_webhook_is_retried_and_a_hanging_one_never_stalls_evalu
     assert flaky_event["notified_at"] is not None
 
 
+async def test_a_delivery_that_failed_every_retry_goes_again_after_resting(engine, receiver, monkeypatch):
+    from gateway.records import alerts
+
+    monkeypatch.setattr(alerts, "RESTING", 0.2)
+    hook = await receiver()
+    hook.statuses = [500, 500, 500]  # one whole delivery (1 + 2 retries) refused; the next taken
+    tenant_id, (files,) = await _tenant_and_server(engine)
+    rule = await _rule(engine, tenant_id, "error_rate", 0.1, server_id=files, webhook_url=hook.url)
+    await _traffic(engine, tenant_id, files, failed=3)
+    evaluator = AlertEvaluator(engine, QUICK)
+    try:
+        assert (await evaluator.evaluate_once()).fired == [(rule, files)]
+        await _until(lambda: evaluator.given_up == 1, "the first delivery given up")
+        await evaluator.evaluate_once()  # resting: not tried yet
+        assert len(hook.received) == 3
+        await asyncio.sleep(0.25)
+        await evaluator.evaluate_once()
+        await _until(lambda: evaluator.delivered == 1, "the delivery after resting")
+    finally:
+        await evaluator.stop()
+    assert len(hook.received) == 4 and evaluator.failed_attempts == 3
+    [event] = await _events(engine, rule)
+    assert event["notified_at"] is not None
+
+
 async def test_an_undelivered_event_is_sent_by_the_next_evaluator(engine, receiver):
     """A process that fired and died before its webhook went out: the next evaluator sends it, once."""
     hook = await receiver()
@@ -269,6 +294,21 @@ async def test_latency_request_rate_and_health_on_each_server_of_the_tenant(db_u
     finally:
         await evaluator.stop()
         await engine.dispose()
+
+
+async def test_a_rule_watches_only_its_own_tenants_servers(engine):
+    """A rule row naming another tenant's server (the API refuses it; written here directly) watches nothing."""
+    tenant_id, _ = await _tenant_and_server(engine)
+    _, (theirs,) = await _tenant_and_server(engine, "globex")
+    async with engine.begin() as conn:
+        await conn.execute(sa.update(mcp_servers).where(mcp_servers.c.id == theirs).values(health_status="UNHEALTHY"))
+    rule = await _rule(engine, tenant_id, "health", 0, server_id=theirs)
+    evaluator = AlertEvaluator(engine, QUICK)
+    try:
+        assert (await evaluator.evaluate_once()).fired == []
+    finally:
+        await evaluator.stop()
+    assert await _events(engine, rule) == []
 
 
 async def test_percentiles_agree_with_postgresql(engine):

@@ -30,9 +30,10 @@ evaluation), with `webhook_timeout`, `webhook_retries` retries after
 (2xx) sets `notified_at`. Deliveries of one event go in order (its
 resolution waits for its firing). A delivery lost with its process (or never
 made) is found again by the next evaluation: events of the last day whose
-state was not notified yet (`notified_at` NULL, or before `resolved_at`).
-So delivery is at least once; `X-Gateway-Alert-Event` and the state let a
-receiver drop duplicates.
+state was not notified yet (`notified_at` NULL, or before `resolved_at`); one
+that failed every retry rests `RESTING` seconds, then goes again the same
+way. So delivery is at least once; `X-Gateway-Alert-Event` and the state let
+a receiver drop duplicates.
 
 One process evaluates at a time: the evaluator that holds the job lock
 (records/joblock.py) keeps it while its process lives; the others try again
@@ -44,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -62,6 +64,8 @@ log = logging.getLogger("gateway.records")
 
 # A delivery of an event older than this (fired or resolved) is not attempted again after a restart.
 REDELIVERY_WINDOW = timedelta(days=1)
+# After every retry of a delivery failed, it rests this long (seconds); then the next evaluation starts it again.
+RESTING = 300.0
 MAX_CONCURRENT_DELIVERIES = 16
 _QUANTILES = {"latency_p95": 0.95, "latency_p99": 0.99}
 _DESCRIBED = {
@@ -148,7 +152,7 @@ class AlertEvaluator:
         # (event id, state) -> its delivery task; an event's tasks run in order.
         self._deliveries: dict[tuple[uuid.UUID, str], asyncio.Task] = {}
         self._last_delivery: dict[uuid.UUID, asyncio.Task] = {}
-        self._abandoned: set[tuple[uuid.UUID, str]] = set()
+        self._resting: dict[tuple[uuid.UUID, str], float] = {}  # deliveries that failed every retry: until when
 
     # -- schedule ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -217,8 +221,11 @@ class AlertEvaluator:
             watched: dict[uuid.UUID | None, float | None] = {}
             if rule["enabled"]:
                 result.rules += 1
-                covered = [by_id[rule["server_id"]]] if rule["server_id"] in by_id else [
-                    s for s in servers if s["tenant_id"] == rule["tenant_id"]]
+                if rule["server_id"] is None:
+                    covered = [s for s in servers if s["tenant_id"] == rule["tenant_id"]]
+                else:  # its own tenant's server only (the API checks it; a row written otherwise watches nothing)
+                    named = by_id.get(rule["server_id"])
+                    covered = [named] if named is not None and named["tenant_id"] == rule["tenant_id"] else []
                 covered = [s for s in covered if s["is_active"]]
                 watched = await self._measure(rule, covered, now)
             await self._transitions(rule, watched, by_id, open_events, now, result)
@@ -321,7 +328,10 @@ class AlertEvaluator:
 
     # -- webhooks ---------------------------------------------------------------------------------
     async def _redeliver(self) -> None:
-        """Schedule what was not notified yet and is not on its way (a delivery lost with its process)."""
+        """Schedule what was not notified yet and is not on its way (a delivery lost with its process, or one
+        that failed every retry and has rested)."""
+        now = time.monotonic()
+        self._resting = {key: until for key, until in self._resting.items() if until > now}
         since = utcnow() - REDELIVERY_WINDOW
         e = alert_events
         query = (
@@ -343,7 +353,7 @@ class AlertEvaluator:
 
     def _schedule(self, url: str, event: dict[str, Any]) -> None:
         key = (event["id"], event["state"])
-        if key in self._deliveries or key in self._abandoned:
+        if key in self._deliveries or key in self._resting:
             return
         before = self._last_delivery.get(event["id"])
         task = asyncio.create_task(self._deliver(url, event, before), name=f"alert-webhook-{event['id']}")
@@ -387,9 +397,9 @@ class AlertEvaluator:
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self.failed_attempts += 1
         self.given_up += 1
-        self._abandoned.add((event["id"], event["state"]))
-        log.warning("alert webhook for event %s (%s) failed %d times, last: %s; not sent", event["id"],
-                    event["state"], attempts, error)
+        self._resting[(event["id"], event["state"])] = time.monotonic() + RESTING
+        log.warning("alert webhook for event %s (%s) failed %d times, last: %s; trying again in %.0f s",
+                    event["id"], event["state"], attempts, error, RESTING)
 
     async def _notified(self, event_id: uuid.UUID, state: str, at: datetime) -> None:
         # Only while the event is still in the state told: a firing told after the event resolved must not
