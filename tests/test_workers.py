@@ -251,10 +251,11 @@ async def test_sigterm_under_load_answers_and_records_every_accepted_request(sup
 
 
 @pytest.mark.parametrize("case", ["no redis", "sqlite", "unmigrated"])
-def test_workers_refuse_what_they_cannot_share(case, pg_url, empty_pg_url, redis_url, tmp_path):
+def test_workers_refuse_what_they_cannot_share(case, redis_url, tmp_path, request):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update({"GATEWAY_DATAPLANE_PORT": str(free_port()), "GATEWAY_CONTROLPLANE_PORT": str(free_port()),
-                "GATEWAY_DATABASE_URL": pg_url, "GATEWAY_REDIS_URL": redis_url})
+                # Never reached in the first two cases: the configuration is refused before any connection.
+                "GATEWAY_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", "GATEWAY_REDIS_URL": redis_url})
     if case == "no redis":
         del env["GATEWAY_REDIS_URL"]
         expected = "needs Redis"
@@ -262,7 +263,7 @@ def test_workers_refuse_what_they_cannot_share(case, pg_url, empty_pg_url, redis
         env["GATEWAY_DATABASE_URL"] = f"sqlite:///{tmp_path / 'gateway.db'}"
         expected = "needs PostgreSQL"
     else:
-        env["GATEWAY_DATABASE_URL"] = empty_pg_url
+        env["GATEWAY_DATABASE_URL"] = request.getfixturevalue("empty_pg_url")
         expected = "run `gateway migrate`"
     done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--workers", "2"], env=env,
                           capture_output=True, text=True, timeout=60)

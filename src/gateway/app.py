@@ -83,7 +83,7 @@ class Gateway:
         self.alerts: AlertEvaluator | None = None  # evaluates alert rules, sends their webhooks (one process at a time)
 
     def add_runner(self, runner: web.BaseRunner) -> None:
-        """A listener started outside `start` (a worker's metrics socket), stopped first with the others."""
+        """A listener started outside `_listen` (a worker's metrics socket), stopped with the others."""
         self._runners.append(runner)
 
     @property
