@@ -40,7 +40,7 @@ from gateway.records.writer import RecordWriter
 from gateway.dataplane.guard import UpstreamGuard
 from gateway.records.server_stats import ServerStats
 from gateway.registry.breakers import BreakerBoard
-from gateway.registry.discovery import Discoverer
+from gateway.registry.discovery import Discoverer, OneShotClients
 from gateway.registry.health import HealthMonitor
 from gateway.snapshot import SnapshotStore
 
@@ -199,6 +199,8 @@ class Gateway:
         )
         self.discoverer = Discoverer(
             self.engine, self.store, self.dataplane.client_for, on_change=self.store.publish_change,
+            own_clients=OneShotClients(self.secrets, timeout=cfg.dataplane.upstream_timeout,
+                                       connect_timeout=cfg.dataplane.upstream_connect_timeout),
             defaults=cfg.upstreams, redis=self.redis, key_prefix=cfg.redis.key_prefix,
         )
         self.dataplane.watcher.upstream_changed.append(self.discoverer.upstream_changed)

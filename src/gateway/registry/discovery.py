@@ -2,7 +2,10 @@
 
 This module owns reading an upstream's capabilities through the gateway's own
 MCP client (`dataplane/mcp_client.py` and its stdio/SSE/WebSocket twins, so
-both protocol eras and every transport work), every page of `tools/list`,
+both protocol eras and every transport work; a stdio, SSE or WebSocket server
+is read over a process or connection of discovery's own, since the data
+plane's one stream per server cannot tell whose a server's question is while
+discovery's requests share it), every page of `tools/list`,
 `resources/list`, `resources/templates/list` and `prompts/list`, and storing
 them in `server_tools`, `server_resources`, `server_resource_templates` and
 `server_prompts` in one transaction (upsert; rows that disappeared upstream are
@@ -76,6 +79,10 @@ RETRY_AFTER = 30.0
 FIRST_SIGHT_GRACE = 2.0
 # The list watcher of every process may see the same upstream change: one reacts per window.
 CHANGE_WINDOW = 5.0
+# Transports whose one stream (a process, a connection) carries every call multiplexed: the
+# gateway cannot tell which call a server's question is for while another request is in flight
+# (dataplane/multiplexed.py), so discovery reads these servers over a stream of its own.
+OWN_STREAM = frozenset({"stdio", "sse", "websocket"})
 _MAX_ERROR = 2000
 # list kind -> (list method, key of the items in the result, the capability that announces it)
 LISTS = {
@@ -469,9 +476,10 @@ class Discoverer:
     """Runs discoveries: on registration, on a schedule per server, on upstream list changes, on demand.
 
     `client_for(server)` gives the MCP client of a server (the data plane's,
-    `DataPlane.client_for`); `on_change()` signals a configuration change to
-    every process (`SnapshotStore.publish_change`), called after a discovery
-    bumped the version.
+    `DataPlane.client_for`); `own_clients` (OneShotClients) opens a stream of
+    discovery's own for the transports in OWN_STREAM, closed after each
+    discovery. `on_change()` signals a configuration change to every process
+    (`SnapshotStore.publish_change`), called after a discovery bumped the version.
     """
 
     def __init__(
@@ -481,6 +489,7 @@ class Discoverer:
         client_for: Callable[[ServerEntry], Any],
         *,
         on_change: Callable[[], Awaitable[None]],
+        own_clients: OneShotClients | None = None,
         defaults: UpstreamSettings | None = None,
         redis: Any = None,
         key_prefix: str = "gw:",
@@ -492,6 +501,7 @@ class Discoverer:
         self.engine = engine
         self.store = store
         self.client_for = client_for
+        self.own_clients = own_clients
         self.on_change = on_change
         self.defaults = defaults or UpstreamSettings()  # the `[upstreams]` section (validates PATCHed settings)
         self.leases = Leases(redis, key_prefix)
@@ -504,6 +514,7 @@ class Discoverer:
         self._due: dict[uuid.UUID, float] = {}  # server -> when the scheduler looks at it next (loop time)
         self._requested: set[uuid.UUID] = set()  # asked for, not started yet
         self._tasks: set[asyncio.Task] = set()
+        self._releasing: set[asyncio.Future] = set()  # own streams being closed
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
         self._subscribed = False
@@ -524,6 +535,9 @@ class Discoverer:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._scheduler = None
         self._tasks.clear()
+        await asyncio.gather(*self._releasing, return_exceptions=True)
+        if self.own_clients is not None:
+            await self.own_clients.close()
 
     def _on_snapshot(self, snapshot: Any) -> None:
         self._wake.set()
@@ -589,7 +603,7 @@ class Discoverer:
             self.runs += 1
             try:
                 async with asyncio.timeout(self.deadline):
-                    fetched = await fetch(self.client_for(server), max_pages=self.max_pages)
+                    fetched = await self._fetch(server)
             except (DiscoveryFailed, TimeoutError) as exc:
                 error = str(exc) if isinstance(exc, DiscoveryFailed) else f"no answer within {self.deadline:g}s"
                 log.warning("server %s: discovery failed: %s", server.name, error)
@@ -606,6 +620,19 @@ class Discoverer:
             if outcome.configuration_changed:
                 await self.on_change()
             return outcome
+
+    async def _fetch(self, server: ServerEntry) -> Fetched:
+        if self.own_clients is None or server.transport_type not in OWN_STREAM:
+            return await fetch(self.client_for(server), max_pages=self.max_pages)
+        client = self.own_clients.client_for(server)
+        try:
+            return await fetch(client, max_pages=self.max_pages)
+        finally:
+            # Not cancelled with the discovery: a process is stopped and reaped, never abandoned (stop() waits).
+            release = asyncio.ensure_future(self.own_clients.release(client))
+            self._releasing.add(release)
+            release.add_done_callback(self._releasing.discard)
+            await asyncio.shield(release)
 
     # -- the schedule -------------------------------------------------------------------------------------
     async def _schedule(self) -> None:
@@ -682,7 +709,8 @@ class Discoverer:
 
 # -- outside a running gateway (the CLI) ---------------------------------------------------------------
 class OneShotClients:
-    """MCP clients for servers when no data plane runs in this process (`gateway servers discover`)."""
+    """MCP clients of discovery's own: streams for OWN_STREAM transports, or every client when no
+    data plane runs in this process (`gateway servers discover`). `release` closes one."""
 
     def __init__(self, secrets: Any = None, *, timeout: float = 60.0, connect_timeout: float = 10.0) -> None:
         from gateway.dataplane.credentials import UpstreamCredentials
@@ -691,7 +719,7 @@ class OneShotClients:
         self.connect_timeout = connect_timeout
         self.credentials = UpstreamCredentials(secrets.credentials if secrets is not None else None, timeout=timeout)
         self._open: list[Any] = []
-        self._pools: list[Any] = []
+        self._pools: dict[int, Any] = {}  # id(client) -> its pool (HTTP)
 
     def client_for(self, server: ServerEntry) -> Any:
         from gateway.dataplane.channels import SseUpstream, WebSocketUpstream
@@ -708,13 +736,22 @@ class OneShotClients:
                           credential=credential)
         else:
             pool = UpstreamPool(server.endpoint_url, max_connections=4, connect_timeout=self.connect_timeout)
-            self._pools.append(pool)
-            return UpstreamClient(pool, server.target, timeout=self.timeout, credential=credential)
+            client = UpstreamClient(pool, server.target, timeout=self.timeout, credential=credential)
+            self._pools[id(client)] = pool
         self._open.append(client)
         return client
 
-    async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in self._open), return_exceptions=True)
-        for pool in self._pools:
+    async def release(self, client: Any) -> None:
+        """Close one client (its process, connection or pool)."""
+        if client in self._open:
+            self._open.remove(client)
+        pool = self._pools.pop(id(client), None)
+        if pool is not None:
             await pool.close()
+        elif hasattr(client, "close"):
+            await client.close()
+
+    async def close(self) -> None:
+        """Close every client still open, and the credentials' token fetcher."""
+        await asyncio.gather(*(self.release(c) for c in list(self._open)), return_exceptions=True)
         await self.credentials.close()
