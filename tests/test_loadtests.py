@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -21,8 +22,17 @@ import pytest
 from harness import free_port, wait_for_port
 
 LOADTESTS = Path(__file__).resolve().parent.parent / "loadtests"
-sys.path.insert(0, str(LOADTESTS))
-import provision  # noqa: E402  (loadtests/provision.py: stdlib only)
+
+
+def _load_provision():
+    """loadtests/provision.py (stdlib only), loaded by path: loadtests/ is not put on sys.path."""
+    spec = importlib.util.spec_from_file_location("loadtests_provision", LOADTESTS / "provision.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+provision = _load_provision()
 
 # (how the class is selected on locust's command line, the prefix of its request names)
 SHAPES = {
