@@ -327,3 +327,16 @@ async def test_a_rules_events_as_the_evaluator_leaves_them(two):
     assert status == 200
     status, _ = await gw.admin("GET", f"/alerts/{rule['id']}/events", key=acme_admin)
     assert status == 404
+
+
+async def test_the_openapi_document_lists_every_route(gateway):
+    status, document = await gateway.admin("GET", "/openapi.json")
+    assert status == 200
+    paths = document["paths"]
+    for path, methods in (("/api/v1/retention-policies", {"get", "post"}),
+                          ("/api/v1/retention-policies/{id}", {"patch", "delete"}),
+                          ("/api/v1/retention-policies/run", {"post"}), ("/api/v1/alerts", {"get", "post"}),
+                          ("/api/v1/alerts/{id}", {"get", "patch", "delete"}), ("/api/v1/alerts/{id}/events", {"get"})):
+        assert methods <= set(paths[path]), path
+    schema = paths["/api/v1/alerts"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "AlertRuleCreate" in str(schema)

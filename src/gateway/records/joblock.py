@@ -80,7 +80,7 @@ class JobLock:
             got = (await conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": self.key})).scalar()
             await conn.commit()  # the lock is the session's: no transaction stays open while it is held
         except BaseException:
-            await conn.close()
+            await self._discard(conn)  # it may hold the lock already: never back to the pool
             raise
         if not got:
             await conn.close()
@@ -100,17 +100,23 @@ class JobLock:
             await conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
             await conn.commit()
             await conn.close()
+        except Exception as exc:  # noqa: BLE001 - database away: ending the session ends the lock too
+            log.debug("could not unlock the %s job (%s); closing its session instead", self.name, exc)
+            await self._discard(conn)
         except BaseException:
-            # A pooled connection must never keep a session lock: close the session itself.
+            await self._discard(conn)  # a pooled connection must never keep a session lock
+            raise
+
+    @staticmethod
+    async def _discard(conn: AsyncConnection) -> None:
+        """Close the session itself (not back to the pool): its locks end with it."""
+        try:
             await conn.invalidate()
             await conn.close()
-            raise
+        except Exception:  # noqa: BLE001 - already broken
+            pass
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
-                await conn.invalidate()
-                await conn.close()
-            except Exception:  # noqa: BLE001 - already broken
-                pass
+            await self._discard(conn)
