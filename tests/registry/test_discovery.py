@@ -399,6 +399,30 @@ async def test_changing_a_servers_endpoint_rediscovers_it(gateway, mcp_upstream,
     assert await _all(gateway, f"/servers/{t.server_id}/prompts") == []  # the old server's are gone
 
 
+async def test_an_endpoint_changed_elsewhere_is_rediscovered_by_one_process(
+    pg_url, make_gateway, mcp_upstream, small_paged, redis_url, redis_prefix
+):
+    """A change made by another process (or `gateway servers update`, straight in the database) is seen in
+    every snapshot; one process discovers the server again."""
+    from gateway.controlplane import schemas, service
+
+    shared = {"redis": {"url": redis_url, "key_prefix": redis_prefix}}
+    a = await make_gateway(pg_url, **shared)
+    b = await make_gateway(pg_url, **shared)
+    t = await a.tenancy("acme", mcp_upstream, server_name="moving")
+    first = await _discovered(a, t.server_id)
+    await asyncio.sleep(discovery.FIRST_SIGHT_GRACE + 1.5)  # both have seen it as it was
+    runs = a.gateway.discoverer.runs + b.gateway.discoverer.runs
+    operator = await service.operator_actor(a.gateway.engine)
+    body = schemas.validate(schemas.ServerUpdate, json.dumps({"endpoint_url": small_paged}).encode())
+    await service.update_server(a.gateway.engine, operator, uuid.UUID(t.server_id), body, a.gateway.config.upstreams)
+    await a.gateway.store.publish_change()  # as the CLI's change reaches running gateways (or their poll)
+    await _discovered(a, t.server_id, after=first["discovered_at"])
+    assert "mutate" in {x["name"] for x in await _all(a, f"/servers/{t.server_id}/tools")}
+    await asyncio.sleep(1.0)
+    assert a.gateway.discoverer.runs + b.gateway.discoverer.runs == runs + 1
+
+
 # -- one discovery per server and interval, across processes ------------------------------------------
 async def _server_row(gw, server_id: str):
     from gateway.db.tables import mcp_servers

@@ -327,9 +327,7 @@ class ControlPlane:
     async def set_server_auth(self, request: web.Request, actor: service.Actor) -> web.Response:
         server_id = _path_id(request, "server")
         body = schemas.validate(schemas.ServerAuthUpdate, await request.read())
-        server = await service.set_server_auth(self.engine, actor, server_id, body, self._secrets())
-        self._discover_after_change(request, server_id)  # a server that refused the old credential may answer now
-        return _json(server)
+        return _json(await service.set_server_auth(self.engine, actor, server_id, body, self._secrets()))
 
     async def list_servers(self, request: web.Request, actor: service.Actor) -> web.Response:
         limit, after = _paging(request)
@@ -343,10 +341,9 @@ class ControlPlane:
     async def update_server(self, request: web.Request, actor: service.Actor) -> web.Response:
         server_id = _path_id(request, "server")
         body = schemas.validate(schemas.ServerUpdate, await request.read())
-        server, moved = await service.update_server(self.engine, actor, server_id, body, self.upstream_defaults)
-        if moved:
-            self._discover_after_change(request, server_id)
-        return _json(server)
+        # A changed endpoint, transport or credential is discovered again by whichever process sees it
+        # first in its snapshot (registry/discovery.py), this one included.
+        return _json(await service.update_server(self.engine, actor, server_id, body, self.upstream_defaults))
 
     async def delete_server(self, request: web.Request, actor: service.Actor) -> web.Response:
         return _json(await service.delete_server(self.engine, actor, _path_id(request, "server")))

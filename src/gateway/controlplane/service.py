@@ -589,8 +589,8 @@ async def set_server_auth(
 
 async def update_server(
     engine: AsyncEngine, actor: Actor, server_id: uuid.UUID, body: schemas.ServerUpdate, defaults: UpstreamSettings
-) -> tuple[dict[str, Any], bool]:
-    """Change what a PATCH gives; return the server and whether its endpoint changed (it is discovered again).
+) -> dict[str, Any]:
+    """Change what a PATCH gives; return the server as changed.
 
     `settings` merges into the server's overrides (a null removes one), and the
     result must validate over `defaults` (the `[upstreams]` section). The
@@ -637,8 +637,7 @@ async def update_server(
             )
         ).mappings().one()
         await bump_version(conn)
-    reactivated = changes.get("is_active") is True
-    return _server_out(row), (moved or reactivated) and row["is_active"]
+    return _server_out(row)
 
 
 async def delete_server(engine: AsyncEngine, actor: Actor, server_id: uuid.UUID) -> dict[str, Any]:

@@ -22,9 +22,10 @@ hash and definition stay as they were until an admin approves the new one
 dataplane/enforce.py).
 
 `Discoverer` runs discoveries: on registration (the control plane asks after
-it created or changed a server), on a schedule per server
-(`discovery_interval`), when the list watcher sees an upstream's lists change,
-and on demand. With several gateway processes only one discovers a given
+it created a server), when a server's endpoint, transport or credential
+changes (every process sees it in its snapshot; one takes a lease and
+discovers), on a schedule per server (`discovery_interval`), when the list
+watcher sees an upstream's lists change, and on demand. With several gateway processes only one discovers a given
 server per interval: a lease `SET <prefix>discovery:<server id> NX PX` on
 Redis (in process without Redis).
 
@@ -512,6 +513,7 @@ class Discoverer:
         self._slots = asyncio.Semaphore(concurrency)
         self._locks: dict[uuid.UUID, asyncio.Lock] = {}
         self._due: dict[uuid.UUID, float] = {}  # server -> when the scheduler looks at it next (loop time)
+        self._where: dict[uuid.UUID, tuple] = {}  # server -> how it was reached when last seen (_where)
         self._requested: set[uuid.UUID] = set()  # asked for, not started yet
         self._tasks: set[asyncio.Task] = set()
         self._releasing: set[asyncio.Future] = set()  # own streams being closed
@@ -551,7 +553,7 @@ class Discoverer:
         return await self._run(server, claim=True)
 
     def request(self, server_id: uuid.UUID) -> None:
-        """Discover the server soon, in the background (after registration or a change of its endpoint)."""
+        """Discover the server soon, in the background (after its registration, in the registering process)."""
         if server_id in self._requested:
             return  # one is waiting to start: it will see the latest configuration
         self._requested.add(server_id)
@@ -581,6 +583,14 @@ class Discoverer:
         if held:
             log.info("server %s: its lists changed upstream; discovering it again", server_id)
             self.request(server_id)
+
+    async def _moved_run(self, server: ServerEntry) -> None:
+        # Every process sees the change in its snapshot; the first to take this lease discovers.
+        where = hashlib.blake2b(orjson.dumps(_where(server)), digest_size=8).hexdigest()
+        held, _ = await self.leases.acquire(f"moved:{server.id}:{where}", CHANGE_WINDOW)
+        if held:
+            log.info("server %s: its endpoint, transport or credential changed; discovering it again", server.name)
+            self.request(server.id)
 
     # -- one discovery ----------------------------------------------------------------------------------
     def _entry(self, server_id: uuid.UUID) -> ServerEntry | None:
@@ -657,6 +667,12 @@ class Discoverer:
         for gone in [i for i in self._due if i not in servers]:
             del self._due[gone]
             self._locks.pop(gone, None)
+            self._where.pop(gone, None)
+        for server in servers.values():
+            before = self._where.get(server.id)
+            self._where[server.id] = _where(server)
+            if before is not None and before != self._where[server.id]:
+                self._spawn(self._moved_run(server))
         new = [i for i in servers if i not in self._due]
         if new:
             await self._first_sight(servers, new)
@@ -707,7 +723,12 @@ class Discoverer:
                 await self._run(current, claim=False)
 
 
-# -- outside a running gateway (the CLI) ---------------------------------------------------------------
+def _where(server: ServerEntry) -> tuple:
+    """How a server is reached: a change of any of these is a change of what it may offer."""
+    return (server.transport_type, server.endpoint_url, server.auth_sealed)
+
+
+# -- streams of discovery's own, and clients outside a running gateway (the CLI) -------------------------
 class OneShotClients:
     """MCP clients of discovery's own: streams for OWN_STREAM transports, or every client when no
     data plane runs in this process (`gateway servers discover`). `release` closes one."""
