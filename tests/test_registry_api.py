@@ -6,6 +6,10 @@ Discovery itself (what is stored, pinning, withholding) is tests/registry/test_d
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -72,7 +76,8 @@ async def test_servers_are_found_by_tag_transport_health_tool_and_name(gateway, 
     # Paging still works under a filter.
     status, page = await gateway.admin("GET", f"/servers?tenant_id={acme.tenant_id}&limit=2")
     assert len(page["items"]) == 2 and page["next_cursor"]
-    status, rest = await gateway.admin("GET", f"/servers?tenant_id={acme.tenant_id}&limit=2&cursor={page['next_cursor']}")
+    query = f"?tenant_id={acme.tenant_id}&limit=2&cursor={page['next_cursor']}"
+    status, rest = await gateway.admin("GET", f"/servers{query}")
     assert len(rest["items"]) == 2 and not {s["id"] for s in rest["items"]} & {s["id"] for s in page["items"]}
 
 
@@ -247,3 +252,50 @@ async def test_everyone_reads_what_was_found_only_admins_act(gateway, mcp_upstre
                                ("DELETE", f"/servers/{t.server_id}", None)):
         status, body = await gateway.admin(method, path, body, key=key)
         assert status == 403, (method, path, body)
+
+
+# -- the command line ----------------------------------------------------------------------------------------
+def _cli(pg_url: str, *argv: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_DATABASE_URL"] = pg_url
+    return subprocess.run([sys.executable, "-m", "gateway", *argv], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+async def test_the_servers_commands(pg_url, gateway, mcp_upstream):
+    async def cli(*argv: str) -> subprocess.CompletedProcess:
+        return await asyncio.to_thread(_cli, pg_url, "servers", *argv)
+
+    t = await gateway.tenancy("acme", mcp_upstream)
+    sid = t.server_id
+    done = await cli("discover", sid)
+    assert done.returncode == 0, done.stderr
+    counts = dict(line.split("=", 1) for line in done.stdout.split())
+    assert counts["resources"] == "1" and counts["prompts"] == "1" and int(counts["tools"]) >= 7
+    tools = await cli("tools", sid)
+    assert tools.returncode == 0 and any(line.startswith("echo ") and " approved " in line
+                                         for line in tools.stdout.splitlines()), tools.stdout
+    assert (await cli("tools", sid, "--changed")).stdout == ""
+    listed = await cli("list", "--tool", "echo", "--transport", "http")
+    assert listed.returncode == 0 and sid in listed.stdout
+    assert sid not in (await cli("list", "--tag", "nope")).stdout
+    done = await cli("update", sid, "--description", "from the shell", "--tag", "blue",
+                     "--set", "discovery_interval=60", "--set", "health_probe=list")
+    assert done.returncode == 0, done.stderr
+    shown = json.loads((await cli("show", sid)).stdout)
+    assert shown["description"] == "from the shell" and shown["tags"] == ["blue"]
+    assert shown["settings"] == {"discovery_interval": 60, "health_probe": "list"}
+    assert sid in (await cli("list", "--tag", "blue")).stdout
+    refused = await cli("update", sid, "--set", "discovery_interval=1")
+    assert refused.returncode == 2 and "settings.discovery_interval" in refused.stderr
+    done = await cli("update", sid, "--unset", "health_probe")
+    assert done.returncode == 0
+    assert json.loads((await cli("show", sid)).stdout)["settings"] == {"discovery_interval": 60}
+    refused = await cli("approve", sid, "no_such_tool")
+    assert refused.returncode == 2 and "no tool named" in refused.stderr
+    done = await cli("approve", sid, "echo")
+    assert done.returncode == 0 and "approved definition" in done.stderr
+    assert (await cli("show", str(uuid.uuid4()))).returncode == 2
+    done = await cli("unregister", sid)
+    assert done.returncode == 0, done.stderr
+    assert (await cli("show", sid)).returncode == 2

@@ -219,8 +219,137 @@ async def _servers_register(args, engine, actor):
 async def _servers_list(args, engine, actor):
     from gateway.controlplane import service
 
-    for s in await service.list_servers(engine, actor, limit=500, after=None):
+    tenant = uuid.UUID(args.tenant) if args.tenant else None
+    found = await service.list_servers(
+        engine, actor, limit=500, after=None, tenant_id=tenant, name=args.name, tags=args.tag or (),
+        transport_type=args.transport, health_status=args.health, tool=args.tool,
+    )
+    for s in found:
         print(f"{s['id']}  {s['name']:<24} {s['transport_type']:<9} {s['health_status']:<10} {s['endpoint_url']}")
+
+
+# -- the registry: one server, its changes, what discovery found (registry/discovery.py) ---------------
+async def _servers_show(args, engine, actor):
+    import orjson
+
+    from gateway.controlplane import service
+
+    server = await service.get_server(engine, actor, _server_id(args))
+    print(orjson.dumps(server, default=str, option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z).decode())
+
+
+async def _servers_update(args, engine, actor):
+    import orjson
+
+    from gateway.controlplane import schemas, service
+
+    settings: dict = {}
+    for assignment in args.set or ():
+        key, sep, text = assignment.partition("=")
+        if not sep:
+            raise schemas.ValidationFailed([{"field": "set", "message": f"{assignment!r} is not KEY=VALUE"}])
+        try:
+            settings[key] = orjson.loads(text)  # 60, true, "auto" ...
+        except orjson.JSONDecodeError:
+            settings[key] = text  # a bare word: the text itself
+    settings.update({key: None for key in args.unset or ()})
+    fields = {"description": args.description, "endpoint_url": args.url, "transport_type": args.transport,
+              "tags": args.tag, "settings": settings or None, "is_active": args.active}
+    body = schemas.validate(schemas.ServerUpdate, orjson.dumps({k: v for k, v in fields.items() if v is not None}))
+    server = await service.update_server(engine, actor, _server_id(args), body, _load(args).upstreams)
+    await _signal_change(args, engine)
+    state = "active" if server["is_active"] else "inactive"
+    print(f"server {server['name']}: {server['transport_type']} {server['endpoint_url']}, {state}, "
+          f"settings {orjson.dumps(server['settings']).decode()}", file=sys.stderr)
+
+
+async def _servers_unregister(args, engine, actor):
+    from gateway.controlplane import service
+
+    server = await service.delete_server(engine, actor, _server_id(args))
+    await _signal_change(args, engine)
+    print(f"unregistered server {server['name']} ({server['id']})", file=sys.stderr)
+
+
+async def _servers_discover(args, engine, actor):
+    """Discover one server from this process (no gateway needs to run); running gateways get the result."""
+    from gateway.auth.sealing import load_secrets
+    from gateway.controlplane import service
+    from gateway.registry.discovery import Discoverer, NotServed, OneShotClients
+    from gateway.snapshot import SnapshotStore
+
+    cfg = _load(args)
+    server_id = _server_id(args)
+    await service.get_server(engine, actor, server_id)  # "server not found" before anything starts
+    redis_client = None
+    if cfg.redis.url:
+        import redis.asyncio as redis
+
+        redis_client = redis.from_url(cfg.redis.url)
+    store = SnapshotStore(engine, redis=redis_client, channel=f"{cfg.redis.key_prefix}config-changed",
+                          upstream_defaults=cfg.upstreams)
+    clients = OneShotClients(await load_secrets(engine, cfg.secrets.key), timeout=cfg.dataplane.upstream_timeout,
+                             connect_timeout=cfg.dataplane.upstream_connect_timeout)
+    discoverer = Discoverer(engine, store, clients.client_for, on_change=store.publish_change, redis=redis_client,
+                            key_prefix=cfg.redis.key_prefix, defaults=cfg.upstreams)
+    try:
+        await store.refresh()
+        try:
+            outcome = await discoverer.discover(server_id)
+        except NotServed as exc:
+            raise service.Conflict(f"server {server_id} cannot be discovered: {exc}") from None
+    finally:
+        await discoverer.stop()
+        await clients.close()
+        if redis_client is not None:
+            await redis_client.aclose()
+    if not outcome.ok:
+        raise service.Conflict(f"discovering server {server_id} failed: {outcome.error}")
+    _emit(**{kind: str(count) for kind, count in outcome.counts.items()})
+    for kind in outcome.counts:
+        for what, names in (("added", outcome.added[kind]), ("updated", outcome.updated[kind]),
+                            ("removed", outcome.removed[kind])):
+            if names:
+                print(f"{what} {kind.replace('_', ' ')}: {', '.join(names)}", file=sys.stderr)
+    for name in outcome.flagged:
+        print(f"tool {name!r} changed its definition since it was approved: review it "
+              f"(`gateway servers tools {server_id} --changed`), then `gateway servers approve {server_id} {name}`",
+              file=sys.stderr)
+    for note in outcome.notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
+async def _servers_tools(args, engine, actor):
+    from gateway.registry import catalog
+
+    after = None
+    while True:
+        page = await catalog.list_items(engine, actor, _server_id(args), "tools", limit=500, after=after,
+                                        pin_status="changed" if args.changed else None)
+        for tool in page:
+            summary = (tool["title"] or tool["description"] or "").strip().splitlines()
+            print(f"{tool['name']:<32} {tool['pin_status']:<8} {tool['definition_hash'][:12]}  "
+                  f"{summary[0][:80] if summary else ''}")
+        if len(page) < 500:
+            return
+        after = page[-1]["id"]
+
+
+async def _servers_approve(args, engine, actor):
+    from gateway.registry import catalog
+
+    tool = await catalog.approve_tool(engine, actor, _server_id(args), args.tool, expected_hash=args.hash)
+    await _signal_change(args, engine)
+    print(f"approved definition {tool['definition_hash'][:12]} of tool {tool['name']!r}", file=sys.stderr)
+
+
+def _server_id(args) -> uuid.UUID:
+    from gateway.controlplane import service
+
+    try:
+        return uuid.UUID(args.server_id)
+    except ValueError:
+        raise service.NotFound(f"{args.server_id!r} is not a server id") from None
 
 
 async def _keys_create(args, engine, actor):
@@ -711,7 +840,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", default="http", help="http, sse, websocket or stdio")
     p.add_argument("--tag", action="append")
     p.set_defaults(func=_admin(_servers_register))
-    servers.add_parser("list", help="list servers").set_defaults(func=_admin(_servers_list))
+    p = servers.add_parser("list", help="list servers (each filter narrows)")
+    p.add_argument("--tenant", help="tenant id")
+    p.add_argument("--name")
+    p.add_argument("--tag", action="append", help="carrying this tag (repeat: every one of them)")
+    p.add_argument("--transport", choices=("http", "sse", "websocket", "stdio"))
+    p.add_argument("--health", choices=("HEALTHY", "DEGRADED", "UNHEALTHY", "UNKNOWN", "MAINTENANCE"))
+    p.add_argument("--tool", help="offering a tool of this name (as last discovered)")
+    p.set_defaults(func=_admin(_servers_list))
+    p = servers.add_parser("show", help="one server as JSON (settings, capabilities, last discovery)")
+    p.add_argument("server_id")
+    p.set_defaults(func=_admin(_servers_show))
+    p = servers.add_parser("update", help="change a server; what is not given stays")
+    p.add_argument("server_id")
+    p.add_argument("--description")
+    p.add_argument("--url", help="the endpoint (a command line for stdio)")
+    p.add_argument("--transport", help="http, sse, websocket or stdio")
+    p.add_argument("--tag", action="append", help="replaces the tags (repeat for several)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a per-server setting of [upstreams], e.g. discovery_interval=60 (JSON values)")
+    p.add_argument("--unset", action="append", metavar="KEY", help="drop a per-server setting (the default applies)")
+    active = p.add_mutually_exclusive_group()
+    active.add_argument("--activate", dest="active", action="store_const", const=True)
+    active.add_argument("--deactivate", dest="active", action="store_const", const=False)
+    p.set_defaults(func=_admin(_servers_update))
+    p = servers.add_parser("unregister", help="remove a server, what was discovered of it and its access rules")
+    p.add_argument("server_id")
+    p.set_defaults(func=_admin(_servers_unregister))
+    p = servers.add_parser("discover", help="read the server's tools, resources and prompts now")
+    p.add_argument("server_id")
+    p.set_defaults(func=_admin(_servers_discover))
+    p = servers.add_parser("tools", help="the server's tools as last discovered, with their pin status")
+    p.add_argument("server_id")
+    p.add_argument("--changed", action="store_true", help="only tools whose definition changed since approval")
+    p.set_defaults(func=_admin(_servers_tools))
+    p = servers.add_parser("approve", help="approve a tool's current definition (it is no longer withheld)")
+    p.add_argument("server_id")
+    p.add_argument("tool")
+    p.add_argument("--hash", help="the definition hash you reviewed (refused if the tool changed since)")
+    p.set_defaults(func=_admin(_servers_approve))
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     p = keys.add_parser("create", help="mint an API key (printed once)")

@@ -359,7 +359,8 @@ _CHANGED_TOOLS = sa.select(server_tools.c.tenant_id, server_tools.c.server_id, s
 def _withheld(changed, tenant_rows, served) -> dict[uuid.UUID, frozenset[str]]:
     """Changed tools by server, for tenants that withhold them (tenants.settings "tool_pinning": "withhold")."""
     withholding = {
-        r["id"] for r in tenant_rows if isinstance(r["settings"], dict) and r["settings"].get("tool_pinning") == "withhold"
+        r["id"] for r in tenant_rows
+        if isinstance(r["settings"], dict) and r["settings"].get("tool_pinning") == "withhold"
     }
     live = {s.id for s in served}
     names: dict[uuid.UUID, set[str]] = {}

@@ -618,8 +618,8 @@ async def update_server(
             errors += [{"field": "endpoint_url" if "endpoint_url" in changes else "transport_type", "message": m}
                        for m in schemas.endpoint_problems(transport, endpoint)]
         if transport == "stdio" and row["auth_kind"] != "none":
-            errors.append({"field": "transport_type", "message": "a stdio server takes no credential: remove it "
-                                                                  "first (PUT /servers/{id}/auth {\"kind\": \"none\"})"})
+            errors.append({"field": "transport_type", "message": 'a stdio server takes no credential: remove it '
+                           'first (PUT /servers/{id}/auth {"kind": "none"})'})
         if "settings" in changes:
             stored = row["settings"] if isinstance(row["settings"], dict) else {}
             merged = {**stored, **changes["settings"]}
