@@ -1028,6 +1028,10 @@ def run(args, work_dir: Path, children: Children, db: Database) -> int:
     out.write_text(json.dumps({"benchmark": "proxy", "compare": COMPARE.feature, "timestamp": stamp, **summary,
                                "runs": runs, "conditions": cond, "request_logs_rows": rows}, indent=2) + "\n")
     print(f"\nfigures written to {out.relative_to(BENCH_DIR.parent)}")
+    from chart import try_write_chart  # bench/chart.py: a PNG beside the JSON, when matplotlib is installed
+
+    if (png := try_write_chart(out)) is not None:
+        print(f"chart written to {png.relative_to(BENCH_DIR.parent)}")
     errors = {t: sum(x.errors for x in results[t]) for t in results}
     if any(errors.values()):
         log(f"bench: errors in measured runs {errors}: the figures are suspect")
