@@ -197,3 +197,17 @@ def test_address_tiers_deny_allow_ban_and_bucket():
     clock.now += 700.0  # past ban_seconds (600)
     lim.check_address("198.51.100.7", clock.now)
     assert math.isfinite(lim.refusals["ip"])
+
+
+def test_a_token_principal_is_limited_by_its_id_across_requests():
+    from gateway.auth.oidc import TokenPrincipal
+
+    clock = Clock()
+    lim = limiter(clock)
+    fields = dict(id=uuid.uuid4(), tenant_id=uuid.uuid4(), user_id=uuid.uuid4(), role="USER",
+                  scopes=frozenset({"proxy"}), rate_limit_per_hour=2, rate_limit_per_day=100,
+                  expires_at=clock.now + 3600, issuer="https://issuer.example", subject="alice")
+    # Each request verifies the token anew: equal principals, distinct objects, one quota.
+    assert admit(lim, TokenPrincipal(**fields), clock) is None
+    assert admit(lim, TokenPrincipal(**fields), clock) is None
+    assert refused_tier(lim, TokenPrincipal(**fields), clock) == "api_key"

@@ -97,7 +97,8 @@ class _Principal:
     __slots__ = ("key", "tiers", "tenant")
 
     def __init__(self, key, tiers: tuple, tenant: _Tenant) -> None:
-        self.key = key  # the KeyEntry it was built from: a new snapshot's entry builds it again
+        # The KeyEntry (or JWT principal) it was built from: a different one builds it again.
+        self.key = key
         self.tiers = tiers
         self.tenant = tenant
 
@@ -143,7 +144,7 @@ class Limiter:
         self._active: list[_Tenant] = []
         self._active_weight = 0
         self._shares_at = -math.inf
-        self._principals: dict[str, _Principal] = {}
+        self._principals: dict = {}  # key prefix (a JWT principal: its id) -> _Principal
         self._addresses: dict[str, _Address] = {}
         self._epoch = -1
         self._global_bucket: SharedBucket | None = None
@@ -251,9 +252,13 @@ class Limiter:
         """
         if self._epoch != self.shared.epoch:
             self._forget()
-        principal = self._principals.get(key.prefix)
-        if principal is None or principal.key is not key:
-            principal = self._principal(key, now)
+        try:
+            handle = key.prefix
+        except AttributeError:  # a JWT's principal (auth/oidc.py): no key, its id instead
+            handle = key.id
+        principal = self._principals.get(handle)
+        if principal is None or (principal.key is not key and principal.key != key):
+            principal = self._principal(key, handle, now)
         taken = None
         for bucket, tier, limit, window in principal.tiers:
             if not bucket.try_acquire(cost, now):
@@ -318,7 +323,7 @@ class Limiter:
                 bucket.refund(pending.cost)
             raise
 
-    def _principal(self, key, now: float) -> _Principal:
+    def _principal(self, key, handle, now: float) -> _Principal:
         shared = self.shared
         tiers = []
         if key.rate_limit_per_hour:
@@ -336,7 +341,7 @@ class Limiter:
             tenant = self._tenants[key.tenant_id] = _Tenant(key.tenant_id, 0)
         if len(self._principals) >= _CACHE_MAX:
             self._principals = {}
-        principal = self._principals[key.prefix] = _Principal(key, tuple(tiers), tenant)
+        principal = self._principals[handle] = _Principal(key, tuple(tiers), tenant)
         return principal
 
     def _activate(self, tenant: _Tenant) -> None:
