@@ -5,7 +5,9 @@
     python bench/proxy.py --database sqlite
     python bench/proxy.py --gateways on        # only the production gateway (every feature on)
     python bench/proxy.py --compare guard      # the upstream guard on against off, instead of the limits
+    python bench/proxy.py --workers 1,2        # also `gateway serve --workers 1` and `--workers 2` (needs Redis)
     BENCH_PG_URL=postgresql://user@host:5432/postgres python bench/proxy.py
+    BENCH_REDIS_URL=redis://host:6379/0 python bench/proxy.py --workers 1,2
 
 It starts, as child processes on free 127.0.0.1 ports: the stub upstream
 (bench/stub_upstream.py), the baseline proxy (bench/baseline_proxy.py: aiohttp
@@ -46,6 +48,26 @@ gateway's /metrics is checked for a series only the feature makes
 (gateway_fair_queue, gateway_upstream_calls): present when on, absent when
 off, or the run stops.
 
+`--workers N[,N...]` (default: none, the runs above only) adds one target per
+count: the production gateway ("on": limits and guard on, every feature as
+above) started as `gateway serve --workers N` on the same database, with Redis
+(BENCH_REDIS_URL, default 127.0.0.1:6379/0, which more than one worker needs)
+under a key prefix of this run's own, `gwbench-proxy-<random>:<target>:`,
+whose keys are deleted at the end. N > 1 is a supervisor and N workers sharing
+the ports (SO_REUSEPORT); `--workers 1` is one process, no supervisor, but
+with Redis like the others, so that the ratio between counts measures workers
+only. They are measured in the same rounds as the other targets; the report
+adds, for each count after the smallest, "workers N/M": throughput and CPU
+per request (the supervisor and every worker summed) over the smallest
+count's, and how the measured requests split over the workers (the kernel
+spreads wrk's connections). A --workers gateway's /metrics answers for all its
+workers, merged: every scrape of it must say that all N answered, and the
+check after its first measured run wants the feature's series in each
+worker's figures (a gauge, so each has its `worker` label) and some of that
+run's requests served by every worker. Each gateway's keys (warm-up and
+measured run) are all made before its warm-up, so that every worker has
+loaded them by the measured run.
+
 It drives keep-alive POSTs (a JSON-RPC tools/call) at fixed concurrency with
 wrk (one thread, a generated Lua script; an aiohttp client if wrk is not on
 PATH) at three targets in turn: the upstream directly, the baseline, the
@@ -55,10 +77,17 @@ alternating the order of the baseline and the gateways, and the medians count.
 Placement on two cores: the proxy under test (baseline or gateway) is pinned
 to CPU 0, the load generator and the stub to CPU 1, so each proxy has one core
 of its own. "upstream direct" is wrk + stub sharing CPU 1: the ceiling of this
-harness, not a proxy. For each measured run the script also reads the proxy's
-CPU time (so CPU us per request, which other load on the machine disturbs less
-than req/s) and the largest share of either pinned CPU that went to other work;
-it warns when the machine was not quiet.
+harness, not a proxy. The --workers gateways are the exception (WORKER_CPUS):
+the supervisor and every worker, for every N (1 included), may use CPUs 0 and
+1, placed by the scheduler, so they share CPU 1 with wrk and the stub, which
+stay pinned there. A second worker gets no core of its own: "workers 2/1" is
+what a second worker buys on a 2-core machine that also runs the load
+generator, never a figure for twice the hardware. For each measured run the
+script also reads the CPU time of the process(es) under test (so CPU us per
+request, which other load on the machine disturbs less than req/s) and the
+largest share of either pinned CPU that went to other work (for the --workers
+gateways: the mean over both CPUs, which they share with the load); it warns
+when the machine was not quiet.
 
 Quotas are real, so they must never refuse a measured request: every gateway
 phase gets fresh keys (100000 requests/hour each, the API's maximum), enough
@@ -72,11 +101,16 @@ closes its connections with requests in flight when time is up.)
 
 Prints the table, gateway/baseline (target: >= 1.5x, for the production
 gateway when it runs), gateway/upstream, "limits on/off" or "guard on/off"
-when both run, then the conditions; writes the same to
-bench/results/proxy-<time>.json (its "compare" says which feature).
-Children are stopped and the database dropped on every exit (errors, Ctrl-C,
-SIGTERM); if this script is killed outright, setpriv's parent-death signal
-still stops the children (only the database would stay: gwbench_proxy_*).
+when both run, "workers N/M" with --workers, then the conditions; writes the
+same to bench/results/proxy-<time>.json (its "compare" says which feature,
+its "workers" which counts).
+Children are stopped and the database dropped (and the Redis keys deleted)
+on every exit (errors, Ctrl-C, SIGTERM): each child is a process group of its
+own, and stopping one waits for the whole group (a supervisor's workers),
+SIGKILL for what is left after STOP_TIMEOUT. If this script is killed
+outright, setpriv's parent-death signal still stops the children (a
+supervisor then stops its workers; only the database and the Redis keys would
+stay: gwbench_proxy_*, gwbench-proxy-*).
 """
 
 from __future__ import annotations
@@ -106,10 +140,16 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 PG_ADMIN_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")  # for the --workers gateways
 HOST = "127.0.0.1"
 
 PROXY_CPU = 0  # the process under test: baseline proxy or gateway
 LOAD_CPU = 1  # load generator, stub upstream and this script
+BENCH_CPUS = (PROXY_CPU, LOAD_CPU)
+# `gateway serve --workers N` (the supervisor and every worker, for each N, 1 included): any of the two CPUs,
+# the load CPU shared with wrk and the stub. Not a core per worker: what a second worker buys on a 2-core
+# machine that also runs the load generator.
+WORKER_CPUS = BENCH_CPUS
 WARMUP_SECONDS = 2.0
 PROTOCOL_VERSION = "2025-11-25"
 SERVER_NAME = "bench"
@@ -211,11 +251,41 @@ COMPARISONS = {
     ),
 }
 COMPARE = COMPARISONS["limits"]  # set by --compare
-BASE_LABELS = {"upstream": "upstream direct", "baseline": "baseline (aiohttp)"}
+LABELS = {"upstream": "upstream direct", "baseline": "baseline (aiohttp)"}  # and one per gateway (gateway_specs)
 
 
 def label(target: str) -> str:
-    return BASE_LABELS.get(target) or COMPARE.labels[target]
+    return LABELS[target]
+
+
+@dataclass(frozen=True)
+class GatewaySpec:
+    """One gateway target: how it is started, where it may run, what it is called."""
+
+    name: str  # the target's key in the results
+    label: str
+    setting: str  # "on" (production) or "off" (the compared feature off)
+    cpus: tuple[int, ...]
+    workers: int = 0  # 0: plain `gateway serve`, no Redis; N: `gateway serve --workers N`, with Redis
+
+    @property
+    def argv(self) -> list[str]:
+        return gateway_cli("serve", *(("--workers", str(self.workers)) if self.workers else ()))
+
+    @property
+    def worker_ids(self) -> list[str]:
+        """The `worker` labels of its merged /metrics; none when one process serves (`--workers 1` included)."""
+        return [str(i) for i in range(self.workers)] if self.workers > 1 else []
+
+
+def gateway_specs(gateways: str, workers: list[int]) -> list[GatewaySpec]:
+    """The gateways of a run: `--gateways` (on, off or both), then the production one per `--workers` count."""
+    settings = ("on", "off") if gateways == "both" else (gateways,)
+    specs = [GatewaySpec(COMPARE.targets[s], COMPARE.labels[COMPARE.targets[s]], s, (PROXY_CPU,)) for s in settings]
+    specs += [GatewaySpec(f"gateway-{n}w", f"gateway, {n} worker{'s' if n > 1 else ''}", "on", WORKER_CPUS, n)
+              for n in workers]
+    LABELS.update((spec.name, spec.label) for spec in specs)
+    return specs
 
 
 class BenchError(Exception):
@@ -228,7 +298,7 @@ def log(message: str) -> None:
 
 # -- child processes ----------------------------------------------------------------------------
 class Children:
-    """Child processes, each pinned to one CPU, logging to files; stopped newest first."""
+    """Child processes, each pinned to its CPUs, logging to files; stopped newest first, with what they started."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
@@ -236,24 +306,26 @@ class Children:
         self._setpriv = shutil.which("setpriv")
         self._taskset = shutil.which("taskset")
 
-    def command(self, argv: list[str], cpu: int) -> list[str]:
+    def command(self, argv: list[str], cpus: tuple[int, ...]) -> list[str]:
         prefix: list[str] = []
         if self._setpriv:
             # Should this script die without cleaning up (SIGKILL), the child gets SIGTERM.
             prefix += [self._setpriv, "--pdeathsig", "TERM"]
         if self._taskset:
-            prefix += [self._taskset, "-c", str(cpu)]
+            prefix += [self._taskset, "-c", ",".join(map(str, cpus))]
         return prefix + argv
 
-    def start(self, name: str, argv: list[str], *, cpu: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], *, cpus: tuple[int, ...],
+              env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(self.log_dir / f"{name}.log", "wb") as out:
-            # A session of its own: a Ctrl-C in the terminal reaches this script
-            # only, which then stops the children in order.
-            proc = subprocess.Popen(self.command(argv, cpu), stdin=subprocess.DEVNULL, stdout=out,
+            # A session (and process group) of its own: a Ctrl-C in the terminal reaches this script
+            # only, which then stops the children in order; what a child starts (a supervisor's
+            # workers) stays in its group, which stop() waits for.
+            proc = subprocess.Popen(self.command(argv, cpus), stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
         if not self._taskset:
             # Without taskset, pin after the start (children inherit this script's CPU meanwhile).
-            os.sched_setaffinity(proc.pid, {cpu})
+            os.sched_setaffinity(proc.pid, set(cpus))
         self.procs.append(proc)
         return proc
 
@@ -265,14 +337,30 @@ class Children:
 
     @staticmethod
     def stop(proc: subprocess.Popen) -> None:
-        if proc.poll() is not None:
-            return
-        proc.terminate()
+        """SIGTERM (SIGKILL after STOP_TIMEOUT), then wait for the rest of its process group.
+
+        A `gateway serve --workers N` supervisor forwards the SIGTERM to its workers and exits
+        after them; should it be killed first, its workers get SIGTERM from their parent-death
+        signal, and whatever is left of the group after STOP_TIMEOUT more gets SIGKILL.
+        """
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        deadline = time.monotonic() + STOP_TIMEOUT
         try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+            while True:
+                os.killpg(proc.pid, 0)  # ProcessLookupError once no process of the group is left
+                if time.monotonic() > deadline:
+                    log(f"bench: processes of group {proc.pid} still running {STOP_TIMEOUT:g}s later: killed")
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    return
+                time.sleep(0.1)
+        except ProcessLookupError:
+            pass
 
     def stop_all(self) -> None:
         while self.procs:
@@ -389,9 +477,52 @@ class Database:
         return "SQLite (a temporary file)"
 
 
+class RedisKeys:
+    """The --workers gateways' Redis: a key prefix of this run's own, each gateway a part of it; deleted at the end."""
+
+    def __init__(self) -> None:
+        self.url = REDIS_URL
+        self.prefix = f"gwbench-proxy-{uuid.uuid4().hex[:10]}:"
+        self.server_version = ""
+        self.used = False
+
+    def _client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url, socket_timeout=10)
+
+    def check(self) -> None:
+        import redis
+
+        try:
+            with self._client() as client:
+                self.server_version = client.info("server")["redis_version"]
+        except (redis.RedisError, OSError) as exc:
+            raise BenchError(f"--workers needs Redis: cannot reach {self.url} (BENCH_REDIS_URL): {exc}") from None
+
+    def env(self, part: str) -> dict[str, str]:
+        self.used = True
+        return {"GATEWAY_REDIS_URL": self.url, "GATEWAY_REDIS_KEY_PREFIX": f"{self.prefix}{part}:"}
+
+    def delete(self) -> None:
+        if not self.used:
+            return
+        try:
+            with self._client() as client:
+                keys = list(client.scan_iter(match=f"{self.prefix}*", count=1000))
+                for start in range(0, len(keys), 1000):
+                    client.delete(*keys[start:start + 1000])
+        except Exception as exc:  # noqa: BLE001 - reported; the rest of the cleanup goes on
+            log(f"bench: could not delete the Redis keys {self.prefix}*: {exc}; delete them by hand")
+        self.used = False
+
+    def describe(self) -> str:
+        return f"Redis {self.server_version} ({self.url}), key prefix {self.prefix}<gateway>: (deleted by this run)"
+
+
 # -- the gateway -----------------------------------------------------------------------------------
 def gateway_env(db_url: str, dataplane_port: int = 0, controlplane_port: int = 0,
-                setting: str = "on") -> dict[str, str]:
+                setting: str = "on", redis: dict[str, str] | None = None) -> dict[str, str]:
     # Only our settings: a GATEWAY_* variable in the caller's environment would
     # change what is measured. GATEWAY_NO_EXTENSIONS is kept, and reported.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") or k == "GATEWAY_NO_EXTENSIONS"}
@@ -404,6 +535,7 @@ def gateway_env(db_url: str, dataplane_port: int = 0, controlplane_port: int = 0
         GATEWAY_LOG_LEVEL="WARNING",
     )
     env.update(COMPARE.env(setting))
+    env.update(redis or {})
     return env
 
 
@@ -412,15 +544,18 @@ def gateway_cli(*args: str) -> list[str]:
 
 
 class Gateway:
-    """A gateway process, provisioned through its admin API (or sharing the database of `peer`, provisioned).
+    """A gateway (one process, or a supervisor and its workers), provisioned through its admin API (or sharing
+    the database of `peer`, provisioned).
 
-    `setting`: "on", the production configuration, or "off", with the feature `--compare` names off.
+    `spec.setting`: "on", the production configuration, or "off", with the feature `--compare` names off.
+    `spec.workers`: `gateway serve --workers N`, on a Redis key prefix of its own (`redis`).
     """
 
-    def __init__(self, children: Children, db: Database, upstream_url: str, setting: str,
-                 peer: Gateway | None = None) -> None:
-        self.name = COMPARE.targets[setting]
-        self.setting = setting
+    def __init__(self, children: Children, db: Database, upstream_url: str, spec: GatewaySpec,
+                 peer: Gateway | None = None, redis: RedisKeys | None = None) -> None:
+        self.spec = spec
+        self.name = spec.name
+        setting = spec.setting
         if peer is None:
             env = gateway_env(db.url, setting=setting)
             for command in ("migrate", "bootstrap"):
@@ -434,8 +569,9 @@ class Gateway:
         else:
             self.admin_key = peer.admin_key
         dataplane, controlplane = free_port(), free_port()
-        self.proc = children.start(self.name, gateway_cli("serve"), cpu=PROXY_CPU,
-                                   env=gateway_env(db.url, dataplane, controlplane, setting))
+        shared = redis.env(self.name) if spec.workers else None
+        self.proc = children.start(self.name, spec.argv, cpus=spec.cpus,
+                                   env=gateway_env(db.url, dataplane, controlplane, setting, shared))
         self.url = f"http://{HOST}:{dataplane}"
         self.admin_url = f"http://{HOST}:{controlplane}/api/v1"
         self.endpoint = f"{self.url}/servers/{SERVER_NAME}/mcp"
@@ -459,6 +595,9 @@ class Gateway:
             self.user_ids = peer.user_ids  # the same tenants, users and servers: one database
         self.keys_made = 0
         self.metrics_key = self._key(["metrics"])
+        # /readyz answered for one worker: wait until /metrics merges every worker's figures (which also
+        # says that the worker answering knows the key made just now).
+        children.wait_ready(self.name, self.proc, self._all_workers_answer, "not every worker answers /metrics")
 
     def admin(self, method: str, path: str, body: dict) -> dict:
         request = urllib.request.Request(
@@ -481,14 +620,19 @@ class Gateway:
         })["key"]
 
     def fresh_keys(self, count: int, body: bytes) -> list[str]:
-        """`count` new proxy keys, each checked end to end with one request."""
+        """`count` new proxy keys, each checked end to end with one request (a worker that has not loaded a key
+        yet refuses it for a moment: retried)."""
         count = -(-count // len(TENANTS)) * len(TENANTS)  # as many in each tenant
         keys = [self._key(["proxy"]) for _ in range(count)]
-        if CASE == "legacy-session":
-            for key in keys:
-                SESSIONS[key] = open_session(self.endpoint, key)
         deadline = time.monotonic() + 15
         for key in keys:
+            while CASE == "legacy-session" and key not in SESSIONS:
+                try:
+                    SESSIONS[key] = open_session(self.endpoint, key)
+                except urllib.error.HTTPError as exc:
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"the gateway refuses initialize with a fresh key: HTTP {exc.code}") from None
+                    time.sleep(0.1)
             while (answer := post(self.endpoint, body, key))[0] != 200:
                 if time.monotonic() > deadline:
                     raise BenchError(f"the gateway refuses a fresh key: HTTP {answer[0]}: {answer[1][:300]}")
@@ -496,24 +640,50 @@ class Gateway:
         return keys
 
     def metrics(self) -> str:
+        """/metrics; of N workers, merged from all of them, or BenchError (a partial sum would mislead)."""
         request = urllib.request.Request(self.url + "/metrics", headers={"Authorization": f"Bearer {self.metrics_key}"})
         with urllib.request.urlopen(request, timeout=10) as response:
-            return response.read().decode()
+            text = response.read().decode()
+        answering = re.search(r'^gateway_workers\{state="answering"\} (\d+)$', text, re.MULTILINE)
+        if self.spec.worker_ids and (answering is None or int(answering[1]) != self.spec.workers):
+            raise BenchError(f"{label(self.name)}: /metrics merged {answering[1] if answering else 'no'} of "
+                             f"{self.spec.workers} workers' figures")
+        return text
 
-    def statuses(self) -> dict[str, float]:
-        """Requests by HTTP status so far, as the gateway's /metrics counts them."""
-        counts: dict[str, float] = {}
-        for match in re.finditer(r'^gateway_requests_total\{.*status="([^"]*)"\}\s+(\S+)$', self.metrics(),
-                                 re.MULTILINE):
-            counts[match[1]] = counts.get(match[1], 0) + float(match[2])
-        return counts
+    def _all_workers_answer(self) -> bool:
+        try:
+            self.metrics()
+        except (BenchError, OSError):  # HTTPError included: a worker that does not know the key yet
+            return False
+        return True
 
-    def check_setting(self) -> None:
-        """After some calls: the compared feature is on in this process exactly when it should be."""
-        on = re.search(rf"^{COMPARE.on_metric}\{{", self.metrics(), re.MULTILINE) is not None
-        if on != (self.setting == "on"):
-            raise BenchError(f"{label(self.name)}: /metrics {'shows' if on else 'lacks'} {COMPARE.on_metric} "
-                             f"({COMPARE.feature} {'on' if on else 'off'}): the setting did not take")
+    def counts(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Requests so far by HTTP status, and by worker (none for one process), as the gateway's /metrics counts
+        them."""
+        text = self.metrics()
+        statuses: dict[str, float] = {}
+        for match in re.finditer(r'^gateway_requests_total\{.*status="([^"]*)"\}\s+(\S+)$', text, re.MULTILINE):
+            statuses[match[1]] = statuses.get(match[1], 0) + float(match[2])
+        workers = {match[1]: float(match[2]) for match in
+                   re.finditer(r'^gateway_worker_requests_total\{worker="([^"]*)"\}\s+(\S+)$', text, re.MULTILINE)}
+        return statuses, workers
+
+    def check_setting(self, first: Load) -> None:
+        """After its first measured run (`first`): the compared feature is on in this gateway exactly when it
+        should be, in each of its workers; and each worker served some of that run."""
+        text = self.metrics()
+        # A gauge only the feature makes; merged over workers, each worker's series has its `worker` label.
+        series = {f"worker {w}": rf'^{COMPARE.on_metric}\{{worker="{w}"' for w in self.spec.worker_ids}
+        for who, pattern in (series or {"the process": rf"^{COMPARE.on_metric}\{{"}).items():
+            on = re.search(pattern, text, re.MULTILINE) is not None
+            if on != (self.spec.setting == "on"):
+                raise BenchError(f"{label(self.name)}, {who}: /metrics {'shows' if on else 'lacks'} "
+                                 f"{COMPARE.on_metric} ({COMPARE.feature} {'on' if on else 'off'}): the setting did "
+                                 "not take")
+        idle = [w for w in self.spec.worker_ids if not first.worker_requests.get(w)]
+        if idle:
+            raise BenchError(f"{label(self.name)}: worker(s) {', '.join(idle)} served none of the measured "
+                             f"requests ({first.worker_requests}): the figure would be of fewer workers")
 
 
 # -- the request ---------------------------------------------------------------------------------
@@ -597,9 +767,11 @@ class Load:
     non_2xx: int  # answers with status >= 400 (as wrk counts them)
     socket_errors: int  # connect, read and write errors, timeouts
     statuses: dict[str, float] = field(default_factory=dict)  # the gateway's own count, by status
-    # CPU use of the process under test (the stub for "upstream direct"), and
-    # the larger share of a pinned CPU that went to other work (other users of
-    # the machine, the database server).
+    worker_requests: dict[str, float] = field(default_factory=dict)  # and by worker (--workers N, N > 1)
+    # CPU use of the processes under test (the stub for "upstream direct"; a
+    # supervisor and its workers summed), and the largest share of a pinned CPU
+    # (of a pair, for workers that may use both: their mean) that went to other
+    # work (other users of the machine, the database and Redis servers).
     cpu_pct: float = math.nan
     others_pct: float = math.nan
 
@@ -670,7 +842,7 @@ class WrkLoad:
         script.write_text(_WRK_SCRIPT.format(body=text, header_sets=header_sets))
         argv = [self.binary, "-t1", f"-c{self.connections}", f"-d{seconds:g}s", "--timeout", "10s",
                 "-s", str(script), url]
-        proc = subprocess.Popen(self.children.command(argv, LOAD_CPU), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(self.children.command(argv, (LOAD_CPU,)), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
             stdout, stderr = proc.communicate(timeout=seconds + 60)
@@ -776,22 +948,60 @@ def our_cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def run_sampled(load, url: str, body: bytes, keys: list[str], seconds: float, pid: int, stub_pid: int) -> Load:
-    """A load run, with the CPU use of the process under test (`pid`) and of other work on both CPUs.
+def process_tree(pid: int) -> set[int]:
+    """`pid` and every process under it (a supervisor's workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as fh:
+                    parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = set(), [pid]
+    while todo:
+        tree.add(member := todo.pop())
+        todo += children.get(member, [])
+    return tree
 
-    Other work on a CPU is its busy time less ours there: the proxy on the
-    proxy CPU; the stub and the load generator on the load CPU.
+
+def cpu_pools(cpus: tuple[int, ...]) -> list[frozenset[int]]:
+    """The CPUs whose busy time is set against ours together: those the target may use, then each other one."""
+    spread = frozenset(cpus)
+    return [spread, *(frozenset({c}) for c in BENCH_CPUS if c not in spread)]
+
+
+def run_sampled(load, url: str, body: bytes, keys: list[str], seconds: float, pid: int, cpus: tuple[int, ...],
+                stub_pid: int) -> Load:
+    """A load run, with the CPU use of the processes under test (`pid` and its children) and of other work.
+
+    Other work is busy time less ours, per pool of CPUs (cpu_pools): the
+    target's processes on its CPUs; the stub and the load generator on the
+    load CPU. A target that may use the load CPU too (the --workers
+    gateways) shares it with them, so both CPUs make one pool and the figure
+    is the mean share of the two.
     """
-    pids = {pid, stub_pid}
+    tree = process_tree(pid)
+    pools = cpu_pools(cpus)
     t0, o0 = time.monotonic(), our_cpu_seconds()
-    p0 = {p: process_cpu_seconds(p) for p in pids}
-    c0 = {c: cpu_busy_seconds(c) for c in (PROXY_CPU, LOAD_CPU)}
+    p0 = {p: process_cpu_seconds(p) for p in tree | {stub_pid}}
+    c0 = {c: cpu_busy_seconds(c) for c in BENCH_CPUS}
     result = load.run(url, body, keys, seconds)
     elapsed = time.monotonic() - t0
-    used = {p: process_cpu_seconds(p) - p0[p] for p in pids}
-    ours = {PROXY_CPU: used[pid] if pid != stub_pid else 0.0, LOAD_CPU: used[stub_pid] + our_cpu_seconds() - o0}
-    result.cpu_pct = 100 * used[pid] / elapsed
-    result.others_pct = max(100 * max(0.0, cpu_busy_seconds(c) - c0[c] - ours[c]) / elapsed for c in ours)
+    if process_tree(pid) != tree:
+        raise BenchError(f"a process under test (pid {pid} or one under it) started or ended during the measured "
+                         "run (a worker restarted?): its CPU time would be lost")
+    used = {p: process_cpu_seconds(p) - p0[p] for p in p0}
+    target = sum(used[p] for p in tree)
+    ours = dict.fromkeys(pools, 0.0)
+    ours[pools[0]] += target
+    ours[next(p for p in pools if LOAD_CPU in p)] += our_cpu_seconds() - o0 + (0.0 if stub_pid in tree
+                                                                               else used[stub_pid])
+    busy = {c: cpu_busy_seconds(c) - c0[c] for c in BENCH_CPUS}
+    result.cpu_pct = 100 * target / elapsed
+    result.others_pct = max(100 * max(0.0, sum(busy[c] for c in pool) - ours[pool]) / elapsed / len(pool)
+                            for pool in pools)
     return result
 
 
@@ -800,21 +1010,24 @@ def keys_needed(rate_ceiling: float, seconds: float) -> int:
     return max(1, math.ceil(rate_ceiling * seconds * 1.25 / KEY_BUDGET))
 
 
-def measure(target: str, url: str, pids: dict[str, int], load, body: bytes, gateways: dict[str, Gateway],
-            duration: float, rate_ceiling: float) -> Load:
-    """A warm-up, then a measured run; a gateway with fresh keys for each."""
-    pid, stub_pid = pids[target], pids["upstream"]
+def measure(target: str, url: str, pids: dict[str, int], cpus: dict[str, tuple[int, ...]], load, body: bytes,
+            gateways: dict[str, Gateway], duration: float, rate_ceiling: float) -> Load:
+    """A warm-up, then a measured run; a gateway with fresh keys for each, all made before the warm-up (so
+    that every worker of a --workers gateway has loaded them by the measured run)."""
+    sampled = {"pid": pids[target], "cpus": cpus[target], "stub_pid": pids["upstream"]}
     gateway = gateways.get(target)
     if gateway is None:
         load.run(url, body, [NO_KEY], WARMUP_SECONDS)
-        return run_sampled(load, url, body, [NO_KEY], duration, pid, stub_pid)
-    load.run(url, body, gateway.fresh_keys(keys_needed(rate_ceiling, WARMUP_SECONDS), body), WARMUP_SECONDS)
+        return run_sampled(load, url, body, [NO_KEY], duration, **sampled)
+    warm_up = gateway.fresh_keys(keys_needed(rate_ceiling, WARMUP_SECONDS), body)
     keys = gateway.fresh_keys(keys_needed(rate_ceiling, duration), body)
+    load.run(url, body, warm_up, WARMUP_SECONDS)
     log(f"    {len(keys)} fresh key(s) of {KEY_PER_HOUR}/h for the measured run (ceiling {rate_ceiling:,.0f} req/s)")
-    before = gateway.statuses()
-    result = run_sampled(load, url, body, keys, duration, pid, stub_pid)
-    after = gateway.statuses()
+    before, before_workers = gateway.counts()
+    result = run_sampled(load, url, body, keys, duration, **sampled)
+    after, after_workers = gateway.counts()
     result.statuses = {s: n - before.get(s, 0) for s, n in after.items() if n != before.get(s, 0)}
+    result.worker_requests = {w: n - before_workers.get(w, 0) for w, n in after_workers.items()}
     if result.statuses.get("429"):
         raise BenchError(
             f"{label(target)} refused {result.statuses['429']:.0f} measured requests with 429: a key's quota "
@@ -851,8 +1064,8 @@ def gateway_source() -> str:
     return f"{commit}" + (" + uncommitted changes under src/gateway" if dirty else "")
 
 
-def conditions(args, body: bytes, load, db: Database, pids: dict[str, int], load_at_start, source: str,
-               gateways: dict[str, Gateway]) -> dict:
+def conditions(args, body: bytes, load, db: Database, redis: RedisKeys, pids: dict[str, int], load_at_start,
+               source: str, gateways: dict[str, Gateway]) -> dict:
     import aiohttp
     import httptools
     import uvloop
@@ -862,6 +1075,15 @@ def conditions(args, body: bytes, load, db: Database, pids: dict[str, int], load
     def cpus(pid: int) -> str:
         return ",".join(map(str, sorted(os.sched_getaffinity(pid))))
 
+    def placed(target: str) -> str:
+        """Where each process of a target may run, as the kernel says."""
+        root = pids[target]
+        under = sorted(process_tree(root) - {root})
+        own = f"{label(target)}: cpus {cpus(root)}"
+        return f"{own} (supervisor), its workers cpus {' and '.join(cpus(p) for p in under)}" if under else own
+
+    plain = [t for t, g in gateways.items() if not g.spec.workers]
+    scaled = {t: g.spec.workers for t, g in gateways.items() if g.spec.workers}
     return {
         "case": CASE,
         "cpus": f"{os.cpu_count()} x {cpu_model()}",
@@ -874,17 +1096,39 @@ def conditions(args, body: bytes, load, db: Database, pids: dict[str, int], load
         "duration_s": f"{args.duration:g} measured + {WARMUP_SECONDS:g} warm-up per target, {args.rounds} round(s)",
         "database": db.describe(),
         "pinning": (
-            f"proxy under test on CPU {PROXY_CPU} (baseline: cpus {cpus(pids['baseline'])}, "
-            + ", ".join(f"{label(t)}: cpus {cpus(pids[t])}" for t in gateways)
-            + f"); wrk + stub on CPU {LOAD_CPU} (stub: cpus {cpus(pids['upstream'])}); database server not pinned"
+            f"proxy under test on CPU {PROXY_CPU} ("
+            + ", ".join(placed(t) for t in ["baseline", *plain])
+            + f"); wrk + stub on CPU {LOAD_CPU} (stub: cpus {cpus(pids['upstream'])}); database"
+            + (" and Redis servers" if scaled else " server") + " not pinned"
         ),
         "gateway": (
-            f"1 process per configuration ({len(gateways)}: {COMPARE.flag} {args.gateways}"
-            + (", both on one database, the idle one waiting on the same CPU" if len(gateways) > 1 else "")
+            f"1 process per configuration ({len(plain)}: {COMPARE.flag} {args.gateways}"
+            + (", both on one database, the idle one waiting on the same CPU" if len(plain) > 1 else "")
             + f"); API-key auth and request_logs through the batched writer on; {len(TENANTS)} tenants, the keys "
             "alternating between them; log level WARNING; no Redis"
+            + (" (but the --workers gateways: see workers)" if scaled else "")
         ),
-        **{label(t): COMPARE.describe(g.setting) for t, g in gateways.items()},
+        **{label(t): COMPARE.describe(gateways[t].spec.setting) for t in plain},
+        **({
+            "workers": (
+                f"--workers {','.join(map(str, scaled.values()))}: the production gateway ({COMPARE.feature} on, "
+                "as above, every feature on) as `gateway serve --workers N` on the same database, waiting idle "
+                "while the others are measured; N > 1 is a supervisor and N worker processes sharing the ports "
+                "(SO_REUSEPORT: the kernel spreads wrk's connections over them), --workers 1 is one process (no "
+                "supervisor). Each with Redis: limit buckets decided in each process and synchronized through "
+                "Redis every 50 ms, bans, breaker transitions and configuration changes shared (nothing on the "
+                "request path). CPU per request sums the supervisor and its workers; the Redis and PostgreSQL "
+                "servers' CPU is not in it (it shows in others%)"
+            ),
+            "workers_pinning": (
+                ", ".join(placed(t) for t in scaled)
+                + f": every process of every N may use CPUs {','.join(map(str, WORKER_CPUS))} (the scheduler "
+                f"places them), so they share CPU {LOAD_CPU} with wrk and the stub, which stay pinned there; the "
+                "same CPUs for each N, so the ratio between them is what more workers buy on this 2-core machine "
+                "that also runs the load generator, not a figure for twice the hardware"
+            ),
+            "redis": redis.describe(),
+        } if scaled else {}),
         "gateway_source": source,
         "fast_modules_compiled": compiled_modules(),
         "GATEWAY_NO_EXTENSIONS": os.environ.get("GATEWAY_NO_EXTENSIONS", "(unset)"),
@@ -905,7 +1149,7 @@ def summarize(loads: list[Load]) -> dict:
     }
 
 
-def report(results: dict[str, list[Load]], cond: dict) -> dict:
+def report(results: dict[str, list[Load]], cond: dict, gateways: dict[str, Gateway]) -> dict:
     targets = list(results)
     medians = {t: summarize(results[t]) for t in targets}
     # The production configuration (every feature on) is the one held to the target, when it ran.
@@ -925,6 +1169,13 @@ def report(results: dict[str, list[Load]], cond: dict) -> dict:
                                                                      / off["cpu_us_per_request"])
         ratios[f"{feature} on/off"] = on["rps"] / off["rps"]
         ratios[f"{feature} on/off CPU per request"] = on["cpu_us_per_request"] / off["cpu_us_per_request"]
+    # --workers: each count against the smallest (2 workers / 1 worker).
+    scaled = sorted((g.spec.workers, t) for t, g in gateways.items() if g.spec.workers)
+    scaling = [(n, t, scaled[0]) for n, t in scaled[1:]]
+    for n, t, (n0, t0) in scaling:
+        more, fewer = medians[t], medians[t0]
+        ratios[f"workers {n}/{n0}"] = more["rps"] / fewer["rps"]
+        ratios[f"workers {n}/{n0} CPU per request"] = more["cpu_us_per_request"] / fewer["cpu_us_per_request"]
     rounds = len(results[primary])
     print(f"\n{'target':<20} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'CPU us/req':>10} "
           f"{'CPU%':>5} {'others%':>7}" + (f"   median of {rounds} rounds" if rounds > 1 else ""))
@@ -932,8 +1183,9 @@ def report(results: dict[str, list[Load]], cond: dict) -> dict:
         m = medians[t]
         print(f"{label(t):<20} {m['rps']:>9,.0f} {m['p50_ms']:>7.2f} {m['p99_ms']:>7.2f} {m['errors']:>6} "
               f"{m['cpu_us_per_request']:>10.1f} {m['cpu_pct']:>5.0f} {m['others_pct']:>7.0f}")
-    print("(CPU: the proxy's own, the stub's for upstream direct; others%: the most either pinned CPU gave to "
-          "other work in a measured run)")
+    print("(CPU: the proxy's own, a supervisor's and its workers' summed, the stub's for upstream direct; others%: "
+          "the most either pinned CPU gave to other work in a measured run, for the --workers gateways the mean "
+          "over both CPUs)")
     noisy = max(m["others_pct"] for m in medians.values())
     if noisy > NOISE_PCT:
         print(f"WARNING: other work took up to {noisy:.0f}% of a pinned CPU during a measured run: the machine "
@@ -952,6 +1204,21 @@ def report(results: dict[str, list[Load]], cond: dict) -> dict:
         print(f"{feature + ' on/off':<16} = {ratios[f'{feature} on/off']:.2f}x throughput, "
               f"{ratios[f'{feature} on/off CPU per request']:.2f}x CPU per request ({extra:+.1f} us/request: what "
               f"{COMPARE.cost})")
+    for n, t, (n0, t0) in scaling:
+        print(f"{f'workers {n}/{n0}':<16} = {ratios[f'workers {n}/{n0}']:.2f}x throughput, "
+              f"{ratios[f'workers {n}/{n0} CPU per request']:.2f}x CPU per request   ({label(t)} over {label(t0)}, "
+              f"p99 {medians[t]['p99_ms']:.2f} against {medians[t0]['p99_ms']:.2f} ms; every process of both may use "
+              f"CPUs {','.join(map(str, WORKER_CPUS))}, wrk + stub pinned to CPU {LOAD_CPU}: what more workers buy "
+              "on this 2-core machine that also runs the load generator, not twice the hardware)")
+    for n, t in scaled:
+        split = {}
+        for x in results[t]:
+            for worker, count in x.worker_requests.items():
+                split[worker] = split.get(worker, 0) + count
+        if total := sum(split.values()):
+            print(f"{label(t)}: measured requests per worker "
+                  + ", ".join(f"{w} {100 * c / total:.0f}%" for w, c in sorted(split.items()))
+                  + f" (the kernel's SO_REUSEPORT spread of {cond['connections']} connections)")
     print("\nconditions:")
     for name, value in cond.items():
         print(f"  {name:<22} {value}")
@@ -959,7 +1226,7 @@ def report(results: dict[str, list[Load]], cond: dict) -> dict:
 
 
 # -- main ------------------------------------------------------------------------------------------
-def run(args, work_dir: Path, children: Children, db: Database) -> int:
+def run(args, specs: list[GatewaySpec], work_dir: Path, children: Children, db: Database, redis: RedisKeys) -> int:
     load_at_start = os.getloadavg()
     source = gateway_source()  # before the gateway starts: what it loads is what was measured
     body = make_body(args.payload_bytes)
@@ -970,23 +1237,26 @@ def run(args, work_dir: Path, children: Children, db: Database) -> int:
         load = AiohttpLoad(args.connections)
 
     db.create()
-    log("starting the stub upstream, the baseline proxy and the gateway ...")
+    if args.workers:
+        redis.check()
+    log("starting the stub upstream, the baseline proxy and the gateway(s) ...")
     stub_port, baseline_port = free_port(), free_port()
     stub = children.start("stub", [sys.executable, str(BENCH_DIR / "stub_upstream.py"), "--port", str(stub_port)],
-                          cpu=LOAD_CPU)
+                          cpus=(LOAD_CPU,))
     children.wait_ready("stub", stub, lambda: listening(stub_port), f"not listening on {stub_port}")
     stub_url = f"http://{HOST}:{stub_port}/mcp"
     baseline = children.start("baseline", [sys.executable, str(BENCH_DIR / "baseline_proxy.py"), "--port",
                                            str(baseline_port), "--upstream", stub_url,
-                                           "--connections", str(args.connections)], cpu=PROXY_CPU)
+                                           "--connections", str(args.connections)], cpus=(PROXY_CPU,))
     children.wait_ready("baseline", baseline, lambda: listening(baseline_port), f"not listening on {baseline_port}")
     gateways: dict[str, Gateway] = {}
-    for setting in ("on", "off") if args.gateways == "both" else (args.gateways,):
-        gateway = Gateway(children, db, stub_url, setting, peer=next(iter(gateways.values()), None))
-        gateways[gateway.name] = gateway
+    for spec in specs:  # the first provisions the database; the others share it
+        gateways[spec.name] = Gateway(children, db, stub_url, spec, peer=next(iter(gateways.values()), None),
+                                      redis=redis)
     urls = {"upstream": stub_url, "baseline": f"http://{HOST}:{baseline_port}/mcp",
             **{t: g.endpoint for t, g in gateways.items()}}
     pids = {"upstream": stub.pid, "baseline": baseline.pid, **{t: g.proc.pid for t, g in gateways.items()}}
+    cpus = {"upstream": (LOAD_CPU,), "baseline": (PROXY_CPU,), **{t: g.spec.cpus for t, g in gateways.items()}}
     for target in ("upstream", "baseline"):
         status, text = post(urls[target], body, NO_KEY)
         if status != 200:
@@ -999,33 +1269,35 @@ def run(args, work_dir: Path, children: Children, db: Database) -> int:
         # The upstream first (it sets the key budget's ceiling), then the proxies, every other round reversed.
         for target in ["upstream", *(proxies if r % 2 == 0 else reversed(proxies))]:
             log(f"round {r + 1}/{args.rounds}: {label(target)} ...")
-            result = measure(target, urls[target], pids, load, body, gateways, args.duration, ceiling)
+            result = measure(target, urls[target], pids, cpus, load, body, gateways, args.duration, ceiling)
             if target == "upstream":
                 # Nothing behind this harness goes faster than wrk + stub alone.
                 ceiling = max(ceiling, result.rps)
             results[target].append(result)
             if r == 0 and target in gateways:
-                gateways[target].check_setting()  # before any more time goes into a run that would mislead
+                gateways[target].check_setting(result)  # before any more time goes into a run that would mislead
             statuses = f", gateway statuses {result.statuses}" if result.statuses else ""
+            statuses += f", per worker {result.worker_requests}" if result.worker_requests else ""
             log(f"    {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, "
                 f"{result.requests} requests, {result.non_2xx} non-2xx, {result.socket_errors} socket errors, "
                 f"CPU {result.cpu_pct:.0f}% ({result.cpu_us_per_request:.1f} us/request), other work on the pinned "
                 f"CPUs up to {result.others_pct:.0f}%{statuses}")
 
-    cond = conditions(args, body, load, db, pids, load_at_start, source, gateways)
-    # Stopped first, the gateways flush every record they queued; then count them.
+    cond = conditions(args, body, load, db, redis, pids, load_at_start, source, gateways)
+    # Stopped first (a supervisor after its workers), the gateways flush every record they queued; then count them.
     for gateway in gateways.values():
         Children.stop(gateway.proc)
     rows = db.count_request_logs()
     measured = sum(x.requests for t in gateways for x in results[t])
     cond["request_logs_rows"] = (f"{rows} for the run ({measured} measured gateway requests, plus warm-ups and "
                                  "probes)")
-    summary = report(results, cond)
+    summary = report(results, cond, gateways)
     RESULTS_DIR.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS_DIR / f"proxy-{stamp}.json"
     runs = {t: [{**asdict(x), "cpu_us_per_request": x.cpu_us_per_request} for x in results[t]] for t in results}
-    out.write_text(json.dumps({"benchmark": "proxy", "compare": COMPARE.feature, "timestamp": stamp, **summary,
+    out.write_text(json.dumps({"benchmark": "proxy", "compare": COMPARE.feature, "workers": args.workers,
+                               "timestamp": stamp, **summary, "labels": {t: label(t) for t in results},
                                "runs": runs, "conditions": cond, "request_logs_rows": rows}, indent=2) + "\n")
     print(f"\nfigures written to {out.relative_to(BENCH_DIR.parent)}")
     from chart import try_write_chart  # bench/chart.py: a PNG beside the JSON, when matplotlib is installed
@@ -1041,6 +1313,17 @@ def run(args, work_dir: Path, children: Children, db: Database) -> int:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def worker_counts(text: str) -> list[int]:
+    """`--workers 1,2`: distinct positive counts, smallest first."""
+    try:
+        counts = {int(part) for part in text.split(",")}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"worker counts must be at least 1: {text!r}")
+    return sorted(counts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1062,6 +1345,9 @@ def main(argv: list[str] | None = None) -> int:
                              "each round (default)")
     parser.add_argument("--limits", choices=("on", "off", "both"),
                         help="the same as --compare limits --gateways LIMITS")
+    parser.add_argument("--workers", type=worker_counts, default=[], metavar="N[,N...]",
+                        help="also measure the production gateway as `gateway serve --workers N` for each N (e.g. "
+                             "1,2), with Redis (BENCH_REDIS_URL), on CPUs 0 and 1; the ratio of each N to the first")
     args = parser.parse_args(argv)
     if args.limits is not None:
         if args.compare != "limits" or args.gateways is not None:
@@ -1072,9 +1358,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--duration, --connections and --rounds must be positive")
     if len(os.sched_getaffinity(0)) < 2:
         parser.error("needs two CPUs (one for the proxy under test, one for the load)")
+    if args.database == "sqlite" and any(n > 1 for n in args.workers):
+        parser.error("--workers N with N > 1 needs PostgreSQL (the gateway refuses SQLite with several workers)")
     global CASE, COMPARE
     CASE = args.case
     COMPARE = COMPARISONS[args.compare]
+    specs = gateway_specs(args.gateways, args.workers)
     # SIGTERM and SIGHUP unwind like Ctrl-C, through the cleanup below.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
@@ -1084,11 +1373,12 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="gwbench-proxy-"))
     children = Children(work_dir)
     db = Database(args.database, work_dir)
+    redis = RedisKeys()
     try:
-        return run(args, work_dir, children, db)
+        return run(args, specs, work_dir, children, db, redis)
     except BenchError as exc:
         log(f"bench: {exc}")
-        for name in COMPARE.targets.values():
+        for name in (spec.name for spec in specs):
             tail = children.log_tail(name)
             if tail:
                 log(f"bench: the log of {name} ends with:\n{tail}")
@@ -1101,6 +1391,7 @@ def main(argv: list[str] | None = None) -> int:
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             children.stop_all()
+            redis.delete()
             db.drop()
             shutil.rmtree(work_dir, ignore_errors=True)
         finally:
