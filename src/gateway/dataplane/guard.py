@@ -234,9 +234,10 @@ class UpstreamGuard:
 
     # -- one call ---------------------------------------------------------------------------------------
 
-    async def enter(self, server, tenant_id, weight: int = 100, tool: str | None = None) -> Ticket:
+    async def enter(self, server, tenant_id, tool: str | None = None, tenants=None) -> Ticket:
         """Let one call to `server` go: its breaker agrees and it has a slot (it may wait for one).
 
+        `tenants` (the snapshot's, for the tenant's weight) is read only when the call has to wait.
         Raises Refusal(503) with Retry-After when the breaker is open or the queue refuses.
         """
         now = self.clock()
@@ -256,7 +257,9 @@ class UpstreamGuard:
                 data={"breaker": "open", "retry_after": _seconds(retry)},
             )
         slots = upstream.slots
-        if not upstream.queue.try_admit(tenant_id, weight, 1.0, now, slots):
+        if not upstream.queue.try_admit(tenant_id, 100, 1.0, now, slots):
+            tenant = tenants.get(tenant_id) if tenants is not None else None
+            weight = tenant.weight if tenant is not None else 100
             try:
                 await upstream.queue.wait(tenant_id, weight, 1.0, slots)
             except (FairQueueRefusal, QueueClosed) as exc:

@@ -113,9 +113,11 @@ _RETRYABLE_CODES = frozenset({UPSTREAM_UNAVAILABLE, UPSTREAM_BAD_RESPONSE})
 _RETRYABLE_STATUSES = frozenset({502, 503, 504})
 
 
-def guard_safe(method: str | None, tool: str | None, snapshot, server: ServerEntry) -> bool:
+def _retry_safe(call: Call | None, tool: str | None, snapshot, server: ServerEntry) -> bool:
     """Whether a call may be sent twice: a list call, or a tool `server` marks read-only or idempotent."""
-    if method in SAFE_METHODS:
+    if call is None or call.is_batch:
+        return False
+    if call.method in SAFE_METHODS:
         return True
     return tool is not None and tool in snapshot.safe_tools.get(server.id, ())
 
@@ -714,25 +716,23 @@ class DataPlane:
             return await self._send(request, key, server, body, exchange, call, listing, None)
         snapshot = self.store.current
         tool = call.target if call is not None and call.method == "tools/call" else None
-        session = request.headers.get("Mcp-Session-Id")
-        if session is None:
-            target, route = guard.route(snapshot, server, tool)
-        else:
-            # A session lives on the replica that opened it: no other may take its calls.
-            target = self._session_replica(session, key, guard.replicas(snapshot, server, tool)) or server
-            route = None
-        tenant = snapshot.tenants.get(key.tenant_id)
-        weight = tenant.weight if tenant is not None else 100
-        retry_safe = call is not None and not call.is_batch and guard_safe(call.method, tool, snapshot, target)
+        target, route = server, None
+        if server.tenant_id in snapshot.routing.by_tenant:  # the tenant has routing rules
+            session = request.headers.get("Mcp-Session-Id")
+            if session is None:
+                target, route = guard.route(snapshot, server, tool)
+            else:
+                # A session lives on the replica that opened it: no other may take its calls.
+                target = self._session_replica(session, key, guard.replicas(snapshot, server, tool)) or server
         attempts = 0
         tried: list[ServerEntry] = []
         while True:
-            ticket = await guard.enter(target, key.tenant_id, weight, tool)
+            ticket = await guard.enter(target, key.tenant_id, tool, snapshot.tenants)
             try:
                 response = await self._send(request, key, target, body, exchange, call, listing, ticket)
             except Refusal as refusal:
                 guard.leave(ticket)
-                if refusal.code not in _RETRYABLE_CODES or not retry_safe:
+                if refusal.code not in _RETRYABLE_CODES or not _retry_safe(call, tool, snapshot, target):
                     raise
                 failure: Refusal | web.StreamResponse = refusal
             except BaseException:
@@ -740,7 +740,7 @@ class DataPlane:
                 raise
             else:
                 guard.leave(ticket)  # unless a stream holds it until it ends
-                if exchange.status not in _RETRYABLE_STATUSES or not retry_safe:
+                if exchange.status not in _RETRYABLE_STATUSES or not _retry_safe(call, tool, snapshot, target):
                     return response
                 failure = response
             tried.append(target)
