@@ -21,6 +21,7 @@ from harness import free_port
 
 from gateway.db import tables
 from gateway.db.engine import create_engine, create_pg_pool
+from gateway.records import chain
 from gateway.records.sinks import PostgresSink, RowsRejected, SQLiteSink, sink_for
 from gateway.records.writer import COLUMNS, RecordWriter
 
@@ -290,9 +291,18 @@ async def test_burst_is_written_exactly_once_and_round_trips(sink, database: Dat
     total = n + 2 * (n // 50)
     assert (stats.submitted, stats.written, stats.dropped, stats.queued) == (total, total, 0, 0)
     assert stats.failed_flushes == 0 and stats.last_flush_seconds is not None
+    chained = COLUMNS["audit_logs"].index("chain_seq")  # chain_seq, prev_hash, entry_hash: set when written
     for table, rows in expected.items():
         assert await database.count(table) == len(rows)
-        assert await database.rows(table) == {key: comparable(row) for key, row in rows.items()}, table
+        stored = await database.rows(table)
+        if table == "audit_logs":
+            # Numbered in the order submitted, the chain intact (records/chain.py).
+            assert [stored[key][chained] for key in rows] == list(range(1, len(rows) + 1))
+            stored = {key: row[:chained] + (None, None, None) for key, row in stored.items()}
+            async with database.engine.connect() as conn:
+                report = await chain.verify_chain(conn, TENANT)
+            assert report.ok and report.entries == len(rows), report
+        assert stored == {key: comparable(row) for key, row in rows.items()}, table
     details_at = COLUMNS["audit_logs"].index("details")
     null_details = sum(1 for row in expected["audit_logs"].values() if row[details_at] is None)
     assert await database.scalar("SELECT count(*) FROM audit_logs WHERE details IS NULL") == null_details

@@ -8,6 +8,15 @@ writer acts on: `SinkUnavailable` (retry these rows later) or `RowsRejected`
 put row values into an error it raises, because rows carry user data and
 driver messages quote it (asyncpg: "invalid UUID 'abc'", SQLAlchemy: the
 statement's parameters).
+
+Audit rows are not copied as they come: `write` numbers and hashes them into
+their tenant's chain (records/chain.py) in the transaction that inserts them.
+On PostgreSQL that transaction first takes each chain's advisory lock
+(`pg_advisory_xact_lock(chain.LOCK_CLASS, chain.lock_key(tenant))`, in a fixed
+order, so processes never deadlock), skips rows whose id is already in the
+table (a retried or replayed batch: ids are the idempotency keys), reads each
+chain's head, and COPYs the numbered rows. SQLite has one writer: the same in
+one transaction, without the lock.
 """
 
 from __future__ import annotations
@@ -24,11 +33,13 @@ import sqlalchemy.exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.db import tables
+from gateway.records import chain
 from gateway.db.engine import create_engine, create_pg_pool, is_postgres
 
 logger = logging.getLogger("gateway.records")
 
 UTC = timezone.utc
+AUDIT = "audit_logs"
 
 
 class Sink(Protocol):
@@ -112,6 +123,17 @@ def _pg_error(exc: Exception) -> SinkError:
     return SinkUnavailable(f"{type(exc).__name__}: {exc}")
 
 
+# A chain's head: its highest position (the unique index on (tenant_id, chain_seq), read backwards).
+_PG_HEAD = (
+    "SELECT chain_seq, entry_hash FROM audit_logs WHERE tenant_id = $1 AND chain_seq IS NOT NULL "
+    "ORDER BY chain_seq DESC LIMIT 1"
+)
+_PG_HEAD_NULL = (
+    "SELECT chain_seq, entry_hash FROM audit_logs WHERE tenant_id IS NULL AND chain_seq IS NOT NULL "
+    "ORDER BY chain_seq DESC LIMIT 1"
+)
+
+
 class PostgresSink:
     """COPY (binary) into PostgreSQL through an asyncpg pool, which this sink owns and closes.
 
@@ -129,6 +151,8 @@ class PostgresSink:
         self._json_positions: dict[tuple[str, tuple[str, ...]], tuple[int, ...]] = {}
 
     async def write(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+        if table == AUDIT:
+            return await self._write_audit(columns, rows)
         try:
             records = self._encoded(table, columns, rows)
         except Exception as exc:  # noqa: BLE001 - a value orjson cannot encode
@@ -172,6 +196,50 @@ class PostgresSink:
             table,
             len(records) - inserted,
         )
+
+    async def _write_audit(self, columns: tuple[str, ...], rows: list[tuple]) -> None:
+        if columns != chain.COLUMNS:
+            raise ValueError("audit rows are written with all their columns, in schema order")
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                async with conn.transaction():
+                    tenants = chain.tenants_of(rows)
+                    for tenant in tenants:
+                        await conn.execute(
+                            "SELECT pg_advisory_xact_lock($1, $2)", chain.LOCK_CLASS, chain.lock_key(tenant),
+                            timeout=self._timeout,
+                        )
+                    # Under the locks: what is already in (a committed batch coming back), and each chain's head.
+                    present = await conn.fetch(
+                        "SELECT id FROM audit_logs WHERE id = ANY($1::uuid[])", [row[0] for row in rows],
+                        timeout=self._timeout,
+                    )
+                    if present:
+                        skip = {record[0] for record in present}
+                        rows = [row for row in rows if row[0] not in skip]
+                        logger.info("audit_logs: skipped %d entries already in the database (a retried or "
+                                    "replayed batch)", len(skip))
+                        if not rows:
+                            return
+                        tenants = chain.tenants_of(rows)
+                    heads = {}
+                    for tenant in tenants:
+                        if tenant is None:
+                            head = await conn.fetchrow(_PG_HEAD_NULL, timeout=self._timeout)
+                        else:
+                            head = await conn.fetchrow(_PG_HEAD, tenant, timeout=self._timeout)
+                        if head is not None:
+                            heads[tenant] = (head[0], head[1])
+                    try:
+                        linked = chain.link(rows, heads, encode_json)
+                        records = self._encoded(AUDIT, columns, linked)
+                    except Exception as exc:  # noqa: BLE001 - a value that cannot be encoded
+                        raise RowsRejected(f"{type(exc).__name__} while encoding an audit entry") from exc
+                    await conn.copy_records_to_table(AUDIT, records=records, columns=columns, timeout=self._timeout)
+        except SinkError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every driver error is classified
+            raise _pg_error(exc) from exc
 
     def _encoded(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> list[tuple]:
         key = (table, columns)
@@ -237,6 +305,8 @@ class SQLiteSink:
         self._converters: dict[tuple[str, tuple[str, ...]], tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
     async def write(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+        if table == AUDIT:
+            return await self._write_audit(columns, rows)
         try:
             params = self._params(table, columns, rows)
         except Exception as exc:  # noqa: BLE001 - a value that is not what its column takes
@@ -244,6 +314,43 @@ class SQLiteSink:
         try:
             async with self._engine.begin() as conn:
                 await conn.execute(self._insert(table), params)
+        except SinkError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every driver error is classified
+            raise _sqlite_error(exc) from exc
+
+    async def _write_audit(self, columns: tuple[str, ...], rows: list[tuple]) -> None:
+        if columns != chain.COLUMNS:
+            raise ValueError("audit rows are written with all their columns, in schema order")
+        table = tables.audit_logs
+        try:
+            async with self._engine.begin() as conn:
+                present: set = set()
+                ids = [row[0] for row in rows]
+                for start in range(0, len(ids), 500):  # SQLite caps a statement's parameters
+                    found = await conn.execute(sa.select(table.c.id).where(table.c.id.in_(ids[start : start + 500])))
+                    present.update(found.scalars())
+                if present:
+                    rows = [row for row in rows if row[0] not in present]
+                    if not rows:
+                        return
+                heads = {}
+                for tenant in chain.tenants_of(rows):
+                    query = (
+                        sa.select(table.c.chain_seq, table.c.entry_hash)
+                        .where(table.c.tenant_id.is_(None) if tenant is None else table.c.tenant_id == tenant,
+                               table.c.chain_seq.is_not(None))
+                        .order_by(table.c.chain_seq.desc())
+                        .limit(1)
+                    )
+                    head = (await conn.execute(query)).first()
+                    if head is not None:
+                        heads[tenant] = (head[0], head[1])
+                try:
+                    params = self._params(AUDIT, columns, chain.link(rows, heads, encode_json))
+                except Exception as exc:  # noqa: BLE001 - a value that is not what its column takes
+                    raise RowsRejected(f"{type(exc).__name__} while converting a value") from exc
+                await conn.execute(self._insert(AUDIT), params)
         except SinkError:
             raise
         except Exception as exc:  # noqa: BLE001 - every driver error is classified

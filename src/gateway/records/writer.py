@@ -8,6 +8,18 @@ database. The writer must not lose a row it accepted while the process lives
 (a batch the database could not take is held and retried until it can), must
 not grow past `max_queue` (new rows are refused and counted instead), and must
 never log row contents (they carry user data).
+
+Audit entries have a policy of their own: they are never refused. `submit`
+accepts them even when the queue is full (request logs and metrics are the
+ones refused then), and the flusher prepares them (`prepare_audit`: decode,
+sanitize, bound, log; records/audit.py) and writes them through the sink,
+which chains them (records/chain.py). When a write fails, the batch goes to
+the spill (records/spill.py: append + fsync) instead of being held in memory,
+and so does every later audit batch until the spill is replayed: rows reach
+the database in the order they were submitted. Replay is one segment at a
+time, with backoff while the database stays away; a segment is deleted only
+after its rows are committed, and rows already in the table are skipped.
+`stop()` spills whatever audit rows it could not write before its deadline.
 """
 
 from __future__ import annotations
@@ -19,8 +31,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from collections.abc import Callable
+
 from gateway.db import tables
 from gateway.records.sinks import RowsRejected, Sink, SinkError
+from gateway.records.spill import Spill, SpillFull
 
 logger = logging.getLogger("gateway.records")
 
@@ -35,12 +50,17 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 # outage do not reconnect in lockstep.
 RETRY_FIRST_SECONDS = 0.1
 RETRY_CAP_SECONDS = 4.0
+AUDIT = "audit_logs"
+# How often a running writer looks for spill segments left by processes that died.
+ADOPT_INTERVAL_SECONDS = 60.0
+# Audit rows prepared per step before the flusher lets the loop run other work.
+_PREPARE_CHUNK = 256
 
 
 @dataclass(frozen=True, slots=True)
 class WriterStats:
     """A snapshot of the writer's counters, for /metrics.
-    submitted == written + dropped + queued, always."""
+    submitted == written + dropped + queued + spilled - recovered, always."""
 
     submitted: int  # rows passed to submit(), accepted or not
     written: int  # rows the database confirmed
@@ -50,6 +70,9 @@ class WriterStats:
     queued: int  # rows accepted and not yet written, including a held failed batch
     last_flush_seconds: float | None  # how long the last successful batch took
     last_error: str | None  # the most recent write error or rejection (kept after recovery)
+    spilled: int = 0  # audit rows in spill files, not yet written (this process's and adopted ones)
+    spilled_total: int = 0  # audit rows this process ever spilled
+    recovered: int = 0  # audit rows written from spill files that earlier processes left
 
 
 class RecordWriter:
@@ -62,7 +85,12 @@ class RecordWriter:
         max_queue: int = 100_000,
         batch_size: int = 2_000,
         flush_interval: float = 0.5,
+        spill: Spill | None = None,
+        prepare_audit: Callable[[list[tuple]], list[tuple]] | None = None,
     ) -> None:
+        """`spill`: where audit batches go when the database cannot take them (None: they are
+        held in memory like other rows). `prepare_audit`: turns submitted audit rows into stored
+        ones (records/audit.py `AuditTrail.prepare`); None: they are stored as submitted."""
         if max_queue < 1 or batch_size < 1 or flush_interval <= 0:
             raise ValueError("max_queue and batch_size must be positive and flush_interval above zero")
         self._sink = sink
@@ -78,7 +106,8 @@ class RecordWriter:
         self._lanes: dict[str, tuple[deque[tuple], int]] = {
             table: (deque(), len(columns)) for table, columns in COLUMNS.items()
         }
-        self._tables = tuple(COLUMNS)
+        # Tables batched by _take_batch; audit rows have their own path (_flush_audit).
+        self._tables = tuple(table for table in COLUMNS if table != AUDIT)
         self._next_table = 0  # batches start at a rotating table: a busy one cannot starve the rest
         # Rows taken from the lanes and not yet written: the batch in flight, or
         # the one that failed and is being retried. Counted in the depth.
@@ -101,6 +130,24 @@ class RecordWriter:
         self._refused_seen = 0  # refusals already reported by the flusher
         self._refused_at_overflow: int | None = None  # refusal count when the queue filled up
 
+        # Audit: rows taken from their lane and prepared, not yet written or spilled (counted in _queued).
+        self._audit_lane = self._lanes[AUDIT][0]
+        self._audit_held: list[tuple] = []
+        self._prepare_audit = prepare_audit
+        self._spill = spill
+        self._spilled_total = 0
+        self._own_spilled = 0  # this process's rows now in the spill (the stats' balance)
+        self._recovered = 0
+        self._replay_at = 0.0  # monotonic time before which no replay is tried (backoff)
+        self._replay_delay = RETRY_FIRST_SECONDS
+        self._adopt_at = 0.0
+        self._retry_at = 0.0  # monotonic time before which a held (failed) batch is not tried again
+        self._retry_delay = RETRY_FIRST_SECONDS
+        self._spilling_since: float | None = None  # when audit rows started going to the spill
+        self._spilled_this_outage = 0
+        self._spill_failing = False
+        self._stopped = False  # stop() finished: audit rows submitted now are spilled at once
+
         self._wake = asyncio.Event()  # enough rows for a batch, or stop requested
         self._stop_requested = asyncio.Event()
         self._write_lock = asyncio.Lock()  # one batch at a time: flusher, flush() and stop() share it
@@ -121,8 +168,12 @@ class RecordWriter:
             raise ValueError(f"a {table} row has {width} values, got {len(row)}")
         queued = self._queued
         if queued >= self._limit:
-            self._refused += 1
-            return False
+            if table != AUDIT:
+                self._refused += 1
+                return False
+            if self._stopped:
+                return self._spill_after_stop(row)
+            # Audit rows are never refused: the flusher spills them if the database lags.
         lane.append(row)
         self._queued = queued = queued + 1
         if queued == self._batch_size:
@@ -142,13 +193,16 @@ class RecordWriter:
     def stats(self) -> WriterStats:
         dropped = self._refused + self._rejected + self._unwritten_at_stop
         return WriterStats(
-            submitted=self._written + dropped + self._queued,
+            submitted=self._written + dropped + self._queued + self._own_spilled - self._recovered,
             written=self._written,
             dropped=dropped,
             failed_flushes=self._failed_flushes,
             queued=self._queued,
             last_flush_seconds=self._last_flush_seconds,
             last_error=self._last_error,
+            spilled=self._spill.rows_pending if self._spill is not None else 0,
+            spilled_total=self._spilled_total,
+            recovered=self._recovered,
         )
 
     async def start(self) -> None:
@@ -156,16 +210,21 @@ class RecordWriter:
         if self.running:
             raise RuntimeError("the record writer is already running")
         self._limit = self._max_queue
+        self._stopped = False
         self._stop_requested.clear()
         self._wake.clear()
+        await self._adopt()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="gateway.records.writer")
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Refuse new rows, write every queued one (retrying through errors), then stop.
 
         Rows still unwritten `timeout` seconds after the call are counted as
-        dropped and logged (as a count). The sink stays open: it is the caller's
-        to close.
+        dropped and logged (as a count), except audit rows: those are spilled
+        (fsync) before this returns, and only counted as dropped if the spill
+        cannot be written either. The sink stays open: it is the caller's to
+        close; the spill's files are released (pending segments stay on disk
+        for the next process).
         """
         self._limit = 0
         self._stop_requested.set()
@@ -184,6 +243,10 @@ class RecordWriter:
             exc = task.exception()
             logger.error("record writer task failed: %s", _describe(exc))
         self._task = None
+        await self._spill_leftover_audit()
+        self._stopped = True
+        if self._spill is not None:
+            await asyncio.to_thread(self._spill.close)
         unwritten = self._queued
         if unwritten:
             for lane, _width in self._lanes.values():
@@ -208,61 +271,102 @@ class RecordWriter:
             table: self._settled_by_table[table] + len(lane) + len(self._held.get(table, ()))
             for table, (lane, _width) in self._lanes.items()
         }
+        goal[AUDIT] += len(self._audit_held)
         # Per-table FIFO: a table's rows queued now are its next settlements up to
         # `goal`. (An empty queue also ends it: stop() may have discarded rows.)
         while self._queued and any(self._settled_by_table[t] < target for t, target in goal.items()):
-            await self._flush_batch()
+            await self._flush_batch(retry_now=True)
+        # Audit rows that went to the spill are settled but not in the database yet.
+        while self._spill is not None and self._spill.pending:
+            await self._flush_batch(retry_now=True, replay_now=True)
 
     # ------------------------------------------------------------ flusher
 
     async def _run(self) -> None:
-        retry_delay = RETRY_FIRST_SECONDS
         while not self._stop_requested.is_set():
-            # A held batch was just backed off for: retry it without also
-            # waiting out the interval.
-            if not self._held and self._queued < self._batch_size:
-                await _wait(self._wake, self._flush_interval)
+            # Each path backs off on its own (_retry_at for a held batch, _replay_at for
+            # the spill), so audit rows keep reaching the spill every interval while
+            # the database is away, instead of waiting in memory behind a backoff.
+            pause = self._pause()
+            if pause > 0:
+                await _wait(self._wake, pause)
                 self._wake.clear()
                 if self._stop_requested.is_set():
                     break
+            if self._spill is not None and time.monotonic() >= self._adopt_at:
+                await self._adopt()
             try:
                 await self._flush_batch()
             except Exception:  # noqa: BLE001 - noted by _flush_batch; the flusher must not die
-                await _wait(self._stop_requested, _jittered(retry_delay))
-                retry_delay = min(retry_delay * 2, RETRY_CAP_SECONDS)
-            else:
-                retry_delay = RETRY_FIRST_SECONDS
+                pass
             self._report_overflow()
         await self._drain()
+
+    def _pause(self) -> float:
+        """How long the flusher may wait before there is work it can make progress on (0: none)."""
+        now = time.monotonic()
+        audit_waiting = len(self._audit_lane)
+        if audit_waiting >= self._batch_size:
+            return 0.0
+        pause = self._flush_interval
+        if self._held:
+            if now >= self._retry_at:
+                return 0.0
+            pause = min(pause, self._retry_at - now)
+        elif self._queued - audit_waiting - len(self._audit_held) >= self._batch_size:
+            return 0.0
+        spill = self._spill
+        if spill is not None and spill.pending:
+            if now >= self._replay_at:
+                return 0.0
+            pause = min(pause, self._replay_at - now)
+        return pause
 
     async def _drain(self) -> None:
         """Write until nothing is queued, retrying with backoff; stop() bounds it with its deadline."""
         retry_delay = RETRY_FIRST_SECONDS
         while self._queued:
             try:
-                await self._flush_batch()
+                await self._flush_batch(retry_now=True)
             except Exception:  # noqa: BLE001 - noted by _flush_batch
                 await asyncio.sleep(_jittered(retry_delay))
                 retry_delay = min(retry_delay * 2, RETRY_CAP_SECONDS)
             else:
                 retry_delay = RETRY_FIRST_SECONDS
         self._report_overflow()
-
-    async def _flush_batch(self) -> None:
-        """Write one batch: the held one if a write failed, else up to batch_size queued rows."""
-        async with self._write_lock:
+        # Everything queued is written (or spilled): replay the spill while the database answers.
+        while self._replay_due():
             try:
-                if not self._held:
-                    self._take_batch()
-                    if not self._held:
-                        return
-                started = time.perf_counter()
-                for table in list(self._held):
-                    await self._write_table(table, self._held[table])
-                    del self._held[table]
-            except Exception as exc:
-                self._note_failure(exc)
-                raise
+                await self._flush_batch()
+            except Exception:  # noqa: BLE001 - noted by _flush_batch; the spill stays for the next start
+                break
+
+    async def _flush_batch(self, *, retry_now: bool = False, replay_now: bool = False) -> None:
+        """Write one batch: the queued audit rows (or spill them), then the held batch if a write
+        failed and its backoff is over (or `retry_now`), else up to batch_size queued rows of the
+        other tables. Raises the error of a write that failed (its rows are kept)."""
+        async with self._write_lock:
+            started = time.perf_counter()
+            written_before = self._written
+            audit_failure = await self._flush_audit(replay_now)
+            if not self._held:
+                self._take_batch()
+            if self._held and (retry_now or time.monotonic() >= self._retry_at):
+                try:
+                    for table in list(self._held):
+                        await self._write_table(table, self._held[table])
+                        del self._held[table]
+                except Exception as exc:
+                    self._note_failure(exc)
+                    self._retry_at = time.monotonic() + _jittered(self._retry_delay)
+                    self._retry_delay = min(self._retry_delay * 2, RETRY_CAP_SECONDS)
+                    raise
+                self._retry_delay = RETRY_FIRST_SECONDS
+            if audit_failure is not None:
+                self._note_failure(audit_failure)
+                raise audit_failure
+            if self._written == written_before:
+                return  # nothing reached the database (nothing to write, or only spilled)
             self._last_flush_seconds = time.perf_counter() - started
             if self._outage_started is not None:
                 logger.warning(
@@ -294,11 +398,13 @@ class RecordWriter:
             if not budget:
                 return
 
-    async def _write_table(self, table: str, rows: list[tuple]) -> None:
-        """Write `rows`, dropping only rows the database rejects (found by halving).
+    async def _write_table(self, table: str, rows: list[tuple], *, queued: bool = True) -> int:
+        """Write `rows`, dropping only rows the database rejects (found by halving); returns how many.
 
         On any other error `rows` is cut down to the rows not yet written, which
-        are always a suffix, and the error propagates.
+        are always a suffix, and the error propagates. `queued`: the rows are
+        counted in the queue (False: rows replayed from the spill, counted by
+        the caller). A rejected audit row is kept in the spill's rejected file.
         """
         columns = COLUMNS[table]
         pending = [(0, len(rows))]  # a stack of ranges, leftmost on top: settled rows stay a prefix
@@ -319,11 +425,15 @@ class RecordWriter:
                         continue
                     rejected += 1
                     rejection = exc
-                    self._settle(table, 1)
+                    if queued:
+                        self._settle(table, 1)
                     self._rejected += 1
+                    if table == AUDIT:
+                        await self._keep_rejected(chunk)
                     continue
-                self._settle(table, high - low)
-                self._written += high - low
+                if queued:
+                    self._settle(table, high - low)
+                    self._written += high - low
         except BaseException:  # also cancellation at stop()'s deadline: keep what is unwritten
             del rows[:low]
             raise
@@ -331,6 +441,201 @@ class RecordWriter:
             if rejected:
                 self._last_error = str(rejection)
                 logger.warning("dropped %d %s rows the database rejected: %s", rejected, table, rejection)
+        return rejected
+
+    # ------------------------------------------------------------ audit: write, spill, replay
+
+    async def _flush_audit(self, replay_now: bool = False) -> Exception | None:
+        """Write the queued audit rows, or spill them; replay the spill when it is due.
+
+        Returns the error that kept rows from the database (they are in the
+        spill, or held in memory if the spill failed too), or None.
+        """
+        if self._audit_lane:
+            await self._prepare_lane()
+        spill = self._spill
+        if spill is not None and spill.pending:
+            if self._audit_held:
+                await self._spill_held()  # behind the older rows on disk, so order holds
+            if not (replay_now or time.monotonic() >= self._replay_at):
+                return None
+            error = await self._replay_one()
+            if error is not None or spill.pending:
+                return error
+            # The spill is drained; rows it could not take (held) go straight in below.
+        rows = self._audit_held
+        while rows:
+            chunk = rows[: self._batch_size]
+            count = len(chunk)
+            try:
+                await self._write_table(AUDIT, chunk)
+            except BaseException as exc:  # the rows are kept either way, also when cancelled at stop()
+                rows[:count] = chunk  # the unwritten suffix
+                if not isinstance(exc, Exception):
+                    raise
+                if spill is not None:
+                    self._back_off_replay()
+                    await self._spill_held()
+                return exc
+            del rows[:count]
+        return None
+
+    async def _prepare_lane(self) -> None:
+        """Move the audit lane into `_audit_held`, prepared, a chunk at a time (no row is ever in neither)."""
+        lane = self._audit_lane
+        popleft = lane.popleft
+        while lane:
+            chunk = [popleft() for _ in range(min(_PREPARE_CHUNK, len(lane)))]
+            self._audit_held.extend(self._prepared(chunk))
+            if lane:
+                await asyncio.sleep(0)  # a large backlog must not hold up the requests in flight
+
+    def _prepared(self, rows: list[tuple]) -> list[tuple]:
+        prepare = self._prepare_audit
+        if prepare is None:
+            return rows
+        try:
+            return prepare(rows)
+        except Exception as exc:  # noqa: BLE001 - a bug in preparing must not lose an entry
+            logger.error("could not prepare %d audit entries (%s); storing them without details",
+                         len(rows), type(exc).__name__)
+            at = COLUMNS[AUDIT].index("details")
+            bare = [(*row[:at], {"error": f"details not recorded: {type(exc).__name__}"}, *row[at + 1 :])
+                    for row in rows]
+            try:
+                return prepare(bare)
+            except Exception:  # noqa: BLE001
+                return bare
+
+    async def _spill_held(self) -> bool:
+        """Append `_audit_held` to the spill (fsync). False if the spill failed: the rows stay held."""
+        rows = self._audit_held
+        if not rows:
+            return True
+        try:
+            await asyncio.to_thread(self._spill.append, rows)
+        except SpillFull as exc:
+            if not self._spill_failing:
+                logger.error("%s; holding %d audit entries in memory and retrying", exc, len(rows))
+                self._spill_failing = True
+            return False
+        if self._spill_failing:
+            logger.warning("the audit spill takes entries again")
+            self._spill_failing = False
+        count = len(rows)
+        self._audit_held = []
+        self._queued -= count
+        self._settled_by_table[AUDIT] += count
+        self._spilled_total += count
+        self._own_spilled += count
+        if self._spilling_since is None:
+            self._spilling_since = time.monotonic()
+            self._spilled_this_outage = 0
+            logger.warning("audit entries go to the spill in %s until the database takes them again",
+                           self._spill.directory)
+        self._spilled_this_outage += count
+        return True
+
+    async def _replay_one(self) -> Exception | None:
+        """Write the oldest spill segment's rows, then delete it. Returns the error if the database failed."""
+        spill = self._spill
+        try:
+            found = await asyncio.to_thread(spill.oldest)
+        except OSError as exc:
+            logger.error("cannot read the audit spill: %s", exc)
+            self._back_off_replay()
+            return SinkError(f"cannot read the audit spill: {exc}")
+        if found is None:
+            return None
+        path, result = found
+        rows = result.rows
+        own = spill.is_own(path)
+        rejected = 0
+        try:
+            for start in range(0, len(rows), self._batch_size):
+                rejected += await self._write_table(AUDIT, rows[start : start + self._batch_size], queued=False)
+        except Exception as exc:  # noqa: BLE001 - the segment stays and is replayed again, whole
+            self._back_off_replay()
+            return exc
+        # Committed: only now may the segment go (a crash before this replays it again; its rows are skipped).
+        await asyncio.to_thread(spill.done, path)
+        written = len(rows) - rejected
+        self._written += written
+        if own:
+            self._own_spilled -= min(self._own_spilled, len(rows) + result.torn)
+        else:
+            self._recovered += written
+        self._replay_delay = RETRY_FIRST_SECONDS
+        self._replay_at = 0.0
+        if not spill.pending and self._spilling_since is not None:
+            logger.warning("audit spill replayed: %d entries spilled over %.1fs are in the database",
+                           self._spilled_this_outage, time.monotonic() - self._spilling_since)
+            self._spilling_since = None
+        return None
+
+    def _back_off_replay(self) -> None:
+        self._replay_at = time.monotonic() + _jittered(self._replay_delay)
+        self._replay_delay = min(self._replay_delay * 2, RETRY_CAP_SECONDS)
+
+    def _replay_due(self) -> bool:
+        spill = self._spill
+        return spill is not None and bool(spill.pending) and time.monotonic() >= self._replay_at
+
+    async def _adopt(self) -> None:
+        """Take over spill segments that dead processes left for this database."""
+        if self._spill is None:
+            return
+        self._adopt_at = time.monotonic() + ADOPT_INTERVAL_SECONDS
+        try:
+            adopted = await asyncio.to_thread(self._spill.adopt)
+        except OSError as exc:
+            logger.error("cannot read the audit spill directory %s: %s", self._spill.directory, exc)
+            return
+        if adopted:
+            logger.warning("found %d audit entries in spill files of an earlier process in %s; replaying them",
+                           adopted, self._spill.directory)
+
+    async def _keep_rejected(self, rows: list[tuple]) -> None:
+        if self._spill is not None:
+            try:
+                await asyncio.to_thread(self._spill.keep_rejected, rows)
+                return
+            except OSError as exc:
+                logger.error("cannot keep a rejected audit entry: %s", exc)
+        logger.error("the database rejected an audit entry and no spill is configured to keep it")
+
+    async def _spill_leftover_audit(self) -> None:
+        """At stop: audit rows still in memory (a dead database, or the deadline) go to the spill."""
+        raw = list(self._audit_lane)
+        self._audit_lane.clear()
+        if raw:
+            self._audit_held.extend(self._prepared(raw))
+        count = len(self._audit_held)
+        if not count:
+            return
+        if self._spill is not None and await self._spill_held():
+            logger.warning("stopping with %d audit entries not written: they are in the spill, for the next start",
+                           count)
+            return
+        # No spill, or it cannot be written: nothing more can be done in this process.
+        self._audit_held = []
+        self._queued -= count
+        self._settled_by_table[AUDIT] += count
+        self._unwritten_at_stop += count
+        logger.error("stopping with %d audit entries that could be neither written nor spilled", count)
+
+    def _spill_after_stop(self, row: tuple) -> bool:
+        """An audit row submitted after stop(): written to the spill at once (blocking: only at shutdown)."""
+        if self._spill is not None:
+            try:
+                self._spill.append(self._prepared([row]))
+                self._spilled_total += 1
+                self._own_spilled += 1
+                return True
+            except SpillFull as exc:
+                logger.error("an audit entry after the writer stopped could not be spilled: %s", exc)
+        self._refused += 1
+        return False
 
     def _settle(self, table: str, count: int) -> None:
         self._queued -= count

@@ -1,0 +1,280 @@
+"""Audit entries: who did what, when, how long it took and how it ended, for every authenticated operation.
+
+The data plane (dataplane/server.py `_record`, which bridge.py also goes
+through) and the control plane (controlplane/api.py `_admin`) build one
+`audit_logs` row per authenticated operation with `mcp_row` / `admin_row`
+and submit it to the batched writer. Building a row is cheap on purpose: the
+request's parameters are kept as the raw bytes the request already holds and
+are decoded and sanitized (records/sanitize.py) only in `prepare`, which the
+writer's flusher calls before a batch is written or spilled, off the request
+path. `prepare` also emits each entry as one JSON line on the `gateway.audit`
+logger ("dual logging": the application log holds a second copy of the
+trail), bounds every text to its column and drops nothing.
+
+Chain numbers and hashes (records/chain.py) are not set here: they are given
+when the row is written, in the database transaction. This module never
+writes to the database or to files itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from gateway.db.tables import audit_logs
+from gateway.records.sanitize import Sanitizer, clean_text
+
+TABLE = "audit_logs"
+COLUMNS: tuple[str, ...] = tuple(c.name for c in audit_logs.columns)
+_EXPECTED = (
+    "id", "tenant_id", "user_id", "api_key_id", "action", "resource_type", "resource_id", "details",
+    "client_ip", "outcome", "error_code", "duration_ms", "created_at", "role", "chain_seq", "prev_hash",
+    "entry_hash",
+)
+# The row builders below write tuples in this order by hand (a tuple is what the
+# request path can afford); a schema change must change them too.
+assert COLUMNS == _EXPECTED, "audit_logs columns changed: update records/audit.py's row builders"
+_TENANT, _DETAILS, _CREATED = COLUMNS.index("tenant_id"), COLUMNS.index("details"), COLUMNS.index("created_at")
+# (position, length) of each bounded text column: a longer value is cut, never refused by the database.
+_BOUNDED = tuple(
+    (COLUMNS.index(c.name), c.type.length)
+    for c in audit_logs.columns
+    if isinstance(c.type, sa.String) and c.type.length and c.name not in ("prev_hash", "entry_hash")
+)
+
+SUCCESS, ERROR = "success", "error"
+# Write-only fields of admin request bodies that hold secrets under names no
+# pattern would catch: an imported legacy key, an upstream header's value.
+ADMIN_SECRET_FIELDS = ("key", "header_value")
+# JSON-RPC methods whose target is a named object, and that object's kind.
+_TARGET_KINDS = {"tools/call": "tool", "prompts/get": "prompt", "resources/read": "resource",
+                 "resources/subscribe": "resource", "resources/unsubscribe": "resource"}
+
+audit_log = logging.getLogger("gateway.audit")
+UTC = timezone.utc
+
+
+class McpDetails:
+    """What an MCP entry's details are made of, kept raw until `prepare` (the body is not decoded twice
+    on the request path: the pipeline read only the envelope)."""
+
+    __slots__ = ("body", "server", "status", "error")
+
+    def __init__(self, body: bytes, server: str | None, status: int, error: str | None) -> None:
+        self.body, self.server, self.status, self.error = body, server, status, error
+
+    def build(self, sanitizer: Sanitizer) -> dict[str, Any]:
+        details: dict[str, Any] = {"status": self.status}
+        if self.server is not None:
+            details["server"] = self.server
+        if self.error:
+            details["error"] = self.error
+        if self.body:
+            try:
+                message = orjson.loads(self.body)
+            except orjson.JSONDecodeError:
+                details["params"] = "[not JSON]"
+            else:
+                if isinstance(message, list):  # a batch: each message's method and params
+                    details["batch"] = [_message_details(item) for item in message]
+                elif isinstance(message, dict):
+                    details.update(_message_details(message))
+        return sanitizer.clean(details)
+
+
+def _message_details(message: Any) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        return {"message": "[not an object]"}
+    details: dict[str, Any] = {}
+    if "method" in message:
+        details["method"] = message["method"]
+    if "id" in message:
+        details["request_id"] = message["id"]
+    if "params" in message:
+        details["params"] = message["params"]
+    if "error" in message:  # a client's answer to a server request
+        details["response_error"] = message["error"]
+    return details
+
+
+class AdminDetails:
+    """An admin request's details: method, path, query and body, sanitized in `prepare`."""
+
+    __slots__ = ("method", "path", "query", "body", "status", "error")
+
+    def __init__(self, method: str, path: str, query: dict[str, str], body: bytes, status: int,
+                 error: dict[str, Any] | None) -> None:
+        self.method, self.path, self.query, self.body = method, path, query, body
+        self.status, self.error = status, error
+
+    def build(self, sanitizer: Sanitizer) -> dict[str, Any]:
+        details: dict[str, Any] = {"method": self.method, "path": self.path, "status": self.status}
+        if self.query:
+            details["query"] = self.query
+        if self.body and self.body.strip():
+            try:
+                details["body"] = orjson.loads(self.body)
+            except orjson.JSONDecodeError:
+                details["body"] = "[not JSON]"
+        if self.error:
+            details["error"] = self.error
+        return sanitizer.clean(details)
+
+
+_PENDING = (McpDetails, AdminDetails)
+
+
+class AuditTrail:
+    """Builds audit rows on the request path and prepares them (sanitize, bound, log) in the flusher.
+
+    `extra_names`: parameter names redacted for every tenant, besides
+    `sanitize.SECRET_NAMES` (the `[audit] redact_keys` setting).
+    `tenant_names(tenant_id)`: a tenant's own additions (its settings'
+    `audit_redact_keys`, from the snapshot), looked up when an entry is
+    prepared. `log`: emit each entry on the `gateway.audit` logger.
+    """
+
+    def __init__(
+        self,
+        *,
+        new_id: Callable[[], uuid.UUID] = uuid.uuid4,
+        extra_names: Iterable[str] = (),
+        tenant_names: Callable[[uuid.UUID | None], Iterable[str]] | None = None,
+        log: bool = True,
+    ) -> None:
+        self.new_id = new_id
+        self._extra = tuple(extra_names)
+        self._tenant_names = tenant_names
+        self.log = log
+        self._sanitizers: dict[tuple[tuple[str, ...], bool], Sanitizer] = {}
+
+    # ------------------------------------------------------------ request path
+
+    def mcp_row(
+        self,
+        key,
+        server_name: str | None,
+        method: str | None,
+        target: str | None,
+        body: bytes,
+        status: int,
+        error_code: int | None,
+        error: str | None,
+        duration_ms: float,
+        client_ip: str | None,
+        now: datetime,
+        is_batch: bool = False,
+    ) -> tuple:
+        """An MCP request's row: `key` is the caller (KeyEntry or TokenPrincipal); `method` the JSON-RPC
+        method (or the HTTP method of a request without a body); `target` the tool, prompt or URI."""
+        if is_batch:
+            action, kind, resource = "mcp.batch", "server", server_name
+        else:
+            action = "mcp." + method if method else ("mcp.response" if body else "mcp.request")
+            kind = _TARGET_KINDS.get(method) if target is not None else None
+            if kind is None:
+                kind, resource = ("server", server_name) if server_name is not None else (None, None)
+            else:
+                resource = target
+        failed = status >= 400 or error_code is not None
+        return (
+            self.new_id(), key.tenant_id, key.user_id, key.id, action, kind, resource,
+            McpDetails(body, server_name, status, error), client_ip, ERROR if failed else SUCCESS,
+            error_code, duration_ms, now, key.role, None, None, None,
+        )
+
+    def admin_row(
+        self,
+        actor,
+        action: str,
+        resource_type: str | None,
+        resource_id: str | None,
+        details: AdminDetails,
+        failed: bool,
+        error_code: int | None,
+        duration_ms: float,
+        client_ip: str | None,
+    ) -> tuple:
+        """An admin API call's row: `actor` is the authenticated `service.Actor`."""
+        return (
+            self.new_id(), actor.tenant_id, actor.user_id, actor.api_key_id, action, resource_type, resource_id,
+            details, client_ip, ERROR if failed else SUCCESS, error_code, duration_ms, datetime.now(UTC),
+            actor.role, None, None, None,
+        )
+
+    # ------------------------------------------------------------ flusher side
+
+    def sanitizer(self, tenant_id: uuid.UUID | None, admin: bool = False) -> Sanitizer:
+        names = self._extra
+        if self._tenant_names is not None:
+            own = tuple(self._tenant_names(tenant_id) or ())
+            if own:
+                names = names + own
+        cache_key = (names, admin)
+        sanitizer = self._sanitizers.get(cache_key)
+        if sanitizer is None:
+            if len(self._sanitizers) > 1024:  # tenants' name lists change rarely; never let this grow unbounded
+                self._sanitizers.clear()
+            sanitizer = self._sanitizers[cache_key] = Sanitizer(names, ADMIN_SECRET_FIELDS if admin else ())
+        return sanitizer
+
+    def prepare(self, rows: list[tuple]) -> list[tuple]:
+        """Rows as they are stored: details decoded and sanitized, texts bounded; each logged once.
+
+        Idempotent on its own output (a prepared row prepared again comes out
+        the same), so it is safe on rows of any origin.
+        """
+        prepared = []
+        emit = self.log and audit_log.isEnabledFor(logging.INFO)
+        for row in rows:
+            values = list(row)
+            details = values[_DETAILS]
+            sanitizer = self.sanitizer(values[_TENANT], isinstance(details, AdminDetails))
+            if isinstance(details, _PENDING):
+                values[_DETAILS] = details.build(sanitizer)
+            elif details is not None:
+                values[_DETAILS] = sanitizer.clean(details)
+            for at, length in _BOUNDED:
+                text = values[at]
+                if text is not None:
+                    text = clean_text(text) if isinstance(text, str) else clean_text(str(text))
+                    values[at] = text[:length]
+            created = values[_CREATED]
+            if created.tzinfo is None:
+                values[_CREATED] = created.replace(tzinfo=UTC)
+            row = tuple(values)
+            prepared.append(row)
+            if emit:
+                _log_entry(row)
+        return prepared
+
+
+def _log_entry(row: tuple) -> None:
+    entry = {name: value for name, value in zip(COLUMNS[:14], row) if value is not None}
+    # default=str: asyncpg's UUID subclass (ids read from the database) is not one orjson knows.
+    text = orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z).decode()
+    audit_log.info(text, extra={"audit": entry})
+
+
+def is_prepared(row: tuple) -> bool:
+    return not isinstance(row[_DETAILS], _PENDING)
+
+
+__all__ = [
+    "ADMIN_SECRET_FIELDS",
+    "COLUMNS",
+    "ERROR",
+    "SUCCESS",
+    "TABLE",
+    "AdminDetails",
+    "AuditTrail",
+    "McpDetails",
+    "audit_log",
+    "is_prepared",
+]

@@ -1,0 +1,325 @@
+"""The audit trail's hash chains: numbering entries, hashing them, and checking a stored chain.
+
+Each tenant's audit entries form one chain (entries without a tenant form one
+more, keyed by NULL): `chain_seq` counts 1, 2, 3, ... in the order the
+entries were written, `prev_hash` is the previous entry's `entry_hash` (64
+zeros for the first), and
+
+    entry_hash = SHA-256( prev_hash "|" chain_seq "|" canonical(entry) )
+
+where `canonical` is a fixed serialization of every other column (ids,
+who, what, when, how long, outcome, details). Changing any stored value of an
+entry, removing one from the middle, or reordering them breaks the chain at
+that entry; `verify` walks every chain and names the first broken link. A
+chain whose oldest entries were deleted must start right after the anchor
+that retention (records/retention.py) leaves for it. What a chain cannot show
+by itself: entries cut from its newest end; `verify` prints each chain's head
+so that it can be kept elsewhere and compared later.
+
+Numbers are assigned when an entry is written (records/sinks.py), in the
+database transaction that inserts it, under a per-tenant lock, so several
+gateway processes extend one chain without forking it. This module holds the
+pure parts (canonical form, hashing, numbering a batch) and `verify`, which
+reads the database; nothing here writes.
+
+The canonical form is computed from what the database gives back, so that a
+verifier recomputes exactly what the writer hashed: `details` goes through
+its JSON text with every number as a normalized decimal (jsonb keeps numbers
+as `numeric` and prints 1e300 as 301 digits, -0.0 as 0.0), keys sorted;
+timestamps as UTC microseconds; UUIDs as lowercase text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.db.tables import audit_logs, metadata, system_config
+
+GENESIS = "0" * 64
+"""The prev_hash of a chain's first entry."""
+
+COLUMNS: tuple[str, ...] = tuple(c.name for c in metadata.tables["audit_logs"].columns)
+CHAIN_FIELDS = ("chain_seq", "prev_hash", "entry_hash")
+# What the hash covers, in this order: every column but the chain's own.
+HASHED: tuple[str, ...] = (
+    "id", "tenant_id", "user_id", "api_key_id", "role", "action", "resource_type", "resource_id",
+    "client_ip", "outcome", "error_code", "duration_ms", "created_at", "details",
+)
+assert set(HASHED) | set(CHAIN_FIELDS) == set(COLUMNS), "a new audit_logs column must be hashed or be a chain field"
+_AT = {name: COLUMNS.index(name) for name in COLUMNS}
+_SEQ, _PREV, _HASH, _TENANT, _ID = _AT["chain_seq"], _AT["prev_hash"], _AT["entry_hash"], _AT["tenant_id"], _AT["id"]
+_FORMAT_VERSION = "1"
+UTC = timezone.utc
+
+
+# ------------------------------------------------------------------ canonical form
+
+
+def _canonical_json(value: Any, out: list[str]) -> None:
+    """Deterministic JSON: keys sorted, numbers as normalized decimals, no spaces."""
+    if isinstance(value, dict):
+        out.append("{")
+        for i, key in enumerate(sorted(value)):
+            if i:
+                out.append(",")
+            out.append(orjson.dumps(key).decode())
+            out.append(":")
+            _canonical_json(value[key], out)
+        out.append("}")
+    elif isinstance(value, list):
+        out.append("[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(",")
+            _canonical_json(item, out)
+        out.append("]")
+    elif isinstance(value, Decimal):
+        out.append("0" if value.is_zero() else str(value.normalize()))
+    elif value is True:
+        out.append("true")
+    elif value is False:
+        out.append("false")
+    elif value is None:
+        out.append("null")
+    else:
+        out.append(orjson.dumps(value).decode())
+
+
+def canonical_details(details_json: str | None) -> str:
+    """The canonical text of a `details` value given as the JSON text the database holds (None: SQL NULL)."""
+    if details_json is None:
+        return "-"  # SQL NULL, distinct from the JSON null "null"
+    value = json.loads(details_json, parse_float=Decimal, parse_int=Decimal)
+    out: list[str] = []
+    _canonical_json(value, out)
+    return "".join(out)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        if value.tzinfo is None:  # SQLite gives back naive UTC
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return orjson.dumps(value).decode()  # quoted: "-" as a value differs from NULL
+    return str(value)
+
+
+def canonical(entry: dict[str, Any], details_json: str | None) -> bytes:
+    """What an entry's hash covers, from its column values and the JSON text of its details."""
+    parts = [_FORMAT_VERSION]
+    for name in HASHED[:-1]:
+        value = entry[name]
+        if name == "duration_ms" and value is not None:
+            value = float(value)
+        elif name in ("id", "tenant_id", "user_id", "api_key_id") and isinstance(value, str):
+            value = uuid.UUID(value)
+        parts.append(_text(value))
+    parts.append(canonical_details(details_json))
+    return "\x1f".join(parts).encode()
+
+
+def entry_hash(prev_hash: str, chain_seq: int, canonical_bytes: bytes) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{prev_hash}|{chain_seq}|".encode())
+    digest.update(canonical_bytes)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ numbering a batch
+
+
+def tenants_of(rows: Iterable[tuple]) -> list[uuid.UUID | None]:
+    """The chains a batch extends, each once, in the order locks must be taken (NULL first, then by id)."""
+    seen = {row[_TENANT] for row in rows}
+    return sorted(seen, key=lambda t: (t is not None, str(t) if t is not None else ""))
+
+
+def lock_key(tenant_id: uuid.UUID | None) -> int:
+    """A signed 32-bit key for a tenant's chain lock (two tenants sharing one only wait for each other)."""
+    raw = tenant_id.bytes if tenant_id is not None else b"platform"
+    return int.from_bytes(hashlib.sha256(raw).digest()[:4], "big", signed=True)
+
+
+LOCK_CLASS = 0x61756474  # "audt": the first key of pg_advisory_xact_lock(int, int), the audit chains' own space
+
+
+def link(rows: list[tuple], heads: dict[uuid.UUID | None, tuple[int, str]], encode_details) -> list[tuple]:
+    """`rows` (audit_logs tuples without chain values) numbered and hashed after each chain's head.
+
+    `heads` maps a tenant to its last (chain_seq, entry_hash); a tenant not in
+    it starts a chain. It is updated in place. `encode_details` turns a details
+    value into the JSON text the database will store (the sink's own encoder).
+    """
+    linked = []
+    for row in rows:
+        tenant = row[_TENANT]
+        seq, prev = heads.get(tenant, (0, GENESIS))
+        seq += 1
+        entry = dict(zip(COLUMNS, row))
+        digest = entry_hash(prev, seq, canonical(entry, encode_details(entry["details"])))
+        heads[tenant] = (seq, digest)
+        values = list(row)
+        values[_SEQ], values[_PREV], values[_HASH] = seq, prev, digest
+        linked.append(tuple(values))
+    return linked
+
+
+# ------------------------------------------------------------------ verifying
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    """One tenant's chain as `verify` found it."""
+
+    tenant_id: uuid.UUID | None
+    entries: int  # entries checked
+    first_seq: int | None
+    last_seq: int | None
+    head: str | None  # the last entry's hash: keep it elsewhere to detect later truncation
+    broken_seq: int | None = None  # the first broken link: its chain_seq (or None when it has none)
+    broken_entry: uuid.UUID | None = None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+_PAGE = 5_000
+
+
+async def _rows(conn, tenant_id: uuid.UUID | None) -> AsyncIterator[dict[str, Any]]:
+    """A tenant's chained entries by chain_seq, a page at a time (keyset: never the whole table in memory)."""
+    columns = [audit_logs.c[name] for name in COLUMNS if name != "details"]
+    columns.append(sa.cast(audit_logs.c.details, sa.Text).label("details"))
+    tenant = audit_logs.c.tenant_id == tenant_id if tenant_id is not None else audit_logs.c.tenant_id.is_(None)
+    after = None
+    while True:
+        query = sa.select(*columns).where(tenant, audit_logs.c.chain_seq.is_not(None))
+        if after is not None:
+            query = query.where(audit_logs.c.chain_seq > after)
+        page = (await conn.execute(query.order_by(audit_logs.c.chain_seq).limit(_PAGE))).mappings().all()
+        for row in page:
+            yield row
+        if len(page) < _PAGE:
+            return
+        after = page[-1]["chain_seq"]
+
+
+async def verify_chain(conn, tenant_id: uuid.UUID | None) -> ChainReport:
+    """Recompute one tenant's chain; the report names the first broken link, if any."""
+    expected_seq: int | None = None
+    prev_hash: str | None = None
+    first_seq = last_seq = None
+    count = 0
+
+    def broken(row, reason: str) -> ChainReport:
+        return ChainReport(tenant_id, count, first_seq, last_seq, prev_hash, row["chain_seq"], _uuid(row["id"]), reason)
+
+    async for row in _rows(conn, tenant_id):
+        seq = row["chain_seq"]
+        if first_seq is None:
+            first_seq = seq
+            if seq == 1:
+                if row["prev_hash"] != GENESIS:
+                    return broken(row, f"the first entry's prev_hash is {row['prev_hash']}, not the genesis value")
+            else:
+                # The oldest entries are gone: only retention may have deleted them, and it
+                # left the last one it deleted as the chain's anchor (records/retention.py).
+                anchor = await _anchor(conn, tenant_id)
+                if anchor is None:
+                    return broken(row, f"the chain starts at chain_seq {seq}: entries 1..{seq - 1} were deleted "
+                                       "and retention left no anchor for them")
+                if anchor.get("chain_seq") != seq - 1 or anchor.get("entry_hash") != row["prev_hash"]:
+                    return broken(row, f"the chain starts at chain_seq {seq} with prev_hash {row['prev_hash']}, "
+                                       f"but retention's anchor is chain_seq {anchor.get('chain_seq')} with "
+                                       f"entry_hash {anchor.get('entry_hash')} (entries deleted after it)")
+            prev_hash = row["prev_hash"]
+        elif seq != expected_seq:
+            missing = f"chain_seq {expected_seq}" if seq == expected_seq + 1 else f"chain_seq {expected_seq}..{seq - 1}"
+            return broken(row, f"{missing} missing: chain_seq {expected_seq - 1} is followed by {seq} "
+                               "(entries deleted)")
+        elif row["prev_hash"] != prev_hash:
+            return broken(row, f"prev_hash {row['prev_hash']} differs from the entry_hash {prev_hash} of "
+                               f"chain_seq {seq - 1} (an entry before it was changed, or this link was rewritten)")
+        recomputed = entry_hash(row["prev_hash"], seq, canonical(row, row["details"]))
+        if recomputed != row["entry_hash"]:
+            return broken(row, f"entry_hash {row['entry_hash']} does not match the entry's contents "
+                               f"(recomputed {recomputed}): a stored value was changed")
+        prev_hash = row["entry_hash"]
+        last_seq = seq
+        expected_seq = seq + 1
+        count += 1
+    unchained = (
+        await conn.execute(
+            sa.select(audit_logs.c.id).where(
+                audit_logs.c.tenant_id == tenant_id if tenant_id is not None else audit_logs.c.tenant_id.is_(None),
+                audit_logs.c.chain_seq.is_(None),
+            ).limit(1)
+        )
+    ).scalar_one_or_none()
+    if unchained is not None:
+        return ChainReport(tenant_id, count, first_seq, last_seq, prev_hash, None, _uuid(unchained),
+                           "an entry without a chain position (not written by the gateway's writer)")
+    return ChainReport(tenant_id, count, first_seq, last_seq, prev_hash)
+
+
+async def _anchor(conn, tenant_id: uuid.UUID | None) -> dict[str, Any] | None:
+    from gateway.records.retention import ANCHOR_KEY  # the job that deletes chain prefixes owns the key
+
+    tenant = system_config.c.tenant_id == tenant_id if tenant_id is not None else system_config.c.tenant_id.is_(None)
+    value = (
+        await conn.execute(sa.select(system_config.c.value).where(tenant, system_config.c.key == ANCHOR_KEY))
+    ).scalar()
+    return value if isinstance(value, dict) else None
+
+
+async def verify(engine: AsyncEngine, tenant_id: uuid.UUID | None = None, *, all_tenants: bool = True
+                 ) -> list[ChainReport]:
+    """Check every tenant's chain (or only `tenant_id`'s); one report per chain, NULL-tenant chain included."""
+    async with engine.connect() as conn:
+        if tenant_id is not None or not all_tenants:
+            tenants = [tenant_id]
+        else:
+            from gateway.records.retention import distinct_values  # one index probe per tenant
+
+            tenants = await distinct_values(conn, audit_logs.c.tenant_id)
+            tenants.sort(key=lambda t: (t is not None, str(t) if t is not None else ""))
+        return [await verify_chain(conn, tenant) for tenant in tenants]
+
+
+def _uuid(value: Any) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+
+__all__ = [
+    "CHAIN_FIELDS",
+    "GENESIS",
+    "LOCK_CLASS",
+    "ChainReport",
+    "canonical",
+    "entry_hash",
+    "link",
+    "lock_key",
+    "tenants_of",
+    "verify",
+    "verify_chain",
+]

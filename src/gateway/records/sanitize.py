@@ -1,0 +1,202 @@
+"""Removing secrets from what an audit entry records: by key name and by value pattern, at any depth.
+
+An audit entry keeps the parameters of what was done (a tool call's
+arguments, an admin request's body) so that someone can later see what
+happened; it must not keep the credentials that travelled with them. Two
+nets, applied to every value of a nested structure of dicts and lists:
+
+- by name: a value whose key contains one of `SECRET_NAMES` (or a name a
+  deployment or tenant adds) is replaced whole by `REDACTED`, whatever it is
+  (a string, a number, a dict of them);
+- by pattern: in every string (keys included), whatever looks like a bearer
+  token, one of the gateway's API keys, a JWT, an AWS access key id, a
+  private-key block, a well-known vendor token, a long hex or base64 secret,
+  or `password=...` in text, is replaced by `REDACTED` in place, so the
+  rest of the string still says what it was.
+
+It also bounds what is kept (strings, lists, dicts, depth) and replaces what
+the database cannot store (NUL characters, integers past 64 bits), so an
+entry is never refused by the database for its details. This module does no
+I/O and logs nothing; `Sanitizer.clean` never modifies its argument.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+REDACTED = "[REDACTED]"
+
+# Names of values that are secrets, matched as substrings of the key after
+# lowercasing and turning '-' and ' ' into '_' ("X-API-Key" -> "x_api_key").
+# The one list: the data plane, the control plane and tests all use this.
+SECRET_NAMES: tuple[str, ...] = (
+    "password",
+    "passwd",
+    "passphrase",
+    "secret",  # client_secret, secret_key, ...
+    "token",  # access_token, refresh_token, id_token, ...
+    "api_key",
+    "apikey",
+    "authorization",
+    "cookie",
+    "credential",
+    "private_key",
+    "privatekey",
+    "access_key",
+    "session_key",
+    "signature",
+)
+# Keys that contain a secret name but name counts, not secrets (LLM tool
+# parameters are full of them); matched whole, after the same normalizing.
+NOT_SECRET_NAMES: frozenset[str] = frozenset(
+    {"max_tokens", "max_new_tokens", "input_tokens", "output_tokens", "total_tokens", "num_tokens",
+     "token_count", "tokens_used", "prompt_tokens", "completion_tokens"}
+)
+
+# Bounds on what an entry keeps: it records what was done, not whole payloads.
+MAX_STRING = 1024
+MAX_ITEMS = 100  # list items and dict keys kept per container
+MAX_DEPTH = 16
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _sub(pattern: str, replacement, flags: int = 0) -> tuple[re.Pattern[str], Any]:
+    return re.compile(pattern, flags), replacement
+
+
+def _long_secret(match: re.Match[str]) -> str:
+    """A long run of hex or base64 characters is a secret when it mixes character kinds."""
+    text = match.group(0)
+    has_digit = any(c.isdigit() for c in text)
+    has_alpha = any(c.isalpha() for c in text)
+    if not (has_digit and has_alpha):
+        return text
+    if sum(text.count(c) for c in "/-_") * 8 > len(text):
+        return text  # separators every few characters: a path or an identifier, not random bytes
+    if len(text) >= 32 and all(c in "0123456789abcdefABCDEF" for c in text):
+        return REDACTED
+    # base64 / base64url: upper and lower case and digits together (paths and words rarely are).
+    if any(c.isupper() for c in text) and any(c.islower() for c in text):
+        return REDACTED
+    return text
+
+
+# Applied in order to every string of at least _SHORTEST characters. Each keeps
+# what says what the secret was (its name, "Bearer", the key's public prefix).
+_PATTERNS: tuple[tuple[re.Pattern[str], Any], ...] = (
+    # PEM private keys, up to their end line (or the end of a truncated string).
+    _sub(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", REDACTED, re.S),
+    # "Authorization: Basic xyz", "authorization=Bearer xyz": the scheme's credential.
+    _sub(r"(?i)(\b(?:proxy[_-]?)?authorization\b[\"']?\s*[:=]\s*[\"']?)(?:(basic|bearer|digest|token)\s+)?[^\s\"',;&]+",
+         lambda m: m.group(1) + (m.group(2) + " " if m.group(2) else "") + REDACTED),
+    _sub(r"(?i)\b(bearer)\s+[A-Za-z0-9\-._~+/]+=*", lambda m: m.group(1) + " " + REDACTED),
+    # The gateway's own API keys: gw_<prefix>_<secret>; the prefix is not secret and names the key.
+    _sub(r"\b(gw_[a-z0-9]+_)[A-Za-z0-9]+", lambda m: m.group(1) + REDACTED),
+    # JWTs (and JWS/JWE compact forms): base64url header starting with '{"'.
+    _sub(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+)?", REDACTED),
+    # AWS access key ids.
+    _sub(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA|ABIA|ACCA)[A-Z0-9]{16}\b", REDACTED),
+    # Vendor tokens with a recognizable prefix: OpenAI/Anthropic-style sk-, GitHub, Slack, Google, Stripe.
+    _sub(r"\b(?:sk|pk|rk)[-_](?:live_|test_|proj-|ant-)?[A-Za-z0-9_\-]{16,}", REDACTED),
+    _sub(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{30,}\b|\bgithub_pat_[A-Za-z0-9_]{30,}", REDACTED),
+    _sub(r"\bxox[abposr]-[A-Za-z0-9-]{10,}", REDACTED),
+    _sub(r"\bAIza[0-9A-Za-z_\-]{35}\b", REDACTED),
+    # name=value / name: value in text (query strings, connection strings, config lines, log lines).
+    _sub(r"(?i)(\b(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|api[_-]?key|access[_-]?key|"
+         r"secret[_-]?key|token|access[_-]?token|refresh[_-]?token|auth[_-]?token|private[_-]?key)"
+         r"[\"']?\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s&;,\"']+)",
+         lambda m: m.group(1) + REDACTED),
+    # user:password@ in URLs.
+    _sub(r"(\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@]+:)[^\s@/]+@", lambda m: m.group(1) + REDACTED + "@"),
+    # Long hex or base64 runs that mix letters and digits (keys, secrets; UUIDs keep their dashes and survive).
+    _sub(r"[A-Za-z0-9+/_\-]{32,}={0,2}", _long_secret),
+)
+_SHORTEST = 8  # "pwd=abcd" is the shortest string a pattern above can change
+
+
+def normalize_name(name: str) -> str:
+    return name.lower().replace("-", "_").replace(" ", "_")
+
+
+class Sanitizer:
+    """Cleans nested values: `SECRET_NAMES` plus `extra_names` (substrings) and `exact_names` (whole keys).
+
+    Build one per set of names and keep it (compiling the name pattern is the
+    expensive part); `clean` is safe to call from anywhere.
+    """
+
+    __slots__ = ("_name_pattern", "_exact", "_not_secret")
+
+    def __init__(self, extra_names: Iterable[str] = (), exact_names: Iterable[str] = ()) -> None:
+        names = {normalize_name(n) for n in (*SECRET_NAMES, *extra_names) if n and n.strip()}
+        self._name_pattern = re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)))
+        self._exact = frozenset(normalize_name(n) for n in exact_names)
+        self._not_secret = NOT_SECRET_NAMES - {normalize_name(n) for n in extra_names}
+
+    def secret_name(self, key: str) -> bool:
+        """Whether a value under `key` is replaced whole."""
+        name = normalize_name(key)
+        if name in self._exact:
+            return True
+        return name not in self._not_secret and self._name_pattern.search(name) is not None
+
+    def clean(self, value: Any, _depth: int = 0) -> Any:
+        """A copy of `value` (JSON-like: dict, list, str, number, bool, None) with secrets replaced."""
+        if isinstance(value, str):
+            return clean_text(value)
+        if isinstance(value, dict):
+            if _depth >= MAX_DEPTH:
+                return "[too deep]"
+            out: dict[str, Any] = {}
+            for count, (key, item) in enumerate(value.items()):
+                if count == MAX_ITEMS:
+                    out["[truncated]"] = f"{len(value) - MAX_ITEMS} more keys"
+                    break
+                key = key if isinstance(key, str) else str(key)
+                if self.secret_name(key):
+                    item = REDACTED
+                else:
+                    item = self.clean(item, _depth + 1)
+                key = clean_text(key)
+                while key in out:  # two keys that clean to the same text both stay
+                    key += "'"
+                out[key] = item
+            return out
+        if isinstance(value, (list, tuple)):
+            if _depth >= MAX_DEPTH:
+                return "[too deep]"
+            items = [self.clean(item, _depth + 1) for item in value[:MAX_ITEMS]]
+            if len(value) > MAX_ITEMS:
+                items.append(f"[truncated: {len(value) - MAX_ITEMS} more items]")
+            return items
+        if value is None or isinstance(value, (bool, float)):
+            return value
+        if isinstance(value, int):
+            return value if _INT64[0] <= value <= _INT64[1] else str(value)
+        return clean_text(str(value))  # anything else (UUID, datetime) as its text
+
+
+def clean_text(text: str) -> str:
+    """`text` bounded, without NULs (PostgreSQL's text and jsonb refuse them), secrets replaced."""
+    if len(text) > MAX_STRING:
+        text = text[:MAX_STRING] + f"...[+{len(text) - MAX_STRING} chars]"
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate (from a \ud800 escape): not storable as UTF-8
+        text = text.encode("utf-8", "replace").decode()
+    if len(text) < _SHORTEST:
+        return text
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+DEFAULT = Sanitizer()
+"""The sanitizer with the built-in names only."""
+
+
+__all__ = ["DEFAULT", "MAX_STRING", "REDACTED", "SECRET_NAMES", "Sanitizer", "clean_text", "normalize_name"]
