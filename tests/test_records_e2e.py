@@ -60,7 +60,7 @@ async def test_burst_rows_counted_in_postgres(gateway, pg_url, mcp_upstream_json
     assert gateway.gateway.writer.stats.dropped == 0
 
 
-async def test_sigterm_flushes_every_answered_request(pg_url, mcp_upstream_json):
+async def test_sigterm_flushes_every_answered_request(pg_url, mcp_upstream_json, tmp_path):
     """A real `gateway serve` process, under load, stopped by SIGTERM: nothing answered is lost."""
     from gateway.controlplane import schemas, service
     from gateway.db.engine import create_engine
@@ -95,7 +95,11 @@ async def test_sigterm_flushes_every_answered_request(pg_url, mcp_upstream_json)
         "GATEWAY_WRITER_BATCH_SIZE": "100000",
         **GENEROUS_LIMITS,
     }
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env, stderr=subprocess.PIPE)
+    # stderr to a file, not a pipe nobody reads: the gateway logs every audit entry there, and a
+    # full pipe would stop it.
+    log_path = tmp_path / "stderr.log"
+    log_file = open(log_path, "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env, stderr=log_file)
     try:
         await asyncio.to_thread(wait_for_port, port, proc)
         endpoint = f"http://127.0.0.1:{port}/servers/demo/mcp"
@@ -132,7 +136,7 @@ async def test_sigterm_flushes_every_answered_request(pg_url, mcp_upstream_json)
             code = await asyncio.to_thread(proc.wait, 30)
             stop.set()
             await asyncio.gather(*workers)
-        assert code == 0, proc.stderr.read().decode()
+        assert code == 0, log_path.read_text()
         assert answered >= 200
         recorded = await _count(pg_url, "method = 'tools/call'")
         # Every request the gateway answered has its row; a request cut off by
@@ -143,3 +147,4 @@ async def test_sigterm_flushes_every_answered_request(pg_url, mcp_upstream_json)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        log_file.close()

@@ -33,9 +33,11 @@ from gateway.limits.limiter import Limiter
 from gateway.limits.shared import SharedBuckets
 from gateway.limits.sessions import SessionCounter
 from gateway.records.alerts import AlertEvaluator
+from gateway.records.audit import AuditTrail
 from gateway.records.metrics import Registry
 from gateway.records.retention import RetentionJob
 from gateway.records.sinks import sink_for
+from gateway.records.spill import Spill, default_dir
 from gateway.records.writer import RecordWriter
 from gateway.dataplane.guard import UpstreamGuard
 from gateway.records.server_stats import ServerStats
@@ -79,6 +81,7 @@ class Gateway:
         self.breakers: BreakerBoard | None = None  # a circuit breaker per upstream, shared through Redis
         self.guard: UpstreamGuard | None = None  # routing, breakers, queues and retries around upstream calls
         self.server_stats: ServerStats | None = None  # per-server and per-tool call figures, flushed per window
+        self.audit: AuditTrail | None = None  # builds audit entries; the writer prepares, chains, spills them
         self.retention: RetentionJob | None = None  # deletes records older than their policy (one process at a time)
         self.alerts: AlertEvaluator | None = None  # evaluates alert rules, sends their webhooks (one process at a time)
 
@@ -118,11 +121,20 @@ class Gateway:
 
         # COPY into PostgreSQL, batched INSERTs into SQLite; the sink owns its connections.
         self._sink = await sink_for(cfg.database.url)
+        # Audit entries: built on the request path, prepared (decoded, sanitized, logged) by the
+        # writer, chained when written, spilled to local files while the database cannot take them.
+        if cfg.audit.enabled:
+            self.audit = AuditTrail(extra_names=cfg.audit.redact_keys, tenant_names=self._redact_keys,
+                                    log=cfg.audit.log)
+        spill = Spill(cfg.writer.spill_dir or default_dir(cfg.database.url), cfg.database.url,
+                      segment_bytes=cfg.writer.spill_segment_bytes)
         self.writer = RecordWriter(
             self._sink,
             max_queue=cfg.writer.max_queue,
             batch_size=cfg.writer.batch_size,
             flush_interval=cfg.writer.flush_interval,
+            spill=spill,
+            prepare_audit=self.audit.prepare if self.audit is not None else None,
         )
         await self.writer.start()
         self._register_writer_metrics()
@@ -180,6 +192,7 @@ class Gateway:
             credentials=UpstreamCredentials(self.secrets.credentials, timeout=cfg.dataplane.upstream_timeout),
             key_usage=self.key_usage,
             guard=self.guard if cfg.dataplane.upstream_guard else None,
+            audit=self.audit,
         )
         self.store.on_change(self.dataplane.on_snapshot)
         # One prober per upstream across processes (a Redis lease); results reach every snapshot.
@@ -214,6 +227,7 @@ class Gateway:
                 upstream_defaults=cfg.upstreams,
                 retention=self.retention, retention_defaults=cfg.retention,
             )
+            control.audit, control.writer = self.audit, self.writer  # an audit entry per admin call
             self.controlplane_port = await self._listen(
                 web.AppRunner(control.build_app(), access_log=None, shutdown_timeout=10.0),
                 cfg.controlplane.host,
@@ -266,6 +280,11 @@ class Gateway:
         self._runners.append(runner)
         return site._server.sockets[0].getsockname()[1]
 
+    def _redact_keys(self, tenant_id) -> tuple[str, ...]:
+        """A tenant's own audit redaction names (its settings' audit_redact_keys), from the snapshot."""
+        tenant = self.store.current.tenants.get(tenant_id) if tenant_id is not None else None
+        return tenant.audit_redact_keys if tenant is not None else ()
+
     def _register_writer_metrics(self) -> None:
         writer = self.writer
 
@@ -277,6 +296,9 @@ class Gateway:
                 (("dropped",), s.dropped),
                 (("failed_flushes",), s.failed_flushes),
                 (("queued",), s.queued),
+                (("spilled",), s.spilled),
+                (("spilled_total",), s.spilled_total),
+                (("recovered",), s.recovered),
             ]
 
         self.metrics.gauge("gateway_writer_records", "Record writer counts by kind", stats, ("kind",))

@@ -105,6 +105,25 @@ class WriterConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Calls, errors and latency per upstream server and tool are summed over
     # windows this long, then written to server_metrics (records/server_stats.py).
     server_metrics_window: Annotated[float, Meta(ge=0.05, le=3600)] = 60.0
+    # Where audit entries go when the database cannot take them, until it can
+    # (records/spill.py). Empty: `gateway-spill` next to the SQLite file, or in
+    # the working directory with PostgreSQL.
+    spill_dir: str = ""
+    # A spill segment is closed (and replayed, then deleted, as a whole) past this size.
+    spill_segment_bytes: Annotated[int, Meta(ge=4096)] = 16 * 1024 * 1024
+
+
+class AuditConfig(msgspec.Struct, forbid_unknown_fields=True):
+    # An audit entry for every authenticated operation (records/audit.py). false:
+    # none at all, for measuring what the audit trail costs; never in production.
+    enabled: bool = True
+    # Each entry also as one JSON line on the "gateway.audit" logger (INFO).
+    log: bool = True
+    # Parameter names redacted from every tenant's entries besides the built-in
+    # list (records/sanitize.py SECRET_NAMES), matched the same way: as
+    # substrings, case-insensitively, '-' and ' ' read as '_'. A tenant adds its
+    # own in its settings, "audit_redact_keys": [...].
+    redact_keys: list[str] = msgspec.field(default_factory=list)
 
 
 class SnapshotConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -392,6 +411,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     dataplane: DataPlaneConfig = msgspec.field(default_factory=DataPlaneConfig)
     controlplane: ControlPlaneConfig = msgspec.field(default_factory=ControlPlaneConfig)
     writer: WriterConfig = msgspec.field(default_factory=WriterConfig)
+    audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
     sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)

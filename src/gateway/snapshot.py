@@ -52,6 +52,9 @@ class TenantEntry:
     status: str
     is_platform: bool
     weight: int = 100  # share under fair scheduling (1..1000)
+    # Parameter names this tenant wants redacted from its audit entries, besides the built-in
+    # ones (its settings' "audit_redact_keys"; records/sanitize.py).
+    audit_redact_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +166,13 @@ _SETTINGS = sa.select(system_config.c.tenant_id, system_config.c.key, system_con
 def _runtime_settings(rows) -> dict[tuple[uuid.UUID | None, str], Any]:
     return {(tenant_id, key): value if runtime and not sensitive else _WITHHELD_SETTING
             for tenant_id, key, value, sensitive, runtime in rows}
+
+
+def _redact_keys(settings: object) -> tuple[str, ...]:
+    names = settings.get("audit_redact_keys") if isinstance(settings, dict) else None
+    if not isinstance(names, list):
+        return ()
+    return tuple(name for name in names if isinstance(name, str) and name.strip())
 
 
 def _epoch(value: datetime | None) -> float | None:
@@ -281,7 +291,8 @@ async def load_snapshot(
 
     tenant_map = {
         r["id"]: TenantEntry(
-            id=r["id"], name=r["name"], status=r["status"], is_platform=r["is_platform"], weight=r["weight"]
+            id=r["id"], name=r["name"], status=r["status"], is_platform=r["is_platform"], weight=r["weight"],
+            audit_redact_keys=_redact_keys(r["settings"]),
         )
         for r in tenant_rows
     }

@@ -104,6 +104,8 @@ def test_another_database_segments_are_never_adopted(tmp_path):
     assert Spill(tmp_path, URL).adopt() == 0
     assert database_tag(URL) != database_tag("postgresql://gw@db.example:5432/another")
     assert database_tag("postgresql://a:secret1@h/db") == database_tag("postgresql://a:secret2@h/db")
+    # The same database through another address (a pooler, a failover host) finds its spill.
+    assert database_tag("postgresql://a@10.0.0.1:5432/db") == database_tag("postgresql://a@pooler:6432/db")
 
 
 def test_default_directory(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -30,6 +31,7 @@ from gateway.controlplane import system_config
 from gateway.limits.bans import MAX_BAN_SECONDS, NeverBanned
 from gateway.db.tables import HEALTH_STATES, TOOL_PIN_STATES, TRANSPORTS
 from gateway.db.tables import ALERT_STATES
+from gateway.records.audit import AdminDetails, AuditTrail
 from gateway.registry import catalog
 from gateway.registry.discovery import NotServed
 
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from gateway.auth.key_usage import KeyUsage
     from gateway.auth.sealing import GatewaySecrets
     from gateway.limits.bans import Ban, BanList
+    from gateway.records.writer import RecordWriter
     from gateway.records.retention import RetentionJob
     from gateway.registry.discovery import Discoverer
 
@@ -45,6 +48,8 @@ log = logging.getLogger("gateway.controlplane")
 Handler = Callable[[web.Request, service.Actor], Awaitable[web.Response]]
 # What a write handler wants done once its change is committed and this process's snapshot holds it.
 AFTER_CHANGE = web.RequestKey("after_change", list)
+# The authenticated caller of an admin call, for its audit entry.
+ACTOR = web.RequestKey("actor", object)
 MAX_PAGE = 500
 
 
@@ -74,6 +79,11 @@ def _error(status: int, code: str, message: str, details: list | None = None, he
 
 
 class ControlPlane:
+    # The audit trail (records/audit.py) and the writer its entries go through, set by app.py; with
+    # none, admin calls write no audit entries.
+    audit: AuditTrail | None = None
+    writer: RecordWriter | None = None
+
     def __init__(
         self,
         engine: AsyncEngine,
@@ -232,6 +242,7 @@ class ControlPlane:
                               headers=challenge)
             if self.key_usage is not None and actor.api_key_id is not None:
                 self.key_usage.note(actor.api_key_id)
+            request[ACTOR] = actor  # authenticated: the call gets an audit entry
             try:
                 actor = actor.permit(action)
                 response = await handler(request, actor)
@@ -252,7 +263,56 @@ class ControlPlane:
             return response
 
         wrapped.permission = action  # type: ignore[attr-defined] - read by the route table test
-        return wrapped
+        if self.audit is None:
+            return wrapped
+        audit_action = "admin." + (action or handler.__name__)
+
+        @functools.wraps(handler)
+        async def audited(request: web.Request) -> web.StreamResponse:
+            # One audit entry per authenticated call, whatever its answer (records/audit.py).
+            started = time.perf_counter()
+            response = None
+            try:
+                response = await wrapped(request)
+                return response
+            finally:
+                actor = request.get(ACTOR)
+                if actor is not None:
+                    await self._audit(request, actor, audit_action, response, started)
+
+        audited.permission = action  # type: ignore[attr-defined]
+        return audited
+
+    async def _audit(self, request: web.Request, actor: service.Actor, action: str,
+                     response: web.StreamResponse | None, started: float) -> None:
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        status = response.status if response is not None else 500  # None: the handler raised
+        try:
+            body = await request.read() if request.body_exists else b""
+        except Exception:  # noqa: BLE001 - too large or cut off: the entry says so
+            body = b'"[not read]"'
+        kind = request.path.removeprefix("/api/v1/").split("/", 1)[0] or None
+        resource = next((request.match_info[name] for name in ("id", "address", "key", "tenant_id")
+                         if name in request.match_info), None)
+        error = None
+        answer = getattr(response, "body", None) if response is not None else None
+        if isinstance(answer, bytes) and (status >= 400 or (resource is None and status == 201)):
+            try:
+                decoded = orjson.loads(answer)
+            except orjson.JSONDecodeError:
+                decoded = None
+            if isinstance(decoded, dict):
+                if status >= 400 and isinstance(decoded.get("error"), dict):
+                    error = {k: decoded["error"][k] for k in ("code", "message") if k in decoded["error"]}
+                elif isinstance(decoded.get("id"), str):
+                    resource = decoded["id"]  # what a create made (never more of the answer: it may hold a key)
+        elif status >= 400:
+            error = {"code": "internal_error"} if response is None else None
+        details = AdminDetails(request.method, request.path, dict(request.query), body, status, error)
+        self.writer.submit("audit_logs", self.audit.admin_row(
+            actor, action, kind, resource, details, status >= 400, status if status >= 400 else None, elapsed_ms,
+            request.remote,
+        ))
 
     # -- tenants -------------------------------------------------------------------------------
     async def create_tenant(self, request: web.Request, actor: service.Actor) -> web.Response:

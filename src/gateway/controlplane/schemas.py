@@ -352,6 +352,12 @@ def _extra_checks(cls: type, values: dict[str, Any]) -> list[dict[str, str]]:
         pinning = values["settings"].get("tool_pinning", "flag")
         if pinning not in TOOL_PINNING:
             errors.append({"field": "settings.tool_pinning", "message": f"must be one of {', '.join(TOOL_PINNING)}"})
+        # Names redacted from the tenant's audit entries besides the built-in ones (records/sanitize.py).
+        redact = values["settings"].get("audit_redact_keys", [])
+        if not (isinstance(redact, list) and len(redact) <= 100
+                and all(isinstance(n, str) and 1 <= len(n.strip()) <= 64 for n in redact)):
+            errors.append({"field": "settings.audit_redact_keys",
+                           "message": "must be a list of at most 100 names of 1 to 64 characters"})
     if cls is ServerCreate and "__" in values.get("name", ""):
         errors.append({"field": "name", "message": "must not contain '__' (it separates server and tool in /mcp)"})
     if cls is ApiKeyCreate and isinstance(values.get("expires_at"), datetime):

@@ -5,7 +5,8 @@ client address (deny list, bans, per-address bucket) -> authenticate
 (snapshot) -> route (snapshot) -> read and parse the body -> rate-limit tiers
 (limits/limiter.py: key quotas, user by role, tenant, global through the fair
 queue) -> forward (pooled upstream connection) ->
-record (one `request_logs` row into the writer's queue). Each stage either
+record (one `request_logs` row, and for an authenticated caller one
+`audit_logs` row, into the writer's queue). Each stage either
 hands on or stops the request with a `Refusal`; nothing on this path touches
 the database or Redis.
 
@@ -66,6 +67,7 @@ from gateway.dataplane.upstream import (
 from gateway.dataplane.guard import SAFE_METHODS, Ticket, UpstreamGuard
 from gateway.limits.limiter import Limited, Limiter
 from gateway.limits.sessions import SessionCounter
+from gateway.records.audit import AuditTrail
 from gateway.records.metrics import Registry
 from gateway.netaddr import is_ip, networks, within
 from gateway.snapshot import KeyEntry, ServerEntry, SnapshotStore
@@ -138,7 +140,10 @@ class DataPlane:
         credentials: UpstreamCredentials | None = None,
         key_usage: KeyUsage | None = None,
         guard: UpstreamGuard | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
+        # An audit entry per authenticated request (records/audit.py); None: [audit] enabled = false.
+        self.audit = audit
         # Breakers, routing, per-upstream queues and retries (None: calls go out unguarded).
         self.guard = guard
         # The gateway's own credentials for upstreams (per server, opened from the snapshot).
@@ -181,6 +186,8 @@ class DataPlane:
         self.allowed_origins = frozenset(config.allowed_origins)
         self.verified = VerifiedKeys()
         self._ids = _RowIds()
+        if audit is not None:
+            audit.new_id = self._ids.next  # ids drawn like request logs' (no syscall per id)
         self._operational = {
             "/healthz": self.handle_healthz,
             "/readyz": self.handle_readyz,
@@ -653,6 +660,11 @@ class DataPlane:
         method = call.method if call is not None else (request.method if not with_body else None)
         self.requests.inc(server_name or "", method or "", exchange.status)
         self.latency.observe(elapsed, server_name or "")
+        if address is None:
+            address = self.client_address(request)
+        now = datetime.now(timezone.utc)
+        target = call.target if call is not None else None
+        status = exchange.status or 500
         self.writer.submit(
             "request_logs",
             (
@@ -663,17 +675,23 @@ class DataPlane:
                 server.id if server is not None else None,
                 server_name,
                 method,
-                call.target if call is not None else None,
-                exchange.status or 500,
+                target,
+                status,
                 exchange.error_code,
                 exchange.error,
                 elapsed * 1000.0,
                 len(body),
                 exchange.sent,
-                address if address is not None else self.client_address(request),
-                datetime.now(timezone.utc),
+                address,
+                now,
             ),
         )
+        if key is not None and self.audit is not None:
+            # Every authenticated request, refused or not; its params are decoded later, by the writer.
+            self.writer.submit("audit_logs", self.audit.mcp_row(
+                key, server_name, method, target, body, status, exchange.error_code, exchange.error,
+                elapsed * 1000.0, address, now, call is not None and call.is_batch,
+            ))
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:
         limit = self.config.max_body_bytes

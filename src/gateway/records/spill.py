@@ -12,7 +12,7 @@ row's id is its idempotency key).
 A process starting up (and every so often after) adopts the segments of
 owners that no longer hold their lock (a process that crashed or was killed)
 for the same database, and replays them with its own, oldest first. The
-database is named in file names by a hash of its URL (host, port, name), so
+database is named in file names by a hash of its name (or SQLite path), so
 gateways of different databases can share a directory without replaying
 each other's rows.
 
@@ -58,13 +58,18 @@ _NAME = re.compile(r"^audit-(?P<db>[0-9a-f]{12})-(?P<owner>[0-9a-z]+)(?:-(?P<n>\
 
 
 def database_tag(url: str) -> str:
-    """12 hex digits naming a database (driver, host, port, name; never the password)."""
+    """12 hex digits naming a database: a SQLite file by its path, a PostgreSQL database by its name.
+
+    Not by host and port: the same database reached another way (a pooler, a
+    failover address) must find its spill. Two clusters whose databases share
+    a name need spill directories of their own if their gateways share a host.
+    """
     parts = urlsplit(url)
     scheme = parts.scheme.split("+")[0]
     if scheme.startswith("sqlite"):
         ident = f"sqlite:{os.path.abspath(url.split(':///', 1)[-1])}"
     else:
-        ident = f"{scheme}:{parts.hostname}:{parts.port or 5432}:{parts.path.lstrip('/')}"
+        ident = f"postgresql:{parts.path.lstrip('/')}"
     return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 

@@ -9,11 +9,11 @@ database. The writer must not lose a row it accepted while the process lives
 not grow past `max_queue` (new rows are refused and counted instead), and must
 never log row contents (they carry user data).
 
-Audit entries have a policy of their own: they are never refused. `submit`
-accepts them even when the queue is full (request logs and metrics are the
-ones refused then), and the flusher prepares them (`prepare_audit`: decode,
-sanitize, bound, log; records/audit.py) and writes them through the sink,
-which chains them (records/chain.py). When a write fails, the batch goes to
+Audit entries have a policy of their own: they are never refused and do not
+count against `max_queue` (request logs and metrics are the rows refused when
+it is reached). The flusher prepares them (`prepare_audit`: decode, sanitize,
+bound, log; records/audit.py) every interval and writes them through the
+sink, which chains them (records/chain.py). When a write fails, the batch goes to
 the spill (records/spill.py: append + fsync) instead of being held in memory,
 and so does every later audit batch until the spill is replayed: rows reach
 the database in the order they were submitted. Replay is one segment at a
@@ -112,7 +112,7 @@ class RecordWriter:
         # Rows taken from the lanes and not yet written: the batch in flight, or
         # the one that failed and is being retried. Counted in the depth.
         self._held: dict[str, list[tuple]] = {}
-        self._queued = 0  # rows in the lanes + rows held
+        self._queued = 0  # rows in the lanes + rows held, audit rows aside (_audit_lane, _audit_held)
 
         # No count of submissions: every row submitted is written, dropped or
         # queued, so `stats` adds them up instead of submit() paying for it.
@@ -130,7 +130,7 @@ class RecordWriter:
         self._refused_seen = 0  # refusals already reported by the flusher
         self._refused_at_overflow: int | None = None  # refusal count when the queue filled up
 
-        # Audit: rows taken from their lane and prepared, not yet written or spilled (counted in _queued).
+        # Audit: rows taken from their lane and prepared, not yet written or spilled.
         self._audit_lane = self._lanes[AUDIT][0]
         self._audit_held: list[tuple] = []
         self._prepare_audit = prepare_audit
@@ -166,14 +166,19 @@ class RecordWriter:
             # COPY would silently ignore extra values; a short row would be dropped
             # far from the bug. Fail where the row is made.
             raise ValueError(f"a {table} row has {width} values, got {len(row)}")
-        queued = self._queued
-        if queued >= self._limit:
-            if table != AUDIT:
-                self._refused += 1
-                return False
+        if lane is self._audit_lane:
+            # Never refused, and not counted against max_queue (that bound is the other
+            # tables'): the flusher writes or spills them every interval.
             if self._stopped:
                 return self._spill_after_stop(row)
-            # Audit rows are never refused: the flusher spills them if the database lags.
+            lane.append(row)
+            if len(lane) == self._batch_size:
+                self._wake.set()
+            return True
+        queued = self._queued
+        if queued >= self._limit:
+            self._refused += 1
+            return False
         lane.append(row)
         self._queued = queued = queued + 1
         if queued == self._batch_size:
@@ -192,12 +197,13 @@ class RecordWriter:
     @property
     def stats(self) -> WriterStats:
         dropped = self._refused + self._rejected + self._unwritten_at_stop
+        queued = self._queued + len(self._audit_lane) + len(self._audit_held)
         return WriterStats(
-            submitted=self._written + dropped + self._queued + self._own_spilled - self._recovered,
+            submitted=self._written + dropped + queued + self._own_spilled - self._recovered,
             written=self._written,
             dropped=dropped,
             failed_flushes=self._failed_flushes,
-            queued=self._queued,
+            queued=queued,
             last_flush_seconds=self._last_flush_seconds,
             last_error=self._last_error,
             spilled=self._spill.rows_pending if self._spill is not None else 0,
@@ -274,7 +280,7 @@ class RecordWriter:
         goal[AUDIT] += len(self._audit_held)
         # Per-table FIFO: a table's rows queued now are its next settlements up to
         # `goal`. (An empty queue also ends it: stop() may have discarded rows.)
-        while self._queued and any(self._settled_by_table[t] < target for t, target in goal.items()):
+        while self._unsettled() and any(self._settled_by_table[t] < target for t, target in goal.items()):
             await self._flush_batch(retry_now=True)
         # Audit rows that went to the spill are settled but not in the database yet.
         while self._spill is not None and self._spill.pending:
@@ -313,7 +319,7 @@ class RecordWriter:
             if now >= self._retry_at:
                 return 0.0
             pause = min(pause, self._retry_at - now)
-        elif self._queued - audit_waiting - len(self._audit_held) >= self._batch_size:
+        elif self._queued >= self._batch_size:
             return 0.0
         spill = self._spill
         if spill is not None and spill.pending:
@@ -325,7 +331,7 @@ class RecordWriter:
     async def _drain(self) -> None:
         """Write until nothing is queued, retrying with backoff; stop() bounds it with its deadline."""
         retry_delay = RETRY_FIRST_SECONDS
-        while self._queued:
+        while self._unsettled():
             try:
                 await self._flush_batch(retry_now=True)
             except Exception:  # noqa: BLE001 - noted by _flush_batch
@@ -524,7 +530,6 @@ class RecordWriter:
             self._spill_failing = False
         count = len(rows)
         self._audit_held = []
-        self._queued -= count
         self._settled_by_table[AUDIT] += count
         self._spilled_total += count
         self._own_spilled += count
@@ -619,7 +624,6 @@ class RecordWriter:
             return
         # No spill, or it cannot be written: nothing more can be done in this process.
         self._audit_held = []
-        self._queued -= count
         self._settled_by_table[AUDIT] += count
         self._unwritten_at_stop += count
         logger.error("stopping with %d audit entries that could be neither written nor spilled", count)
@@ -638,8 +642,13 @@ class RecordWriter:
         return False
 
     def _settle(self, table: str, count: int) -> None:
-        self._queued -= count
+        if table != AUDIT:
+            self._queued -= count
         self._settled_by_table[table] += count
+
+    def _unsettled(self) -> bool:
+        """Whether any row is still in memory: queued, held, or audit rows not yet written or spilled."""
+        return bool(self._queued or self._audit_lane or self._audit_held)
 
     def _note_failure(self, exc: Exception) -> None:
         self._failed_flushes += 1
