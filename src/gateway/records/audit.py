@@ -72,20 +72,23 @@ class McpDetails:
     def build(self, sanitizer: Sanitizer) -> dict[str, Any]:
         details: dict[str, Any] = {"status": self.status}
         if self.server is not None:
-            details["server"] = self.server
+            details["server"] = clean_text(self.server)
         if self.error:
-            details["error"] = self.error
+            details["error"] = clean_text(self.error)  # refusals may quote what the caller sent
         if self.body:
             try:
                 message = orjson.loads(self.body)
             except orjson.JSONDecodeError:
                 details["params"] = "[not JSON]"
+                return details
+            if isinstance(message, list):  # a batch: each message's method and params
+                found: dict[str, Any] = {"batch": [_message_details(item) for item in message]}
+            elif isinstance(message, dict):
+                found = _message_details(message)
             else:
-                if isinstance(message, list):  # a batch: each message's method and params
-                    details["batch"] = [_message_details(item) for item in message]
-                elif isinstance(message, dict):
-                    details.update(_message_details(message))
-        return sanitizer.clean(details)
+                found = {"message": "[not an object]"}
+            details.update(sanitizer.clean(found))
+        return details
 
 
 def _message_details(message: Any) -> dict[str, Any]:
@@ -153,6 +156,7 @@ class AuditTrail:
         self._tenant_names = tenant_names
         self.log = log
         self._sanitizers: dict[tuple[tuple[str, ...], bool], Sanitizer] = {}
+        self.prepared = 0  # entries prepared (for /metrics)
 
     # ------------------------------------------------------------ request path
 
@@ -231,6 +235,7 @@ class AuditTrail:
         the same), so it is safe on rows of any origin.
         """
         prepared = []
+        self.prepared += len(rows)
         emit = self.log and audit_log.isEnabledFor(logging.INFO)
         for row in rows:
             values = list(row)

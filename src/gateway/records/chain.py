@@ -23,21 +23,20 @@ pure parts (canonical form, hashing, numbering a batch) and `verify`, which
 reads the database; nothing here writes.
 
 The canonical form is computed from what the database gives back, so that a
-verifier recomputes exactly what the writer hashed: `details` goes through
-its JSON text with every number as a normalized decimal (jsonb keeps numbers
-as `numeric` and prints 1e300 as 301 digits, -0.0 as 0.0), keys sorted;
-timestamps as UTC microseconds; UUIDs as lowercase text.
+verifier recomputes exactly what the writer hashed: `details` as sorted-key
+JSON with whole-number floats read as ints (jsonb keeps numbers as `numeric`
+and prints 1e16 as 10000000000000000, -0.0 as 0.0); timestamps as UTC
+microseconds; UUIDs as lowercase text.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -66,74 +65,79 @@ UTC = timezone.utc
 # ------------------------------------------------------------------ canonical form
 
 
-def _canonical_json(value: Any, out: list[str]) -> None:
-    """Deterministic JSON: keys sorted, numbers as normalized decimals, no spaces."""
+# A number token that may be a float, outside strings or (harmlessly) inside one.
+_FLOAT_TOKEN = re.compile(rb"[:,\[]-?\d+(?:\.\d+|[eE])")
+_SORTED = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    """`value` with every float that holds a whole number below 2**63 as an int (-0.0 as 0).
+
+    jsonb keeps numbers as decimals and prints them in plain notation, so a
+    float's type does not survive storage when it is a whole number (1e16 comes
+    back as 10000000000000000, -0.0 as 0.0): both sides of the hash read such
+    numbers as ints.
+    """
     if isinstance(value, dict):
-        out.append("{")
-        for i, key in enumerate(sorted(value)):
-            if i:
-                out.append(",")
-            out.append(orjson.dumps(key).decode())
-            out.append(":")
-            _canonical_json(value[key], out)
-        out.append("}")
-    elif isinstance(value, list):
-        out.append("[")
-        for i, item in enumerate(value):
-            if i:
-                out.append(",")
-            _canonical_json(item, out)
-        out.append("]")
-    elif isinstance(value, Decimal):
-        out.append("0" if value.is_zero() else str(value.normalize()))
-    elif value is True:
-        out.append("true")
-    elif value is False:
-        out.append("false")
-    elif value is None:
-        out.append("null")
-    else:
-        out.append(orjson.dumps(value).decode())
+        return {key: _integral_floats_as_ints(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(item) for item in value]
+    if type(value) is float and value.is_integer() and -(2**63) <= value < 2**63:
+        return int(value)
+    return value
+
+
+def details_canonical(details: Any, encode_json) -> str:
+    """The canonical text of a details value about to be written (`encode_json`: the sink's encoder).
+
+    Equal to `canonical_details(<the text the database gives back>)`; without a
+    float in the value (most entries) it is two C-level encodings.
+    """
+    if details is None:
+        return "-"  # SQL NULL, distinct from the JSON null "null"
+    text = encode_json(details).encode()
+    if _FLOAT_TOKEN.search(text) is not None:
+        details = _integral_floats_as_ints(orjson.loads(text))  # as stored: NaN and infinities are null
+    return orjson.dumps(details, option=_SORTED).decode()
 
 
 def canonical_details(details_json: str | None) -> str:
-    """The canonical text of a `details` value given as the JSON text the database holds (None: SQL NULL)."""
+    """The canonical text of a `details` value given as the JSON text the database holds (None: SQL NULL).
+
+    Keys sorted, no spaces, numbers as orjson writes them once whole-number
+    floats are read as ints.
+    """
     if details_json is None:
-        return "-"  # SQL NULL, distinct from the JSON null "null"
-    value = json.loads(details_json, parse_float=Decimal, parse_int=Decimal)
-    out: list[str] = []
-    _canonical_json(value, out)
-    return "".join(out)
-
-
-def _text(value: Any) -> str:
-    if value is None:
         return "-"
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, datetime):
-        if value.tzinfo is None:  # SQLite gives back naive UTC
-            value = value.replace(tzinfo=UTC)
-        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, str):
-        return orjson.dumps(value).decode()  # quoted: "-" as a value differs from NULL
-    return str(value)
+    return orjson.dumps(_integral_floats_as_ints(orjson.loads(details_json)), option=_SORTED).decode()
 
 
-def canonical(entry: dict[str, Any], details_json: str | None) -> bytes:
-    """What an entry's hash covers, from its column values and the JSON text of its details."""
-    parts = [_FORMAT_VERSION]
-    for name in HASHED[:-1]:
-        value = entry[name]
-        if name == "duration_ms" and value is not None:
-            value = float(value)
-        elif name in ("id", "tenant_id", "user_id", "api_key_id") and isinstance(value, str):
-            value = uuid.UUID(value)
-        parts.append(_text(value))
-    parts.append(canonical_details(details_json))
-    return "\x1f".join(parts).encode()
+_IDS = ("id", "tenant_id", "user_id", "api_key_id")
+_AT_CREATED = HASHED.index("created_at")
+_AT_DURATION = HASHED.index("duration_ms")
+_AT_IDS = tuple(HASHED.index(name) for name in _IDS)
+
+
+def canonical(entry: dict[str, Any], details_json: str | None, *, details_text: str | None = None) -> bytes:
+    """What an entry's hash covers, from its column values and the JSON text of its details
+    (or, given `details_text`, their canonical text already).
+
+    Every column but details as one JSON array (ids as lowercase text, the
+    time in UTC, duration as a float), then the details' canonical text.
+    """
+    values = [entry[name] for name in HASHED[:-1]]
+    created = values[_AT_CREATED]
+    if isinstance(created, datetime):
+        # SQLite gives back naive UTC; a row on its way in may carry any offset.
+        values[_AT_CREATED] = created.replace(tzinfo=UTC) if created.tzinfo is None else created.astimezone(UTC)
+    if values[_AT_DURATION] is not None:
+        values[_AT_DURATION] = float(values[_AT_DURATION])  # REAL / float8 come back as floats
+    for at in _AT_IDS:
+        if isinstance(values[at], str):
+            values[at] = uuid.UUID(values[at])
+    head = orjson.dumps([_FORMAT_VERSION, *values], default=str, option=orjson.OPT_UTC_Z)
+    tail = details_text if details_text is not None else canonical_details(details_json)
+    return head + b"\x1f" + tail.encode()
 
 
 def entry_hash(prev_hash: str, chain_seq: int, canonical_bytes: bytes) -> str:
@@ -174,7 +178,8 @@ def link(rows: list[tuple], heads: dict[uuid.UUID | None, tuple[int, str]], enco
         seq, prev = heads.get(tenant, (0, GENESIS))
         seq += 1
         entry = dict(zip(COLUMNS, row))
-        digest = entry_hash(prev, seq, canonical(entry, encode_details(entry["details"])))
+        digest = entry_hash(prev, seq, canonical(entry, None, details_text=details_canonical(entry["details"],
+                                                                                            encode_details)))
         heads[tenant] = (seq, digest)
         values = list(row)
         values[_SEQ], values[_PREV], values[_HASH] = seq, prev, digest

@@ -69,13 +69,11 @@ def _sub(pattern: str, replacement, flags: int = 0) -> tuple[re.Pattern[str], An
 def _long_secret(match: re.Match[str]) -> str:
     """A long run of hex or base64 characters is a secret when it mixes character kinds."""
     text = match.group(0)
-    has_digit = any(c.isdigit() for c in text)
-    has_alpha = any(c.isalpha() for c in text)
-    if not (has_digit and has_alpha):
+    if not (any(c.isdigit() for c in text) and any(c.isalpha() for c in text)):
         return text
     if sum(text.count(c) for c in "/-_") * 8 > len(text):
         return text  # separators every few characters: a path or an identifier, not random bytes
-    if len(text) >= 32 and all(c in "0123456789abcdefABCDEF" for c in text):
+    if all(c in "0123456789abcdefABCDEF" for c in text):
         return REDACTED
     # base64 / base64url: upper and lower case and digits together (paths and words rarely are).
     if any(c.isupper() for c in text) and any(c.islower() for c in text):
@@ -114,6 +112,16 @@ _PATTERNS: tuple[tuple[re.Pattern[str], Any], ...] = (
     _sub(r"[A-Za-z0-9+/_\-]{32,}={0,2}", _long_secret),
 )
 _SHORTEST = 8  # "pwd=abcd" is the shortest string a pattern above can change
+# Something every match of a pattern above contains: one search rules them all out for most strings.
+_MAYBE_SECRET = re.compile(
+    r"-----BEGIN|(?i:authorization|bearer|pass|pwd|secret|key|token)|gw_|eyJ"
+    r"|A(?:KIA|SIA|GPA|IDA|ROA|NPA|NVA|IPA|BIA|CCA|Iza)|\b(?:sk|pk|rk)[-_]|gh[pousr]_|github_pat_|xox[abposr]-"
+    r"|://|[A-Za-z0-9+/_\-]{32}"
+)
+# Short texts recur (method names, tool names, enum values, keys): their cleaned form is remembered.
+_CACHED_LENGTH = 64
+_CACHE_SIZE = 8192
+_text_cache: dict[str, str] = {}
 
 
 def normalize_name(name: str) -> str:
@@ -127,20 +135,28 @@ class Sanitizer:
     expensive part); `clean` is safe to call from anywhere.
     """
 
-    __slots__ = ("_name_pattern", "_exact", "_not_secret")
+    __slots__ = ("_name_pattern", "_exact", "_not_secret", "_names")
 
     def __init__(self, extra_names: Iterable[str] = (), exact_names: Iterable[str] = ()) -> None:
         names = {normalize_name(n) for n in (*SECRET_NAMES, *extra_names) if n and n.strip()}
         self._name_pattern = re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)))
         self._exact = frozenset(normalize_name(n) for n in exact_names)
         self._not_secret = NOT_SECRET_NAMES - {normalize_name(n) for n in extra_names}
+        self._names: dict[str, bool] = {}  # key -> secret_name(key): keys recur in every entry
 
     def secret_name(self, key: str) -> bool:
         """Whether a value under `key` is replaced whole."""
+        known = self._names.get(key)
+        if known is not None:
+            return known
         name = normalize_name(key)
-        if name in self._exact:
-            return True
-        return name not in self._not_secret and self._name_pattern.search(name) is not None
+        secret = name in self._exact or (
+            name not in self._not_secret and self._name_pattern.search(name) is not None
+        )
+        if len(self._names) >= _CACHE_SIZE:
+            self._names.clear()
+        self._names[key] = secret
+        return secret
 
     def clean(self, value: Any, _depth: int = 0) -> Any:
         """A copy of `value` (JSON-like: dict, list, str, number, bool, None) with secrets replaced."""
@@ -180,6 +196,18 @@ class Sanitizer:
 
 def clean_text(text: str) -> str:
     """`text` bounded, without NULs (PostgreSQL's text and jsonb refuse them), secrets replaced."""
+    if len(text) <= _CACHED_LENGTH:
+        cleaned = _text_cache.get(text)
+        if cleaned is None:
+            cleaned = _clean_text(text)
+            if len(_text_cache) >= _CACHE_SIZE:
+                _text_cache.clear()
+            _text_cache[text] = cleaned
+        return cleaned
+    return _clean_text(text)
+
+
+def _clean_text(text: str) -> str:
     if len(text) > MAX_STRING:
         text = text[:MAX_STRING] + f"...[+{len(text) - MAX_STRING} chars]"
     if "\x00" in text:
@@ -188,7 +216,7 @@ def clean_text(text: str) -> str:
         text.encode()
     except UnicodeEncodeError:  # a lone surrogate (from a \ud800 escape): not storable as UTF-8
         text = text.encode("utf-8", "replace").decode()
-    if len(text) < _SHORTEST:
+    if len(text) < _SHORTEST or _MAYBE_SECRET.search(text) is None:
         return text
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
