@@ -15,26 +15,37 @@ batches of --batch rows, each batch its own transaction: COPY is
 has). Each round truncates the table before each method and alternates which
 goes first; the best round of each is reported, with the ratio. Then two figures
 for the writer itself: the cost of `RecordWriter.submit` (the request path) and
-rows/s end to end (submit all, then `stop()` drains them). The conditions (CPUs,
-PostgreSQL version, loop, batch size) are printed with the figures; the server
-is shared with whatever else runs on it, so compare figures from one run.
+rows/s end to end (submit all, then `stop()` drains them). Then the audit
+trail: what building an entry costs the request path (`AuditTrail.mcp_row` +
+`submit`), what preparing it costs the flusher (decode the params, sanitize,
+bound; with and without its JSON log line, written to /dev/null), and audit
+rows/s through the chained write (per batch: a transaction, the tenants'
+advisory locks, the check for ids already written, each chain's head, COPY).
+The conditions (CPUs, PostgreSQL version, loop, batch size) are printed with
+the figures; the server is shared with whatever else runs on it, so compare
+figures from one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import platform
 import sys
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import asyncpg
+import orjson
 
 from gateway.db import migrate
 from gateway.db.engine import create_pg_pool
+from gateway.dataplane.server import _RowIds
+from gateway.records.audit import AuditTrail, audit_log
 from gateway.records.sinks import PostgresSink
 from gateway.records.writer import COLUMNS, RecordWriter
 
@@ -105,15 +116,93 @@ async def time_executemany(pool: asyncpg.Pool, rows: list[tuple], batch: int) ->
     return time.perf_counter() - started
 
 
-async def truncate(pool: asyncpg.Pool) -> None:
+async def truncate(pool: asyncpg.Pool, table: str = TABLE) -> None:
     async with pool.acquire() as conn:
-        await conn.execute(f"TRUNCATE {TABLE}")
-        await conn.execute(f"VACUUM ANALYZE {TABLE}")
+        await conn.execute(f"TRUNCATE {table}")
+        await conn.execute(f"VACUUM ANALYZE {table}")
 
 
-async def count(pool: asyncpg.Pool) -> int:
+async def count(pool: asyncpg.Pool, table: str = TABLE) -> int:
     async with pool.acquire() as conn:
-        return await conn.fetchval(f"SELECT count(*) FROM {TABLE}")
+        return await conn.fetchval(f"SELECT count(*) FROM {table}")
+
+
+AUDIT_TENANTS = 4
+# A tools/call body as a client sends it: what an audit entry decodes and sanitizes.
+AUDIT_BODY = orjson.dumps({
+    "jsonrpc": "2.0", "id": 7, "method": "tools/call",
+    "params": {"name": "search", "arguments": {
+        "query": "quarterly revenue by region", "limit": 10, "filters": {"region": ["emea", "apac"], "year": 2026},
+        "auth": {"api_key": "sk-live-0123456789abcdefghijklmnop"},
+    }, "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}},
+})
+
+
+def audit_keys() -> list[SimpleNamespace]:
+    return [SimpleNamespace(tenant_id=uuid.uuid4(), user_id=uuid.uuid4(), id=uuid.uuid4(), role="USER")
+            for _ in range(AUDIT_TENANTS)]
+
+
+def audit_entries(trail: AuditTrail, keys: list[SimpleNamespace], count: int) -> list[tuple]:
+    now = datetime.now(timezone.utc)
+    return [trail.mcp_row(keys[i % len(keys)], "search", "tools/call", "search", AUDIT_BODY, 200, None, None,
+                          3.5, "203.0.113.9", now) for i in range(count)]
+
+
+async def measure_audit(pool: asyncpg.Pool, args: argparse.Namespace) -> dict[str, float]:
+    """The audit trail's costs: request path, preparing (off it), chained writes."""
+    trail = AuditTrail(log=True)
+    trail.new_id = _RowIds().next  # what the data plane gives it: ids without a syscall each
+    keys = audit_keys()
+    count = args.audit_rows
+    figures: dict[str, float] = {}
+
+    # Request path: build the row (raw body kept) and queue it.
+    sink = PostgresSink(pool)
+    writer = RecordWriter(sink, batch_size=count + 1)
+    submit = writer.submit
+    now = datetime.now(timezone.utc)
+    started = time.perf_counter()
+    for i in range(count):
+        submit("audit_logs", trail.mcp_row(keys[i & 3], "search", "tools/call", "search", AUDIT_BODY, 200, None,
+                                           None, 3.5, "203.0.113.9", now))
+    figures["request_path_ns"] = (time.perf_counter() - started) / count * 1e9
+
+    # The flusher: decode + sanitize + bound, without and with the JSON log line.
+    entries = audit_entries(trail, keys, count)
+    audit_log.setLevel(logging.WARNING)
+    started = time.perf_counter()
+    prepared = trail.prepare(entries)
+    figures["prepare_us"] = (time.perf_counter() - started) / count * 1e6
+    sink_file = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    handler = logging.StreamHandler(sink_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    audit_log.addHandler(handler)
+    audit_log.setLevel(logging.INFO)
+    audit_log.propagate = False
+    try:
+        started = time.perf_counter()
+        trail.prepare(entries)
+        figures["prepare_logged_us"] = (time.perf_counter() - started) / count * 1e6
+    finally:
+        audit_log.removeHandler(handler)
+        audit_log.propagate = True
+        sink_file.close()
+
+    # Chained writes, batch by batch, as the writer sends them.
+    await truncate(pool, "audit_logs")
+    columns = COLUMNS["audit_logs"]
+    started = time.perf_counter()
+    for chunk in batches(prepared, args.batch):
+        await sink.write("audit_logs", columns, chunk)
+    seconds = time.perf_counter() - started
+    assert await count_rows(pool) == count
+    figures["chained_rows_per_s"] = count / seconds
+    return figures
+
+
+async def count_rows(pool: asyncpg.Pool) -> int:
+    return await count(pool, "audit_logs")
 
 
 async def measure(url: str, args: argparse.Namespace) -> None:
@@ -147,6 +236,7 @@ async def measure(url: str, args: argparse.Namespace) -> None:
         await writer.stop(timeout=600)
         writer_seconds = time.perf_counter() - started
         assert writer.stats.written == len(rows) == await count(pool), writer.stats
+        audit = await measure_audit(pool, args)
     finally:
         await pool.close()
 
@@ -160,8 +250,16 @@ async def measure(url: str, args: argparse.Namespace) -> None:
     writer_rate = len(rows) / writer_seconds
     print(f"RecordWriter end to end       {writer_rate:>12,.0f} rows/s (submit all, stop() drains)")
     print()
+    print("audit trail:")
+    print(f"  request path (mcp_row + submit)    {audit['request_path_ns']:>9,.0f} ns/entry")
+    print(f"  prepare (decode, sanitize, bound)  {audit['prepare_us']:>9,.1f} us/entry (in the flusher)")
+    print(f"  prepare + JSON log line            {audit['prepare_logged_us']:>9,.1f} us/entry (log to /dev/null)")
+    print(f"  chained write (locks, dedupe, COPY) {audit['chained_rows_per_s']:>8,.0f} rows/s")
+    print()
     print("conditions:")
     print(f"  rows per method     {len(rows):,} {TABLE} rows, batches of {args.batch:,}")
+    print(f"  audit               {args.audit_rows:,} entries over {AUDIT_TENANTS} tenants, a {len(AUDIT_BODY)}-byte "
+          "tools/call body each (one secret to redact), batches as above")
     print(f"  rounds              {args.rounds}, best of each reported")
     print(f"  PostgreSQL          {server_version} at {ADMIN_URL.rpartition('@')[2].rpartition('/')[0]}")
     print(f"  CPUs                {os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))})")
@@ -183,6 +281,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000, help="rows written by each method per round")
     parser.add_argument("--batch", type=int, default=10_000, help="rows per batch (one transaction each)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--audit-rows", type=int, default=50_000, help="audit entries for the audit figures")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
 

@@ -5,6 +5,7 @@
     python bench/proxy.py --database sqlite
     python bench/proxy.py --gateways on        # only the production gateway (every feature on)
     python bench/proxy.py --compare guard      # the upstream guard on against off, instead of the limits
+    python bench/proxy.py --compare audit      # the audit trail on against off
     python bench/proxy.py --workers 1,2        # also `gateway serve --workers 1` and `--workers 2` (needs Redis)
     BENCH_PG_URL=postgresql://user@host:5432/postgres python bench/proxy.py
     BENCH_REDIS_URL=redis://host:6379/0 python bench/proxy.py --workers 1,2
@@ -248,6 +249,19 @@ COMPARISONS = {
         on_metric="gateway_upstream_calls",
         flag="--compare guard --gateways",
         routing_rule=True,
+    ),
+    "audit": Comparison(
+        feature="audit",
+        off_env={"GATEWAY_AUDIT_ENABLED": "false"},
+        describe_on=(
+            "an audit entry per request (built on the request path with its raw params, decoded, sanitized and "
+            "written as one JSON line to the gateway's log by the writer, chained and COPYed per batch); limits "
+            f"and guard on: {DESCRIBE_LIMITS_ON}"
+        ),
+        describe_off="GATEWAY_AUDIT_ENABLED=false (no audit entry, no audit log line; request logs still written)",
+        cost="the audit trail costs",
+        on_metric="gateway_audit_entries",
+        flag="--compare audit --gateways",
     ),
 }
 COMPARE = COMPARISONS["limits"]  # set by --compare

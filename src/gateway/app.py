@@ -302,6 +302,10 @@ class Gateway:
             ]
 
         self.metrics.gauge("gateway_writer_records", "Record writer counts by kind", stats, ("kind",))
+        if self.audit is not None:
+            audit = self.audit
+            self.metrics.gauge("gateway_audit_entries", "Audit entries by stage (prepared: sanitized and logged)",
+                               lambda: [(("prepared",), audit.prepared)], ("stage",))
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, flush every record, close."""

@@ -51,6 +51,9 @@ def configure_logging(cfg: Config) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(cfg.log.level)
+    # The audit trail's JSON lines ([audit] log) are a copy of the trail, not diagnostics: they are
+    # written whatever the level of the rest of the log.
+    logging.getLogger("gateway.audit").setLevel(logging.INFO if cfg.audit.log else logging.WARNING)
 
 
 def _load(args: argparse.Namespace) -> Config:
