@@ -99,8 +99,12 @@ def _message_details(message: Any) -> dict[str, Any]:
         details["method"] = message["method"]
     if "id" in message:
         details["request_id"] = message["id"]
-    if "params" in message:
-        details["params"] = message["params"]
+    params = message.get("params")
+    if isinstance(params, dict) and "_meta" in params:
+        # Protocol metadata (version, client info, progress tokens), not what was asked: left out.
+        params = {key: value for key, value in params.items() if key != "_meta"}
+    if params is not None:
+        details["params"] = params
     if "error" in message:  # a client's answer to a server request
         details["response_error"] = message["error"]
     return details
@@ -257,6 +261,9 @@ class AuditTrail:
             prepared.append(row)
             if emit:
                 _log_entry(row)
+        if emit:
+            for handler in audit_log.handlers:  # a batching handler (cli.py) writes the batch's lines now
+                handler.flush()
         return prepared
 
 

@@ -165,21 +165,41 @@ def lock_key(tenant_id: uuid.UUID | None) -> int:
 LOCK_CLASS = 0x61756474  # "audt": the first key of pg_advisory_xact_lock(int, int), the audit chains' own space
 
 
-def link(rows: list[tuple], heads: dict[uuid.UUID | None, tuple[int, str]], encode_details) -> list[tuple]:
+def row_canonical(row: tuple, encode_details) -> bytes:
+    """The canonical form of an audit_logs tuple about to be written: independent of its place in a chain,
+    so it can be computed before the transaction that numbers it (`encode_details`: the sink's encoder)."""
+    entry = dict(zip(COLUMNS, row))
+    return canonical(entry, None, details_text=details_canonical(entry["details"], encode_details))
+
+
+async def row_canonicals(rows: list[tuple], encode_details, chunk: int = 128) -> list[bytes]:
+    """`row_canonical` of every row, letting the event loop run between chunks (a batch is thousands)."""
+    import asyncio
+
+    out: list[bytes] = []
+    for start in range(0, len(rows), chunk):
+        if start:
+            await asyncio.sleep(0)
+        out.extend(row_canonical(row, encode_details) for row in rows[start : start + chunk])
+    return out
+
+
+def link(rows: list[tuple], heads: dict[uuid.UUID | None, tuple[int, str]], encode_details,
+         canonicals: list[bytes] | None = None) -> list[tuple]:
     """`rows` (audit_logs tuples without chain values) numbered and hashed after each chain's head.
 
     `heads` maps a tenant to its last (chain_seq, entry_hash); a tenant not in
     it starts a chain. It is updated in place. `encode_details` turns a details
-    value into the JSON text the database will store (the sink's own encoder).
+    value into the JSON text the database will store (the sink's own encoder);
+    `canonicals`: the rows' `row_canonical`, if already computed.
     """
     linked = []
-    for row in rows:
+    for i, row in enumerate(rows):
         tenant = row[_TENANT]
         seq, prev = heads.get(tenant, (0, GENESIS))
         seq += 1
-        entry = dict(zip(COLUMNS, row))
-        digest = entry_hash(prev, seq, canonical(entry, None, details_text=details_canonical(entry["details"],
-                                                                                            encode_details)))
+        body = canonicals[i] if canonicals is not None else row_canonical(row, encode_details)
+        digest = entry_hash(prev, seq, body)
         heads[tenant] = (seq, digest)
         values = list(row)
         values[_SEQ], values[_PREV], values[_HASH] = seq, prev, digest

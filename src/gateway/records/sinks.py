@@ -201,6 +201,11 @@ class PostgresSink:
         if columns != chain.COLUMNS:
             raise ValueError("audit rows are written with all their columns, in schema order")
         try:
+            # The costly part of hashing, before the transaction and between turns of the loop.
+            canonicals = await chain.row_canonicals(rows, encode_json)
+        except Exception as exc:  # noqa: BLE001 - a value that cannot be encoded
+            raise RowsRejected(f"{type(exc).__name__} while encoding an audit entry") from exc
+        try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
                 async with conn.transaction():
                     tenants = chain.tenants_of(rows)
@@ -216,7 +221,8 @@ class PostgresSink:
                     )
                     if present:
                         skip = {record[0] for record in present}
-                        rows = [row for row in rows if row[0] not in skip]
+                        kept = [i for i, row in enumerate(rows) if row[0] not in skip]
+                        rows, canonicals = [rows[i] for i in kept], [canonicals[i] for i in kept]
                         logger.info("audit_logs: skipped %d entries already in the database (a retried or "
                                     "replayed batch)", len(skip))
                         if not rows:
@@ -231,7 +237,7 @@ class PostgresSink:
                         if head is not None:
                             heads[tenant] = (head[0], head[1])
                     try:
-                        linked = chain.link(rows, heads, encode_json)
+                        linked = chain.link(rows, heads, encode_json, canonicals)
                         records = self._encoded(AUDIT, columns, linked)
                     except Exception as exc:  # noqa: BLE001 - a value that cannot be encoded
                         raise RowsRejected(f"{type(exc).__name__} while encoding an audit entry") from exc

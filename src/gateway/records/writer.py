@@ -54,7 +54,7 @@ AUDIT = "audit_logs"
 # How often a running writer looks for spill segments left by processes that died.
 ADOPT_INTERVAL_SECONDS = 60.0
 # Audit rows prepared per step before the flusher lets the loop run other work.
-_PREPARE_CHUNK = 256
+_PREPARE_CHUNK = 64
 
 
 @dataclass(frozen=True, slots=True)
