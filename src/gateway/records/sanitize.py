@@ -66,17 +66,22 @@ def _sub(pattern: str, replacement, flags: int = 0) -> tuple[re.Pattern[str], An
     return re.compile(pattern, flags), replacement
 
 
+_DIGIT = re.compile(r"[0-9]")
+_LETTER = re.compile(r"[A-Za-z]")
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+
 def _long_secret(match: re.Match[str]) -> str:
     """A long run of hex or base64 characters is a secret when it mixes character kinds."""
     text = match.group(0)
-    if not (any(c.isdigit() for c in text) and any(c.isalpha() for c in text)):
+    if _DIGIT.search(text) is None or _LETTER.search(text) is None:
         return text
-    if sum(text.count(c) for c in "/-_") * 8 > len(text):
+    if (text.count("/") + text.count("-") + text.count("_")) * 8 > len(text):
         return text  # separators every few characters: a path or an identifier, not random bytes
-    if all(c in "0123456789abcdefABCDEF" for c in text):
+    if _HEX.fullmatch(text) is not None:
         return REDACTED
     # base64 / base64url: upper and lower case and digits together (paths and words rarely are).
-    if any(c.isupper() for c in text) and any(c.islower() for c in text):
+    if text.upper() != text and text.lower() != text:
         return REDACTED
     return text
 
@@ -112,12 +117,24 @@ _PATTERNS: tuple[tuple[re.Pattern[str], Any], ...] = (
     _sub(r"[A-Za-z0-9+/_\-]{32,}={0,2}", _long_secret),
 )
 _SHORTEST = 8  # "pwd=abcd" is the shortest string a pattern above can change
-# Something every match of a pattern above contains: one search rules them all out for most strings.
-_MAYBE_SECRET = re.compile(
-    r"-----BEGIN|(?i:authorization|bearer|pass|pwd|secret|key|token)|gw_|eyJ"
-    r"|A(?:KIA|SIA|GPA|IDA|ROA|NPA|NVA|IPA|BIA|CCA|Iza)|\b(?:sk|pk|rk)[-_]|gh[pousr]_|github_pat_|xox[abposr]-"
-    r"|://|[A-Za-z0-9+/_\-]{32}"
-)
+# Something every match of a pattern above but the last contains (substring tests: Python's regex
+# engine is slow on alternations without a common prefix). Most strings have none of them; a long run
+# of word characters alone needs only the last pattern.
+_FOLDED_MARKERS = ("authoriz", "bearer", "pass", "pwd", "secret", "key", "token")  # in lower-cased text
+_CASED_MARKERS = ("-----BEGIN", "gw_", "eyJ", "://", "xox", "AIza", "k-", "k_", "gh")
+_AWS_ID = re.compile(r"A(?:KIA|SIA|GPA|IDA|ROA|NPA|NVA|IPA|BIA|CCA)")
+_LONG_RUN, _LONG_RUN_SECRET = _PATTERNS[-1]
+
+
+def _maybe_secret(text: str) -> bool:
+    lowered = text.lower()
+    for marker in _FOLDED_MARKERS:
+        if marker in lowered:
+            return True
+    for marker in _CASED_MARKERS:
+        if marker in text:
+            return True
+    return _AWS_ID.search(text) is not None
 # Short texts recur (method names, tool names, enum values, keys): their cleaned form is remembered.
 _CACHED_LENGTH = 64
 _CACHE_SIZE = 8192
@@ -216,8 +233,10 @@ def _clean_text(text: str) -> str:
         text.encode()
     except UnicodeEncodeError:  # a lone surrogate (from a \ud800 escape): not storable as UTF-8
         text = text.encode("utf-8", "replace").decode()
-    if len(text) < _SHORTEST or _MAYBE_SECRET.search(text) is None:
+    if len(text) < _SHORTEST:
         return text
+    if not _maybe_secret(text):
+        return _LONG_RUN.sub(_LONG_RUN_SECRET, text) if len(text) >= 32 else text
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text
