@@ -241,10 +241,14 @@ class AuditTrail:
         prepared = []
         self.prepared += len(rows)
         emit = self.log and audit_log.isEnabledFor(logging.INFO)
+        sanitizers: dict[tuple, Sanitizer] = {}  # per (tenant, admin?) for this batch: one lookup each
         for row in rows:
             values = list(row)
             details = values[_DETAILS]
-            sanitizer = self.sanitizer(values[_TENANT], isinstance(details, AdminDetails))
+            which = (values[_TENANT], isinstance(details, AdminDetails))
+            sanitizer = sanitizers.get(which)
+            if sanitizer is None:
+                sanitizer = sanitizers[which] = self.sanitizer(*which)
             if isinstance(details, _PENDING):
                 values[_DETAILS] = details.build(sanitizer)
             elif details is not None:
