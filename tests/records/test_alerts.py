@@ -119,7 +119,7 @@ async def _events(engine, rule_id) -> list:
                                         .order_by(alert_events.c.fired_at))).mappings())
 
 
-async def _until(predicate, what: str, timeout: float = 10.0) -> None:
+async def _until(predicate, what: str, timeout: float = 30.0) -> None:
     for _ in range(int(timeout / 0.01)):
         if predicate():
             return
