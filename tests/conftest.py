@@ -134,7 +134,7 @@ def redis_prefix() -> str:
 BOTH_LOOPS = frozenset({
     "test_upstream_faults", "test_stdio_upstream", "test_stdio_e2e", "test_channel_upstreams",
     "test_bridge_transports", "test_stream_limits", "test_proxy_e2e", "test_relay_channels",
-    "test_records_e2e", "test_writer",
+    "test_records_e2e", "test_writer", "test_audit_writer", "test_audit_e2e",
 })
 
 

@@ -462,3 +462,16 @@ async def test_sigterm_while_postgres_is_away_spills_and_the_next_start_replays(
     assert max(logged.values()) == 1
     assert not any(name.endswith(".spill") for name in os.listdir(spill))
     assert all(report.ok for report in await _verify(pg_url))
+
+
+async def test_a_tenant_names_its_own_redactions_within_bounds(gateway):
+    status, tenant = await gateway.admin("POST", "/tenants", {"name": "acme"})
+    assert status == 201
+    for bad in ("ssn", [""], ["x" * 65], [1], ["n"] * 101):
+        status, body = await gateway.admin("PATCH", f"/tenants/{tenant['id']}",
+                                           {"settings": {"audit_redact_keys": bad}})
+        assert status == 422, bad
+        assert [d["field"] for d in body["error"]["details"]] == ["settings.audit_redact_keys"]
+    status, body = await gateway.admin("PATCH", f"/tenants/{tenant['id']}",
+                                       {"settings": {"audit_redact_keys": ["ssn", "Account-Number"]}})
+    assert status == 200 and body["settings"]["audit_redact_keys"] == ["ssn", "Account-Number"]
