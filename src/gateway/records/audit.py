@@ -192,7 +192,7 @@ class AuditTrail:
                 resource = target
         failed = status >= 400 or error_code is not None
         return (
-            self.new_id(), key.tenant_id, key.user_id, key.id, action, kind, resource,
+            None, key.tenant_id, key.user_id, key.id, action, kind, resource,  # the id: given in prepare
             McpDetails(body, server_name, status, error), client_ip, ERROR if failed else SUCCESS,
             error_code, duration_ms, now, key.role, None, None, None,
         )
@@ -244,6 +244,8 @@ class AuditTrail:
         sanitizers: dict[tuple, Sanitizer] = {}  # per (tenant, admin?) for this batch: one lookup each
         for row in rows:
             values = list(row)
+            if values[0] is None:  # ids are drawn here, not on the request path (a UUID object costs ~1 us)
+                values[0] = self.new_id()
             details = values[_DETAILS]
             which = (values[_TENANT], isinstance(details, AdminDetails))
             sanitizer = sanitizers.get(which)

@@ -28,6 +28,7 @@ import asyncio
 import logging
 import random
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 
@@ -506,8 +507,8 @@ class RecordWriter:
             logger.error("could not prepare %d audit entries (%s); storing them without details",
                          len(rows), type(exc).__name__)
             at = COLUMNS[AUDIT].index("details")
-            bare = [(*row[:at], {"error": f"details not recorded: {type(exc).__name__}"}, *row[at + 1 :])
-                    for row in rows]
+            bare = [(row[0] or uuid.uuid4(), *row[1:at], {"error": f"details not recorded: {type(exc).__name__}"},
+                     *row[at + 1 :]) for row in rows]
             try:
                 return prepare(bare)
             except Exception:  # noqa: BLE001
