@@ -10,7 +10,7 @@ What it owns, per upstream server (all decided in this process, no network):
   tenants served in their weighted turn (limits/fairness.py, the fair queue of
   the rate limiter, with the upstream's free slots as the capacity), at most
   `queue_max` per tenant and `queue_deadline` seconds, else 503;
-- the retry budget: a failed safe call (see `safe`) may go again, to another
+- the retry budget: a failed safe call (the caller decides which are safe) may go again, to another
   replica where there is one, while the budget holds: each call adds
   `retry_budget` of a retry, and `retry_budget_min` more come every second,
   so retries never multiply load during an outage;
@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Callable
 
 from gateway._fast.breaker import ADMITTED, OPEN
+from gateway._fast.token_bucket import TokenBucket
 from gateway.dataplane.jsonrpc import UPSTREAM_UNAVAILABLE, Refusal
 from gateway.limits.fairness import FairQueue, FairQueueRefusal, QueueClosed
 from gateway.registry.routing import Router
@@ -76,33 +77,6 @@ class _Slots:
             queue.wake()
 
 
-class _Budget:
-    """Retries left for one upstream: `ratio` of a retry per call, `per_second` more each second."""
-
-    __slots__ = ("tokens", "capacity", "ratio", "per_second", "at")
-
-    def __init__(self, ratio: float, per_second: float, now: float) -> None:
-        self.ratio = ratio
-        self.per_second = per_second
-        self.capacity = max(1.0, per_second)
-        self.tokens = self.capacity
-        self.at = now
-
-    def deposit(self) -> None:
-        tokens = self.tokens + self.ratio
-        self.tokens = tokens if tokens < self.capacity else self.capacity
-
-    def withdraw(self, now: float) -> bool:
-        elapsed = now - self.at
-        self.at = now
-        if elapsed > 0:
-            self.tokens = min(self.capacity, self.tokens + elapsed * self.per_second)
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
 class _Upstream:
     """What the guard keeps for one upstream server, and its references into the boards it reports to.
 
@@ -111,8 +85,7 @@ class _Upstream:
     they are fetched again after every configuration change (`epoch`).
     """
 
-    __slots__ = ("slots", "queue", "budget", "settings", "retries", "refused_open", "refused_queue",
-                 "breaker", "replica", "epoch")
+    __slots__ = ("slots", "queue", "budget", "settings", "breaker", "replica", "epoch")
 
     def __init__(self, settings, now: float) -> None:
         self.breaker = None
@@ -122,19 +95,22 @@ class _Upstream:
         self.slots = _Slots(settings.max_concurrency)
         self.queue = FairQueue(max_queue=settings.queue_max, deadline=settings.queue_deadline)
         self.slots.queue = self.queue
-        self.budget = _Budget(settings.retry_budget, settings.retry_budget_min, now)
-        self.retries = 0
-        self.refused_open = 0
-        self.refused_queue = 0
+        self.budget = _budget(settings, now)
 
     def reconfigure(self, settings, now: float) -> None:
         if settings is self.settings:
             return
-        self.settings = settings
+        old, self.settings = self.settings, settings
         self.slots.limit = settings.max_concurrency
         self.queue.reconfigure(settings.queue_max, settings.queue_deadline)
-        if (settings.retry_budget, settings.retry_budget_min) != (self.budget.ratio, self.budget.per_second):
-            self.budget = _Budget(settings.retry_budget, settings.retry_budget_min, now)
+        if (settings.retry_budget, settings.retry_budget_min) != (old.retry_budget, old.retry_budget_min):
+            self.budget = _budget(settings, now)
+
+
+def _budget(settings, now: float) -> TokenBucket:
+    """Retries left for one upstream: a token bucket refilled at `retry_budget_min` a second, to which
+    each call gives back `retry_budget` of a retry (`refund`); a retry takes one token."""
+    return TokenBucket(max(1.0, settings.retry_budget_min), settings.retry_budget_min, now)
 
 
 class Ticket:
@@ -247,7 +223,6 @@ class UpstreamGuard:
         breaker = upstream.breaker
         trial = breaker.allow(now) if breaker is not None else ADMITTED
         if not trial:
-            upstream.refused_open += 1
             retry = self.breakers.retry_after(server.id, now)
             raise Refusal(
                 503, UPSTREAM_UNAVAILABLE,
@@ -265,7 +240,6 @@ class UpstreamGuard:
             except (FairQueueRefusal, QueueClosed) as exc:
                 if breaker is not None:
                     breaker.release(trial)
-                upstream.refused_queue += 1
                 retry = _seconds(min(exc.retry_after, upstream.settings.queue_deadline or 1.0))
                 raise Refusal(
                     503, UPSTREAM_UNAVAILABLE,
@@ -278,7 +252,7 @@ class UpstreamGuard:
                     breaker.release(trial)
                 raise
             now = self.clock()
-        upstream.budget.deposit()
+        upstream.budget.refund(upstream.settings.retry_budget)
         upstream.replica.started()
         return Ticket(server, trial, now, upstream, tenant_id, tool)
 
@@ -323,10 +297,7 @@ class UpstreamGuard:
         upstream = self._upstreams.get(server.id)
         if upstream is None or upstream.settings.retry_attempts == 0:
             return False
-        if upstream.budget.withdraw(self.clock()):
-            upstream.retries += 1
-            return True
-        return False
+        return upstream.budget.try_acquire(1.0, self.clock())
 
     # -- what metrics show ------------------------------------------------------------------------------
 
