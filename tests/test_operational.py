@@ -44,8 +44,8 @@ async def test_metrics_count_requests_refusals_and_writer_drops(pg_url, make_gat
         async with http.post(t.endpoint, json=INIT) as resp:
             assert resp.status == 401
     _, text = await _get(f"{gw.url}/metrics", gw.admin_key)
-    assert 'gateway_requests_total{server="demo",method="initialize",status="200"} 3' in text
+    assert 'gateway_requests_total{tenant="acme",server="demo",method="initialize",status="200"} 3' in text
     assert 'gateway_refusals_total{reason="-32030"} 1' in text
     # Four records, room for two: two dropped and counted.
     assert 'gateway_writer_records{kind="dropped"} 2' in text
-    assert 'gateway_request_duration_seconds_count{server="demo"} 3' in text
+    assert 'gateway_request_duration_seconds_count{tenant="acme",server="demo"} 3' in text

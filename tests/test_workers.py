@@ -178,7 +178,7 @@ async def test_two_workers_serve_one_port_and_a_killed_one_comes_back(supervised
             async with http.post(f"{gw.url}/servers/stub/mcp", json=_call(i), headers=_headers(gw.key)) as resp:
                 assert resp.status == 200, await resp.text()
     text = await _metrics(gw.url, gw.admin_key)
-    assert _value(text, 'gateway_requests_total{server="stub",method="tools/call",status="200"}') == calls
+    assert _value(text, 'gateway_requests_total{tenant="acme",server="stub",method="tools/call",status="200"}') == calls
     per_worker = [_value(text, f'gateway_worker_requests_total{{worker="{w}"}}') for w in ("0", "1")]
     assert sum(per_worker) == calls and all(n > 0 for n in per_worker), per_worker
     assert _value(text, 'gateway_workers{state="answering"}') == 2

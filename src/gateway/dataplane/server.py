@@ -68,7 +68,7 @@ from gateway.dataplane.guard import SAFE_METHODS, Ticket, UpstreamGuard
 from gateway.limits.limiter import Limited, Limiter
 from gateway.limits.sessions import SessionCounter
 from gateway.records.audit import AuditTrail
-from gateway.records.metrics import Registry
+from gateway.records.metrics import METHOD_LABELS, Registry, tenant_names
 from gateway.netaddr import is_ip, networks, within
 from gateway.snapshot import KeyEntry, ServerEntry, SnapshotStore
 
@@ -196,8 +196,11 @@ class DataPlane:
         if tokens is not None:
             self._operational[tokens.metadata_path] = self.handle_resource_metadata
         self.metrics = metrics
+        # Counted by the tenant's id, named at scrape time; a server's name is its tenant's own.
+        named = {"tenant": tenant_names(lambda: store.current.tenants)}
         self.requests = metrics.counter(
-            "gateway_requests_total", "MCP requests by server, method and outcome", ("server", "method", "status")
+            "gateway_requests_total", "MCP requests by tenant, server, method and outcome (HTTP status)",
+            ("tenant", "server", "method", "status"), named,
         )
         self.refusals = metrics.counter(
             "gateway_refusals_total", "Requests the gateway refused itself, by reason", ("reason",)
@@ -206,7 +209,8 @@ class DataPlane:
             "gateway_rate_limited_total", "Requests refused by a rate-limit tier, by tier", ("tier",)
         )
         self.latency = metrics.histogram(
-            "gateway_request_duration_seconds", "Time from request to the end of the answer", ("server",)
+            "gateway_request_duration_seconds", "Time from request to the end of the answer, by tenant and server",
+            ("tenant", "server"), named,
         )
         metrics.gauge(
             "gateway_upstream_connections",
@@ -658,8 +662,9 @@ class DataPlane:
             self.key_usage.note(key.id)  # last_used_at, written in the background
         server_name = server.name if server is not None else None
         method = call.method if call is not None else (request.method if not with_body else None)
-        self.requests.inc(server_name or "", method or "", exchange.status)
-        self.latency.observe(elapsed, server_name or "")
+        tenant_id = key.tenant_id if key is not None else None
+        self.requests.inc(tenant_id, server_name or "", METHOD_LABELS.get(method, "other"), exchange.status)
+        self.latency.observe(elapsed, tenant_id, server_name or "")
         if address is None:
             address = self.client_address(request)
         now = datetime.now(timezone.utc)
