@@ -48,4 +48,5 @@ async def test_metrics_count_requests_refusals_and_writer_drops(pg_url, make_gat
     assert 'gateway_refusals_total{reason="-32030"} 1' in text
     # Four records, room for two: two dropped and counted.
     assert 'gateway_writer_records{kind="dropped"} 2' in text
+    assert "\ngateway_writer_dropped_total 2\n" in text
     assert 'gateway_request_duration_seconds_count{tenant="acme",server="demo"} 3' in text

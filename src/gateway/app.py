@@ -15,6 +15,7 @@ import gc
 import logging
 import signal
 
+import asyncpg
 from aiohttp import web
 
 from gateway.auth.oidc import TokenVerifier
@@ -138,6 +139,7 @@ class Gateway:
         )
         await self.writer.start()
         self._register_writer_metrics()
+        self._register_pool_metrics()
         # Calls, errors and latency per upstream and tool, a server_metrics row per window.
         self.server_stats = ServerStats(self.writer, self.engine, window=cfg.writer.server_metrics_window)
         await self.server_stats.start()
@@ -301,11 +303,42 @@ class Gateway:
                 (("recovered",), s.recovered),
             ]
 
+        # Kept for dashboards and tests that read it; the series below give the same figures
+        # with their proper types (totals as counters, which workers.py sums over workers).
         self.metrics.gauge("gateway_writer_records", "Record writer counts by kind", stats, ("kind",))
+        self.metrics.gauge("gateway_writer_queue_depth", "Records in memory waiting to be written (audit entries too)",
+                           lambda: [((), writer.stats.queued)])
+        self.metrics.gauge("gateway_writer_spill_pending", "Audit entries in spill files, not yet in the database",
+                           lambda: [((), writer.stats.spilled)])
+        for name, help_text, figure in _WRITER_TOTALS:
+            self.metrics.counter_from(name, help_text, lambda figure=figure: [((), getattr(writer.stats, figure))])
+        self.metrics.add(writer.flush_seconds)
         if self.audit is not None:
             audit = self.audit
             self.metrics.gauge("gateway_audit_entries", "Audit entries by stage (prepared: sanitized and logged)",
                                lambda: [(("prepared",), audit.prepared)], ("stage",))
+
+    def _register_pool_metrics(self) -> None:
+        pools = (("control", self.engine.pool), ("writer", getattr(self._sink, "pool", None)))
+
+        def connections():
+            figures = []
+            for name, pool in pools:
+                counts = _pool_connections(pool)
+                if counts is not None:
+                    figures += [((name, "in_use"), counts[0]), ((name, "idle"), counts[1])]
+            return figures
+
+        self.metrics.gauge(
+            "gateway_db_connections", "Database connections by pool (control: snapshot, admin API, jobs; writer: "
+            "records) and state", connections, ("pool", "state"),
+        )
+        self.metrics.gauge(
+            "gateway_db_connections_max", "The most connections a pool opens, where the pool says",
+            lambda: [((name,), counts[2]) for name, pool in pools
+                     if (counts := _pool_connections(pool)) is not None and counts[2] is not None],
+            ("pool",),
+        )
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, flush every record, close."""
@@ -357,6 +390,28 @@ class Gateway:
 
 
 _BREAKER_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
+
+# The writer's totals that only grow: (metric, help, WriterStats field).
+_WRITER_TOTALS = (
+    ("gateway_writer_written_total", "Records the database confirmed", "written"),
+    ("gateway_writer_dropped_total", "Records dropped: refused with the queue full or the writer stopped, rejected by "
+     "the database, or unwritten at the stop deadline", "dropped"),
+    ("gateway_writer_spilled_total", "Audit entries this process wrote to its spill file", "spilled_total"),
+    ("gateway_writer_recovered_total", "Audit entries written from spill files an earlier process left", "recovered"),
+    ("gateway_writer_failed_flushes_total", "Batch writes that failed (their records are kept and retried)",
+     "failed_flushes"),
+)
+
+
+def _pool_connections(pool) -> tuple[int, int, int | None] | None:
+    """(in use, idle, most allowed or None) of an asyncpg or SQLAlchemy pool; None for one that counts nothing."""
+    if isinstance(pool, asyncpg.Pool):
+        size, idle = pool.get_size(), pool.get_idle_size()
+        return size - idle, idle, pool.get_max_size()
+    checkedout = getattr(pool, "checkedout", None)  # QueuePool; NullPool and StaticPool keep no counts
+    if checkedout is None:
+        return None
+    return checkedout(), pool.checkedin(), None
 
 
 def _tune_gc() -> None:

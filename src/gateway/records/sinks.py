@@ -150,6 +150,11 @@ class PostgresSink:
         self._timeout = timeout
         self._json_positions: dict[tuple[str, tuple[str, ...]], tuple[int, ...]] = {}
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The sink's connections, for /metrics (app.py reads their counts)."""
+        return self._pool
+
     async def write(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
         if table == AUDIT:
             return await self._write_audit(columns, rows)
@@ -309,6 +314,11 @@ class SQLiteSink:
         self._engine = engine
         self._inserts: dict[str, sa.Insert] = {}
         self._converters: dict[tuple[str, tuple[str, ...]], tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    @property
+    def pool(self):
+        """The engine's connection pool, for /metrics (app.py reads its counts)."""
+        return self._engine.pool
 
     async def write(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
         if table == AUDIT:
