@@ -46,6 +46,7 @@ from gateway.registry.breakers import BreakerBoard
 from gateway.registry.discovery import Discoverer, OneShotClients
 from gateway.registry.health import HealthMonitor
 from gateway.snapshot import SnapshotStore
+from gateway import tracing
 
 log = logging.getLogger("gateway")
 
@@ -85,6 +86,7 @@ class Gateway:
         self.audit: AuditTrail | None = None  # builds audit entries; the writer prepares, chains, spills them
         self.retention: RetentionJob | None = None  # deletes records older than their policy (one process at a time)
         self.alerts: AlertEvaluator | None = None  # evaluates alert rules, sends their webhooks (one process at a time)
+        self.tracer: tracing.RequestTracer | None = None  # spans of proxied requests, when OTEL_* asks for them
 
     def add_runner(self, runner: web.BaseRunner) -> None:
         """A listener started outside `_listen` (a worker's metrics socket), stopped with the others."""
@@ -176,6 +178,8 @@ class Gateway:
         self.guard.configure(self.store.current)
         self.store.on_change(self.guard.configure)
         self._register_guard_metrics()
+        # Built at start, not at import: the SDK reads OTEL_* now, and each worker process exports on its own.
+        self.tracer = tracing.setup()
         self.dataplane = DataPlane(
             cfg.dataplane,
             self.store,
@@ -195,6 +199,7 @@ class Gateway:
             key_usage=self.key_usage,
             guard=self.guard if cfg.dataplane.upstream_guard else None,
             audit=self.audit,
+            tracer=self.tracer,
         )
         self.store.on_change(self.dataplane.on_snapshot)
         # One prober per upstream across processes (a Redis lease); results reach every snapshot.
@@ -367,6 +372,9 @@ class Gateway:
             await self.discoverer.stop()  # before the upstream clients and the engine go
         if self.dataplane is not None:
             await self.dataplane.close()
+        if self.tracer is not None:
+            # The last spans are exported (the SDK's export timeout bounds it); it blocks, so off the loop.
+            await asyncio.to_thread(self.tracer.shutdown)
         if self.bans is not None:
             await self.bans.stop()
         if self.breakers is not None:

@@ -75,6 +75,7 @@ from gateway.snapshot import KeyEntry, ServerEntry, SnapshotStore
 if TYPE_CHECKING:
     from gateway.auth.key_usage import KeyUsage
     from gateway.auth.oidc import TokenVerifier
+    from gateway.tracing import RequestTracer
 
 log = logging.getLogger("gateway.dataplane")
 
@@ -141,7 +142,10 @@ class DataPlane:
         key_usage: KeyUsage | None = None,
         guard: UpstreamGuard | None = None,
         audit: AuditTrail | None = None,
+        tracer: RequestTracer | None = None,
     ) -> None:
+        # Spans of proxied requests (tracing.py); None: tracing off, and one `is None` check a stage.
+        self.tracer = tracer
         # An audit entry per authenticated request (records/audit.py); None: [audit] enabled = false.
         self.audit = audit
         # Breakers, routing, per-upstream queues and retries (None: calls go out unguarded).
@@ -400,6 +404,9 @@ class DataPlane:
         started = time.perf_counter()
         snapshot = self.store.current
         exchange = _Exchange()
+        tracer = self.tracer
+        if tracer is not None:
+            exchange.span = tracer.start_request(request.headers)
         key: KeyEntry | None = None
         server: ServerEntry | None = None
         call: Call | None = None
@@ -409,7 +416,10 @@ class DataPlane:
             headers = request.headers
             check_origin(headers.get("Origin"), self.allowed_origins)
             address = self.client_address(request)
-            key = await self._authenticate(request, address)
+            if tracer is None:
+                key = await self._authenticate(request, address)
+            else:
+                key = await tracer.stage(exchange.span, "authenticate", self._authenticate(request, address))
             if aggregate:
                 if not with_body and not _opens_stream(request):
                     raise Refusal(
@@ -428,7 +438,10 @@ class DataPlane:
                 call = parse_body(body)
                 check_message(call, headers)
             if self.limiter is not None:
-                await self._limit(request, key, call, address)
+                if tracer is None:
+                    await self._limit(request, key, call, address)
+                else:
+                    await tracer.stage(exchange.span, "limit", self._limit(request, key, call, address))
             if call is not None and server is not None and server.transport_type == "http":
                 modern = call.envelope_version is not None
                 gap = self._era_gaps.get((server.id, server.endpoint_url, modern))
@@ -500,6 +513,8 @@ class DataPlane:
             raise
         finally:
             self._record(request, started, exchange, key, server, call, body, with_body, address)
+            if tracer is not None:
+                tracer.end_request(exchange.span, request, exchange, key, server, call)
 
     async def _listen(
         self,
@@ -736,7 +751,12 @@ class DataPlane:
         guard = self.guard
         if guard is None or body is None:
             # GET streams and DELETEs go to the addressed server as they are.
-            return await self._send(request, key, server, body, exchange, call, listing, None)
+            if exchange.span is None:
+                return await self._send(request, key, server, body, exchange, call, listing, None)
+            return await self.tracer.upstream(
+                exchange.span, server.name, exchange,
+                self._send(request, key, server, body, exchange, call, listing, None),
+            )
         snapshot = self.store.current
         tool = call.target if call is not None and call.method == "tools/call" else None
         target, route = server, None
@@ -750,9 +770,20 @@ class DataPlane:
         attempts = 0
         tried: list[ServerEntry] = []
         while True:
-            ticket = await guard.enter(target, key.tenant_id, tool, snapshot.tenants)
+            if exchange.span is None:
+                ticket = await guard.enter(target, key.tenant_id, tool, snapshot.tenants)
+            else:  # the breaker's verdict and any wait for a slot
+                ticket = await self.tracer.stage(
+                    exchange.span, "route", guard.enter(target, key.tenant_id, tool, snapshot.tenants), target.name
+                )
             try:
-                response = await self._send(request, key, target, body, exchange, call, listing, ticket)
+                if exchange.span is None:
+                    response = await self._send(request, key, target, body, exchange, call, listing, ticket)
+                else:
+                    response = await self.tracer.upstream(
+                        exchange.span, target.name, exchange,
+                        self._send(request, key, target, body, exchange, call, listing, ticket),
+                    )
             except Refusal as refusal:
                 guard.leave(ticket)
                 if refusal.code not in _RETRYABLE_CODES or not _retry_safe(call, tool, snapshot, target):
@@ -813,6 +844,8 @@ class DataPlane:
                 session = self._open_session(value.decode("latin-1"), key, server)
                 value = session.encode("latin-1")
             headers.append((name, value))
+        if exchange.span is not None:
+            self.tracer.inject(headers)  # this call's traceparent instead of the client's
         counter = self.session_counter
         session_ticket = None  # a place held under the key's session cap while an initialize is out
         if counter is not None:
@@ -1063,13 +1096,14 @@ class _RowIds:
 class _Exchange:
     """What the record of one request needs to know about how it went."""
 
-    __slots__ = ("status", "sent", "error_code", "error")
+    __slots__ = ("status", "sent", "error_code", "error", "span")
 
     def __init__(self) -> None:
         self.status = 0
         self.sent = 0
         self.error_code: int | None = None
         self.error: str | None = None
+        self.span = None  # the request's span (tracing.py) when tracing is on
 
 
 def _not_allowed(allowed: str) -> web.Response:
