@@ -26,6 +26,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from gateway._fast import screen
+
 REDACTED = "[REDACTED]"
 
 # Names of values that are secrets, matched as substrings of the key after
@@ -120,7 +122,7 @@ _SHORTEST = 8  # "pwd=abcd" is the shortest string a pattern above can change
 # Something every match of a pattern above but the last contains (substring tests: Python's regex
 # engine is slow on alternations without a common prefix). Most strings have none of them; a long run
 # of word characters alone needs only the last pattern.
-_FOLDED_MARKERS = ("authoriz", "bearer", "pass", "pwd", "secret", "key", "token")  # in lower-cased text
+_FOLDED_MARKERS = screen.FOLDED_MARKERS  # in lower-cased text: ("authoriz", "bearer", "pass", ...)
 _CASED_MARKERS = ("-----BEGIN", "gw_", "eyJ", "://", "xox", "AIza", "k-", "k_", "gh")
 _AWS_ID = re.compile(r"A(?:KIA|SIA|GPA|IDA|ROA|NPA|NVA|IPA|BIA|CCA)")
 _LONG_RUN, _LONG_RUN_SECRET = _PATTERNS[-1]
@@ -135,6 +137,8 @@ def _maybe_secret(text: str) -> bool:
         if marker in text:
             return True
     return _AWS_ID.search(text) is not None
+
+
 # Short texts recur (method names, tool names, enum values, keys): their cleaned form is remembered.
 _CACHED_LENGTH = 64
 _CACHE_SIZE = 8192
@@ -152,7 +156,7 @@ class Sanitizer:
     expensive part); `clean` is safe to call from anywhere.
     """
 
-    __slots__ = ("_name_pattern", "_exact", "_not_secret", "_names")
+    __slots__ = ("_name_pattern", "_exact", "_not_secret", "_names", "_screen")
 
     def __init__(self, extra_names: Iterable[str] = (), exact_names: Iterable[str] = ()) -> None:
         names = {normalize_name(n) for n in (*SECRET_NAMES, *extra_names) if n and n.strip()}
@@ -160,6 +164,11 @@ class Sanitizer:
         self._exact = frozenset(normalize_name(n) for n in exact_names)
         self._not_secret = NOT_SECRET_NAMES - {normalize_name(n) for n in extra_names}
         self._names: dict[str, bool] = {}  # key -> secret_name(key): keys recur in every entry
+        # What `unchanged` looks for in a body's folded text: every name (a key containing one is redacted
+        # whole) and every marker that lets a value pattern apply; a name containing a marker is covered.
+        words = set(_FOLDED_MARKERS) | names | self._exact
+        words = {w for w in words if not any(m != w and m in w for m in _FOLDED_MARKERS)}
+        self._screen = screen.Screen(words) if screen.COMPILED else None
 
     def secret_name(self, key: str) -> bool:
         """Whether a value under `key` is replaced whole."""
@@ -174,6 +183,18 @@ class Sanitizer:
             self._names.clear()
         self._names[key] = secret
         return secret
+
+    def unchanged(self, raw: bytes, nesting: int = 0) -> bool:
+        """Whether `clean` leaves every value decoded from the JSON text `raw` as it is: True is always right,
+        False means "walk it with `clean`" (`_fast/screen` says what it checks; `nesting`: the container
+        levels the caller adds around the decoded value).
+
+        Walking the decoded parameters is most of an audit entry's cost, and most
+        calls carry nothing it would change: the compiled screen rules that out in
+        one pass over the bytes. Without the compiled core, always False (the twin
+        is as exact, but slower than the walk it would save).
+        """
+        return self._screen is not None and self._screen.plain(raw, nesting)
 
     def clean(self, value: Any, _depth: int = 0) -> Any:
         """A copy of `value` (JSON-like: dict, list, str, number, bool, None) with secrets replaced."""

@@ -1,0 +1,40 @@
+# C types for screen_c.py, a symlink to the pure-Python twin screen_py.py:
+# Cython compiles the twin's code under this name. Keep the declarations in
+# step with the twin's signatures.
+
+cimport cython
+
+cdef Py_ssize_t MAX_STRING
+cdef Py_ssize_t MAX_ITEMS
+cdef Py_ssize_t MAX_DEPTH
+cdef Py_ssize_t _LONG_RUN
+cdef Py_ssize_t _BIG_DIGITS
+cdef Py_ssize_t _MAX_BODY
+
+cdef int _fold(int c) noexcept
+
+@cython.locals(m=Py_ssize_t, k=Py_ssize_t, mark=cython.p_uchar)
+cdef bint _has(const unsigned char* data, Py_ssize_t i, Py_ssize_t n, bytes marker) except -1
+
+@cython.locals(marker=bytes)
+cdef bint _has_any(const unsigned char* data, Py_ssize_t i, Py_ssize_t n, tuple markers) except -1
+
+cdef bint _is_word(int c) noexcept
+
+@cython.locals(pad=Py_ssize_t, length=Py_ssize_t)
+cdef bint _secret_run(const unsigned char* data, Py_ssize_t end, Py_ssize_t n, Py_ssize_t run, Py_ssize_t seps, bint has_digit,
+                      bint has_upper, bint has_lower, bint hexish) noexcept
+
+
+@cython.final
+cdef class Screen:
+    cdef list _by_first
+    cdef bytes _pairs
+
+    @cython.locals(word=bytes, letters=cython.p_uchar, m=Py_ssize_t, k=Py_ssize_t)
+    cdef bint _word_at(self, const unsigned char* data, Py_ssize_t i, Py_ssize_t n, int f) except -1
+
+    @cython.locals(n=Py_ssize_t, i=Py_ssize_t, c=int, f=int, opens=Py_ssize_t, commas=Py_ssize_t, quoted=bint,
+                   length=Py_ssize_t, digits=Py_ssize_t, run=Py_ssize_t, seps=Py_ssize_t, has_digit=bint,
+                   has_upper=bint, has_lower=bint, hexish=bint, pairs=cython.p_uchar, pair=int, data=cython.p_uchar)
+    cpdef bint plain(self, bytes raw, Py_ssize_t nesting) except -1

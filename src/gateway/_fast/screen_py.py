@@ -1,0 +1,235 @@
+"""Screening a JSON body for the audit sanitizer: can it hold anything `Sanitizer.clean` would change?
+
+An audit entry's main cost was walking the decoded parameters of every call
+through `records/sanitize.py`, although most calls carry no secret, no string
+over the length bound and nothing nested too deep. `Screen.plain` answers
+"nothing here can change" from the raw bytes in one pass, so the walk runs only
+for the bodies it cannot rule out. It is a screen, not a sanitizer: every test
+below is a necessary condition for `clean` to change a value decoded from the
+body, so True is always right and False is often a false alarm (then the walk
+decides). It gives False for:
+
+- a byte outside ASCII (the sanitizer lower-cases with `str.lower`, under which
+  a few non-ASCII letters become ASCII ones) or a backslash (an escape could
+  spell any of what follows);
+- a string longer than `MAX_STRING`, more than `MAX_ITEMS - 2` commas (a
+  container of more than `MAX_ITEMS` items has that many), `MAX_DEPTH` opening
+  brackets with the caller's `nesting` (the depth bound), a run of 19 digits
+  (an integer past 64 bits has one);
+- a secret name, or a marker some value pattern needs, in the body's text
+  lower-cased with '-' and ' ' as '_' (how keys are compared): the names are
+  the sanitizer's (its built-in and added names), each standing for every key
+  that contains it;
+- the cased markers of the value patterns: "-----BEGIN", "gw_", "eyJ", "://",
+  "xox", "AIza", the GitHub "gh?_"/"github_pat_", an AWS key id's four letters,
+  and "sk-"/"pk_"/... after a word boundary;
+- a run of 32 or more hex/base64 characters that the sanitizer would redact
+  (digits and letters, few separators, all hex or both cases), with up to two
+  '=' after it: quotes, colons, commas and brackets end such runs both in the
+  raw body and in the decoded strings, so the runs are the same.
+
+No I/O, no allocation per byte. `screen_c.py` is a symlink to this file and
+`screen_c.pxd` gives it C types; keep it to byte arithmetic.
+"""
+
+MAX_STRING = 1024
+MAX_ITEMS = 100
+MAX_DEPTH = 16
+_LONG_RUN = 32
+_BIG_DIGITS = 19
+_MAX_BODY = 1 << 20
+
+# Cased markers by their first byte (the AWS key ids start with "A" too).
+_AWS_IDS = (b"AKIA", b"ASIA", b"AGPA", b"AIDA", b"AROA", b"ANPA", b"ANVA", b"AIPA", b"ABIA", b"ACCA")
+_MARKERS_DASH = (b"-----BEGIN",)
+_MARKERS_G = (b"gw_", b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_", b"github_pat_")
+_MARKERS_E = (b"eyJ",)
+_MARKERS_COLON = (b"://",)
+_MARKERS_X = (b"xox",)
+_MARKERS_A = (b"AIza",) + _AWS_IDS
+# Folded markers of the value patterns (every pattern but the cased ones needs one of these).
+FOLDED_MARKERS = ("authoriz", "bearer", "pass", "pwd", "secret", "key", "token")
+
+
+def _fold(c):
+    """A byte as keys are compared: lower case, '-' and ' ' as '_'."""
+    if 65 <= c <= 90:
+        return c + 32
+    if c == 45 or c == 32:
+        return 95
+    return c
+
+
+def _has(data, i, n, marker):
+    """Whether `marker` starts at `data[i]`."""
+    m = len(marker)
+    if i + m > n:
+        return False
+    mark = marker
+    k = 0
+    while k < m:
+        if data[i + k] != mark[k]:
+            return False
+        k += 1
+    return True
+
+
+def _has_any(data, i, n, markers):
+    for marker in markers:
+        if _has(data, i, n, marker):
+            return True
+    return False
+
+
+def _is_word(c):
+    """An ASCII word character (what `\\b` separates)."""
+    return (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or c == 95
+
+
+class Screen:
+    """A screen for one set of names (`words`: the names and markers, already normalized)."""
+
+    def __init__(self, words):
+        kept = sorted({w.encode() for w in words if w and w.isascii()})
+        by_first = [[] for _ in range(256)]
+        for word in kept:
+            by_first[word[0]].append(word)
+        self._by_first = [tuple(found) for found in by_first]
+        # A bit per (first, second) byte pair the words start with: most letters that start a word are not
+        # followed by that word's second letter, and this rules them out without looking at the words.
+        pairs = bytearray(8192)
+        for word in kept:
+            pair = word[0] << 8 | (word[1] if len(word) > 1 else 0)
+            pairs[pair >> 3] |= 1 << (pair & 7)
+            if len(word) == 1:  # a one-letter name: any second byte
+                for second in range(256):
+                    pair = word[0] << 8 | second
+                    pairs[pair >> 3] |= 1 << (pair & 7)
+        self._pairs = bytes(pairs)
+
+    def _word_at(self, data, i, n, f):
+        """Whether one of the words starts at `data[i]` (compared folded); `f` is `data[i]` folded."""
+        for word in self._by_first[f]:
+            m = len(word)
+            if i + m <= n:
+                letters = word
+                k = 1
+                while k < m:
+                    if _fold(data[i + k]) != letters[k]:
+                        break
+                    k += 1
+                if k == m:
+                    return True
+        return False
+
+    def plain(self, raw, nesting):
+        """Whether `Sanitizer.clean` would leave every value decoded from the JSON `raw` as it is.
+
+        `nesting`: how many container levels the caller adds around the
+        decoded value before cleaning it.
+        """
+        n = len(raw)
+        if n > _MAX_BODY:
+            return False
+        pairs = self._pairs
+        data = raw  # compiled: a pointer to the bytes (no bounds checks: every index is below n)
+        opens = nesting
+        commas = 0
+        quoted = False
+        length = 0
+        digits = 0
+        run = 0
+        seps = 0
+        has_digit = has_upper = has_lower = False
+        hexish = True
+        i = 0
+        while i < n:
+            c = data[i]
+            if c >= 128 or c == 92:
+                return False
+            f = _fold(c)
+            if i + 1 < n:
+                pair = f << 8 | _fold(data[i + 1])
+            else:
+                pair = f << 8
+            if pairs[pair >> 3] & (1 << (pair & 7)) and self._word_at(data, i, n, f):
+                return False
+            if c == 45:
+                if _has_any(data, i, n, _MARKERS_DASH):
+                    return False
+            elif c == 103:
+                if _has_any(data, i, n, _MARKERS_G):
+                    return False
+            elif c == 101:
+                if _has_any(data, i, n, _MARKERS_E):
+                    return False
+            elif c == 58:
+                if _has_any(data, i, n, _MARKERS_COLON):
+                    return False
+            elif c == 120:
+                if _has_any(data, i, n, _MARKERS_X):
+                    return False
+            elif c == 65:
+                if _has_any(data, i, n, _MARKERS_A):
+                    return False
+            elif c == 115 or c == 112 or c == 114:  # \b(sk|pk|rk)[-_]
+                if (i + 2 < n and data[i + 1] == 107 and (data[i + 2] == 45 or data[i + 2] == 95)
+                        and (i == 0 or not _is_word(data[i - 1]))):
+                    return False
+            if c == 34:
+                quoted = not quoted
+                length = 0
+            elif quoted:
+                length += 1
+                if length > MAX_STRING:
+                    return False
+            if c == 44:
+                commas += 1
+            elif c == 123 or c == 91:
+                opens += 1
+            if 48 <= c <= 57:
+                digits += 1
+                if digits >= _BIG_DIGITS:
+                    return False
+            else:
+                digits = 0
+            # [A-Za-z0-9+/_-]: a hex/base64 run goes on.
+            if (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or c == 43 or c == 47 or c == 95 or c == 45:
+                run += 1
+                if 48 <= c <= 57:
+                    has_digit = True
+                elif 65 <= c <= 90:
+                    has_upper = True
+                    if c > 70:
+                        hexish = False
+                elif 97 <= c <= 122:
+                    has_lower = True
+                    if c > 102:
+                        hexish = False
+                else:
+                    hexish = False
+                    if c != 43:
+                        seps += 1
+            else:
+                if run >= _LONG_RUN and _secret_run(data, i, n, run, seps, has_digit, has_upper, has_lower, hexish):
+                    return False
+                run = seps = 0
+                has_digit = has_upper = has_lower = False
+                hexish = True
+            i += 1
+        if run >= _LONG_RUN and _secret_run(data, n, n, run, seps, has_digit, has_upper, has_lower, hexish):
+            return False
+        return commas < MAX_ITEMS - 1 and opens < MAX_DEPTH
+
+
+def _secret_run(data, end, n, run, seps, has_digit, has_upper, has_lower, hexish):
+    """Whether the sanitizer redacts the run of `run` characters ending before `data[end]` (with its '=' padding)."""
+    pad = 0
+    while pad < 2 and end + pad < n and data[end + pad] == 61:
+        pad += 1
+    length = run + pad
+    if not has_digit or not (has_upper or has_lower):
+        return False
+    if seps * 8 > length:
+        return False
+    return (hexish and pad == 0) or (has_upper and has_lower)

@@ -1,0 +1,139 @@
+"""The audit body screen (`_fast/screen`): True only when the sanitizer would change nothing.
+
+`Sanitizer.unchanged` lets an audit entry skip the walk of its parameters.
+It must never say "nothing to change" about a body that `Sanitizer.clean`
+would change: that would store a secret. The property tests feed it JSON
+built from the fragments that trigger each of the sanitizer's nets (names,
+markers, long hex/base64 runs, big integers, long strings, wide and deep
+containers, escapes, the non-ASCII letters that lower to ASCII ones) and check
+that whenever it says True, cleaning changes nothing. The compiled screen and
+its pure-Python twin must agree byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway._fast import screen, screen_py
+from gateway.records.sanitize import DEFAULT, MAX_DEPTH, MAX_ITEMS, MAX_STRING, Sanitizer
+
+pytestmark = pytest.mark.skipif(not screen.COMPILED, reason="the screen is used only compiled")
+
+TENANT = Sanitizer(extra_names=("ssn", "Routing-Number"))
+
+# Pieces of text that each trip (or nearly trip) one net of the sanitizer.
+FRAGMENTS = [
+    "password", "Pass", "pwd", "secret", "token", "max_tokens", "key", "KEY", "api-key", "X-Api-Key", "Authorization",
+    "bearer ", "Bearer abc.def", "cookie", "credential", "signature", "ssn", "routing number", "routing-number",
+    "gw_", "gw_abc_", "eyJ", "eyJhbGciOi.eyJzdWIi.sig", "://", "https://u:p@host/", "xox", "xoxb-123456789012",
+    "AIza", "AKIA", "AKIAIOSFODNN7EXAMPLE", "ASIA", "-----BEGIN", "-----BEGIN RSA PRIVATE KEY-----", "sk-", "sk_",
+    "pk_live_", "rk-", "task_", "ghp_", "github_pat_", "gh", "high", "=", "==", "/", "_", "-", "+",
+    "0123456789abcdef", "ABCDEF", "Zz9", "a" * 40, "A1b2" * 10, "9" * 18, "9" * 19, "1" * 25, "1.5e300",
+    "\u212aey", "pa\u017f\u017fword", "\u0130", "caf\u00e9", "\u65e5\u672c", "\x00", "\ud800"[:0], "\\", "\n", " ", "",
+]
+# Fragments glued together (new words, runs and markers across their seams) or apart (word boundaries kept).
+texts = (st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=6), max_size=6).map("".join)
+         | st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=3).map(" ".join)
+         | st.tuples(st.sampled_from(FRAGMENTS), st.text("abcdefABCDEF0123456789_-", min_size=14, max_size=40))
+         .map("".join))
+leaves = st.none() | st.booleans() | st.integers(min_value=-(2**64), max_value=2**64) | st.floats(
+    allow_nan=False, allow_infinity=False) | texts | st.builds(lambda n: "x" * n, st.integers(MAX_STRING - 2, MAX_STRING + 2))
+values = st.recursive(
+    leaves,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(texts, inner, max_size=5),
+    max_leaves=12,
+)
+
+
+def _bodies(value, ascii_only: bool = False) -> bytes:
+    """A tools/call as a client could send it (the standard library writes integers of any size)."""
+    message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": value}}
+    return json.dumps(message, ensure_ascii=ascii_only).encode()
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values, st.booleans())
+def test_a_body_the_screen_passes_is_one_cleaning_leaves_alone(value, ascii_only):
+    raw = _bodies(value, ascii_only)
+    decoded = orjson.loads(raw)
+    for sanitizer in (DEFAULT, TENANT):
+        if sanitizer.unchanged(raw):
+            assert sanitizer.clean(decoded) == decoded, raw
+
+
+@settings(max_examples=1500, deadline=None)
+@given(values)
+def test_the_compiled_screen_and_its_twin_agree(value):
+    raw = _bodies(value)
+    words = ("authoriz", "bearer", "cookie", "key", "pass", "secret", "token", "ssn")
+    assert screen.Screen(words).plain(raw, 0) == screen_py.Screen(words).plain(raw, 0)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_at_all(raw):
+    words = ("key", "pass")
+    assert screen.Screen(words).plain(raw, 0) == screen_py.Screen(words).plain(raw, 0)
+
+
+def test_an_ordinary_call_passes():
+    raw = _bodies({"query": "quarterly revenue by region", "limit": 10, "filters": {"region": ["emea"], "year": 2026},
+                   "text": "a" * 200, "path": "/srv/data/reports/2026/q3.csv", "id": "6f1d0c2e-9a4b-4c1e-8f00-1a2b3c4d5e6f"})
+    assert DEFAULT.unchanged(raw)
+
+
+@pytest.mark.parametrize("argument", [
+    {"password": "hunter2"},  # a secret name
+    {"X-Api-Key": "v"},  # a name after folding
+    {"ssn": "078-05-1120"},  # a tenant's own name (TENANT only; checked below)
+    {"note": "Bearer abcdef"},
+    {"note": "gw_abcdefghij_Zx9Zx9Zx9"},
+    {"note": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig"},
+    {"note": "AKIAIOSFODNN7EXAMPLE"},
+    {"note": "sk-live-0123456789abcdefghijklmnop"},
+    {"note": "https://user:pw@example.com/"},
+    {"note": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"},  # long hex
+    {"note": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"},  # long base64
+    {"note": "x" * (MAX_STRING + 1)},  # would be cut
+    {"n": 2**63},  # past 64 bits: stored as text
+    {"list": list(range(MAX_ITEMS + 1))},  # would be cut
+    {"note": "ghp_" + "a1" * 18},  # a GitHub token (one case only: not a long-run secret)
+    {"note": "xoxb-1234567890-abc"},
+    {"note": "AIzaSyA-1234567890abcdefghijklmnopqrstu"},
+    {"note": "-----BEGIN PRIVATE KEY-----"},
+    {"api_\u212aey": "v"},  # the Kelvin sign lowers to "k": a secret name for the sanitizer
+    {"note": "pa\u017f\u017fword=hunter2 high"},  # long s matches "s" under (?i)
+    {"note": "caf\u00e9"},  # non-ASCII: walked
+    {"note": "line\nbreak"},  # an escape: walked
+])
+def test_what_the_screen_sends_to_the_walk(argument):
+    raw = _bodies(argument)
+    sanitizer = TENANT if "ssn" in argument else DEFAULT
+    assert not sanitizer.unchanged(raw)
+    if "ssn" in argument:
+        assert DEFAULT.unchanged(raw)  # the default sanitizer has no such name
+
+
+def test_depth_counts_the_levels_the_caller_adds():
+    value: object = "leaf"
+    for _ in range(MAX_DEPTH - 6):
+        value = [value]
+    raw = _bodies(value)  # three levels of envelope around it
+    assert DEFAULT.unchanged(raw, 0)
+    assert not DEFAULT.unchanged(raw, 4)
+
+
+def test_a_batch_screened_with_its_extra_level():
+    from gateway.records.audit import McpDetails
+
+    batch = orjson.dumps([{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": {
+        "text": "plain"}}}, {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "t", "arguments": {
+            "token": "s3cr3t"}}}])
+    details = McpDetails(batch, "demo", 200, None).build(DEFAULT)
+    assert details["batch"][0]["params"]["arguments"] == {"text": "plain"}
+    assert details["batch"][1]["params"]["arguments"] == {"token": "[REDACTED]"}
