@@ -45,9 +45,8 @@ import orjson
 
 from gateway.db import migrate
 from gateway.db.engine import create_pg_pool
-from gateway.cli import _BatchedStreamHandler
 from gateway.dataplane.server import _RowIds
-from gateway.records.audit import AuditTrail, audit_log
+from gateway.records.audit import AuditLogHandler, AuditTrail, audit_log
 from gateway.records.sinks import PostgresSink
 from gateway.records.writer import COLUMNS, RecordWriter
 
@@ -162,7 +161,7 @@ async def measure_audit(pool: asyncpg.Pool, args: argparse.Namespace) -> dict[st
     columns = COLUMNS["audit_logs"]
     entries = audit_entries(trail, keys, count)
     devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
-    handler = _BatchedStreamHandler(devnull)  # what `gateway serve` gives the gateway.audit logger
+    handler = AuditLogHandler(devnull)  # what `gateway serve` gives the gateway.audit logger
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     audit_log.propagate = False
     try:

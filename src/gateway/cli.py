@@ -18,6 +18,7 @@ import uuid
 
 from gateway import config as config_module
 from gateway.config import Config, ConfigError
+from gateway.records.audit import AuditLogHandler
 
 log = logging.getLogger("gateway.cli")
 
@@ -42,36 +43,6 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
-class _BatchedStreamHandler(logging.StreamHandler):
-    """Lines formatted one by one and written together when flushed: the audit trail's JSON lines
-    (records/audit.py flushes after each batch it prepares), one write for many lines instead of one
-    per line on a line-buffered stderr (measured: about 23 -> 9 us a line)."""
-
-    def __init__(self, stream, capacity: int = 4096) -> None:
-        super().__init__(stream)
-        self._lines: list[str] = []
-        self._capacity = capacity
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self._lines.append(self.format(record))
-        except Exception:  # noqa: BLE001 - logging must not raise into the caller
-            self.handleError(record)
-            return
-        if len(self._lines) >= self._capacity:
-            self.flush()
-
-    def flush(self) -> None:
-        self.acquire()
-        try:
-            if self._lines:
-                self.stream.write("\n".join(self._lines) + "\n")
-                self._lines.clear()
-            super().flush()
-        finally:
-            self.release()
-
-
 def configure_logging(cfg: Config) -> None:
     if cfg.log.format == "json":
         formatter: logging.Formatter = _JsonFormatter()
@@ -86,7 +57,7 @@ def configure_logging(cfg: Config) -> None:
     # written whatever the level of the rest of the log, to the same stream, a batch at a time.
     audit = logging.getLogger("gateway.audit")
     audit.setLevel(logging.INFO if cfg.audit.log else logging.WARNING)
-    batched = _BatchedStreamHandler(sys.stderr)
+    batched = AuditLogHandler(sys.stderr, json_lines=cfg.log.format == "json")
     batched.setFormatter(formatter)
     audit.handlers[:] = [batched]
     audit.propagate = False

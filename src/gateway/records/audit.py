@@ -19,6 +19,7 @@ writes to the database or to files itself.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -83,11 +84,14 @@ class McpDetails:
                 return details
             if isinstance(message, list):  # a batch: each message's method and params
                 found: dict[str, Any] = {"batch": [_message_details(item) for item in message]}
+                nesting = 1  # the batch's list is one level deeper in the details than in the body
             elif isinstance(message, dict):
-                found = _message_details(message)
+                found, nesting = _message_details(message), 0
             else:
-                found = {"message": "[not an object]"}
-            details.update(sanitizer.clean(found))
+                found, nesting = {"message": "[not an object]"}, 0
+            # Walking the decoded params is most of an entry's cost; a screen of the raw body rules it out
+            # for the calls it cannot change (most: no secret, nothing too long or too deep).
+            details.update(found if sanitizer.unchanged(self.body, nesting) else sanitizer.clean(found))
         return details
 
 
@@ -263,24 +267,100 @@ class AuditTrail:
             created = values[_CREATED]
             if created.tzinfo is None:
                 values[_CREATED] = created.replace(tzinfo=UTC)
-            row = tuple(values)
-            prepared.append(row)
-            if emit:
-                _log_entry(row)
+            prepared.append(tuple(values))
         if emit:
-            for handler in audit_log.handlers:  # a batching handler (cli.py) writes the batch's lines now
+            self._log(prepared)
+            for handler in audit_log.handlers:  # a batching handler writes the batch's lines now
                 handler.flush()
         return prepared
 
+    def _log(self, rows: list[tuple]) -> None:
+        """Each row as one JSON line on `gateway.audit`: straight to the handlers when they are all
+        `AuditLogHandler`s and nothing filters (what `gateway serve` sets up), else one log record each."""
+        handlers = audit_log.handlers
+        if handlers and not audit_log.filters and not audit_log.propagate and all(
+            type(h) is AuditLogHandler and not h.filters and h.level <= logging.INFO for h in handlers
+        ):
+            entries = [_entry(row) for row in rows]
+            for handler in handlers:
+                handler.write_entries(entries)
+            return
+        for row in rows:
+            entry = _entry(row)
+            # makeRecord + handle is Logger.info without finding the caller's frame (a stack walk per entry);
+            # filters and handlers apply as usual.
+            audit_log.handle(audit_log.makeRecord(audit_log.name, logging.INFO, "", 0, _dumps(entry), None, None,
+                                                  extra={"audit": entry}))
 
-def _log_entry(row: tuple) -> None:
-    entry = {name: value for name, value in zip(COLUMNS[:14], row) if value is not None}
+
+def _entry(row: tuple) -> dict[str, Any]:
+    return {name: value for name, value in zip(_LOGGED, row) if value is not None}
+
+
+def _dumps(value: Any) -> str:
     # default=str: asyncpg's UUID subclass (ids read from the database) is not one orjson knows.
-    text = orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z).decode()
-    # makeRecord + handle is Logger.info without finding the caller's frame (a stack walk per entry);
-    # filters and handlers apply as usual.
-    audit_log.handle(audit_log.makeRecord(audit_log.name, logging.INFO, "", 0, text, None, None,
-                                          extra={"audit": entry}))
+    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z).decode()
+
+
+_LOGGED = COLUMNS[:14]  # a line holds every column but the chain's (given when the entry is written)
+
+
+class AuditLogHandler(logging.StreamHandler):
+    """The `gateway.audit` logger's handler in `gateway serve`: lines written together when flushed.
+
+    `AuditTrail.prepare` hands it a batch's entries at once (`write_entries`),
+    which formats each line with one orjson call: no log record, no formatter,
+    no second encoding of the entry. Records logged the ordinary way go through
+    the formatter as usual. `json_lines`: lines are the JSON log format's
+    objects (`{"ts", "level", "logger", "message": "audit entry", "audit"}`),
+    else the text format's "<time> INFO gateway.audit: <entry as JSON>".
+    Writing many lines in one call instead of one each on a line-buffered
+    stderr was measured at about 23 -> 9 us a line, the direct path at a few
+    more microseconds less.
+    """
+
+    def __init__(self, stream, *, json_lines: bool = False, capacity: int = 4096) -> None:
+        super().__init__(stream)
+        self.json_lines = json_lines
+        self._lines: list[str] = []
+        self._capacity = capacity
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self.format(record))
+        except Exception:  # noqa: BLE001 - logging must not raise into the caller
+            self.handleError(record)
+            return
+        if len(self._lines) >= self._capacity:
+            self.flush()
+
+    def write_entries(self, entries: list[dict[str, Any]]) -> None:
+        now = time.time()
+        if self.json_lines:  # the JSON formatter's "ts" (cli.py): local time, whole seconds
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
+            lines = [_dumps({"ts": stamp, "level": "INFO", "logger": audit_log.name, "message": "audit entry",
+                             "audit": entry}) for entry in entries]
+        else:  # the text formatter's "%(asctime)s INFO gateway.audit: %(message)s"
+            prefix = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))},{int(now % 1 * 1000):03d} " \
+                     f"INFO {audit_log.name}: "
+            lines = [prefix + _dumps(entry) for entry in entries]
+        self.acquire()
+        try:
+            self._lines.extend(lines)
+        finally:
+            self.release()
+        if len(self._lines) >= self._capacity:
+            self.flush()
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            if self._lines:
+                self.stream.write("\n".join(self._lines) + "\n")
+                self._lines.clear()
+            super().flush()
+        finally:
+            self.release()
 
 
 def is_prepared(row: tuple) -> bool:
@@ -294,6 +374,7 @@ __all__ = [
     "SUCCESS",
     "TABLE",
     "AdminDetails",
+    "AuditLogHandler",
     "AuditTrail",
     "McpDetails",
     "audit_log",

@@ -1,0 +1,102 @@
+"""The audit trail's log lines ("dual logging"): what `gateway serve` writes, on its direct path and through
+ordinary log records, must be the same entries in the same format."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import uuid
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import orjson
+import pytest
+
+from gateway import config as config_module
+from gateway.cli import configure_logging
+from gateway.records.audit import AuditLogHandler, AuditTrail, audit_log
+
+BODY = orjson.dumps({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                     "params": {"name": "search", "arguments": {"q": "plain words", "api_key": "sk-hidden-value"}}})
+
+
+@pytest.fixture
+def audit_logger():
+    saved = audit_log.handlers[:], audit_log.level, audit_log.propagate, audit_log.filters[:]
+    root = logging.getLogger()
+    root_saved = root.handlers[:], root.level
+    yield audit_log
+    audit_log.handlers[:], audit_log.level, audit_log.propagate, audit_log.filters[:] = saved
+    root.handlers[:], _ = root_saved
+    root.setLevel(root_saved[1])
+
+
+def _rows(trail: AuditTrail, count: int) -> list[tuple]:
+    key = SimpleNamespace(tenant_id=uuid.uuid4(), user_id=uuid.uuid4(), id=uuid.uuid4(), role="USER")
+    now = datetime.now(timezone.utc)
+    return [trail.mcp_row(key, "demo", "tools/call", "search", BODY, 200, None, None, 1.5, "198.51.100.7", now)
+            for _ in range(count)]
+
+
+def _serve_logging(fmt: str) -> io.StringIO:
+    """What `gateway serve` sets up (cli.configure_logging), writing to a buffer."""
+    configure_logging(config_module.load(None, env={"GATEWAY_LOG_FORMAT": fmt}))
+    stream = io.StringIO()
+    handler = audit_log.handlers[0]
+    assert type(handler) is AuditLogHandler
+    handler.setStream(stream)
+    return stream
+
+
+class _Recording(AuditLogHandler):
+    """The same handler through ordinary log records (a subclass is never given the direct path)."""
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_direct_lines_equal_the_log_records_lines(audit_logger, fmt):
+    stream = _serve_logging(fmt)
+    trail = AuditTrail(log=True)
+    prepared = trail.prepare(_rows(trail, 3))
+    direct = stream.getvalue().splitlines()
+    assert len(direct) == 3
+
+    ordinary = _Recording(io.StringIO(), json_lines=fmt == "json")
+    ordinary.setFormatter(audit_log.handlers[0].formatter)
+    audit_log.handlers[:] = [ordinary]
+    trail.prepare(prepared)  # prepared rows prepare to themselves: the same entries again
+    recorded = ordinary.stream.getvalue().splitlines()
+    assert len(recorded) == 3
+
+    def parsed(line: str) -> dict:
+        if fmt == "json":
+            obj = json.loads(line)
+            obj.pop("ts")
+            return obj
+        stamp, _, rest = line.partition(" INFO gateway.audit: ")
+        assert len(stamp) == len("2026-11-26 06:00:00,000") and rest
+        return json.loads(rest)
+
+    assert [parsed(line) for line in direct] == [parsed(line) for line in recorded]
+    entry = parsed(direct[0])["audit"] if fmt == "json" else parsed(direct[0])
+    assert entry["id"] == str(prepared[0][0]) and entry["action"] == "mcp.tools/call"
+    assert entry["details"]["params"]["arguments"] == {"q": "plain words", "api_key": "[REDACTED]"}
+    assert "sk-hidden-value" not in stream.getvalue()
+
+
+def test_a_filter_on_the_logger_sees_every_entry(audit_logger):
+    stream = _serve_logging("json")
+    seen = []
+    audit_log.addFilter(lambda record: seen.append(record.audit["id"]) or True)
+    trail = AuditTrail(log=True)
+    prepared = trail.prepare(_rows(trail, 2))
+    assert seen == [row[0] for row in prepared]  # the ordinary path: one record per entry
+    assert len(stream.getvalue().splitlines()) == 2
+
+
+def test_no_lines_when_the_log_is_off(audit_logger):
+    stream = _serve_logging("json")
+    audit_log.setLevel(logging.WARNING)  # [audit] log = false
+    trail = AuditTrail(log=True)
+    trail.prepare(_rows(trail, 2))
+    assert stream.getvalue() == ""
