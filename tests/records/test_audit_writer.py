@@ -20,6 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import sqlalchemy as sa
 from tcp_relay import TcpRelay
 
@@ -424,3 +426,37 @@ def test_the_fast_canonical_form_is_the_one_read_back():
     ]
     for value in values:
         assert chain.details_canonical(value, encode_json) == chain.canonical_details(encode_json(value)), value
+
+
+def test_the_writers_one_pass_canonical_form_is_the_reference_one():
+    """`row_canonical_and_json` (what the PostgreSQL sink hashes) equals `row_canonical`, and its text holds the
+    same details; rows of every origin: prepared now, read back (naive time, text ids), replayed (int duration)."""
+    from gateway.records.sinks import encode_json
+
+    tenant = uuid.uuid4()
+    details_values = [
+        {"status": 200, "params": {"a": 1e300, "b": -0.0, "c": [2, 2.0, 0.1], "d": "é ✓"}},
+        {"status": 500, "error": "x", "n": 2**63 - 1}, None, [1, {"two": 2.0}], {1: "int key"},
+    ]
+    rows = []
+    for i, details in enumerate(details_values):
+        rows.append(entry(tenant, i, details=details))
+        rows.append(entry(tenant, i, details=details, duration_ms=3, created_at=datetime(2026, 11, 26, 7, 0, 1)))
+        rows.append(entry(None, i, details=details, id=str(uuid.uuid4()),
+                          created_at=datetime(2026, 11, 26, 8, 0, tzinfo=timezone(timedelta(hours=1)))))
+    for row in rows:
+        body, text = chain.row_canonical_and_json(row)
+        assert body == chain.row_canonical(row, encode_json), row
+        details = row[COLUMNS["audit_logs"].index("details")]
+        assert (text is None) == (details is None)
+        if text is not None:
+            assert chain.canonical_details(text) == chain.canonical_details(encode_json(details))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.floats(allow_nan=False) | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5), max_size=6))
+def test_the_one_pass_canonical_form_for_any_numbers(numbers):
+    from gateway.records.sinks import encode_json
+
+    row = entry(uuid.uuid4(), 1, details={"params": {"values": numbers, "one": numbers[0] if numbers else 0.0}})
+    assert chain.row_canonical_and_json(row)[0] == chain.row_canonical(row, encode_json)

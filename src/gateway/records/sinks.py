@@ -207,7 +207,7 @@ class PostgresSink:
             raise ValueError("audit rows are written with all their columns, in schema order")
         try:
             # The costly part of hashing, before the transaction and between turns of the loop.
-            canonicals = await chain.row_canonicals(rows, encode_json)
+            canonicals, texts = await chain.row_canonicals(rows)
         except Exception as exc:  # noqa: BLE001 - a value that cannot be encoded
             raise RowsRejected(f"{type(exc).__name__} while encoding an audit entry") from exc
         try:
@@ -227,7 +227,8 @@ class PostgresSink:
                     if present:
                         skip = {record[0] for record in present}
                         kept = [i for i, row in enumerate(rows) if row[0] not in skip]
-                        rows, canonicals = [rows[i] for i in kept], [canonicals[i] for i in kept]
+                        rows = [rows[i] for i in kept]
+                        canonicals, texts = [canonicals[i] for i in kept], [texts[i] for i in kept]
                         logger.info("audit_logs: skipped %d entries already in the database (a retried or "
                                     "replayed batch)", len(skip))
                         if not rows:
@@ -242,8 +243,8 @@ class PostgresSink:
                         if head is not None:
                             heads[tenant] = (head[0], head[1])
                     try:
-                        linked = chain.link(rows, heads, encode_json, canonicals)
-                        records = self._encoded(AUDIT, columns, linked)
+                        # The details as JSON text already (asyncpg's jsonb codec takes text).
+                        records = chain.link(rows, heads, encode_json, canonicals, texts)
                     except Exception as exc:  # noqa: BLE001 - a value that cannot be encoded
                         raise RowsRejected(f"{type(exc).__name__} while encoding an audit entry") from exc
                     await conn.copy_records_to_table(AUDIT, records=records, columns=columns, timeout=self._timeout)
