@@ -263,6 +263,22 @@ COMPARISONS = {
         on_metric="gateway_audit_entries",
         flag="--compare audit --gateways",
     ),
+    "records": Comparison(
+        feature="records",
+        off_env={"GATEWAY_AUDIT_ENABLED": "false", "GATEWAY_WRITER_REQUEST_LOGS": "false"},
+        describe_on=(
+            "every record: a request_logs row and an audit entry per request (as in --compare audit), "
+            f"server_metrics per window and per-tool counters, through the batched writer; limits and guard on: "
+            f"{DESCRIBE_LIMITS_ON}"
+        ),
+        describe_off=(
+            "GATEWAY_AUDIT_ENABLED=false and GATEWAY_WRITER_REQUEST_LOGS=false (no request_logs, audit or "
+            "server_metrics rows; the /metrics counters stay)"
+        ),
+        cost="the records cost",
+        on_metric="gateway_audit_entries",
+        flag="--compare records --gateways",
+    ),
 }
 COMPARE = COMPARISONS["limits"]  # set by --compare
 LABELS = {"upstream": "upstream direct", "baseline": "baseline (aiohttp)"}  # and one per gateway (gateway_specs)
@@ -419,6 +435,15 @@ def http_ok(url: str) -> bool:
 
 
 # -- the database ----------------------------------------------------------------------------------
+def _postgres_pids() -> list[int]:
+    """The processes of a PostgreSQL server on this machine (run as the `postgres` user)."""
+    try:
+        found = subprocess.run(["pgrep", "-u", "postgres"], capture_output=True, text=True, check=False).stdout
+        return [int(pid) for pid in found.split()]
+    except (OSError, ValueError):
+        return []
+
+
 class Database:
     """A database of this run's own: created at the start, dropped (or deleted) at the end."""
 
@@ -427,6 +452,8 @@ class Database:
         self.name = f"gwbench_proxy_{uuid.uuid4().hex[:10]}"
         self.created: bool | None = False
         self.server_version = ""
+        self.pinned: dict[int, set[int]] = {}  # server process -> its CPUs before pin_server
+        self.pinning = "database server not pinned"
         if kind == "postgres":
             self.url = f"{PG_ADMIN_URL.rpartition('/')[0]}/{self.name}"
         else:
@@ -460,6 +487,41 @@ class Database:
                 raise BenchError(f"cannot create database {self.name}: {exc}") from None
             self.created = True
             self.server_version = self._pg(PG_ADMIN_URL, "SHOW server_version")[0]
+
+    def pin_server(self, cpus: set[int]) -> str:
+        """Keep a local PostgreSQL server's processes (and the backends they fork) on `cpus`, off the proxy's
+        core: its COPYs and index updates would otherwise share that core with the gateway and show up as the
+        gateway's cost. Returns what was done, for the conditions; `unpin_server` restores them."""
+        local = PG_ADMIN_URL.startswith(("postgresql://postgres@127.0.0.1", "postgresql://postgres@localhost"))
+        if self.kind != "postgres" or not local:
+            return self.pinning
+        for pid in _postgres_pids():
+            try:
+                before = os.sched_getaffinity(pid)
+                os.sched_setaffinity(pid, cpus)
+                self.pinned[pid] = before
+            except OSError:  # gone, or not ours to move
+                continue
+        if not self.pinned:
+            return self.pinning
+        self.pinning = f"PostgreSQL server ({len(self.pinned)} processes and the backends they fork) on CPU " + \
+            ",".join(map(str, sorted(cpus)))
+        return self.pinning
+
+    def unpin_server(self) -> None:
+        for pid, before in self.pinned.items():
+            try:
+                os.sched_setaffinity(pid, before)
+            except OSError:
+                continue
+        # Backends forked while pinned keep the narrow set: give every server process the machine back.
+        everything = set(range(os.cpu_count() or 1))
+        for pid in _postgres_pids():
+            try:
+                os.sched_setaffinity(pid, everything)
+            except OSError:
+                continue
+        self.pinned = {}
 
     def drop(self) -> None:
         if self.kind != "postgres" or self.created is False:
@@ -1113,7 +1175,7 @@ def conditions(args, body: bytes, load, db: Database, redis: RedisKeys, pids: di
             f"proxy under test on CPU {PROXY_CPU} ("
             + ", ".join(placed(t) for t in ["baseline", *plain])
             + f"); wrk + stub on CPU {LOAD_CPU} (stub: cpus {cpus(pids['upstream'])}); database"
-            + (" and Redis servers" if scaled else " server") + " not pinned"
+            + (" and Redis servers not pinned" if scaled else f" ({db.pinning})")
         ),
         "gateway": (
             f"1 process per configuration ({len(plain)}: {COMPARE.flag} {args.gateways}"
@@ -1263,6 +1325,8 @@ def run(args, specs: list[GatewaySpec], work_dir: Path, children: Children, db: 
         load = AiohttpLoad(args.connections)
 
     db.create()
+    if not args.workers:
+        db.pin_server({LOAD_CPU})
     if args.workers:
         redis.check()
     log("starting the stub upstream, the baseline proxy and the gateway(s) ...")
@@ -1418,6 +1482,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             children.stop_all()
             redis.delete()
+            db.unpin_server()
             db.drop()
             shutil.rmtree(work_dir, ignore_errors=True)
         finally:

@@ -75,6 +75,7 @@ async def test_a_tier_refuses_with_429_headers_and_a_jsonrpc_error_naming_it(mak
     assert gw.gateway.limiter.refusals == {"user": 1}
     metrics = gw.gateway.metrics.render()
     assert 'gateway_rate_limited_total{tier="user"} 1' in metrics
+    assert "gateway_rate_limit_admitted_total 3" in metrics  # the three before: every tier admitted them
     assert 'gateway_fair_queue{state="waiting"} 0' in metrics
     assert 'gateway_limit_sync{what="redis_down"} 0' in metrics
     # The request log keeps the refusal and which tier made it.

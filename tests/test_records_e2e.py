@@ -148,3 +148,24 @@ async def test_sigterm_flushes_every_answered_request(pg_url, mcp_upstream_json,
             proc.kill()
             proc.wait()
         log_file.close()
+
+
+async def test_request_logs_off_writes_no_request_rows_but_keeps_the_audit_trail(make_gateway, pg_url,
+                                                                                   mcp_upstream_json):
+    """`[writer] request_logs = false` (for measuring what records cost): no request_logs or server_metrics rows;
+    the audit trail is its own switch and still gets every entry."""
+    gw = await make_gateway(pg_url, writer={"request_logs": False, "server_metrics_window": 0.05})
+    t = await gw.tenancy("acme", mcp_upstream_json, rate_limit_per_hour=100_000)
+    async with aiohttp.ClientSession() as http:
+        for i in range(5):
+            async with http.post(t.endpoint, json=_modern_call(i), headers=_headers(t.api_key)) as resp:
+                assert resp.status == 200, await resp.text()
+    await asyncio.sleep(0.2)  # several server_metrics windows
+    await gw.gateway.writer.flush()
+    assert await _count(pg_url) == 0
+    conn = await asyncpg.connect(pg_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM server_metrics") == 0
+        assert await conn.fetchval("SELECT count(*) FROM audit_logs WHERE action = 'mcp.tools/call'") == 5
+    finally:
+        await conn.close()

@@ -143,8 +143,9 @@ class Gateway:
         self._register_writer_metrics()
         self._register_pool_metrics()
         # Calls, errors and latency per upstream and tool, a server_metrics row per window.
-        self.server_stats = ServerStats(self.writer, self.engine, window=cfg.writer.server_metrics_window)
-        await self.server_stats.start()
+        if cfg.writer.request_logs:
+            self.server_stats = ServerStats(self.writer, self.engine, window=cfg.writer.server_metrics_window)
+            await self.server_stats.start()
         self.key_usage = KeyUsage(self.engine, interval=cfg.keys.last_used_flush_interval)
         await self.key_usage.start()
         # The records' lifecycle, each run by one process of the deployment at a time (records/joblock.py).
@@ -201,6 +202,7 @@ class Gateway:
             audit=self.audit,
             tracer=self.tracer,
         )
+        self.dataplane.request_logs = cfg.writer.request_logs
         self.store.on_change(self.dataplane.on_snapshot)
         # One prober per upstream across processes (a Redis lease); results reach every snapshot.
         self.health = HealthMonitor(

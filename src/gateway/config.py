@@ -111,6 +111,10 @@ class WriterConfig(msgspec.Struct, forbid_unknown_fields=True):
     spill_dir: str = ""
     # A spill segment is closed (and replayed, then deleted, as a whole) past this size.
     spill_segment_bytes: Annotated[int, Meta(ge=4096)] = 16 * 1024 * 1024
+    # A request_logs row per request and server_metrics rows per window. false:
+    # neither (nor the per-tool counters), for measuring what the records cost
+    # (bench/proxy.py --compare records); never in production.
+    request_logs: bool = True
 
 
 class AuditConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -148,6 +148,7 @@ class DataPlane:
         self.tracer = tracer
         # An audit entry per authenticated request (records/audit.py); None: [audit] enabled = false.
         self.audit = audit
+        self.request_logs = True  # [writer] request_logs (app.py): false only to measure what records cost
         # Breakers, routing, per-upstream queues and retries (None: calls go out unguarded).
         self.guard = guard
         # The gateway's own credentials for upstreams (per server, opened from the snapshot).
@@ -211,6 +212,9 @@ class DataPlane:
         )
         self.limited = metrics.counter(
             "gateway_rate_limited_total", "Requests refused by a rate-limit tier, by tier", ("tier",)
+        )
+        self.admitted = metrics.counter(
+            "gateway_rate_limit_admitted_total", "Requests every rate-limit tier of their principal admitted"
         )
         self.latency = metrics.histogram(
             "gateway_request_duration_seconds", "Time from request to the end of the answer, by tenant and server",
@@ -647,6 +651,7 @@ class DataPlane:
                 await limiter.wait(pending)
         except Limited as limited:
             raise self._limit_refusal(limited) from None
+        self.admitted.inc()
 
     def _limit_refusal(self, limited: Limited) -> Refusal:
         self.limited.inc(limited.tier)
@@ -685,27 +690,28 @@ class DataPlane:
         now = datetime.now(timezone.utc)
         target = call.target if call is not None else None
         status = exchange.status or 500
-        self.writer.submit(
-            "request_logs",
-            (
-                self._ids.next(),
-                key.tenant_id if key is not None else None,
-                key.user_id if key is not None else None,
-                key.id if key is not None else None,
-                server.id if server is not None else None,
-                server_name,
-                method,
-                target,
-                status,
-                exchange.error_code,
-                exchange.error,
-                elapsed * 1000.0,
-                len(body),
-                exchange.sent,
-                address,
-                now,
-            ),
-        )
+        if self.request_logs:
+            self.writer.submit(
+                "request_logs",
+                (
+                    self._ids.next(),
+                    key.tenant_id if key is not None else None,
+                    key.user_id if key is not None else None,
+                    key.id if key is not None else None,
+                    server.id if server is not None else None,
+                    server_name,
+                    method,
+                    target,
+                    status,
+                    exchange.error_code,
+                    exchange.error,
+                    elapsed * 1000.0,
+                    len(body),
+                    exchange.sent,
+                    address,
+                    now,
+                ),
+            )
         if key is not None and self.audit is not None:
             # Every authenticated request, refused or not; its params are decoded later, by the writer.
             self.writer.submit("audit_logs", self.audit.mcp_row(
