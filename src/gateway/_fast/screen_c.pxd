@@ -19,11 +19,20 @@ cdef bint _has(const unsigned char* data, Py_ssize_t i, Py_ssize_t n, bytes mark
 @cython.locals(marker=bytes)
 cdef bint _has_any(const unsigned char* data, Py_ssize_t i, Py_ssize_t n, tuple markers) except -1
 
-cdef bint _is_word(int c) noexcept
+@cython.locals(pad=Py_ssize_t, length=Py_ssize_t, hexish=bint)
+cdef bint _secret_run(const unsigned char* data, Py_ssize_t end, Py_ssize_t n, Py_ssize_t run, Py_ssize_t seps,
+                      int seen) noexcept
 
-@cython.locals(pad=Py_ssize_t, length=Py_ssize_t)
-cdef bint _secret_run(const unsigned char* data, Py_ssize_t end, Py_ssize_t n, Py_ssize_t run, Py_ssize_t seps, bint has_digit,
-                      bint has_upper, bint has_lower, bint hexish) noexcept
+cdef int _DIGIT
+cdef int _UPPER
+cdef int _LOWER
+cdef int _RUN
+cdef int _NOT_HEX
+cdef int _SEPARATOR
+cdef int _WORD
+cdef int _SPECIAL
+cdef bytes _KINDS
+cdef bytes _FOLD
 
 
 @cython.final
@@ -34,7 +43,8 @@ cdef class Screen:
     @cython.locals(word=bytes, letters=cython.p_uchar, m=Py_ssize_t, k=Py_ssize_t)
     cdef bint _word_at(self, const unsigned char* data, Py_ssize_t i, Py_ssize_t n, int f) except -1
 
-    @cython.locals(n=Py_ssize_t, i=Py_ssize_t, c=int, f=int, opens=Py_ssize_t, commas=Py_ssize_t, quoted=bint,
-                   length=Py_ssize_t, digits=Py_ssize_t, run=Py_ssize_t, seps=Py_ssize_t, has_digit=bint,
-                   has_upper=bint, has_lower=bint, hexish=bint, pairs=cython.p_uchar, pair=int, data=cython.p_uchar)
+    @cython.locals(n=Py_ssize_t, i=Py_ssize_t, c=int, f=int, following=int, kind=int, opens=Py_ssize_t,
+                   commas=Py_ssize_t, quoted=bint, length=Py_ssize_t, digits=Py_ssize_t, run=Py_ssize_t,
+                   seps=Py_ssize_t, seen=int, pairs=cython.p_uchar, pair=int, data=cython.p_uchar,
+                   kinds=cython.p_uchar, fold=cython.p_uchar)
     cpdef bint plain(self, bytes raw, Py_ssize_t nesting) except -1

@@ -81,11 +81,6 @@ def _has_any(data, i, n, markers):
     return False
 
 
-def _is_word(c):
-    """An ASCII word character (what `\\b` separates)."""
-    return (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or c == 95
-
-
 class Screen:
     """A screen for one set of names (`words`: the names and markers, already normalized)."""
 
@@ -133,6 +128,8 @@ class Screen:
             return False
         pairs = self._pairs
         data = raw  # compiled: a pointer to the bytes (no bounds checks: every index is below n)
+        kinds = _KINDS
+        fold = _FOLD
         opens = nesting
         commas = 0
         quoted = False
@@ -140,96 +137,116 @@ class Screen:
         digits = 0
         run = 0
         seps = 0
-        has_digit = has_upper = has_lower = False
-        hexish = True
+        seen = 0  # the kinds of the bytes of the current run, or-ed
+        f = fold[data[0]] if n else 0
         i = 0
         while i < n:
             c = data[i]
-            if c >= 128 or c == 92:
-                return False
-            f = _fold(c)
+            kind = kinds[c]
+            # A word starting here: the folded pair (this byte, the next) first, then the words themselves.
             if i + 1 < n:
-                pair = f << 8 | _fold(data[i + 1])
+                following = fold[data[i + 1]]
             else:
-                pair = f << 8
+                following = 0
+            pair = f << 8 | following
             if pairs[pair >> 3] & (1 << (pair & 7)) and self._word_at(data, i, n, f):
                 return False
-            if c == 45:
-                if _has_any(data, i, n, _MARKERS_DASH):
+            f = following
+            if kind & _SPECIAL:
+                if c >= 128 or c == 92:  # non-ASCII, or an escape
                     return False
-            elif c == 103:
-                if _has_any(data, i, n, _MARKERS_G):
-                    return False
-            elif c == 101:
-                if _has_any(data, i, n, _MARKERS_E):
-                    return False
-            elif c == 58:
-                if _has_any(data, i, n, _MARKERS_COLON):
-                    return False
-            elif c == 120:
-                if _has_any(data, i, n, _MARKERS_X):
-                    return False
-            elif c == 65:
-                if _has_any(data, i, n, _MARKERS_A):
-                    return False
-            elif c == 115 or c == 112 or c == 114:  # \b(sk|pk|rk)[-_]
-                if (i + 2 < n and data[i + 1] == 107 and (data[i + 2] == 45 or data[i + 2] == 95)
-                        and (i == 0 or not _is_word(data[i - 1]))):
-                    return False
-            if c == 34:
-                quoted = not quoted
-                length = 0
-            elif quoted:
+                if c == 34:
+                    quoted = not quoted
+                    length = -1  # the quote itself is not counted below
+                elif c == 44:
+                    commas += 1
+                elif c == 123 or c == 91:
+                    opens += 1
+                elif c == 45:
+                    if _has_any(data, i, n, _MARKERS_DASH):
+                        return False
+                elif c == 103:
+                    if _has_any(data, i, n, _MARKERS_G):
+                        return False
+                elif c == 101:
+                    if _has_any(data, i, n, _MARKERS_E):
+                        return False
+                elif c == 58:
+                    if _has_any(data, i, n, _MARKERS_COLON):
+                        return False
+                elif c == 120:
+                    if _has_any(data, i, n, _MARKERS_X):
+                        return False
+                elif c == 65:
+                    if _has_any(data, i, n, _MARKERS_A):
+                        return False
+                elif c == 115 or c == 112 or c == 114:  # \b(sk|pk|rk)[-_]
+                    if (i + 2 < n and data[i + 1] == 107 and (data[i + 2] == 45 or data[i + 2] == 95)
+                            and (i == 0 or not kinds[data[i - 1]] & _WORD)):
+                        return False
+            if quoted:
                 length += 1
                 if length > MAX_STRING:
                     return False
-            if c == 44:
-                commas += 1
-            elif c == 123 or c == 91:
-                opens += 1
-            if 48 <= c <= 57:
+            if kind & _DIGIT:
                 digits += 1
                 if digits >= _BIG_DIGITS:
                     return False
             else:
                 digits = 0
-            # [A-Za-z0-9+/_-]: a hex/base64 run goes on.
-            if (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or c == 43 or c == 47 or c == 95 or c == 45:
+            if kind & _RUN:  # [A-Za-z0-9+/_-]: a hex/base64 run goes on
                 run += 1
-                if 48 <= c <= 57:
-                    has_digit = True
-                elif 65 <= c <= 90:
-                    has_upper = True
-                    if c > 70:
-                        hexish = False
-                elif 97 <= c <= 122:
-                    has_lower = True
-                    if c > 102:
-                        hexish = False
-                else:
-                    hexish = False
-                    if c != 43:
-                        seps += 1
+                seen |= kind
+                if kind & _SEPARATOR:
+                    seps += 1
             else:
-                if run >= _LONG_RUN and _secret_run(data, i, n, run, seps, has_digit, has_upper, has_lower, hexish):
+                if run >= _LONG_RUN and _secret_run(data, i, n, run, seps, seen):
                     return False
-                run = seps = 0
-                has_digit = has_upper = has_lower = False
-                hexish = True
+                run = seps = seen = 0
             i += 1
-        if run >= _LONG_RUN and _secret_run(data, n, n, run, seps, has_digit, has_upper, has_lower, hexish):
+        if run >= _LONG_RUN and _secret_run(data, n, n, run, seps, seen):
             return False
         return commas < MAX_ITEMS - 1 and opens < MAX_DEPTH
 
 
-def _secret_run(data, end, n, run, seps, has_digit, has_upper, has_lower, hexish):
-    """Whether the sanitizer redacts the run of `run` characters ending before `data[end]` (with its '=' padding)."""
+def _secret_run(data, end, n, run, seps, seen):
+    """Whether the sanitizer redacts the run of `run` characters ending before `data[end]` (with its '=' padding);
+    `seen`: the kinds of its bytes, or-ed."""
     pad = 0
     while pad < 2 and end + pad < n and data[end + pad] == 61:
         pad += 1
     length = run + pad
-    if not has_digit or not (has_upper or has_lower):
+    if not seen & _DIGIT or not seen & (_UPPER | _LOWER):
         return False
     if seps * 8 > length:
         return False
-    return (hexish and pad == 0) or (has_upper and has_lower)
+    hexish = not seen & _NOT_HEX and pad == 0
+    return hexish or (seen & _UPPER and seen & _LOWER) != 0
+
+
+def _kind(c):
+    """The classes of byte `c` the screen tests (see the flags above)."""
+    kind = 0
+    if 48 <= c <= 57:
+        kind |= _DIGIT | _RUN | _WORD
+    elif 65 <= c <= 90:
+        kind |= _UPPER | _RUN | _WORD | (_NOT_HEX if c > 70 else 0)
+    elif 97 <= c <= 122:
+        kind |= _LOWER | _RUN | _WORD | (_NOT_HEX if c > 102 else 0)
+    elif c == 95:  # _
+        kind |= _RUN | _WORD | _SEPARATOR | _NOT_HEX
+    elif c == 45 or c == 47:  # - /
+        kind |= _RUN | _SEPARATOR | _NOT_HEX
+    elif c == 43:  # +
+        kind |= _RUN | _NOT_HEX
+    if c >= 128 or c in (92, 34, 44, 123, 91, 45, 103, 101, 58, 120, 65, 115, 112, 114):
+        kind |= _SPECIAL
+    return kind
+
+
+# Byte classes (bits of `_KINDS[byte]`): a digit, an upper- or lower-case ASCII letter, a byte of a hex/base64
+# run ([A-Za-z0-9+/_-]), one of those that is not a hex digit, a separator the sanitizer counts in a run (/ - _),
+# a word byte for \b, and a byte that needs a closer look (structure, escapes, non-ASCII, a marker's first byte).
+_DIGIT, _UPPER, _LOWER, _RUN, _NOT_HEX, _SEPARATOR, _WORD, _SPECIAL = 1, 2, 4, 8, 16, 32, 64, 128
+_KINDS = bytes(_kind(c) for c in range(256))
+_FOLD = bytes(_fold(c) for c in range(256))
