@@ -34,7 +34,8 @@ FRAGMENTS = [
     "AIza", "AKIA", "AKIAIOSFODNN7EXAMPLE", "ASIA", "-----BEGIN", "-----BEGIN RSA PRIVATE KEY-----", "sk-", "sk_",
     "pk_live_", "rk-", "task_", "ghp_", "github_pat_", "gh", "high", "=", "==", "/", "_", "-", "+",
     "0123456789abcdef", "ABCDEF", "Zz9", "a" * 40, "A1b2" * 10, "9" * 18, "9" * 19, "1" * 25, "1.5e300",
-    "\u212aey", "pa\u017f\u017fword", "\u0130", "caf\u00e9", "\u65e5\u672c", "\x00", "\ud800"[:0], "\\", "\n", " ", "",
+    "accesskey", "AccessKey=", "accesskey'=", "accessKey' :", "keyword", "monkey", "compass", "bypass", "pwd", "Pwd :", "bearer\t", "BEARER  x",
+    "=", ":", " = ", "'", '"', "key:", "key'=", "pwd=", "api_key ", "\u212aey", "pa\u017f\u017fword", "\u0130", "caf\u00e9", "\u65e5\u672c", "\x00", "\ud800"[:0], "\\", "\n", " ", "",
 ]
 # Fragments glued together (new words, runs and markers across their seams) or apart (word boundaries kept).
 texts = (st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=6), max_size=6).map("".join)
@@ -108,6 +109,10 @@ def test_an_ordinary_call_passes():
     {"note": "-----BEGIN PRIVATE KEY-----"},
     {"api_\u212aey": "v"},  # the Kelvin sign lowers to "k": a secret name for the sanitizer
     {"note": "pa\u017f\u017fword=hunter2 high"},  # long s matches "s" under (?i)
+    {"note": "accesskey=abc123"},  # a name=value word that is no name: "key" followed by "="
+    {"note": "PWD: hunter2"},
+    {"note": "accesskey'=abc123"},  # the pattern's optional quote between the word and "="
+    {"note": "use bearer  abc.def"},
     {"note": "caf\u00e9"},  # non-ASCII: walked
     {"note": "line\nbreak"},  # an escape: walked
 ])
@@ -117,6 +122,13 @@ def test_what_the_screen_sends_to_the_walk(argument):
     assert not sanitizer.unchanged(raw)
     if "ssn" in argument:
         assert DEFAULT.unchanged(raw)  # the default sanitizer has no such name
+
+
+def test_words_that_are_no_names_count_only_where_their_pattern_could_match():
+    raw = _bodies({"keywords": ["monkey", "key"], "note": "the bearer's compass passes", "pwd_hint": "x"})
+    assert DEFAULT.unchanged(raw)
+    decoded = orjson.loads(raw)
+    assert DEFAULT.clean(decoded) == decoded
 
 
 def test_depth_counts_the_levels_the_caller_adds():

@@ -32,6 +32,12 @@ cdef int _SEPARATOR
 cdef int _WORD
 cdef int _SPECIAL
 cdef bytes _KINDS
+cdef int _NAME
+cdef int _ASSIGNED
+cdef int _BEARER
+
+@cython.locals(start=Py_ssize_t, c=int)
+cdef bint _goes_on(const unsigned char* data, Py_ssize_t j, Py_ssize_t n, int kind) noexcept
 cdef bytes _FOLD
 
 
@@ -40,7 +46,7 @@ cdef class Screen:
     cdef list _by_first
     cdef bytes _pairs
 
-    @cython.locals(word=bytes, letters=cython.p_uchar, m=Py_ssize_t, k=Py_ssize_t)
+    @cython.locals(entry=bytes, letters=cython.p_uchar, m=Py_ssize_t, k=Py_ssize_t)
     cdef bint _word_at(self, const unsigned char* data, Py_ssize_t i, Py_ssize_t n, int f) except -1
 
     @cython.locals(n=Py_ssize_t, i=Py_ssize_t, c=int, f=int, following=int, kind=int, opens=Py_ssize_t,

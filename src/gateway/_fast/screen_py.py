@@ -16,10 +16,11 @@ decides). It gives False for:
   container of more than `MAX_ITEMS` items has that many), `MAX_DEPTH` opening
   brackets with the caller's `nesting` (the depth bound), a run of 19 digits
   (an integer past 64 bits has one);
-- a secret name, or a marker some value pattern needs, in the body's text
-  lower-cased with '-' and ' ' as '_' (how keys are compared): the names are
-  the sanitizer's (its built-in and added names), each standing for every key
-  that contains it;
+- a secret name in the body's text lower-cased with '-' and ' ' as '_' (how
+  keys are compared): the sanitizer's names, built-in and added, each standing
+  for every key that contains it; and where a value pattern could match, the
+  words it needs that are no names ("key" or "pwd" followed by ["']?\\s*[=:],
+  "bearer" followed by whitespace and a token character);
 - the cased markers of the value patterns: "-----BEGIN", "gw_", "eyJ", "://",
   "xox", "AIza", the GitHub "gh?_"/"github_pat_", an AWS key id's four letters,
   and "sk-"/"pk_"/... after a word boundary;
@@ -47,8 +48,16 @@ _MARKERS_E = (b"eyJ",)
 _MARKERS_COLON = (b"://",)
 _MARKERS_X = (b"xox",)
 _MARKERS_A = (b"AIza",) + _AWS_IDS
-# Folded markers of the value patterns (every pattern but the cased ones needs one of these).
+# Folded markers of the value patterns (every pattern but the cased ones needs one of these): what the
+# sanitizer's walk tests a string for before applying them (records/sanitize.py).
 FOLDED_MARKERS = ("authoriz", "bearer", "pass", "pwd", "secret", "key", "token")
+# What the screen looks for instead of those markers. The names (a deployment's and tenant's too) count
+# wherever they are: "authorization", "password", "passwd", "passphrase", "secret" and "token" are names, and
+# each pattern those markers guard needs one of them. The others count only where their pattern could go on:
+# the name=value pattern's words that are no names end in "key" or are "pwd", and it needs ["']?\s*[=:]
+# after them; the bearer pattern needs whitespace, then a token character.
+_NAME, _ASSIGNED, _BEARER = 0, 1, 2
+_ASSIGNED_WORDS = ("key", "pwd")
 
 
 def _fold(c):
@@ -82,38 +91,46 @@ def _has_any(data, i, n, markers):
 
 
 class Screen:
-    """A screen for one set of names (`words`: the names and markers, already normalized)."""
+    """A screen for one set of secret names (`names`: the sanitizer's, normalized as keys are)."""
 
-    def __init__(self, words):
-        kept = sorted({w.encode() for w in words if w and w.isascii()})
+    def __init__(self, names):
+        # Each entry: a kind byte, then the folded word. A name anywhere is enough (a key containing it is
+        # redacted whole); the contextual words count only where their pattern could go on.
+        kinds = {word: _ASSIGNED for word in _ASSIGNED_WORDS}
+        kinds["bearer"] = _BEARER
+        for name in names:
+            if name and name.isascii():
+                kinds[name] = _NAME
+        entries = sorted(bytes([kind]) + word.encode() for word, kind in kinds.items())
         by_first = [[] for _ in range(256)]
-        for word in kept:
-            by_first[word[0]].append(word)
+        for entry in entries:
+            by_first[entry[1]].append(entry)
         self._by_first = [tuple(found) for found in by_first]
         # A bit per (first, second) byte pair the words start with: most letters that start a word are not
         # followed by that word's second letter, and this rules them out without looking at the words.
         pairs = bytearray(8192)
-        for word in kept:
-            pair = word[0] << 8 | (word[1] if len(word) > 1 else 0)
-            pairs[pair >> 3] |= 1 << (pair & 7)
-            if len(word) == 1:  # a one-letter name: any second byte
+        for entry in entries:
+            if len(entry) > 2:
+                pair = entry[1] << 8 | entry[2]
+                pairs[pair >> 3] |= 1 << (pair & 7)
+            else:  # a one-letter name: any second byte
                 for second in range(256):
-                    pair = word[0] << 8 | second
+                    pair = entry[1] << 8 | second
                     pairs[pair >> 3] |= 1 << (pair & 7)
         self._pairs = bytes(pairs)
 
     def _word_at(self, data, i, n, f):
-        """Whether one of the words starts at `data[i]` (compared folded); `f` is `data[i]` folded."""
-        for word in self._by_first[f]:
-            m = len(word)
+        """Whether a word that counts starts at `data[i]` (compared folded); `f` is `data[i]` folded."""
+        for entry in self._by_first[f]:
+            m = len(entry) - 1
             if i + m <= n:
-                letters = word
+                letters = entry
                 k = 1
                 while k < m:
-                    if _fold(data[i + k]) != letters[k]:
+                    if _fold(data[i + k]) != letters[k + 1]:
                         break
                     k += 1
-                if k == m:
+                if k == m and (letters[0] == _NAME or _goes_on(data, i + m, n, letters[0])):
                     return True
         return False
 
@@ -207,6 +224,24 @@ class Screen:
         if run >= _LONG_RUN and _secret_run(data, n, n, run, seps, seen):
             return False
         return commas < MAX_ITEMS - 1 and opens < MAX_DEPTH
+
+
+def _goes_on(data, j, n, kind):
+    """Whether the pattern of a contextual word (`kind`) could match from `data[j]`, right after the word."""
+    if kind == _ASSIGNED:  # ["']?\s*[=:]
+        if j < n and (data[j] == 34 or data[j] == 39):
+            j += 1
+        while j < n and (data[j] == 32 or data[j] == 9 or data[j] == 10 or data[j] == 13):
+            j += 1
+        return j < n and (data[j] == 61 or data[j] == 58)
+    # _BEARER: \s+[A-Za-z0-9\-._~+/]
+    start = j
+    while j < n and (data[j] == 32 or data[j] == 9 or data[j] == 10 or data[j] == 13):
+        j += 1
+    if j == start or j >= n:
+        return False
+    c = data[j]
+    return (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or c in (45, 46, 95, 126, 43, 47)
 
 
 def _secret_run(data, end, n, run, seps, seen):

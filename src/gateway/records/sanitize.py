@@ -165,10 +165,8 @@ class Sanitizer:
         self._not_secret = NOT_SECRET_NAMES - {normalize_name(n) for n in extra_names}
         self._names: dict[str, bool] = {}  # key -> secret_name(key): keys recur in every entry
         # What `unchanged` looks for in a body's folded text: every name (a key containing one is redacted
-        # whole) and every marker that lets a value pattern apply; a name containing a marker is covered.
-        words = set(_FOLDED_MARKERS) | names | self._exact
-        words = {w for w in words if not any(m != w and m in w for m in _FOLDED_MARKERS)}
-        self._screen = screen.Screen(words) if screen.COMPILED else None
+        # whole); the screen adds the words value patterns need where they could match (_fast/screen).
+        self._screen = screen.Screen(names | self._exact) if screen.COMPILED else None
 
     def secret_name(self, key: str) -> bool:
         """Whether a value under `key` is replaced whole."""
