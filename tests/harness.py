@@ -197,3 +197,28 @@ async def start_gateway(database_url: str, config_file=None, **sections) -> Runn
     gateway = Gateway(gateway_config(database_url, config_file, **sections))
     await gateway.start()
     return RunningGateway(gateway, _OPERATOR_KEYS[database_url])
+
+
+class LocalPeer:
+    """A test peer: an aiohttp app answering POSTs at `PATH` on a free loopback port.
+
+    Subclasses give `_handle(request)`; `start()` returns the URL to reach it at.
+    """
+
+    PATH = "/mcp"
+    _runner = None
+
+    async def start(self) -> str:
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_post(self.PATH, self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}{self.PATH}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from harness import start_gateway
+from harness import LocalPeer, start_gateway
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -60,26 +60,15 @@ def _values(attributes) -> dict:
     return out
 
 
-class Receiver:
+class Receiver(LocalPeer):
     """An OTLP/HTTP trace endpoint: what a collector would have received."""
+
+    PATH = "/v1/traces"
 
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
         self.spans: list[ExportedSpan] = []
         self.content_types: set[str] = set()
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> str:
-        app = web.Application()
-        app.router.add_post("/v1/traces", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1/traces"
-
-    async def stop(self) -> None:
-        await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.content_types.add(f"{request.content_type};{request.headers.get('Content-Encoding', '')}")
@@ -114,25 +103,12 @@ class Receiver:
             await asyncio.sleep(0.02)
 
 
-class Upstream:
+class Upstream(LocalPeer):
     """A JSON-RPC upstream that records each tools/call's headers; `fail` answers calls with HTTP 500."""
 
     def __init__(self) -> None:
         self.calls: list[dict[str, list[str]]] = []
         self.fail = False
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> str:
-        app = web.Application()
-        app.router.add_post("/mcp", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/mcp"
-
-    async def stop(self) -> None:
-        await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.Response:
         message = await request.json()

@@ -19,6 +19,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 from aiohttp import web
+from harness import LocalPeer
 
 from gateway.dataplane import jsonrpc
 from gateway.db.engine import create_engine
@@ -32,7 +33,7 @@ FAST_BREAKER = {
 }
 
 
-class Peer:
+class Peer(LocalPeer):
     """An upstream whose behaviour the test sets: ok, fail (HTTP 500), drop (closes the connection), slow."""
 
     def __init__(self, name: str) -> None:
@@ -42,19 +43,6 @@ class Peer:
         self.calls: dict[str, int] = {}
         self.in_flight = 0
         self.most_in_flight = 0
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> str:
-        app = web.Application()
-        app.router.add_post("/mcp", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/mcp"
-
-    async def stop(self) -> None:
-        await self._runner.cleanup()
 
     def count(self, method: str) -> int:
         return self.calls.get(method, 0)

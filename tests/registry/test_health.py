@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import pytest
 import sqlalchemy as sa
 from aiohttp import web
+from harness import LocalPeer
 from tcp_relay import TcpRelay
 
 from gateway.controlplane.service import bump_version
@@ -36,7 +37,7 @@ FAST = {"health_interval": 0.2, "health_timeout": 5.0, "unhealthy_after": 3, "he
 WAIT = 30.0
 
 
-class Peer:
+class Peer(LocalPeer):
     """A 2025-11-25 Streamable HTTP MCP server (JSON answers) whose probes the test can count and steer."""
 
     def __init__(self, *, ping: bool = True, delay: float = 0.0) -> None:
@@ -46,24 +47,11 @@ class Peer:
         self.methods: collections.Counter[str] = collections.Counter()
         self.probes_by_session: collections.Counter[str | None] = collections.Counter()
         self._sessions = itertools.count(1)
-        self._runner: web.AppRunner | None = None
 
     @property
     def probes(self) -> int:
         """Pings: only the health monitor sends them (capability discovery lists too)."""
         return self.methods["ping"]
-
-    async def start(self) -> str:
-        app = web.Application()
-        app.router.add_post("/mcp", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/mcp"
-
-    async def stop(self) -> None:
-        await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.Response:
         message = await request.json()
