@@ -32,6 +32,7 @@ cdef int _SEPARATOR
 cdef int _WORD
 cdef int _SPECIAL
 cdef bytes _KINDS
+cdef list _MARKERS_AT
 cdef int _NAME
 cdef int _ASSIGNED
 cdef int _BEARER

@@ -40,14 +40,11 @@ _LONG_RUN = 32
 _BIG_DIGITS = 19
 _MAX_BODY = 1 << 20
 
-# Cased markers by their first byte (the AWS key ids start with "A" too).
-_AWS_IDS = (b"AKIA", b"ASIA", b"AGPA", b"AIDA", b"AROA", b"ANPA", b"ANVA", b"AIPA", b"ABIA", b"ACCA")
-_MARKERS_DASH = (b"-----BEGIN",)
-_MARKERS_G = (b"gw_", b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_", b"github_pat_")
-_MARKERS_E = (b"eyJ",)
-_MARKERS_COLON = (b"://",)
-_MARKERS_X = (b"xox",)
-_MARKERS_A = (b"AIza",) + _AWS_IDS
+# The value patterns' cased markers (an AWS key id's first four letters among them), by their first byte.
+_CASED_MARKERS = (b"-----BEGIN", b"gw_", b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_", b"github_pat_", b"eyJ", b"://",
+                  b"xox", b"AIza", b"AKIA", b"ASIA", b"AGPA", b"AIDA", b"AROA", b"ANPA", b"ANVA", b"AIPA", b"ABIA",
+                  b"ACCA")
+_MARKERS_AT = [tuple(m for m in _CASED_MARKERS if m[0] == first) for first in range(256)]
 # Folded markers of the value patterns (every pattern but the cased ones needs one of these): what the
 # sanitizer's walk tests a string for before applying them (records/sanitize.py).
 FOLDED_MARKERS = ("authoriz", "bearer", "pass", "pwd", "secret", "key", "token")
@@ -179,28 +176,12 @@ class Screen:
                     commas += 1
                 elif c == 123 or c == 91:
                     opens += 1
-                elif c == 45:
-                    if _has_any(data, i, n, _MARKERS_DASH):
-                        return False
-                elif c == 103:
-                    if _has_any(data, i, n, _MARKERS_G):
-                        return False
-                elif c == 101:
-                    if _has_any(data, i, n, _MARKERS_E):
-                        return False
-                elif c == 58:
-                    if _has_any(data, i, n, _MARKERS_COLON):
-                        return False
-                elif c == 120:
-                    if _has_any(data, i, n, _MARKERS_X):
-                        return False
-                elif c == 65:
-                    if _has_any(data, i, n, _MARKERS_A):
-                        return False
                 elif c == 115 or c == 112 or c == 114:  # \b(sk|pk|rk)[-_]
                     if (i + 2 < n and data[i + 1] == 107 and (data[i + 2] == 45 or data[i + 2] == 95)
                             and (i == 0 or not kinds[data[i - 1]] & _WORD)):
                         return False
+                elif _has_any(data, i, n, _MARKERS_AT[c]):  # the cased markers that start with this byte
+                    return False
             if quoted:
                 length += 1
                 if length > MAX_STRING:
@@ -274,7 +255,7 @@ def _kind(c):
         kind |= _RUN | _SEPARATOR | _NOT_HEX
     elif c == 43:  # +
         kind |= _RUN | _NOT_HEX
-    if c >= 128 or c in (92, 34, 44, 123, 91, 45, 103, 101, 58, 120, 65, 115, 112, 114):
+    if c >= 128 or c in (92, 34, 44, 123, 91, 115, 112, 114) or _MARKERS_AT[c]:
         kind |= _SPECIAL
     return kind
 
