@@ -360,6 +360,9 @@ class HealthMonitor:
                 state.failures += trailing  # real failures count toward the threshold
                 state.successes = 0
             verdict = await self._probe(state)
+            if state.status == MAINTENANCE:
+                # An admin's maintenance arrived (configure) while the probe was out: it is not judged.
+                return
         calls, failed = state.traffic.window(settings.breaker_window, now)
         new, reason = judge(state, verdict, settings, calls, failed)
         await self._record(state, verdict, new, reason, calls, failed)
@@ -520,10 +523,12 @@ class HealthMonitor:
             values["health_status"] = new
         async with self.engine.begin() as conn:
             # Conditional on the status this process judged from: an admin's MAINTENANCE, or a
-            # judgement by another process meanwhile, is never written over.
+            # judgement by another process meanwhile, is never written over (nor is MAINTENANCE
+            # left by a judgement: only an admin ends it).
             result = await conn.execute(
                 sa.update(mcp_servers)
-                .where(mcp_servers.c.id == state.server.id, mcp_servers.c.health_status == old)
+                .where(mcp_servers.c.id == state.server.id, mcp_servers.c.health_status == old,
+                       mcp_servers.c.health_status != MAINTENANCE)
                 .values(**values)
             )
             written = result.rowcount == 1
