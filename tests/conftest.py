@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import asyncpg
 import pytest
-from harness import RunningGateway, free_port, spawn_upstream, start_gateway  # noqa: F401
+from harness import RunningGateway, free_port, spawn_upstream, start_gateway, wait_for_port  # noqa: F401
 
 from gateway.db import migrate
 
@@ -208,3 +211,18 @@ async def make_gateway():
     yield make
     for running in started:
         await running.gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def stub_upstream() -> str:
+    """loadtests/stub_upstream.py in a process of its own: the fast upstream of the load and worker tests."""
+    port = free_port()
+    stub = Path(__file__).resolve().parent.parent / "loadtests" / "stub_upstream.py"
+    proc = subprocess.Popen([sys.executable, str(stub), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -13,13 +13,10 @@ import asyncio
 import csv
 import importlib.util
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from harness import free_port, wait_for_port
 
 LOADTESTS = Path(__file__).resolve().parent.parent / "loadtests"
 
@@ -43,19 +40,6 @@ SHAPES = {
     # By tag: the locustfile leaves out every class the tag does not select.
     "AbusiveClient": (["--tags", "abusive"], "abusive: "),
 }
-
-
-@pytest.fixture(scope="module")
-def stub_upstream() -> str:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(LOADTESTS / "stub_upstream.py"), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, proc)
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _rows(path: Path) -> list[dict]:

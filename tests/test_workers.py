@@ -26,19 +26,6 @@ LOADTESTS = Path(__file__).resolve().parent.parent / "loadtests"
 MODERN = "2026-07-28"
 
 
-@pytest.fixture(scope="module")
-def stub_upstream() -> str:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(LOADTESTS / "stub_upstream.py"), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, proc)
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 async def _provision(pg_url: str, upstream: str) -> tuple[str, str]:
     """(operator key, a proxy key of a tenant with server `stub`), written to the database directly."""
     from gateway.controlplane import schemas, service

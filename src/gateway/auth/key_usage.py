@@ -25,6 +25,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.db.tables import enhanced_api_keys, utcnow
+from gateway.tasks import cancel_all
 
 log = logging.getLogger("gateway.keys")
 
@@ -54,10 +55,8 @@ class KeyUsage:
         self._task = asyncio.create_task(self._run(), name="key-usage-flush")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await cancel_all([self._task])
+        self._task = None
         await self.flush()
 
     async def _run(self) -> None:

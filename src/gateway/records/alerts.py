@@ -59,6 +59,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from gateway.config import AlertsConfig
 from gateway.db.tables import alert_events, alert_rules, mcp_servers, request_logs, tenants, utcnow
 from gateway.records.joblock import JobLock
+from gateway.tasks import cancel_all
 
 log = logging.getLogger("gateway.records")
 
@@ -161,13 +162,8 @@ class AlertEvaluator:
 
     async def stop(self) -> None:
         """Stop evaluating, cancel deliveries in flight (the next evaluator finds them again), let the lock go."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_all([self._task])
+        self._task = None
         pending = list(self._deliveries.values())
         for task in pending:
             task.cancel()

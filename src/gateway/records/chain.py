@@ -125,19 +125,25 @@ def canonical(entry: dict[str, Any], details_json: str | None, *, details_text: 
     Every column but details as one JSON array (ids as lowercase text, the
     time in UTC, duration as a float), then the details' canonical text.
     """
-    values = [entry[name] for name in HASHED[:-1]]
+    head = _head([entry[name] for name in HASHED[:-1]])
+    tail = details_text if details_text is not None else canonical_details(details_json)
+    return head + b"\x1f" + tail.encode()
+
+
+def _head(values: list) -> bytes:
+    """Every hashed column but details (in `HASHED` order) as the canonical JSON array: ids as lowercase
+    text, the time in UTC, duration as a float. `values` is normalized in place."""
     created = values[_AT_CREATED]
-    if isinstance(created, datetime):
+    if isinstance(created, datetime) and created.tzinfo is not UTC:
         # SQLite gives back naive UTC; a row on its way in may carry any offset.
         values[_AT_CREATED] = created.replace(tzinfo=UTC) if created.tzinfo is None else created.astimezone(UTC)
-    if values[_AT_DURATION] is not None:
-        values[_AT_DURATION] = float(values[_AT_DURATION])  # REAL / float8 come back as floats
+    duration = values[_AT_DURATION]
+    if duration is not None and type(duration) is not float:
+        values[_AT_DURATION] = float(duration)  # REAL / float8 come back as floats
     for at in _AT_IDS:
         if isinstance(values[at], str):
             values[at] = uuid.UUID(values[at])
-    head = orjson.dumps([_FORMAT_VERSION, *values], default=str, option=orjson.OPT_UTC_Z)
-    tail = details_text if details_text is not None else canonical_details(details_json)
-    return head + b"\x1f" + tail.encode()
+    return orjson.dumps([_FORMAT_VERSION, *values], default=str, option=orjson.OPT_UTC_Z)
 
 
 def entry_hash(prev_hash: str, chain_seq: int, canonical_bytes: bytes) -> str:
@@ -173,10 +179,7 @@ def row_canonical(row: tuple, encode_details) -> bytes:
 
 
 _ROW_HEAD = tuple(COLUMNS.index(name) for name in HASHED[:-1])
-_ROW_CREATED, _ROW_DURATION = COLUMNS.index("created_at"), COLUMNS.index("duration_ms")
-_ROW_IDS = tuple(COLUMNS.index(name) for name in _IDS)
 _ROW_DETAILS = COLUMNS.index("details")
-_HEAD_OPTIONS = orjson.OPT_UTC_Z
 
 
 def row_canonical_and_json(row: tuple) -> tuple[bytes, str | None]:
@@ -187,17 +190,7 @@ def row_canonical_and_json(row: tuple) -> tuple[bytes, str | None]:
     is the same value (jsonb keeps no key order), and without a float in it,
     it is already the canonical text.
     """
-    values = [row[at] for at in _ROW_HEAD]
-    created = row[_ROW_CREATED]
-    if isinstance(created, datetime) and created.tzinfo is not UTC:
-        values[_AT_CREATED] = created.replace(tzinfo=UTC) if created.tzinfo is None else created.astimezone(UTC)
-    duration = row[_ROW_DURATION]
-    if duration is not None and type(duration) is not float:
-        values[_AT_DURATION] = float(duration)
-    for at, column in zip(_AT_IDS, _ROW_IDS):
-        if isinstance(row[column], str):
-            values[at] = uuid.UUID(row[column])
-    head = orjson.dumps([_FORMAT_VERSION, *values], default=str, option=_HEAD_OPTIONS)
+    head = _head([row[at] for at in _ROW_HEAD])
     details = row[_ROW_DETAILS]
     if details is None:
         return head + b"\x1f-", None

@@ -64,6 +64,7 @@ from gateway.db.tables import (
     utcnow,
 )
 from gateway.records.joblock import JobLock
+from gateway.tasks import cancel_all
 
 log = logging.getLogger("gateway.records")
 
@@ -190,13 +191,8 @@ class RetentionJob:
             self._task = asyncio.create_task(self._loop(), name="retention")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_all([self._task])
+        self._task = None
         await self.lock.release()
 
     async def _loop(self) -> None:

@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.db.tables import server_tools
 from gateway.records.writer import COLUMNS
+from gateway.tasks import cancel_all
 
 _ORDER = COLUMNS["server_metrics"]
 
@@ -104,10 +105,8 @@ class ServerStats:
         self._task = asyncio.create_task(self._run(), name="server-stats-flush")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await cancel_all([self._task])
+        self._task = None
         await self.flush()
 
     async def _run(self) -> None:
