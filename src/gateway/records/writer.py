@@ -304,9 +304,11 @@ class RecordWriter:
             pause = self._pause()
             if pause > 0:
                 await _wait(self._wake, pause)
-                self._wake.clear()
                 if self._stop_requested.is_set():
                     break
+            # Also when there was no wait: a wake-up left set by a batch this pass writes would end the
+            # next pause at once and write a partial batch early.
+            self._wake.clear()
             if self._spill is not None and time.monotonic() >= self._adopt_at:
                 await self._adopt()
             try:
