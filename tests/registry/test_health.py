@@ -339,8 +339,8 @@ async def test_two_gateways_one_prober_the_same_status(pg_url, make_gateway, red
     assert other.gateway.health.states[server_id].probes == 0
 
     # The holder goes away: the other takes the lease over, reads the state back, and carries on.
+    sessions = set(up.probes_by_session)  # before the stop: the other may take over while it runs
     await holder.gateway.stop()
-    sessions = set(up.probes_by_session)
     monitor = other.gateway.health
 
     def seen() -> str:  # what to look at if the takeover does not come (it once did not, under a loaded CI)

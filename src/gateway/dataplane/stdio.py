@@ -485,12 +485,21 @@ class _Process(asyncio.SubprocessProtocol):
         if self._transport is not None:
             self._transport.close()
 
+    async def _why_gone(self) -> str:
+        """Why the server cannot be written to: its exit status, which may come a moment after its pipes
+        close (waited for up to a second), or that it is not running."""
+        try:
+            status = await asyncio.wait_for(asyncio.shield(self.exited), 1.0)
+        except TimeoutError:
+            return f"the stdio server {self.name} (pid {self.pid}) is not running"
+        return f"the stdio server {self.name} (pid {self.pid}) exited with status {status}"
+
     # -- writing ------------------------------------------------------------------------------
     async def write(self, data: bytes) -> None:
         """Write one framed message; wait while the pipe is full (the child is not reading)."""
         stdin = self._stdin
         if not self.usable or stdin is None or stdin.is_closing():
-            raise UpstreamError(self.failure or f"the stdio server {self.name} (pid {self.pid}) is not running")
+            raise UpstreamError(self.failure or await self._why_gone())
         stdin.write(data)
         if not self._writable.is_set():
             await self._writable.wait()
