@@ -2,8 +2,10 @@
 
 Local admin commands (`keys`, `servers`, `tenants`, `users`, `config set`) act on the
 configured database directly as the operator, for the machine that runs the
-gateway; remote administration goes through the admin API. Lines meant for
-machines are `name=value` on stdout; everything else goes to stderr.
+gateway; remote administration goes through the admin API. Each invocation of
+one (and `bootstrap`) writes an audit entry, as the admin API would for the
+same operation (`_admin`, records/cli_audit.py). Lines meant for machines are
+`name=value` on stdout; everything else goes to stderr.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import subprocess
 import sys
 import uuid
@@ -43,16 +44,25 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
-def configure_logging(cfg: Config) -> None:
+def _formatter(cfg: Config) -> logging.Formatter:
     if cfg.log.format == "json":
-        formatter: logging.Formatter = _JsonFormatter()
-    else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return _JsonFormatter()
+    return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def configure_logging(cfg: Config) -> None:
+    formatter = _formatter(cfg)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(cfg.log.level)
+    configure_audit_log(cfg, formatter)
+
+
+def configure_audit_log(cfg: Config, formatter: logging.Formatter | None = None) -> None:
+    """The `gateway.audit` logger alone (the local admin commands leave the rest of the log as it was)."""
+    formatter = formatter or _formatter(cfg)
     # The audit trail's JSON lines ([audit] log) are a copy of the trail, not diagnostics: they are
     # written whatever the level of the rest of the log, to the same stream, a batch at a time.
     audit = logging.getLogger("gateway.audit")
@@ -130,29 +140,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bootstrap(args: argparse.Namespace) -> int:
+async def _bootstrap(args, engine, _actor) -> dict:
     from gateway.controlplane import service
-    from gateway.db import migrate
-    from gateway.db.engine import create_engine
+    from gateway.records.cli_audit import note_secret
 
-    cfg = _load(args)
-
-    async def go() -> str:
-        await migrate.check_current(cfg.database.url)
-        engine = create_engine(cfg.database.url)
-        try:
-            return await service.bootstrap(engine)
-        finally:
-            await engine.dispose()
-
-    try:
-        key = asyncio.run(go())
-    except (service.Conflict, migrate.SchemaNotCurrent) as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return 2
+    key = note_secret(args, await service.bootstrap(engine))  # cut out of the audit entry wherever it would appear
     print("Operator key created. It is shown once; store it now.", file=sys.stderr)
     _emit(admin_key=key)
-    return 0
+    return {"id": (await service.operator_actor(engine)).tenant_id}  # what was made: the platform tenant
 
 
 def cmd_config_get(args: argparse.Namespace) -> int:
@@ -161,7 +156,7 @@ def cmd_config_get(args: argparse.Namespace) -> int:
     cfg = _load(args)
     values = msgspec.to_builtins(cfg)
     if args.key and args.key not in {key for key, _env, _default in config_module.describe()}:
-        return _admin(_config_show)(args)  # not a file/env key: a stored system setting
+        return _admin(_config_show, "config.read", "config", "key")(args)  # not a file/env key: a stored system setting
     for key, env, _default in config_module.describe():
         section, name = key.split(".", 1)
         if args.key and key != args.key:
@@ -177,38 +172,80 @@ def cmd_config_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin(coro_fn):
-    """Run `coro_fn(engine, operator_actor)` against the configured database."""
+# Exit status when a command's audit entry could be stored neither in the database nor in the spill.
+AUDIT_NOT_STORED = 3
+
+
+def _admin(coro_fn, action: str, resource_type: str | None, id_arg: str | None = None, *,
+           bootstraps: bool = False):
+    """Run `coro_fn(args, engine, operator_actor)` against the configured database, with its audit entry.
+
+    Each invocation writes one audit entry (records/cli_audit.py), whatever
+    its outcome, as the operator: `action` is what the admin API records for
+    the same operation (a row of `permissions.PERMISSIONS`, or the API
+    handler's name for the routes that name none), `resource_type` the API's
+    collection, `id_arg` the argument naming the object acted on (None: a
+    create's entry names what `coro_fn` returned, a list's nothing).
+    `bootstraps`: the command makes the operator, so it runs first and the
+    operator is looked up for the entry after it. No entry without an
+    operator (not bootstrapped) or a current schema: there is no one to name.
+    Exit status 2 for the failures the API answers 4xx, AUDIT_NOT_STORED if
+    the entry was lost (said on stderr), whatever the command's own outcome.
+    """
     from gateway.controlplane import service
     from gateway.db import migrate
     from gateway.db.engine import create_engine
+    from gateway.records.cli_audit import CommandAudit
 
     def command(args: argparse.Namespace) -> int:
         cfg = _load(args)
+        configure_audit_log(cfg)  # the entry's `gateway.audit` line goes to stderr, as with `serve`
+        lost = False
 
         async def go():
+            nonlocal lost
+            audit = CommandAudit(cfg, args, action, resource_type, id_arg) if cfg.audit.enabled else None
             await migrate.check_current(cfg.database.url)
             engine = create_engine(cfg.database.url)
+            failure: BaseException | None = None
             try:
-                actor = await service.operator_actor(engine)
-                return await coro_fn(args, engine, actor)
+                actor = None if bootstraps else await service.operator_actor(engine)
+                try:
+                    result = await coro_fn(args, engine, actor)
+                except BaseException as exc:  # noqa: BLE001 - recorded, then raised again below
+                    failure, result = exc, None
+                if bootstraps:
+                    try:
+                        actor = await service.operator_actor(engine)
+                    except Exception:  # noqa: BLE001 - no operator was made: no one to name in an entry
+                        audit = None
+                if audit is not None:
+                    audit.ended(actor, result, failure)
+                    await audit.read_redact_names(engine)
             finally:
                 await engine.dispose()
+            if audit is not None:
+                lost = not await audit.store()
+            if failure is not None:
+                raise failure
 
+        status = 0
         try:
             asyncio.run(go())
         except (service.NotFound, service.Conflict, service.Forbidden, migrate.SchemaNotCurrent) as exc:
             print(f"gateway: {exc}", file=sys.stderr)
-            return 2
+            status = 2
         except Exception as exc:  # validation errors carry their own message
             from gateway.controlplane.schemas import ValidationFailed
 
-            if isinstance(exc, ValidationFailed):
-                print(f"gateway: invalid input: {exc}", file=sys.stderr)
-                return 2
-            raise
-        return 0
+            if not isinstance(exc, ValidationFailed):
+                raise
+            print(f"gateway: invalid input: {exc}", file=sys.stderr)
+            status = 2
+        return AUDIT_NOT_STORED if lost else status
 
+    # What its entries are recorded as (read by tests/test_cli_audit.py against the admin API's route table).
+    command.audit_action, command.audit_resource_type = "admin." + action, resource_type  # type: ignore[attr-defined]
     return command
 
 
@@ -272,6 +309,7 @@ async def _servers_register(args, engine, actor):
     )
     server = await service.create_server(engine, actor, body)
     _emit(server_id=str(server["id"]))
+    return server
 
 
 async def _servers_list(args, engine, actor):
@@ -319,6 +357,7 @@ async def _servers_update(args, engine, actor):
     state = "active" if server["is_active"] else "inactive"
     print(f"server {server['name']}: {server['transport_type']} {server['endpoint_url']}, {state}, "
           f"settings {orjson.dumps(server['settings']).decode()}", file=sys.stderr)
+    return server
 
 
 async def _servers_unregister(args, engine, actor):
@@ -327,6 +366,7 @@ async def _servers_unregister(args, engine, actor):
     server = await service.delete_server(engine, actor, _server_id(args))
     await _signal_change(args, engine)
     print(f"unregistered server {server['name']} ({server['id']})", file=sys.stderr)
+    return server
 
 
 async def _servers_discover(args, engine, actor):
@@ -399,6 +439,7 @@ async def _servers_approve(args, engine, actor):
     tool = await catalog.approve_tool(engine, actor, _server_id(args), args.tool, expected_hash=args.hash)
     await _signal_change(args, engine)
     print(f"approved definition {tool['definition_hash'][:12]} of tool {tool['name']!r}", file=sys.stderr)
+    return tool
 
 
 def _server_id(args) -> uuid.UUID:
@@ -412,14 +453,17 @@ def _server_id(args) -> uuid.UUID:
 
 async def _keys_create(args, engine, actor):
     from gateway.controlplane import schemas, service
+    from gateway.records.cli_audit import note_secret
 
     body = _convert(
         schemas.ApiKeyCreate, user_id=args.user, name=args.name, scopes=args.scope or None,
         rate_limit_per_hour=args.per_hour, rate_limit_per_day=args.per_day,
     )
     key = await service.create_api_key(engine, actor, body)
+    note_secret(args, key["key"])  # cut out of the audit entry wherever it would appear
     print("API key created. It is shown once; store it now.", file=sys.stderr)
     _emit(api_key_id=str(key["id"]), api_key=key["key"])
+    return key
 
 
 async def _keys_list(args, engine, actor):
@@ -437,12 +481,14 @@ async def _keys_list(args, engine, actor):
 async def _keys_revoke(args, engine, actor):
     from gateway.controlplane import service
 
-    await service.revoke_api_key(engine, actor, uuid.UUID(args.key_id))
+    key = await service.revoke_api_key(engine, actor, uuid.UUID(args.key_id))
     print(f"revoked {args.key_id}", file=sys.stderr)
+    return key
 
 
 async def _keys_rotate(args, engine, actor):
     from gateway.controlplane import schemas, service
+    from gateway.records.cli_audit import note_secret
 
     cfg = _load(args)
     body = _convert(schemas.ApiKeyRotate, grace_seconds=args.grace)
@@ -450,24 +496,28 @@ async def _keys_rotate(args, engine, actor):
         engine, actor, uuid.UUID(args.key_id), body, default_grace=cfg.keys.rotation_grace,
         max_grace=cfg.keys.rotation_grace_max,
     )
+    note_secret(args, key["key"])  # cut out of the audit entry wherever it would appear
     print("API key rotated. The new key is shown once; store it now.", file=sys.stderr)
     _emit(api_key_id=str(key["id"]), api_key=key["key"],
           old_key_valid_until=key["replaces"]["valid_until"].isoformat(timespec="seconds"))
+    return key
 
 
 async def _keys_import(args, engine, actor):
     from gateway.auth.sealing import load_secrets
     from gateway.controlplane import schemas, service
+    from gateway.records.cli_audit import note_secret
 
     cfg = _load(args)
     # Read from stdin, never from the command line (process listings and shell history show arguments).
-    plaintext = sys.stdin.readline().strip()
+    plaintext = note_secret(args, sys.stdin.readline().strip())
     body = _convert(
         schemas.ApiKeyImport, user_id=args.user, name=args.name, key=plaintext, scopes=args.scope or None,
         rate_limit_per_hour=args.per_hour, rate_limit_per_day=args.per_day,
     )
     key = await service.import_api_key(engine, actor, body, await load_secrets(engine, cfg.secrets.key))
     _emit(api_key_id=str(key["id"]))
+    return key
 
 
 async def _tenants_list(args, engine, actor):
@@ -489,6 +539,7 @@ async def _tenants_update(args, engine, actor):
     body = _convert(schemas.TenantUpdate, status=args.status, weight=args.weight, settings=settings)
     tenant = await service.update_tenant(engine, actor, uuid.UUID(args.tenant_id), body)
     print(f"tenant {tenant['name']}: {tenant['status']}, weight {tenant['weight']}", file=sys.stderr)
+    return tenant
 
 
 async def _users_update(args, engine, actor):
@@ -498,6 +549,7 @@ async def _users_update(args, engine, actor):
     user = await service.update_user(engine, actor, uuid.UUID(args.user_id), body)
     state = "active" if user["is_active"] else "deactivated"
     print(f"user {user['username']}: {user['role']}, {state}", file=sys.stderr)
+    return user
 
 
 async def _tenants_create(args, engine, actor):
@@ -505,6 +557,7 @@ async def _tenants_create(args, engine, actor):
 
     tenant = await service.create_tenant(engine, actor, _convert(schemas.TenantCreate, name=args.name))
     _emit(tenant_id=str(tenant["id"]))
+    return tenant
 
 
 async def _users_create(args, engine, actor):
@@ -514,6 +567,7 @@ async def _users_create(args, engine, actor):
                     role=args.role)
     user = await service.create_user(engine, actor, body)
     _emit(user_id=str(user["id"]))
+    return user
 
 
 async def _access_create(args, engine, actor):
@@ -526,6 +580,7 @@ async def _access_create(args, engine, actor):
     )
     rule = await service.create_access_rule(engine, actor, body)
     _emit(access_rule_id=str(rule["id"]))
+    return rule
 
 
 def _describe_rule(rule: dict) -> str:
@@ -550,6 +605,7 @@ async def _access_delete(args, engine, actor):
 
     rule = await service.delete_access_rule(engine, actor, uuid.UUID(args.rule_id))
     print(f"deleted {_describe_rule(rule)}", file=sys.stderr)
+    return rule
 
 
 async def _routes_create(args, engine, actor):
@@ -579,6 +635,7 @@ async def _routes_create(args, engine, actor):
     )
     rule = await service.create_routing_rule(engine, actor, body)
     _emit(routing_rule_id=str(rule["id"]))
+    return rule
 
 
 def _describe_route(rule: dict) -> str:
@@ -606,6 +663,7 @@ async def _routes_delete(args, engine, actor):
 
     rule = await service.delete_routing_rule(engine, actor, uuid.UUID(args.rule_id))
     print(f"deleted {_describe_route(rule)}", file=sys.stderr)
+    return rule
 
 
 # -- system configuration (controlplane/system_config.py) -----------------------------------------
@@ -663,13 +721,14 @@ async def _config_set(args, engine, actor):
 
     from gateway.auth.sealing import load_secrets
     from gateway.controlplane import schemas, system_config
+    from gateway.records.cli_audit import note_secret
 
     if args.sensitive:
         if args.value is not None:
             raise schemas.ValidationFailed([{"field": "value", "message": "a sensitive value is read from stdin, "
                                                                           "never from the command line"}])
         # Read from stdin, never from the command line (process listings and shell history show arguments).
-        text = sys.stdin.readline().rstrip("\r\n")
+        text = note_secret(args, sys.stdin.readline().rstrip("\r\n"))
     elif args.value is None:
         raise schemas.ValidationFailed([{"field": "value", "message": "is required (or --sensitive, from stdin)"}])
     else:
@@ -688,6 +747,7 @@ async def _config_set(args, engine, actor):
     await _signal_change(args, engine)
     _emit(config_key=setting["key"], version=str(setting["version"]))
     print(f"set {_describe_setting(setting)} (applies {setting['applies']})", file=sys.stderr)
+    return setting
 
 
 async def _config_delete(args, engine, actor):
@@ -696,6 +756,7 @@ async def _config_delete(args, engine, actor):
     setting = await system_config.delete_setting(engine, actor, args.key, _config_scope(args))
     await _signal_change(args, engine)
     print(f"deleted {_describe_setting(setting)}", file=sys.stderr)
+    return setting
 
 
 async def _config_list(args, engine, actor):
@@ -853,7 +914,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("revision", nargs="?", default="head")
     p.set_defaults(func=cmd_migrate)
     sub.add_parser("bootstrap", help="create the operator and print its admin key once").set_defaults(
-        func=cmd_bootstrap
+        func=_admin(_bootstrap, "bootstrap", "tenants", bootstraps=True)
     )
     p = sub.add_parser("demo", help="run the gateway with a demo MCP server and print a key")
     p.add_argument("--upstream-port", type=int, default=0, help="port of the demo MCP server (default: any free)")
@@ -876,19 +937,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", action=argparse.BooleanOptionalAction, default=None,
                    help="applies without a restart (default: yes, or what the setting already has)")
     p.add_argument("--description")
-    p.set_defaults(func=_admin(_config_set))
+    p.set_defaults(func=_admin(_config_set, "config.write", "config", "key"))
     p = cfg.add_parser("delete", help="delete a stored setting (a tenant's: the deployment's value applies again)")
     p.add_argument("key")
     p.add_argument("--tenant", help="a tenant's override (default: the deployment's value)")
-    p.set_defaults(func=_admin(_config_delete))
+    p.set_defaults(func=_admin(_config_delete, "config.write", "config", "key"))
     p = cfg.add_parser("list", help="list stored system settings (sensitive values never shown)")
     p.add_argument("--tenant", help="a tenant's overrides only, or 'default': the deployment's values only")
     p.add_argument("--category")
-    p.set_defaults(func=_admin(_config_list))
+    p.set_defaults(func=_admin(_config_list, "config.read", "config"))
     p = cfg.add_parser("history", help="every change of a stored setting, newest first")
     p.add_argument("key")
     p.add_argument("--tenant", help="a tenant's override (default: the deployment's value)")
-    p.set_defaults(func=_admin(_config_history))
+    p.set_defaults(func=_admin(_config_history, "config.read", "config", "key"))
 
     servers = sub.add_parser("servers", help="manage upstream servers").add_subparsers(dest="action", required=True)
     p = servers.add_parser("register", help="register an upstream MCP server")
@@ -897,7 +958,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", required=True, help="tenant id")
     p.add_argument("--transport", default="http", help="http, sse, websocket or stdio")
     p.add_argument("--tag", action="append")
-    p.set_defaults(func=_admin(_servers_register))
+    p.set_defaults(func=_admin(_servers_register, "servers.write", "servers"))
     p = servers.add_parser("list", help="list servers (each filter narrows)")
     p.add_argument("--tenant", help="tenant id")
     p.add_argument("--name")
@@ -905,10 +966,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", choices=("http", "sse", "websocket", "stdio"))
     p.add_argument("--health", choices=("HEALTHY", "DEGRADED", "UNHEALTHY", "UNKNOWN", "MAINTENANCE"))
     p.add_argument("--tool", help="offering a tool of this name (as last discovered)")
-    p.set_defaults(func=_admin(_servers_list))
+    p.set_defaults(func=_admin(_servers_list, "servers.read", "servers"))
     p = servers.add_parser("show", help="one server as JSON (settings, capabilities, last discovery)")
     p.add_argument("server_id")
-    p.set_defaults(func=_admin(_servers_show))
+    p.set_defaults(func=_admin(_servers_show, "servers.read", "servers", "server_id"))
     p = servers.add_parser("update", help="change a server; what is not given stays")
     p.add_argument("server_id")
     p.add_argument("--description")
@@ -921,22 +982,22 @@ def build_parser() -> argparse.ArgumentParser:
     active = p.add_mutually_exclusive_group()
     active.add_argument("--activate", dest="active", action="store_const", const=True)
     active.add_argument("--deactivate", dest="active", action="store_const", const=False)
-    p.set_defaults(func=_admin(_servers_update))
+    p.set_defaults(func=_admin(_servers_update, "servers.write", "servers", "server_id"))
     p = servers.add_parser("unregister", help="remove a server, what was discovered of it and its access rules")
     p.add_argument("server_id")
-    p.set_defaults(func=_admin(_servers_unregister))
+    p.set_defaults(func=_admin(_servers_unregister, "servers.write", "servers", "server_id"))
     p = servers.add_parser("discover", help="read the server's tools, resources and prompts now")
     p.add_argument("server_id")
-    p.set_defaults(func=_admin(_servers_discover))
+    p.set_defaults(func=_admin(_servers_discover, "servers.write", "servers", "server_id"))
     p = servers.add_parser("tools", help="the server's tools as last discovered, with their pin status")
     p.add_argument("server_id")
     p.add_argument("--changed", action="store_true", help="only tools whose definition changed since approval")
-    p.set_defaults(func=_admin(_servers_tools))
+    p.set_defaults(func=_admin(_servers_tools, "servers.read", "servers", "server_id"))
     p = servers.add_parser("approve", help="approve a tool's current definition (it is no longer withheld)")
     p.add_argument("server_id")
     p.add_argument("tool")
     p.add_argument("--hash", help="the definition hash you reviewed (refused if the tool changed since)")
-    p.set_defaults(func=_admin(_servers_approve))
+    p.set_defaults(func=_admin(_servers_approve, "servers.write", "servers", "server_id"))
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     p = keys.add_parser("create", help="mint an API key (printed once)")
@@ -945,34 +1006,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", action="append", help="read, write, admin, proxy, metrics or health")
     p.add_argument("--per-hour", type=int)
     p.add_argument("--per-day", type=int)
-    p.set_defaults(func=_admin(_keys_create))
-    keys.add_parser("list", help="list keys (never their secrets)").set_defaults(func=_admin(_keys_list))
+    p.set_defaults(func=_admin(_keys_create, "keys.write", "api-keys"))
+    keys.add_parser("list", help="list keys (never their secrets)").set_defaults(
+        func=_admin(_keys_list, "keys.read", "api-keys")
+    )
     p = keys.add_parser("revoke", help="revoke a key")
     p.add_argument("key_id")
-    p.set_defaults(func=_admin(_keys_revoke))
+    p.set_defaults(func=_admin(_keys_revoke, "keys.write", "api-keys", "key_id"))
     p = keys.add_parser("rotate", help="mint a replacement (printed once); the old key works for a grace period")
     p.add_argument("key_id")
     p.add_argument("--grace", type=int, help="seconds the old key keeps working (default: keys.rotation_grace)")
-    p.set_defaults(func=_admin(_keys_rotate))
+    p.set_defaults(func=_admin(_keys_rotate, "keys.write", "api-keys", "key_id"))
     p = keys.add_parser("import", help="accept a legacy key (read from stdin) as it is, for a user")
     p.add_argument("--user", required=True, help="user id")
     p.add_argument("--name", required=True)
     p.add_argument("--scope", action="append", help="read, write, admin, proxy, metrics or health")
     p.add_argument("--per-hour", type=int)
     p.add_argument("--per-day", type=int)
-    p.set_defaults(func=_admin(_keys_import))
+    p.set_defaults(func=_admin(_keys_import, "keys.import", "api-keys"))
 
     tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(dest="action", required=True)
     p = tenants.add_parser("create")
     p.add_argument("name")
-    p.set_defaults(func=_admin(_tenants_create))
-    tenants.add_parser("list").set_defaults(func=_admin(_tenants_list))
+    p.set_defaults(func=_admin(_tenants_create, "tenants.create", "tenants"))
+    tenants.add_parser("list").set_defaults(func=_admin(_tenants_list, "tenants.read", "tenants"))
     p = tenants.add_parser("update", help="suspend or reactivate a tenant, change its weight or settings")
     p.add_argument("tenant_id")
     p.add_argument("--status", choices=("active", "suspended"))
     p.add_argument("--weight", type=int, help="share under fair scheduling, 1..1000")
     p.add_argument("--settings", help="a JSON object that replaces the tenant's settings")
-    p.set_defaults(func=_admin(_tenants_update))
+    p.set_defaults(func=_admin(_tenants_update, "tenants.update", "tenants", "tenant_id"))
 
     users = sub.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
     p = users.add_parser("create")
@@ -980,7 +1043,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("email")
     p.add_argument("--tenant", required=True)
     p.add_argument("--role", default="USER")
-    p.set_defaults(func=_admin(_users_create))
+    p.set_defaults(func=_admin(_users_create, "users.write", "users"))
     p = users.add_parser("update", help="change a user's role, email, or deactivate it (its keys stop at once)")
     p.add_argument("user_id")
     p.add_argument("--role", choices=("ADMIN", "USER", "SERVICE", "READONLY"))
@@ -988,7 +1051,7 @@ def build_parser() -> argparse.ArgumentParser:
     active = p.add_mutually_exclusive_group()
     active.add_argument("--activate", dest="active", action="store_const", const=True)
     active.add_argument("--deactivate", dest="active", action="store_const", const=False)
-    p.set_defaults(func=_admin(_users_update))
+    p.set_defaults(func=_admin(_users_update, "users.write", "users", "user_id"))
 
     access = sub.add_parser("access", help="manage access rules (allow/deny on servers, tools, resources, prompts)")
     access = access.add_subparsers(dest="action", required=True)
@@ -1007,13 +1070,13 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--resource", help="resource URI glob, e.g. 'file:///secret/*'")
     what.add_argument("--prompt", help="prompt name glob")
     p.add_argument("--description")
-    p.set_defaults(func=_admin(_access_create))
+    p.set_defaults(func=_admin(_access_create, "create_access_rule", "access-rules"))
     p = access.add_parser("list", help="list rules")
     p.add_argument("--tenant", help="only this tenant's")
-    p.set_defaults(func=_admin(_access_list))
+    p.set_defaults(func=_admin(_access_list, "list_access_rules", "access-rules"))
     p = access.add_parser("delete", help="delete a rule")
     p.add_argument("rule_id")
-    p.set_defaults(func=_admin(_access_delete))
+    p.set_defaults(func=_admin(_access_delete, "delete_access_rule", "access-rules", "rule_id"))
 
     routes = sub.add_parser("routes", help="manage routing rules (which replica of a server answers a call)")
     routes = routes.add_subparsers(dest="action", required=True)
@@ -1030,13 +1093,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int, help="0..10000, lowest first (default 100)")
     p.add_argument("--disabled", action="store_true", help="store it without routing by it")
     p.add_argument("--description")
-    p.set_defaults(func=_admin(_routes_create))
+    p.set_defaults(func=_admin(_routes_create, "routing.write", "routing-rules"))
     p = routes.add_parser("list", help="list rules, in the order they are tried")
     p.add_argument("--tenant", help="only this tenant's")
-    p.set_defaults(func=_admin(_routes_list))
+    p.set_defaults(func=_admin(_routes_list, "routing.read", "routing-rules"))
     p = routes.add_parser("delete", help="delete a rule")
     p.add_argument("rule_id")
-    p.set_defaults(func=_admin(_routes_delete))
+    p.set_defaults(func=_admin(_routes_delete, "routing.write", "routing-rules", "rule_id"))
 
     audit = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="action", required=True)
     p = audit.add_parser("verify", help="recompute the audit hash chains; name the first broken link (exit 1)")
