@@ -206,6 +206,7 @@ class ControlPlane:
         r.add_put("/api/v1/config/{key}", self._admin(self.set_config, writes=True, action="config.write"))
         r.add_delete("/api/v1/config/{key}", self._admin(self.delete_config, writes=True, action="config.write"))
         r.add_get("/api/v1/config/{key}/history", self._admin(self.config_history, action="config.read"))
+        self.signin.audit, self.signin.writer = self.audit, self.writer  # sign-in and sign-out entries
         self.signin.add_routes(r)
         return app
 
