@@ -90,13 +90,14 @@ api_url = "{github.base}/api"
 """
 
 
-async def make_world(database_url: str, tmp_path, ttl: int = 3600) -> World:
+async def make_world(database_url: str, tmp_path, ttl: int = 3600, **sections) -> World:
+    """Both providers and a gateway on a control-plane port they know; `sections` as for `start_gateway`."""
     oidc = await LocalProvider("oidc").start()
     github = await LocalProvider("github", client_id="Iv1.gateway").start()
     port = free_port()
     path = tmp_path / "gateway.toml"
     path.write_text(_toml(oidc, github, port, ttl))
-    gw = await start_gateway(database_url, config_file=path, controlplane={"port": port})
+    gw = await start_gateway(database_url, config_file=path, controlplane={"port": port}, **sections)
     w = World(gw, oidc, github, database_url, users={})
     status, acme = await gw.admin("POST", "/tenants", {"name": "acme"})
     assert status == 201, acme
