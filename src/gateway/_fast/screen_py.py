@@ -45,6 +45,12 @@ _CASED_MARKERS = (b"-----BEGIN", b"gw_", b"ghp_", b"gho_", b"ghu_", b"ghs_", b"g
                   b"xox", b"AIza", b"AKIA", b"ASIA", b"AGPA", b"AIDA", b"AROA", b"ANPA", b"ANVA", b"AIPA", b"ABIA",
                   b"ACCA")
 _MARKERS_AT = [tuple(m for m in _CASED_MARKERS if m[0] == first) for first in range(256)]
+# A bit per (first, second) byte pair the cased markers start with: "e", "g", "x", "A" and ":" are common
+# bytes, and their next byte rules most of them out before the markers are compared.
+_CASED_PAIRS = bytes(
+    sum(1 << bit for bit in range(8) if any((m[0] << 8 | m[1]) == at * 8 + bit for m in _CASED_MARKERS))
+    for at in range(8192)
+)
 # Folded markers of the value patterns (every pattern but the cased ones needs one of these): what the
 # sanitizer's walk tests a string for before applying them (records/sanitize.py).
 FOLDED_MARKERS = ("authoriz", "bearer", "pass", "pwd", "secret", "key", "token")
@@ -141,6 +147,7 @@ class Screen:
         if n > _MAX_BODY:
             return False
         pairs = self._pairs
+        cased = _CASED_PAIRS
         data = raw  # compiled: a pointer to the bytes (no bounds checks: every index is below n)
         kinds = _KINDS
         fold = _FOLD
@@ -180,8 +187,10 @@ class Screen:
                     if (i + 2 < n and data[i + 1] == 107 and (data[i + 2] == 45 or data[i + 2] == 95)
                             and (i == 0 or not kinds[data[i - 1]] & _WORD)):
                         return False
-                elif _has_any(data, i, n, _MARKERS_AT[c]):  # the cased markers that start with this byte
-                    return False
+                elif i + 1 < n:  # the cased markers that start with this byte (each has three bytes or more)
+                    pair = c << 8 | data[i + 1]
+                    if cased[pair >> 3] & (1 << (pair & 7)) and _has_any(data, i, n, _MARKERS_AT[c]):
+                        return False
             if quoted:
                 length += 1
                 if length > MAX_STRING:
