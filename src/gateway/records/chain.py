@@ -204,8 +204,18 @@ def row_canonical_and_json(row: tuple) -> tuple[bytes, str | None]:
 def _may_hold_whole_float(text: bytes) -> bool:
     """Whether orjson's `text` may hold a float with a whole value (the only numbers jsonb gives back in
     another form): orjson writes those as "<digits>.0" below 1e16 and with an "e+" exponent above.
-    Substring tests, not `_FLOAT_TOKEN`: a regex led by a character class costs ~8 ns a byte here."""
-    return (b".0," in text or b".0}" in text or b".0]" in text or b"e+" in text or text.endswith(b".0"))
+    Substring searches, not `_FLOAT_TOKEN`: a regex led by a character class costs ~8 ns a byte here. And
+    `find`, not `in`: `bytes in bytes` first tries its operand as an integer and formats the TypeError it
+    then discards (twice the time of the search, per test)."""
+    at = text.find(b".0")
+    while at != -1:
+        if text[at + 2 : at + 3] in _AFTER_WHOLE:
+            return True
+        at = text.find(b".0", at + 2)
+    return text.find(b"e+") != -1
+
+
+_AFTER_WHOLE = (b",", b"}", b"]", b"")  # what follows the ".0" of a whole float in orjson's text
 
 
 async def row_canonicals(rows: list[tuple], chunk: int = 128) -> tuple[list[bytes], list[str | None]]:
