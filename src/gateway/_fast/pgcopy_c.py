@@ -1,0 +1,1 @@
+pgcopy_py.py
