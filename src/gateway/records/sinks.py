@@ -15,8 +15,9 @@ On PostgreSQL that transaction first takes each chain's advisory lock
 (`pg_advisory_xact_lock(chain.LOCK_CLASS, chain.lock_key(tenant))`, in a fixed
 order, so processes never deadlock), skips rows whose id is already in the
 table (a retried or replayed batch: ids are the idempotency keys), reads each
-chain's head, and COPYs the numbered rows. SQLite has one writer: the same in
-one transaction, without the lock.
+chain's head, and COPYs the numbered rows. On SQLite the same transaction
+takes the database's write lock before its first read (`BEGIN IMMEDIATE`,
+see `SQLiteSink`), so writers of several processes take turns there too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import asyncpg
 import orjson
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.db import tables
@@ -299,6 +301,14 @@ def _sqlite_error(exc: Exception) -> SinkError:
     return SinkUnavailable(f"{type(exc).__name__}: {exc}")
 
 
+def _driver_does_not_begin(dbapi_connection, _record) -> None:
+    dbapi_connection.isolation_level = None  # the "begin" event below does (SQLiteSink)
+
+
+def _begin_immediate(conn) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 class SQLiteSink:
     """One executemany INSERT per batch, in a transaction, through a SQLAlchemy engine this sink owns.
 
@@ -309,10 +319,29 @@ class SQLiteSink:
     'null' and reject datetimes and UUIDs inside the value), and aware
     timestamps are converted to UTC (SQLite stores a wall-clock time without
     its offset).
+
+    Every transaction of this sink starts with `BEGIN IMMEDIATE`: it holds
+    SQLite's write lock before its first read. Other processes write audit
+    entries into the same chains (a second gateway process, a local CLI admin
+    command: records/cli_audit.py), and an audit write reads its chains'
+    heads before it inserts the next links; under a deferred transaction two
+    writers could read the same head, and the unique index would refuse the
+    second one's rows as if they were bad. With the lock taken first, writers
+    take turns; one that waits past the engine's busy timeout gets "database
+    is locked", which is `SinkUnavailable` (retried), like any lock error.
+    The sqlite3 driver would only begin before the INSERT, so it is told not
+    to begin at all (isolation_level None) and the engine's "begin" event
+    emits the BEGIN: SQLAlchemy's SQLite documentation, "Enabling Non-Legacy
+    SQLite Transactional Modes" (https://docs.sqlalchemy.org/en/20/dialects/sqlite.html#sqlite-transactions).
+    The engine is this sink's own (a reader through it would take the write
+    lock too).
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        # Before the engine's first connection: every connection it opens gets the first hook.
+        event.listen(engine.sync_engine, "connect", _driver_does_not_begin)
+        event.listen(engine.sync_engine, "begin", _begin_immediate)
         self._inserts: dict[str, sa.Insert] = {}
         self._converters: dict[tuple[str, tuple[str, ...]], tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
