@@ -1,1 +1,0 @@
-pgcopy_py.py
