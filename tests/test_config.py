@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import subprocess
 import sys
+import uuid
 
 import pytest
+import sqlalchemy as sa
 
 from gateway import config
+from gateway.cli import configure_logging
 from gateway.config import ConfigError
+from gateway.db.engine import create_engine
 
 
 def test_defaults_are_the_embedded_gateway():
@@ -172,3 +178,45 @@ def test_bad_auth_settings_name_the_key(tmp_path, edit, env, names):
         config.load(path, env=env)
     for name in names:
         assert name in str(err.value)
+
+
+# ------------------------------------------------------------------ logging
+
+
+@pytest.fixture
+def saved_logging():
+    """The logging state configure_logging changes, put back afterwards."""
+    names = ("", "gateway.audit", "aiosqlite", "sqlalchemy.engine")
+    saved = [(logging.getLogger(n), logging.getLogger(n).handlers[:], logging.getLogger(n).level,
+              logging.getLogger(n).propagate) for n in names]
+    yield
+    for logger, handlers, level, propagate in saved:
+        logger.handlers[:], logger.propagate = handlers, propagate
+        logger.setLevel(level)
+
+
+async def test_debug_logging_prints_no_sql_parameter(saved_logging, sqlite_url):
+    """[log] level = "DEBUG": the gateway's own debug lines are written, the SQL libraries' parameters are not
+    (a pending sign-in's PKCE verifier is one: controlplane/sessions.py stores it through such an engine)."""
+    configure_logging(config.load(None, env={"GATEWAY_LOG_LEVEL": "DEBUG"}))
+    stream = io.StringIO()
+    logging.getLogger().handlers[0].setStream(stream)
+    secret = "pkce-verifier-" + uuid.uuid4().hex
+    engine = create_engine(sqlite_url)
+    try:
+        async with engine.begin() as conn:
+            assert (await conn.execute(sa.text("SELECT :verifier"), {"verifier": secret})).scalar_one() == secret
+    finally:
+        await engine.dispose()
+    logging.getLogger("gateway.test").debug("debug lines are written")
+    written = stream.getvalue()
+    assert "gateway.test: debug lines are written" in written
+    assert secret not in written
+    assert logging.getLogger("aiosqlite").getEffectiveLevel() == logging.INFO
+    assert logging.getLogger("sqlalchemy.engine.Engine").getEffectiveLevel() == logging.WARNING
+
+
+def test_a_quieter_gateway_keeps_the_sql_libraries_as_quiet(saved_logging):
+    configure_logging(config.load(None, env={"GATEWAY_LOG_LEVEL": "ERROR"}))
+    assert logging.getLogger("aiosqlite").getEffectiveLevel() == logging.ERROR
+    assert logging.getLogger("sqlalchemy.engine").getEffectiveLevel() == logging.ERROR

@@ -50,6 +50,15 @@ def _formatter(cfg: Config) -> logging.Formatter:
     return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+# Libraries that log SQL statements with their parameters, and the lowest level each may log at whatever
+# [log] level says: parameters are row values, among them a pending sign-in's PKCE verifier and nonce
+# (controlplane/sessions.py). aiosqlite logs every call it runs in its thread at DEBUG ("executing
+# functools.partial(<execute>, 'INSERT ...', (<parameters>))"); SQLAlchemy's engine logs statements and
+# their parameters at INFO and result rows at DEBUG (it sets "sqlalchemy" to WARNING when imported; this
+# keeps it there). asyncpg logs no statements.
+_SQL_LOGGER_FLOORS = {"aiosqlite": logging.INFO, "sqlalchemy.engine": logging.WARNING}
+
+
 def configure_logging(cfg: Config) -> None:
     formatter = _formatter(cfg)
     handler = logging.StreamHandler(sys.stderr)
@@ -57,6 +66,8 @@ def configure_logging(cfg: Config) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(cfg.log.level)
+    for name, floor in _SQL_LOGGER_FLOORS.items():
+        logging.getLogger(name).setLevel(max(floor, root.level))
     configure_audit_log(cfg, formatter)
 
 
