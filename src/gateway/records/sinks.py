@@ -13,9 +13,11 @@ Audit rows are not copied as they come: `write` numbers and hashes them into
 their tenant's chain (records/chain.py) in the transaction that inserts them.
 On PostgreSQL that transaction first takes each chain's advisory lock
 (`pg_advisory_xact_lock(chain.LOCK_CLASS, chain.lock_key(tenant))`, in a fixed
-order, so processes never deadlock), skips rows whose id is already in the
-table (a retried or replayed batch: ids are the idempotency keys), reads each
-chain's head, and COPYs the numbered rows. On SQLite the same transaction
+order, so processes never deadlock), reads each chain's head, and COPYs the
+numbered rows. Ids are the idempotency keys: when the primary key refuses a
+row (a retried batch whose first COPY committed, a replayed spill segment),
+that transaction rolls back and a second one skips the rows whose id is
+already in the table (looked up only then: most batches are new). On SQLite the same transaction
 takes the database's write lock before its first read (`BEGIN IMMEDIATE`,
 see `SQLiteSink`), so writers of several processes take turns there too.
 """
@@ -214,46 +216,60 @@ class PostgresSink:
             raise RowsRejected(f"{type(exc).__name__} while encoding an audit entry") from exc
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
-                async with conn.transaction():
-                    tenants = chain.tenants_of(rows)
-                    for tenant in tenants:
-                        await conn.execute(
-                            "SELECT pg_advisory_xact_lock($1, $2)", chain.LOCK_CLASS, chain.lock_key(tenant),
-                            timeout=self._timeout,
-                        )
-                    # Under the locks: what is already in (a committed batch coming back), and each chain's head.
-                    present = await conn.fetch(
-                        "SELECT id FROM audit_logs WHERE id = ANY($1::uuid[])", [row[0] for row in rows],
-                        timeout=self._timeout,
-                    )
-                    if present:
-                        skip = {record[0] for record in present}
-                        kept = [i for i, row in enumerate(rows) if row[0] not in skip]
-                        rows = [rows[i] for i in kept]
-                        canonicals, texts = [canonicals[i] for i in kept], [texts[i] for i in kept]
-                        logger.info("audit_logs: skipped %d entries already in the database (a retried or "
-                                    "replayed batch)", len(skip))
-                        if not rows:
-                            return
-                        tenants = chain.tenants_of(rows)
-                    heads = {}
-                    for tenant in tenants:
-                        if tenant is None:
-                            head = await conn.fetchrow(_PG_HEAD_NULL, timeout=self._timeout)
-                        else:
-                            head = await conn.fetchrow(_PG_HEAD, tenant, timeout=self._timeout)
-                        if head is not None:
-                            heads[tenant] = (head[0], head[1])
-                    try:
-                        # The details as JSON text already (asyncpg's jsonb codec takes text).
-                        records = chain.link(rows, heads, encode_json, canonicals, texts)
-                    except Exception as exc:  # noqa: BLE001 - a value that cannot be encoded
-                        raise RowsRejected(f"{type(exc).__name__} while encoding an audit entry") from exc
-                    await conn.copy_records_to_table(AUDIT, records=records, columns=columns, timeout=self._timeout)
+                try:
+                    # Most batches are new: no lookup of their ids first (an array of UUIDs to encode, an index
+                    # probe per row), the primary key refuses a row that is already in.
+                    await self._chain_and_copy(conn, columns, rows, canonicals, texts, look_up=False)
+                except asyncpg.UniqueViolationError:
+                    # A retried batch whose first COPY committed (its answer was lost), or a spill segment
+                    # replayed after a crash: the transaction rolled back; again, skipping what is in.
+                    await self._chain_and_copy(conn, columns, rows, canonicals, texts, look_up=True)
         except SinkError:
             raise
         except Exception as exc:  # noqa: BLE001 - every driver error is classified
             raise _pg_error(exc) from exc
+
+    async def _chain_and_copy(self, conn, columns: tuple[str, ...], rows: list[tuple], canonicals: list[bytes],
+                              texts: list[str | None], *, look_up: bool) -> None:
+        """In one transaction: each chain's lock, (`look_up`: skip the rows already in,) each chain's head,
+        the rows numbered and hashed after it, and their COPY."""
+        async with conn.transaction():
+            tenants = chain.tenants_of(rows)
+            for tenant in tenants:
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1, $2)", chain.LOCK_CLASS, chain.lock_key(tenant),
+                    timeout=self._timeout,
+                )
+            # Under the locks: what is already in (a committed batch coming back), and each chain's head.
+            if look_up:
+                present = await conn.fetch(
+                    "SELECT id FROM audit_logs WHERE id = ANY($1::uuid[])", [row[0] for row in rows],
+                    timeout=self._timeout,
+                )
+                if present:
+                    skip = {record[0] for record in present}
+                    kept = [i for i, row in enumerate(rows) if row[0] not in skip]
+                    rows = [rows[i] for i in kept]
+                    canonicals, texts = [canonicals[i] for i in kept], [texts[i] for i in kept]
+                    logger.info("audit_logs: skipped %d entries already in the database (a retried or "
+                                "replayed batch)", len(skip))
+                    if not rows:
+                        return
+                    tenants = chain.tenants_of(rows)
+            heads = {}
+            for tenant in tenants:
+                if tenant is None:
+                    head = await conn.fetchrow(_PG_HEAD_NULL, timeout=self._timeout)
+                else:
+                    head = await conn.fetchrow(_PG_HEAD, tenant, timeout=self._timeout)
+                if head is not None:
+                    heads[tenant] = (head[0], head[1])
+            try:
+                # The details as JSON text already (asyncpg's jsonb codec takes text).
+                records = chain.link(rows, heads, encode_json, canonicals, texts)
+            except Exception as exc:  # noqa: BLE001 - a value that cannot be encoded
+                raise RowsRejected(f"{type(exc).__name__} while encoding an audit entry") from exc
+            await conn.copy_records_to_table(AUDIT, records=records, columns=columns, timeout=self._timeout)
 
     def _encoded(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> list[tuple]:
         key = (table, columns)
