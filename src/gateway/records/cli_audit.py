@@ -44,7 +44,7 @@ from gateway.config import Config
 from gateway.records import chain
 from gateway.records.audit import AuditTrail
 from gateway.records.sanitize import REDACTED
-from gateway.records.sinks import RowsRejected, SinkError, sink_for
+from gateway.records.sinks import SinkError, sink_for
 from gateway.records.spill import Spill, default_dir
 
 TABLE = "audit_logs"
@@ -214,12 +214,9 @@ class CommandAudit:
     async def _write(self, rows: list[tuple]) -> None:
         sink = await sink_for(self._url, timeout=WRITE_TIMEOUT_SECONDS)
         try:
-            try:
-                await sink.write(TABLE, chain.COLUMNS, rows)
-            except RowsRejected:
-                # On SQLite a running gateway's writer may have taken the chain position this write read as
-                # the next (SQLite has no chain lock); the unique index refused it. Once more, with the new head.
-                await sink.write(TABLE, chain.COLUMNS, rows)
+            # Chained in the sink's transaction, which waits for a running gateway's writer (PostgreSQL: the
+            # chain's advisory lock; SQLite: BEGIN IMMEDIATE), so a refusal is about the entry itself.
+            await sink.write(TABLE, chain.COLUMNS, rows)
         finally:
             await sink.close()
 
