@@ -1,0 +1,243 @@
+"""Benchmark: what the records cost per request, in instructions, stage by stage, against another revision.
+
+    python bench/records_cost.py                       # this tree, 400 requests' records
+    python bench/records_cost.py --against bab2d11     # and the tree of that commit, in the same run
+    python bench/records_cost.py --rows 1000 --tool time
+    BENCH_PG_URL=postgresql://user@host:5432/postgres python bench/records_cost.py
+
+The proxy benchmark (proxy.py --compare records) measures the records' cost
+end to end, but on a shared 2-CPU VM its rounds differ by more than most
+changes to the records path. This one runs the records pipeline of `rows`
+MCP requests in one process, as the gateway does, under callgrind
+(valgrind's instruction counter: the same count for the same code and
+input whatever else the machine does), and reports instructions per request
+for each stage:
+
+- path_request_log: what `DataPlane._record` does for the request log row
+  (its id, its time, the tuple);
+- path_audit: the audit row (`AuditTrail.mcp_row`);
+- prepare: `AuditTrail.prepare` (decode, screen or sanitize, bound, the
+  `gateway.audit` line through `AuditLogHandler` to /dev/null);
+- copy_request_logs: `PostgresSink.write` of the request log rows (COPY);
+- write_audit: `PostgresSink.write` of the audit entries (canonical form,
+  chain lock, head, hashes, COPY), into a real PostgreSQL database made and
+  dropped by this run (BENCH_PG_URL, default postgres@127.0.0.1:5432).
+
+Each stage is counted alone: the child process runs `os.getppid()` before a
+stage and `os.getpgrp()` after it, and callgrind zeroes its counters on the
+first and dumps them on the second (--zero-before / --dump-before). The
+body is the proxy benchmark's 256-byte tools/call. Instructions are not
+time (cache misses, the kernel, the database's own work are not in them)
+and valgrind runs OpenSSL's SHA-256 without the CPU's SHA extensions, so
+the audit hashing counts for more here than it costs on the machine.
+
+`--against REV` also measures the tree of commit REV (git archive into a
+temporary directory, its compiled core built there) in the same run, and
+prints this tree's figures over REV's. `--tool time` counts process CPU
+time instead (best of 5 rounds), for a machine without valgrind: noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("path_request_log", "path_audit", "prepare", "copy_request_logs", "write_audit")
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+# -- the child: one process running the stages --------------------------------------------------
+def child(rows: int, database_url: str, tool: str) -> None:
+    import gc
+    import json
+    import logging
+    import time
+    from datetime import datetime, timezone
+
+    import asyncpg
+
+    from gateway.dataplane.server import _RowIds
+    from gateway.records.audit import AuditLogHandler, AuditTrail, audit_log
+    from gateway.records.sinks import PostgresSink
+    from gateway.records.writer import COLUMNS
+
+    gc.collect()
+    gc.freeze()  # as the gateway does at start-up (app.py _tune_gc)
+    gc.set_threshold(20_000, *gc.get_threshold()[1:])
+    text = "x" * (256 - 95)  # proxy.py's make_body(256): a tools/call of 256 bytes
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": "echo", "arguments": {"text": text}}}, separators=(",", ":")).encode()
+
+    class Key:
+        tenant_id, user_id, id, role = uuid.UUID(int=1), uuid.UUID(int=2), uuid.UUID(int=3), "USER"
+
+    server_id = uuid.UUID(int=4)
+    audit_log.handlers[:] = [AuditLogHandler(open(os.devnull, "w"))]
+    audit_log.setLevel(logging.INFO)
+    audit_log.propagate = False
+    ids = _RowIds()
+    trail = AuditTrail()
+    trail.new_id = ids.next  # what the data plane gives it
+
+    def request_log_row():
+        return (ids.next(), Key.tenant_id, Key.user_id, Key.id, server_id, "bench", "tools/call", "echo", 200, None,
+                None, 1.234, len(body), 321, "127.0.0.1", datetime.now(timezone.utc))
+
+    def audit_row():
+        return trail.mcp_row(Key, "bench", "tools/call", "echo", body, 200, None, None, 1.234, "127.0.0.1",
+                             datetime.now(timezone.utc))
+
+    async def run() -> dict[str, float]:
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+        sink = PostgresSink(pool)
+        try:
+            # Every path once before counting (imports, prepared statements, caches).
+            await sink.write("request_logs", COLUMNS["request_logs"], [request_log_row()])
+            await sink.write("audit_logs", COLUMNS["audit_logs"], trail.prepare([audit_row()]))
+            spent: dict[str, float] = {}
+            for _ in range(1 if tool == "callgrind" else 5):
+                marks = []
+
+                def begin():
+                    os.getppid()  # callgrind: zero the counters
+                    marks.append(time.process_time())
+
+                def end(stage):
+                    spent[stage] = min(spent.get(stage, float("inf")), time.process_time() - marks.pop())
+                    os.getpgrp()  # callgrind: dump the counters
+
+                begin(); logs = [request_log_row() for _ in range(rows)]; end("path_request_log")  # noqa: E702
+                begin(); entries = [audit_row() for _ in range(rows)]; end("path_audit")  # noqa: E702
+                begin(); prepared = trail.prepare(entries); end("prepare")  # noqa: E702
+                begin(); await sink.write("request_logs", COLUMNS["request_logs"], logs); end("copy_request_logs")  # noqa: E702,E501
+                begin(); await sink.write("audit_logs", COLUMNS["audit_logs"], prepared); end("write_audit")  # noqa: E702,E501
+            return spent
+        finally:
+            await pool.close()
+
+    spent = asyncio.run(run())
+    print("CHILD", json.dumps({"stages": list(spent), "seconds": spent, "body_bytes": len(body)}))
+
+
+# -- the parent ---------------------------------------------------------------------------------
+def admin(url: str, *statements: str) -> None:
+    import asyncpg
+
+    async def go():
+        conn = await asyncpg.connect(url)
+        try:
+            for sql in statements:
+                await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+def build_tree(rev: str, into: Path) -> Path:
+    """The `src` tree of commit `rev` with its compiled core built; returns its src directory."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src", "setup.py", "pyproject.toml"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", "build/lib"], cwd=into, check=True,
+                   capture_output=True)
+    for built in (into / "build" / "lib" / "gateway" / "_fast").glob("*.so"):
+        shutil.copy(built, into / "src" / "gateway" / "_fast" / built.name)
+    return into / "src"
+
+
+def measure(src: Path, rows: int, database_url: str, tool: str) -> tuple[dict[str, float], int]:
+    """Per-request figures of each stage for the tree at `src`: instructions (callgrind) or microseconds."""
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONHASHSEED": "0"}
+    env.pop("GATEWAY_NO_EXTENSIONS", None)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--rows", str(rows), "--tool", tool,
+            "--database-url", database_url]
+    with tempfile.TemporaryDirectory() as dumps:
+        if tool == "callgrind":
+            argv = ["valgrind", "--tool=callgrind", "--zero-before=os_getppid", "--dump-before=os_getpgrp",
+                    f"--callgrind-out-file={dumps}/cg.%p"] + argv
+        done = subprocess.run(argv, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"the measured process failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        found = re.search(r"^CHILD (.*)$", done.stdout, re.M)
+        import json
+
+        report = json.loads(found.group(1))
+        if tool == "time":
+            return {s: report["seconds"][s] / rows * 1e6 for s in STAGES}, report["body_bytes"]
+        counts = {}
+        for path in Path(dumps).glob("cg.*.*"):
+            number = int(path.name.rsplit(".", 1)[1])
+            summary = re.search(r"^summary: (\d+)", path.read_text(errors="replace"), re.M)
+            counts[number] = int(summary.group(1))
+        # Dumps are numbered in the order the stages ran (one dump per stage).
+        return {s: counts[i + 1] / rows for i, s in enumerate(report["stages"])}, report["body_bytes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=400, help="requests whose records are measured (default 400)")
+    parser.add_argument("--against", metavar="REV", help="also measure the tree of this commit, in the same run")
+    parser.add_argument("--tool", choices=("callgrind", "time"), default=None,
+                        help="callgrind (default when valgrind is installed) or process CPU time")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    tool = args.tool or ("callgrind" if shutil.which("valgrind") else "time")
+    if args.child:
+        return child(args.rows, args.database_url, tool)
+
+    base = os.environ.get("BENCH_PG_URL", DEFAULT_PG)
+    name = f"gwbench_records_{uuid.uuid4().hex[:10]}"
+    database_url = f"{base.rsplit('/', 1)[0]}/{name}"
+    admin(base, f'CREATE DATABASE "{name}"')
+    try:
+        from gateway.db import migrate
+
+        migrate.upgrade(database_url)
+        trees = {"this tree": ROOT / "src"}
+        with tempfile.TemporaryDirectory() as work:
+            if args.against:
+                print(f"building the tree of {args.against} ...", file=sys.stderr)
+                trees[args.against] = build_tree(args.against, Path(work))
+            results = {}
+            for label, src in trees.items():
+                print(f"measuring {label} ({tool}, {args.rows} requests) ...", file=sys.stderr)
+                results[label], body_bytes = measure(src, args.rows, database_url, tool)
+    finally:
+        admin(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    unit = "instructions" if tool == "callgrind" else "us CPU"
+    labels = list(results)
+    print(f"\n{'stage (per request)':22s}" + "".join(f"{label:>16s}" for label in labels)
+          + ("          ratio" if len(labels) == 2 else ""))
+    for stage in (*STAGES, "total"):
+        values = [sum(r.values()) if stage == "total" else r[stage] for r in results.values()]
+        line = f"{stage:22s}" + "".join(f"{v:16,.0f}" if tool == "callgrind" else f"{v:16.2f}" for v in values)
+        if len(values) == 2 and values[1]:
+            line += f"{values[0] / values[1]:14.2f}x"
+        print(line)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"], capture_output=True,
+                           text=True).stdout.strip()
+    print(f"\nconditions: {unit} per request; {args.rows} requests' records (a request_logs row and an audit entry "
+          f"each, {body_bytes}-byte tools/call body); one process; PostgreSQL {base.rsplit('@', 1)[-1]}; "
+          f"CPython {platform.python_version()}; this tree: {commit}{' + uncommitted changes' if dirty else ''}")
+    if tool == "callgrind":
+        version = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip()
+        print(f"            {version} (instruction counts: the database's work and the kernel's are not in them)")
+
+
+if __name__ == "__main__":
+    main()
