@@ -15,6 +15,11 @@ client's behalf, so it must speak each upstream's era.
 
 The client's credentials are never sent: the gateway speaks as itself, with
 the server's own credential when one is configured (`credential`).
+
+Traced (`tracer`, tracing.py; None when tracing is off): every POST carries
+the current span as `traceparent` (the `upstream` span of a `/mcp` call, a
+health probe's), and each message's HTTP status is noted on it. Outside such
+a span nothing is added.
 """
 
 from __future__ import annotations
@@ -85,12 +90,14 @@ def parse_answer(body: bytes, content_type: bytes, request_id: int) -> dict[str,
 
 
 class UpstreamClient:
-    def __init__(self, pool: UpstreamPool, target: str, *, timeout: float, credential=None) -> None:
+    def __init__(self, pool: UpstreamPool, target: str, *, timeout: float, credential=None, tracer=None) -> None:
         self.pool = pool
         self.target = target
         self.timeout = timeout
         # The gateway's own credential for this upstream (dataplane/credentials.py), sent on every request.
         self.credential = credential
+        # Spans (tracing.py): the current one is sent as `traceparent`; None: tracing off.
+        self.tracer = tracer
         self.era: str | None = None  # "modern" or "legacy", once known
         # For a modern upstream: whether it also takes a 2025-era handshake (None: not probed yet).
         self.accepts_handshake: bool | None = None
@@ -185,13 +192,18 @@ class UpstreamClient:
             message["id"] = request_id
         if params is not None:
             message["params"] = params
-        return request_id, await self._post(orjson.dumps(message), headers)
+        response = await self._post(orjson.dumps(message), headers)
+        if self.tracer is not None:
+            self.tracer.upstream_status(response.status)  # the last message of a call is the call itself
+        return request_id, response
 
     async def _post(self, body: bytes, headers: list[tuple[str, str]]) -> UpstreamResponse:
         all_headers = [("Content-Type", "application/json"), ("Accept", _ACCEPT), *headers]
         encoded = [(n.encode("latin-1"), v.encode("utf-8")) for n, v in all_headers]
         if self.credential is not None:
             encoded += await self.credential.headers()
+        if self.tracer is not None:
+            self.tracer.inject(encoded)
         framed = self.pool.encode_request("POST", self.target, encoded, body)
         response = await self.pool.request(framed, timeout=self.timeout)
         if response.status == 401 and self.credential is not None:
