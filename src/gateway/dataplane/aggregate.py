@@ -23,6 +23,13 @@ The same machinery, given one server (`only=`), is the facade for upstreams
 that do not speak HTTP (stdio): names stay as they are, resources pass
 through, the upstream's own capabilities are announced, and any other method
 is forwarded as it is.
+
+Traced (`tracer`, tracing.py, with the request's span passed in): each call
+to an upstream is a `route` span (the guard's `enter`) and an `upstream` span
+with the server's name, one per server a list fans out to; the call carries
+that span upstream, in `params._meta` (the only carrier of a stdio, SSE or
+WebSocket upstream) and, for HTTP, in the `traceparent` header (mcp_client.py).
+A list answered from the cache makes no span: nothing went upstream.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import orjson
 
 from gateway.dataplane import enforce
 from gateway.dataplane.jsonrpc import INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, Refusal
-from gateway.dataplane.mcp_client import UpstreamClient, UpstreamRpcError
+from gateway.dataplane.mcp_client import UpstreamRpcError
 from gateway.dataplane.relay import Downstream, Relay
 from gateway.dataplane.protocol import HANDSHAKE_VERSIONS, MODERN_VERSIONS
 from gateway.dataplane.upstream import UpstreamError, UpstreamTimeout
@@ -103,6 +110,8 @@ class Aggregate:
         self.relay = Relay(timeout=timeout, max_duration=max_duration)
         # Routing, breakers and queues around calls (dataplane/guard.py); None: calls go out unguarded.
         self.guard = None
+        # Spans of upstream calls (tracing.py), handed over by the data plane; None: tracing off (and no span).
+        self.tracer = None
 
     async def answer(
         self,
@@ -111,11 +120,13 @@ class Aggregate:
         body: bytes,
         only: ServerEntry | None = None,
         down: Downstream | None = None,
+        span=None,
     ) -> Answer:
         """Answer one message: for the tenant's aggregate, or as the facade of server `only`.
 
         `down` is the client's side of a call (progress, questions for the client:
         see relay.py); without it a call's answer is all the client gets.
+        `span`: the request's span when tracing is on, the parent of its upstream calls' spans.
         """
         message = orjson.loads(body)
         if not isinstance(message, dict):
@@ -139,7 +150,7 @@ class Aggregate:
             if only is not None:
                 # Access rules for the one server behind the facade; its lists come back filtered.
                 enforce.check_params(snapshot, key, only, method, params)
-                result, server = await self._single(only, method, params, down, key.tenant_id), only
+                result, server = await self._single(only, method, params, down, key.tenant_id, span), only
                 enforce.filter_result(snapshot, key, only, method, result)
             elif method == "initialize":
                 result, server = self._initialize(params, self._capabilities()), None
@@ -148,9 +159,9 @@ class Aggregate:
             elif method == "ping":
                 result, server = {}, None
             elif method in _KINDS:
-                result, server = await self._list(snapshot, key, method, params), None
+                result, server = await self._list(snapshot, key, method, params, span), None
             elif method in _ROUTED:
-                result, server = await self._route(snapshot, key, method, params, down)
+                result, server = await self._route(snapshot, key, method, params, down, span)
             else:
                 raise UpstreamRpcError({"code": METHOD_NOT_FOUND, "message": f"Method not found: {method}"})
         except UpstreamRpcError as exc:
@@ -193,7 +204,7 @@ class Aggregate:
     # -- one server behind a facade (stdio upstreams) ---------------------------------------------
     async def _single(
         self, server: ServerEntry, method: str, params: dict[str, Any], down: Downstream | None,
-        tenant_id: uuid.UUID | None = None,
+        tenant_id: uuid.UUID | None = None, span=None,
     ) -> dict[str, Any]:
         client = self.client_for(server)
         try:
@@ -224,7 +235,7 @@ class Aggregate:
             meta = {k: v for k, v in (params.get("_meta") or {}).items() if not k.startswith(_ENVELOPE_PREFIX)}
             if meta:
                 forwarded["_meta"] = meta
-            return await self._guarded(server, tenant_id, client, method, forwarded, down)
+            return await self._guarded(server, tenant_id, client, method, forwarded, down, span)
         except UpstreamTimeout as exc:
             raise _upstream_refusal(504, server, f"did not answer in time: {exc}") from None
         except (UpstreamError, OSError) as exc:
@@ -232,16 +243,20 @@ class Aggregate:
 
     async def _guarded(
         self, server: ServerEntry, tenant_id: uuid.UUID | None, client, method: str, params: dict[str, Any],
-        down: Downstream | None,
+        down: Downstream | None, span=None,
     ) -> dict[str, Any]:
         """A call through the guard: refused while the breaker is open, held for a slot, its outcome counted."""
         guard = self.guard
         if guard is None:
-            return await self._call(client, method, params, down)
+            return await self._call(server, client, method, params, down, span)
         tool = params.get("name") if method == "tools/call" else None
-        ticket = await guard.enter(server, tenant_id, tool=tool if isinstance(tool, str) else None)
+        entering = guard.enter(server, tenant_id, tool=tool if isinstance(tool, str) else None)
+        if span is None:
+            ticket = await entering
+        else:  # the breaker's verdict and any wait for a slot
+            ticket = await self.tracer.stage(span, "route", entering, server.name)
         try:
-            result = await self._call(client, method, params, down)
+            result = await self._call(server, client, method, params, down, span)
         except UpstreamRpcError:
             ticket.ok = True  # an error answer: the upstream is up
             raise
@@ -254,20 +269,30 @@ class Aggregate:
         finally:
             guard.leave(ticket)
 
-    async def _call(self, client, method: str, params: dict[str, Any], down: Downstream | None) -> dict[str, Any]:
+    async def _call(
+        self, server: ServerEntry, client, method: str, params: dict[str, Any], down: Downstream | None, span=None
+    ) -> dict[str, Any]:
+        if span is not None:
+            # The same call inside an `upstream` span, which the call carries upstream.
+            tracer = self.tracer
+            return await tracer.call(
+                span, server.name, lambda: self._call(server, client, method, tracer.with_context(params), down)
+            )
         if down is None:
             return await client.request(method, params)
         return await self.relay.call(client, method, params, down)
 
     # -- lists ----------------------------------------------------------------------------------
-    async def _list(self, snapshot: Snapshot, key: KeyEntry, method: str, params: dict) -> dict[str, Any]:
+    async def _list(self, snapshot: Snapshot, key: KeyEntry, method: str, params: dict, span=None) -> dict[str, Any]:
         kind = _KINDS[method]
         offset = _read_cursor(params.get("cursor"), snapshot.version)
         # A server closed to this caller by access rules is left out as if it did not exist.
         servers = sorted(
             (s for s in snapshot.servers_of(key.tenant_id) if enforce.usable(snapshot, key, s)), key=lambda s: s.name
         )
-        lists = await asyncio.gather(*(self.server_list(s, kind, method, snapshot.version) for s in servers))
+        lists = await asyncio.gather(
+            *(self.server_list(s, kind, method, snapshot.version, span=span) for s in servers)
+        )
         items: list[dict] = []
         unavailable = []
         for server, listed in zip(servers, lists):
@@ -300,9 +325,12 @@ class Aggregate:
         return result
 
     async def server_list(
-        self, server: ServerEntry, kind: str, method: str, version: int, *, fresh: bool = False
+        self, server: ServerEntry, kind: str, method: str, version: int, *, fresh: bool = False, span=None
     ) -> list[dict] | None:
-        """One server's whole list (all pages), from the cache unless `fresh`; None if the server failed."""
+        """One server's whole list (all pages), from the cache unless `fresh`; None if the server failed.
+
+        `span`: the request's, when tracing is on; a fetch is then one `upstream` span (all its pages).
+        """
         cache_key = (server.id, kind, version)
         cached = self._cache.get(cache_key)
         now = time.monotonic()
@@ -311,16 +339,12 @@ class Aggregate:
         if self.guard is not None and not self.guard.usable(server):
             return None  # its breaker is open (or it is down): left out at once, not after a timeout
         client = self.client_for(server)
-        items: list[dict] = []
-        cursor = None
         try:
-            async with asyncio.timeout(self.timeout):
-                for _ in range(MAX_UPSTREAM_PAGES):
-                    result = await client.request(method, {"cursor": cursor} if cursor else {})
-                    items.extend(i for i in result.get(kind, []) if isinstance(i, dict))
-                    cursor = result.get("nextCursor")
-                    if not cursor:
-                        break
+            if span is None:
+                items = await self._pages(client, kind, method)
+            else:
+                tracer = self.tracer
+                items = await tracer.call(span, server.name, lambda: self._pages(client, kind, method, tracer))
         except UpstreamRpcError as exc:
             if exc.error.get("code") == METHOD_NOT_FOUND:
                 items = []  # the server has no such capability: an empty list, not an outage
@@ -335,10 +359,28 @@ class Aggregate:
         self._cache[cache_key] = (now + LIST_TTL, items)
         return items
 
+    async def _pages(self, client, kind: str, method: str, tracer=None) -> list[dict]:
+        """Every page of one list, within the aggregate's timeout; `tracer`: each page carries the current span."""
+        items: list[dict] = []
+        cursor = None
+        async with asyncio.timeout(self.timeout):
+            for _ in range(MAX_UPSTREAM_PAGES):
+                params = {"cursor": cursor} if cursor else {}
+                if tracer is not None:
+                    params = tracer.with_context(params)
+                result = await client.request(method, params)
+                items.extend(i for i in result.get(kind, []) if isinstance(i, dict))
+                cursor = result.get("nextCursor")
+                if not cursor:
+                    break
+        return items
+
     # -- calls ----------------------------------------------------------------------------------
-    async def _route(self, snapshot: Snapshot, key: KeyEntry, method: str, params: dict, down: Downstream | None):
+    async def _route(
+        self, snapshot: Snapshot, key: KeyEntry, method: str, params: dict, down: Downstream | None, span=None
+    ):
         if method == "resources/read":
-            return await self._read_resource(snapshot, key, params, down)
+            return await self._read_resource(snapshot, key, params, down, span)
         full = params.get("name")
         if not isinstance(full, str):
             raise UpstreamRpcError({"code": INVALID_PARAMS, "message": f"{method} needs params.name as a string"})
@@ -351,9 +393,11 @@ class Aggregate:
         if self.guard is not None:
             # A routing rule may send the call to another replica of the server.
             server = self.guard.route(snapshot, server, name if method == "tools/call" else None)[0]
-        return await self._forward(server, method, params, "name", name, down, key.tenant_id), server
+        return await self._forward(server, method, params, "name", name, down, key.tenant_id, span), server
 
-    async def _read_resource(self, snapshot: Snapshot, key: KeyEntry, params: dict, down: Downstream | None):
+    async def _read_resource(
+        self, snapshot: Snapshot, key: KeyEntry, params: dict, down: Downstream | None, span=None
+    ):
         uri = params.get("uri")
         if not isinstance(uri, str):
             raise UpstreamRpcError({"code": INVALID_PARAMS, "message": "resources/read needs params.uri as a string"})
@@ -370,7 +414,7 @@ class Aggregate:
             raise UpstreamRpcError({"code": INVALID_PARAMS, "message": message, "data": {"uri": uri}})
         enforce.check_target(snapshot, key, server, enforce.RESOURCE, original, shown=uri)
         try:
-            result = await self._forward(server, "resources/read", params, "uri", original, down, key.tenant_id)
+            result = await self._forward(server, "resources/read", params, "uri", original, down, key.tenant_id, span)
         except UpstreamRpcError as exc:
             data = exc.error.get("data")
             if isinstance(data, dict) and data.get("uri") == original:
@@ -387,7 +431,7 @@ class Aggregate:
 
     async def _forward(
         self, server: ServerEntry, method: str, params: dict, field: str, value: str, down: Downstream | None,
-        tenant_id: uuid.UUID | None = None,
+        tenant_id: uuid.UUID | None = None, span=None,
     ) -> dict:
         """`method` on `server` with params[field] = value and the client's own `_meta` keys only."""
         forwarded = {k: v for k, v in params.items() if k != "_meta"}
@@ -396,7 +440,7 @@ class Aggregate:
         if meta:
             forwarded["_meta"] = meta
         try:
-            return await self._guarded(server, tenant_id, self.client_for(server), method, forwarded, down)
+            return await self._guarded(server, tenant_id, self.client_for(server), method, forwarded, down, span)
         except UpstreamTimeout as exc:
             raise _upstream_refusal(504, server, f"did not answer in time: {exc}") from None
         except (UpstreamError, OSError) as exc:

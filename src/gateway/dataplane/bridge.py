@@ -50,6 +50,14 @@ elsewhere is answered 404 "Session not found". WebSocket connections carry
 everything on one connection and need no stickiness. The 2025-era
 `/servers/{name}/mcp` sessions are not affected (sealed tokens, any replica).
 
+Traced (the data plane's `tracer`, tracing.py): each message `accept` takes
+is one `mcp.request` span (SERVER, `gateway.transport` "sse" or "websocket"),
+the child of the trace context in its `params._meta` (MCP's carrier, SEP-414)
+or of its POST's `traceparent`; its quota charge is a `limit` span and its
+exchange with the upstream an `upstream` span (CLIENT), named in the
+`traceparent` of that POST. The message's bytes go upstream as they came. The
+connection itself, its GET stream and its DELETE are not traced.
+
 Not here: the 2026-07-28 stateless era (these transports predate it: a
 message carrying its envelope is refused with -32022 naming the handshake
 versions, which sends a `mode="auto"` SDK client to `initialize`), JSON-RPC
@@ -234,14 +242,15 @@ def _upstream_refusal(server: ServerEntry, exc: UpstreamError) -> Refusal:
 class _Message:
     """One accepted client message on its way upstream."""
 
-    __slots__ = ("request", "key", "call", "body", "started", "listing")
+    __slots__ = ("request", "key", "call", "body", "started", "listing", "span")
 
     def __init__(
         self, request: web.BaseRequest, key: KeyEntry, call: Call, body: bytes, started: float,
-        listing: enforce.ListFilter | None = None,
+        listing: enforce.ListFilter | None = None, span=None,
     ) -> None:
         self.request, self.key, self.call, self.body, self.started = request, key, call, body, started
         self.listing = listing  # filters its answer when it is a list (access rules)
+        self.span = span  # its span (tracing.py) when tracing is on
 
 
 class Bridge:
@@ -341,6 +350,12 @@ class Bridge:
         render. Either way it is recorded.
         """
         call: Call | None = None
+        tracer = self.plane.tracer
+        span = None
+        if tracer is not None:
+            # A 2024-11-05 message is POSTed (its headers are its own); a WebSocket frame has none.
+            transport, headers = ("sse", request.headers) if request.method == "POST" else ("websocket", None)
+            span = tracer.start_message(transport, self.server.name, headers, body)
         try:
             if self.closed:
                 raise _session_ended(self.server.name)
@@ -367,11 +382,20 @@ class Bridge:
             if initialize and (self._initializing or self.upstream_session is not None):
                 raise Refusal(400, INVALID_REQUEST, "Invalid Request: this connection is already initialized")
             if self.plane.limiter is not None:
-                await self.plane._limit(request, key, call)
+                if span is None:
+                    await self.plane._limit(request, key, call)
+                else:
+                    await tracer.stage(span, "limit", self.plane._limit(request, key, call))
             listing = enforce.check_call(snapshot, key, current, call, body)  # access rules, role permissions
         except Refusal as refusal:
-            return await self._refused(request, key, call, body, started, refusal)
-        message = _Message(request, key, call, body, started, listing)
+            return await self._refused(request, key, call, body, started, refusal, span)
+        except asyncio.CancelledError:
+            if span is not None:  # the client left while the message waited for its quota
+                exchange = _Exchange()
+                exchange.status, exchange.error = CLIENT_CLOSED, "client closed the connection"
+                tracer.end_message(span, exchange, key, self.server, call)
+            raise
+        message = _Message(request, key, call, body, started, listing, span)
         if initialize:
             self._initializing = True
         if not self._inbox.full():
@@ -390,7 +414,7 @@ class Bridge:
                 put.cancel()
                 if initialize:
                     self._initializing = False
-                self._record_gone(request, key, call, body, started)
+                self._record_gone(request, key, call, body, started, span)
         if put.cancelled():
             return _session_ended(self.server.name)
         if self.closed:
@@ -399,7 +423,8 @@ class Bridge:
         return None
 
     async def _refused(
-        self, request, key: KeyEntry | None, call: Call | None, body: bytes, started: float, refusal: Refusal
+        self, request, key: KeyEntry | None, call: Call | None, body: bytes, started: float, refusal: Refusal,
+        span=None,
     ) -> Refusal | None:
         exchange = _Exchange()
         exchange.status, exchange.error_code, exchange.error = refusal.http_status, refusal.code, refusal.message
@@ -415,16 +440,21 @@ class Bridge:
             return None
         finally:
             self.plane._record(request, started, exchange, key, self.server, call, body, True)
+            if span is not None:
+                self.plane.tracer.end_message(span, exchange, key, self.server, call)
 
     def _drain_inbox(self) -> None:
         while not self._inbox.empty():  # accepted, never forwarded: still one row each
             message = self._inbox.get_nowait()
-            self._record_gone(message.request, message.key, message.call, message.body, message.started)
+            self._record_gone(message.request, message.key, message.call, message.body, message.started,
+                              message.span)
 
-    def _record_gone(self, request, key, call, body, started) -> None:
+    def _record_gone(self, request, key, call, body, started, span=None) -> None:
         exchange = _Exchange()
         exchange.status, exchange.error = CLIENT_CLOSED, "connection closed before the message was forwarded"
         self.plane._record(request, started, exchange, key, self.server, call, body, True)
+        if span is not None:
+            self.plane.tracer.end_message(span, exchange, key, self.server, call)
 
     async def deliver(self, message: bytes) -> None:
         """Queue a message for the client; a client that has stopped reading is disconnected."""
@@ -448,7 +478,7 @@ class Bridge:
                         f"{_MAX_IN_FLIGHT}); wait for answers before sending more",
                     )
                     await self._refused(message.request, message.key, message.call, message.body, message.started,
-                                        refusal)
+                                        refusal, message.span)
                     continue
                 task = loop.create_task(self._exchange(message))
                 self._in_flight.add(task)
@@ -467,7 +497,11 @@ class Bridge:
         exchange = _Exchange()
         call = message.call
         try:
-            await self._forward(message, exchange)
+            if message.span is None:
+                await self._forward(message, exchange)
+            else:
+                await self.plane.tracer.upstream(message.span, self.server.name, exchange,
+                                                 self._forward(message, exchange))
         except Refusal as refusal:
             exchange.status, exchange.error_code, exchange.error = refusal.http_status, refusal.code, refusal.message
             self.plane.refusals.inc(str(refusal.code))
@@ -500,6 +534,8 @@ class Bridge:
             self.plane._record(
                 message.request, message.started, exchange, message.key, self.server, call, message.body, True
             )
+            if message.span is not None:
+                self.plane.tracer.end_message(message.span, exchange, message.key, self.server, call)
 
     def _headers(self, accept: bytes | None = _ACCEPT_BOTH, *, body: bool = False) -> list[tuple[bytes, bytes]]:
         headers = []
@@ -524,6 +560,8 @@ class Bridge:
         timeout = self.plane.config.upstream_timeout
         try:
             headers = await self._with_credential(self._headers(body=True))
+            if message.span is not None:
+                self.plane.tracer.inject(headers)  # the `upstream` span, current while this runs
             payload = pool.encode_request("POST", server.target, headers, message.body)
             response = await pool.request(payload, timeout=timeout)
             exchange.status = response.status

@@ -38,6 +38,11 @@ server's state back from the database first, so monitoring resumes where it
 stopped after a restart or a takeover. Without Redis (embedded mode), or while
 Redis does not answer, this process probes everything itself.
 
+Traced when the data plane is (its `tracer`, tracing.py): each probe is a
+`health.probe` span (CLIENT) starting a trace of its own, never a request's,
+with the server's name, the method and the outcome; the probe carries it
+upstream (`traceparent` header for HTTP, `params._meta` for every transport).
+
 What it must not do: block the event loop (probes and writes are awaited, the
 loop never waits on anything but them), let a probe error end a loop, probe a
 server in MAINTENANCE, or touch the request path beyond `observe`.
@@ -359,7 +364,11 @@ class HealthMonitor:
             if trailing:
                 state.failures += trailing  # real failures count toward the threshold
                 state.successes = 0
-            verdict = await self._probe(state)
+            tracer = self.dataplane.tracer
+            if tracer is None:
+                verdict = await self._probe(state)
+            else:
+                verdict = await tracer.probe(state.server.name, self._probe(state, tracer))
             if state.status == MAINTENANCE:
                 # An admin's maintenance arrived (configure) while the probe was out: it is not judged.
                 return
@@ -390,7 +399,8 @@ class HealthMonitor:
         return int(held)
 
     # -- probing --------------------------------------------------------------------------------
-    async def _probe(self, state: ServerHealth) -> Verdict:
+    async def _probe(self, state: ServerHealth, tracer=None) -> Verdict:
+        """One probe; `tracer`: it runs inside its span, which its requests carry (`params._meta`)."""
         server, settings = state.server, state.server.settings
         state.probes += 1
         if server.transport_type == "stdio":
@@ -405,9 +415,10 @@ class HealthMonitor:
             # Started (stdio), connected (SSE, WebSocket), era known and session held (HTTP): not timed.
             await self._bounded(client, client.ensure_ready(), max(settings.health_timeout, 30.0))
             method = probe_method(settings, client.era, state.probe_method)
+            params = {} if tracer is None else tracer.with_context({})
             started = clock()
             try:
-                await self._bounded(client, client.request(method, {}), settings.health_timeout)
+                await self._bounded(client, client.request(method, params), settings.health_timeout)
             except UpstreamRpcError as exc:
                 if exc.error.get("code") != METHOD_NOT_FOUND:
                     raise
@@ -416,7 +427,7 @@ class HealthMonitor:
                     log.info("server %s has no ping: probing it with tools/list", server.name)
                     started = clock()
                     try:
-                        await self._bounded(client, client.request(method, {}), settings.health_timeout)
+                        await self._bounded(client, client.request(method, params), settings.health_timeout)
                     except UpstreamRpcError as again:
                         if again.error.get("code") != METHOD_NOT_FOUND:
                             raise
@@ -461,7 +472,7 @@ class HealthMonitor:
             or client.credential is not credential or client.timeout != timeout
         ):
             client = self._http_clients[server.id] = UpstreamClient(pool, server.target, timeout=timeout,
-                                                                    credential=credential)
+                                                                    credential=credential, tracer=self.dataplane.tracer)
         return client
 
     @staticmethod
