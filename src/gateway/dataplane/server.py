@@ -187,6 +187,7 @@ class DataPlane:
             max_duration=config.stream_max_duration,
         )
         self.aggregate.guard = guard
+        self.aggregate.tracer = tracer
         self.watcher = Watcher(self.aggregate, store, interval=config.list_watch_interval)
         self.allowed_origins = frozenset(config.allowed_origins)
         self.verified = VerifiedKeys()
@@ -375,7 +376,8 @@ class DataPlane:
             or client.credential is not credential
         ):
             client = UpstreamClient(
-                self.pool_for(server), server.target, timeout=self.config.upstream_timeout, credential=credential
+                self.pool_for(server), server.target, timeout=self.config.upstream_timeout, credential=credential,
+                tracer=self.tracer,
             )
             self.clients[server.id] = client
         return client
@@ -480,7 +482,7 @@ class DataPlane:
                     request_id=call.request_id,
                 )
                 try:
-                    answer = await self.aggregate.answer(snapshot, key, body, only=server, down=down)
+                    answer = await self.aggregate.answer(snapshot, key, body, only=server, down=down, span=exchange.span)
                 except Refusal as refusal:
                     if stream is None or stream.response is None:
                         raise
