@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import PG_ADMIN_URL
+# tests/conftest.py's server (a plain import of `conftest` may find tests/fast/conftest.py under xdist).
+PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "records_cost.py"
 
