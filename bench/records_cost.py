@@ -156,9 +156,12 @@ def build_tree(rev: str, into: Path) -> Path:
     return into / "src"
 
 
-def measure(src: Path, rows: int, database_url: str, tool: str) -> tuple[dict[str, float], int]:
-    """Per-request figures of each stage for the tree at `src`: instructions (callgrind) or microseconds."""
-    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONHASHSEED": "0"}
+def measure(src: Path | None, rows: int, database_url: str, tool: str) -> tuple[dict[str, float], int]:
+    """Per-request figures of each stage for the tree at `src` (None: the gateway this interpreter imports,
+    an editable install's or an installed build of this tree): instructions (callgrind) or microseconds."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
     env.pop("GATEWAY_NO_EXTENSIONS", None)
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--rows", str(rows), "--tool", tool,
             "--database-url", database_url]
@@ -205,7 +208,7 @@ def main() -> None:
         from gateway.db import migrate
 
         migrate.upgrade(database_url)
-        trees = {"this tree": ROOT / "src"}
+        trees: dict[str, Path | None] = {"this tree": None}
         with tempfile.TemporaryDirectory() as work:
             if args.against:
                 print(f"building the tree of {args.against} ...", file=sys.stderr)

@@ -223,8 +223,13 @@ async def test_tenants_share_contended_capacity_by_weight(make_gateway, pg_url, 
     total = sum(shares.values())
     normalized = [shares[name] / (total * weight / sum(weights.values())) for name, weight in weights.items()]
     jain = sum(normalized) ** 2 / (len(normalized) * sum(x * x for x in normalized))
-    # c's first second awake, beside a and b: its weight is half of 6.
-    woke = goodput("c", 2.5, 3.5) / (goodput("a", 2.5, 3.5) + goodput("b", 2.5, 3.5) + goodput("c", 2.5, 3.5))
+    # c's first second awake, beside a and b: its weight is half of 6. Counted from c's first answer, not
+    # from 2.5 s: on a loaded machine its twelve clients take a while to send at all, and until they do
+    # the queue cannot serve them.
+    assert served["c"], "tenant c was never served"
+    first = min(served["c"])
+    assert first < 3.5, f"tenant c's first answer came {first - 2.5:.2f} s after it woke"
+    woke = goodput("c", first, first + 1.0) / sum(goodput(name, first, first + 1.0) for name in weights)
     print(f"\ngoodput/s {({k: round(v, 1) for k, v in shares.items()})}, total {total:.1f} of {rate:.0f};"
           f" Jain's index {jain:.4f}; c's share in its first second awake {woke:.2f} (fair: 0.50)")
     assert jain >= 0.99
@@ -257,7 +262,9 @@ async def test_three_processes_hold_one_global_limit_through_redis_and_its_outag
 
     host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
     relay = await TcpRelay(host, int(port)).start()
-    rate = 150.0  # a second
+    # Low enough that 36 clients saturate it beside the rest of the suite on a slow 2-vCPU machine: at
+    # 150/s the SDK upstream answered about 92 calls a second there, so the limit never bound.
+    rate = 50.0  # a second
     section = _limits(global_per_minute=int(rate * 60), burst_seconds=1, roles={"USER": 100000}, ip_per_minute=0,
                       queue_max=0)
     shared = {"redis": {"url": f"redis://127.0.0.1:{relay.port}/0", "key_prefix": redis_prefix}}
