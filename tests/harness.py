@@ -222,3 +222,15 @@ class LocalPeer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+async def verify_chains(url: str):
+    """`chain.verify` of every audit chain in the database at `url` (its reports, one per chain)."""
+    from gateway.db.engine import create_engine
+    from gateway.records import chain
+
+    engine = create_engine(url)
+    try:
+        return await chain.verify(engine)
+    finally:
+        await engine.dispose()

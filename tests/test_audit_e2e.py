@@ -28,8 +28,8 @@ import asyncpg
 from harness import GENEROUS_LIMITS, free_port, wait_for_port
 from tcp_relay import TcpRelay
 
+from harness import verify_chains
 from gateway.db.engine import create_engine
-from gateway.records import chain
 
 N = 5
 META = {
@@ -74,12 +74,7 @@ def _kinds(rows) -> Counter:
     return Counter((r["action"], r["outcome"], r["error_code"]) for r in rows)
 
 
-async def _verify(url: str) -> list[chain.ChainReport]:
-    engine = create_engine(url)
-    try:
-        return await chain.verify(engine)
-    finally:
-        await engine.dispose()
+_verify = verify_chains  # tests/harness.py
 
 
 # ------------------------------------------------------------------ completeness

@@ -25,9 +25,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from harness import verify_chains
 from gateway.db import tables
 from gateway.db.engine import create_engine
-from gateway.records import chain
 from gateway.records.sinks import RowsRejected, SinkUnavailable, SQLiteSink, sink_for
 
 from test_audit_writer import AUDIT, entry
@@ -95,12 +95,7 @@ async def _stored(url: str) -> list[tuple]:
         await engine.dispose()
 
 
-async def _verify(url: str) -> list[chain.ChainReport]:
-    engine = create_engine(url)
-    try:
-        return await chain.verify(engine)
-    finally:
-        await engine.dispose()
+_verify = verify_chains  # tests/harness.py
 
 
 def test_writers_of_two_processes_extend_one_sqlite_chain(sqlite_url: str, tmp_path: Path):
