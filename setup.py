@@ -4,6 +4,9 @@ Each compiled module is one plain-Python source (`<name>_py.py`, the twin)
 plus an augmenting `<name>_c.pxd` that adds C types; `<name>_c.py` is a
 symlink to the twin, so Cython compiles the very same code under a second
 name and the two cannot drift (the aiohttp `_websocket/reader` pattern).
+A module whose speed is in what plain Python cannot say (C-level reads of
+Python objects: `pgcopy`) is a `<name>_c.pyx` of its own beside its twin,
+and its tests hold the two to the same results.
 
 GATEWAY_CYTHON_DEBUG=1 builds with line tracing and writes annotated HTML.
 GATEWAY_NO_EXTENSIONS=1 skips the build; the runtime then needs the same
@@ -35,6 +38,14 @@ if os.environ.get("GATEWAY_NO_EXTENSIONS") != "1":
             extra_compile_args=["-O2", "-ffp-contract=off"],
         )
         for pxd in sorted(FAST.glob("*_c.pxd"))
+    ] + [
+        Extension(
+            f"gateway._fast.{pyx.stem}",
+            [str(pyx.relative_to(HERE))],
+            define_macros=macros,
+            extra_compile_args=["-O2", "-ffp-contract=off"],
+        )
+        for pyx in sorted(FAST.glob("*_c.pyx"))
     ]
     directives = {
         "language_level": "3",

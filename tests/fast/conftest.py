@@ -73,3 +73,18 @@ def python_breaker():
 @pytest.fixture(scope="session", params=["compiled", "python"])
 def breaker_impl(request: pytest.FixtureRequest):
     return request.getfixturevalue(f"{request.param}_breaker")
+
+
+@pytest.fixture(scope="session")
+def compiled_pgcopy():
+    return _compiled("gateway._fast.pgcopy_c")
+
+
+@pytest.fixture(scope="session")
+def python_pgcopy():
+    return importlib.import_module("gateway._fast.pgcopy_py")
+
+
+@pytest.fixture(scope="session", params=["compiled", "python"])
+def pgcopy_impl(request: pytest.FixtureRequest):
+    return request.getfixturevalue(f"{request.param}_pgcopy")

@@ -36,6 +36,7 @@ import sqlalchemy.exc as sa_exc
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway._fast import pgcopy
 from gateway.db import tables
 from gateway.records import chain
 from gateway.db.engine import create_engine, create_pg_pool, is_postgres
@@ -138,6 +139,37 @@ _PG_HEAD_NULL = (
 )
 
 
+# The binary COPY encoding (gateway._fast.pgcopy) of each column type the record tables use; a table with a column
+# of another type is COPYed by asyncpg's own encoder.
+_COPY_KINDS = {
+    "uuid": "U", "text": "T", "character varying": "T", "jsonb": "J", "smallint": "S", "integer": "I",
+    "bigint": "L", "double precision": "F", "boolean": "B", "timestamp with time zone": "Z",
+}
+_COPY_CHUNK = 512  # rows per CopyData message
+
+
+class _Chunks:
+    """The pieces of a COPY stream, as the async iterable asyncpg's `copy_to_table` reads."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = iter(chunks)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+
+_COLUMN_TYPES = (
+    "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute "
+    "WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped"
+)
+
+
 class PostgresSink:
     """COPY (binary) into PostgreSQL through an asyncpg pool, which this sink owns and closes.
 
@@ -145,6 +177,13 @@ class PostgresSink:
     them (audit_logs.details): asyncpg's jsonb codec takes text. That keeps the
     pool an ordinary one (no per-connection codec setup to get right on
     reconnect) and costs nothing for request_logs, which has no JSON column.
+
+    A batch's COPY stream is written by `gateway._fast.pgcopy` in one call,
+    for the column types the database reports for the table (read once per
+    table and columns, again after a failed COPY); asyncpg's
+    `copy_records_to_table` encodes field by field through its general codecs,
+    which cost about as much as the rest of a request log row's way to the
+    database (bench/records_cost.py).
     """
 
     def __init__(self, pool: asyncpg.Pool, *, timeout: float = 30.0) -> None:
@@ -153,6 +192,7 @@ class PostgresSink:
         # write instead of hanging the writer forever.
         self._timeout = timeout
         self._json_positions: dict[tuple[str, tuple[str, ...]], tuple[int, ...]] = {}
+        self._copy_kinds: dict[tuple[str, tuple[str, ...]], str | None] = {}
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -169,9 +209,7 @@ class PostgresSink:
         try:
             try:
                 async with self._pool.acquire(timeout=self._timeout) as conn:
-                    await conn.copy_records_to_table(
-                        table, records=records, columns=columns, timeout=self._timeout
-                    )
+                    await self._copy(conn, table, columns, records)
             except asyncpg.UniqueViolationError:
                 # A batch whose COPY committed but whose reply was lost (connection
                 # cut at the wrong moment) comes back as a retry: insert what is new.
@@ -269,7 +307,35 @@ class PostgresSink:
                 records = chain.link(rows, heads, encode_json, canonicals, texts)
             except Exception as exc:  # noqa: BLE001 - a value that cannot be encoded
                 raise RowsRejected(f"{type(exc).__name__} while encoding an audit entry") from exc
-            await conn.copy_records_to_table(AUDIT, records=records, columns=columns, timeout=self._timeout)
+            await self._copy(conn, AUDIT, columns, records)
+
+    async def _copy(self, conn, table: str, columns: tuple[str, ...], records: list[tuple]) -> None:
+        """COPY `records` into `table`: a binary stream of our own where every column's type has an encoding."""
+        key = (table, columns)
+        try:
+            kinds = self._copy_kinds[key]
+        except KeyError:
+            kinds = self._copy_kinds[key] = await self._column_kinds(conn, table, columns)
+        if kinds is None:
+            await conn.copy_records_to_table(table, records=records, columns=columns, timeout=self._timeout)
+            return
+        # Encoded before the COPY starts (a value it refuses stops nothing half-sent), as several CopyData
+        # messages: PostgreSQL reads a whole message before it inserts a row of it.
+        last = len(records) - 1
+        chunks = [pgcopy.encode(kinds, records[at : at + _COPY_CHUNK], at == 0, at + _COPY_CHUNK > last)
+                  for at in range(0, max(len(records), 1), _COPY_CHUNK)]
+        try:
+            await conn.copy_to_table(table, source=_Chunks(chunks), columns=columns, format="binary",
+                                     timeout=self._timeout)
+        except Exception:
+            # The types are read again for the next batch: a migration may have changed one since.
+            self._copy_kinds.pop(key, None)
+            raise
+
+    async def _column_kinds(self, conn, table: str, columns: tuple[str, ...]) -> str | None:
+        types = dict(await conn.fetch(_COLUMN_TYPES, f'"{table}"', timeout=self._timeout))
+        kinds = [_COPY_KINDS.get(types.get(name)) for name in columns]
+        return None if None in kinds else "".join(kinds)
 
     def _encoded(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> list[tuple]:
         key = (table, columns)

@@ -1,0 +1,10 @@
+"""Selects the binary COPY encoder: compiled, or the twin on request (see `select`)."""
+
+from . import is_extension_module, select
+
+implementation = select("pgcopy")
+encode = implementation.encode
+KINDS = implementation.KINDS
+COMPILED = is_extension_module(implementation)
+
+__all__ = ("COMPILED", "KINDS", "encode")

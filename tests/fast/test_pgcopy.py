@@ -1,0 +1,202 @@
+"""The binary COPY encoder (gateway._fast.pgcopy): both twins write the same bytes, and PostgreSQL stores
+from them exactly what it stores from asyncpg's own COPY of the same rows."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import asyncpg
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+UTC = timezone.utc
+KINDS = "UTJSILFBZ"
+
+# -- values of each kind: what the record tables hold, their edges, and what a column must refuse ----------------
+def _json(text):
+    return st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
+        | st.floats(allow_nan=False, allow_infinity=False) | text,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text.map(lambda t: t[:5]), inner, max_size=3),
+        max_leaves=8,
+    )
+
+
+_ZONES = st.none() | st.just(UTC) | st.timedeltas(timedelta(hours=-23), timedelta(hours=23)).map(timezone) \
+    | st.timezones()
+_RANGE = {"S": 2**15, "I": 2**31, "L": 2**63}
+
+
+def _valid(kind: str, text=st.text()):
+    if kind == "U":
+        return st.uuids() | st.uuids().map(str) | st.uuids().map(lambda u: u.hex.upper())
+    if kind == "T":
+        return text
+    if kind == "J":
+        return _json(text).map(lambda value: orjson.dumps(value).decode())
+    if kind in _RANGE:
+        bound = _RANGE[kind]
+        return st.integers(-bound, bound - 1) | st.sampled_from((-bound, bound - 1, 0, -1)) | st.booleans()
+    if kind == "F":
+        return st.floats() | st.integers(-(2**60), 2**60)
+    if kind == "B":
+        return st.booleans()
+    return st.datetimes(timezones=_ZONES) | st.sampled_from(
+        (datetime.max, datetime.min, datetime(2000, 1, 1, tzinfo=UTC), datetime(1999, 12, 31, 23, 59, 59, 999999),
+         datetime(1, 1, 2, tzinfo=UTC), datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=UTC)))
+
+
+def _invalid(kind: str):
+    wrong = st.sampled_from((b"bytes", 1.5, [1], object(), "text", 7, datetime(2020, 1, 1)))
+    if kind == "U":
+        return wrong.filter(lambda v: not isinstance(v, str)) | st.text(max_size=40)
+    if kind in _RANGE:
+        bound = _RANGE[kind]
+        return wrong.filter(lambda v: not isinstance(v, int)) | st.integers(bound, bound * 4) \
+            | st.integers(-bound * 4, -bound - 1)
+    if kind == "T" or kind == "J":
+        return wrong.filter(lambda v: not isinstance(v, str)) | st.just("\ud800 lone surrogate")
+    if kind == "Z":
+        return wrong.filter(lambda v: not isinstance(v, datetime)) | st.just(datetime(1, 1, 1, tzinfo=timezone(
+            timedelta(hours=1))))  # before year 1 in UTC
+    return wrong.filter(lambda v: type(v) not in (bool, int, float) or kind == "B" and type(v) is not bool)
+
+
+@st.composite
+def _batch(draw, with_invalid: bool):
+    kinds = draw(st.text(alphabet=KINDS, min_size=1, max_size=12))
+    rows = []
+    for _ in range(draw(st.integers(0, 4))):
+        row = []
+        for kind in kinds:
+            choice = draw(st.integers(0, 9))
+            if choice == 0:
+                row.append(None)
+            elif choice == 1 and with_invalid:
+                row.append(draw(_invalid(kind)))
+            else:
+                row.append(draw(_valid(kind)))
+        rows.append(tuple(row) if draw(st.booleans()) else row)
+    return kinds, rows
+
+
+def _outcome(module, kinds, rows, header=True, trailer=True):
+    try:
+        return module.encode(kinds, rows, header, trailer)
+    except Exception as exc:  # noqa: BLE001 - the exception's type is what is compared
+        return type(exc)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_batch(with_invalid=True), st.booleans(), st.booleans())
+def test_the_twins_write_the_same_bytes_and_refuse_the_same_values(compiled_pgcopy, python_pgcopy, batch, header,
+                                                                   trailer):
+    kinds, rows = batch
+    assert _outcome(compiled_pgcopy, kinds, rows, header, trailer) == _outcome(python_pgcopy, kinds, rows, header,
+                                                                              trailer)
+
+
+def test_a_stream_has_the_header_the_rows_and_the_trailer(pgcopy_impl):
+    at = datetime(2000, 1, 1, 0, 0, 1, 5, tzinfo=UTC)
+    data = pgcopy_impl.encode("UTJIZ", [(uuid.UUID(int=1), "é", "{}", -2, at), (None,) * 5])
+    assert data == (
+        b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8
+        + b"\x00\x05" + struct.pack(">i", 16) + uuid.UUID(int=1).bytes + struct.pack(">i", 2) + "é".encode()
+        + struct.pack(">ib", 3, 1) + b"{}" + struct.pack(">ii", 4, -2) + struct.pack(">iq", 8, 1_000_005)
+        + b"\x00\x05" + struct.pack(">i", -1) * 5
+        + b"\xff\xff"
+    )
+    assert pgcopy_impl.encode("T", []) == b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8 + b"\xff\xff"
+    # The pieces of a stream sent as several messages: the header only in the first, the trailer in the last.
+    assert pgcopy_impl.encode("I", [(1,)], False, False) == b"\x00\x01" + struct.pack(">ii", 4, 1)
+    assert pgcopy_impl.encode("I", [(1,)], header=False) == b"\x00\x01" + struct.pack(">ii", 4, 1) + b"\xff\xff"
+
+
+@pytest.mark.parametrize(("kinds", "row", "error"), [
+    ("II", (1,), ValueError),  # a short row
+    ("I", (1, 2), ValueError),
+    ("X", (1,), ValueError),  # a kind without an encoding
+    ("I", (2**31,), OverflowError),
+    ("S", (-(2**15) - 1,), OverflowError),
+    ("L", (2**64,), OverflowError),
+    ("I", ("SECRET-1",), TypeError),
+    ("U", ("SECRET-2",), ValueError),
+    ("U", (b"SECRET-3",), TypeError),
+    ("T", (b"SECRET-4",), TypeError),
+    ("Z", ("SECRET-5",), TypeError),
+    ("F", ("SECRET-6",), TypeError),
+])
+def test_a_value_a_column_cannot_take_is_refused_without_quoting_it(pgcopy_impl, kinds, row, error):
+    with pytest.raises(error) as caught:
+        pgcopy_impl.encode(kinds, [row])
+    assert "SECRET" not in str(caught.value)
+
+
+def test_times_count_from_2000_in_utc_whatever_their_offset(pgcopy_impl):
+    def micros(value):
+        return struct.unpack(">q", pgcopy_impl.encode("Z", [(value,)])[-10:-2])[0]
+
+    utc = datetime(2026, 11, 26, 13, 45, 7, 123456, tzinfo=UTC)
+    expected = round((utc - datetime(2000, 1, 1, tzinfo=UTC)) / timedelta(microseconds=1))
+    assert micros(utc) == expected
+    assert micros(utc.astimezone(timezone(timedelta(hours=-7, minutes=-30)))) == expected
+    assert micros(datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)) == -1
+    assert micros(datetime.max) == 2**63 - 1 and micros(datetime.min) == -(2**63)
+
+
+# -- against PostgreSQL: what it stores from our stream is what it stores from asyncpg's ------------------------
+_COLUMNS = ("n", "u", "t", "v", "j", "s", "i", "l", "f", "b", "z")
+_TABLE = "(n int, u uuid, t text, v varchar(64), j jsonb, s smallint, i int, l bigint, f float8, b bool, z timestamptz)"
+_STORABLE_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+
+
+@st.composite
+def _storable_rows(draw):
+    rows = []
+    for n in range(draw(st.integers(1, 6))):
+        row = [n]
+        for kind in "UTTJSILFBZ":
+            if draw(st.integers(0, 7)) == 0:
+                row.append(None)
+                continue
+            strategy = _valid(kind, _STORABLE_TEXT)
+            if kind == "T" and len(row) == 3:  # the varchar(64) column
+                strategy = _STORABLE_TEXT.map(lambda text: text[:64])
+            if kind == "Z":  # in UTC between the years 1 and 9999 (asyncpg and ours both refuse the rest)
+                strategy = strategy.filter(lambda at: datetime(1, 1, 2) < at.replace(tzinfo=None) < datetime(9999, 12, 30)
+                                           if at.tzinfo is None else
+                                           datetime(1, 1, 2, tzinfo=UTC) < at < datetime(9999, 12, 30, tzinfo=UTC))
+            row.append(draw(strategy))
+        rows.append(tuple(row))
+    return rows
+
+
+def _comparable(record) -> tuple:
+    return tuple("nan" if isinstance(v, float) and math.isnan(v) else orjson.loads(v) if k == "j" and v else v
+                 for k, v in zip(_COLUMNS, record))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=_storable_rows())
+def test_postgresql_stores_what_it_stores_from_asyncpgs_copy(pg_url, pgcopy_impl, rows):
+    async def check():
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute(f"CREATE TABLE IF NOT EXISTS ours {_TABLE}; CREATE TABLE IF NOT EXISTS theirs {_TABLE};"
+                               "TRUNCATE ours, theirs")
+            await conn.copy_records_to_table("theirs", records=rows, columns=_COLUMNS)
+            await conn.copy_to_table("ours", source=memoryview(pgcopy_impl.encode("IUTTJSILFBZ", rows)),
+                                     columns=_COLUMNS, format="binary")
+            ours = [_comparable(r) for r in await conn.fetch("SELECT * FROM ours ORDER BY n")]
+            theirs = [_comparable(r) for r in await conn.fetch("SELECT * FROM theirs ORDER BY n")]
+        finally:
+            await conn.close()
+        assert ours == theirs and len(ours) == len(rows)
+
+    asyncio.run(check())
