@@ -156,7 +156,8 @@ def build_tree(rev: str, into: Path) -> Path:
     return into / "src"
 
 
-def measure(src: Path | None, rows: int, database_url: str, tool: str) -> tuple[dict[str, float], int]:
+def measure(src: Path | None, rows: int, database_url: str, tool: str,
+            keep: Path | None = None) -> tuple[dict[str, float], int]:
     """Per-request figures of each stage for the tree at `src` (None: the gateway this interpreter imports,
     an editable install's or an installed build of this tree): instructions (callgrind) or microseconds."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
@@ -178,11 +179,16 @@ def measure(src: Path | None, rows: int, database_url: str, tool: str) -> tuple[
         report = json.loads(found.group(1))
         if tool == "time":
             return {s: report["seconds"][s] / rows * 1e6 for s in STAGES}, report["body_bytes"]
-        counts = {}
+        counts, files = {}, {}
         for path in Path(dumps).glob("cg.*.*"):
             number = int(path.name.rsplit(".", 1)[1])
             summary = re.search(r"^summary: (\d+)", path.read_text(errors="replace"), re.M)
-            counts[number] = int(summary.group(1))
+            counts[number], files[number] = int(summary.group(1)), path
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            tag = "this" if src is None else src.parent.name
+            for i, stage in enumerate(report["stages"]):
+                shutil.copy(files[i + 1], keep / f"{tag}.{stage}.callgrind")
         # Dumps are numbered in the order the stages ran (one dump per stage).
         return {s: counts[i + 1] / rows for i, s in enumerate(report["stages"])}, report["body_bytes"]
 
@@ -193,6 +199,8 @@ def main() -> None:
     parser.add_argument("--against", metavar="REV", help="also measure the tree of this commit, in the same run")
     parser.add_argument("--tool", choices=("callgrind", "time"), default=None,
                         help="callgrind (default when valgrind is installed) or process CPU time")
+    parser.add_argument("--keep", metavar="DIR", help="keep callgrind's dumps in DIR (one per stage and tree), "
+                        "for callgrind_annotate --inclusive=yes")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -216,7 +224,8 @@ def main() -> None:
             results = {}
             for label, src in trees.items():
                 print(f"measuring {label} ({tool}, {args.rows} requests) ...", file=sys.stderr)
-                results[label], body_bytes = measure(src, args.rows, database_url, tool)
+                results[label], body_bytes = measure(src, args.rows, database_url, tool,
+                                                     Path(args.keep) if args.keep else None)
     finally:
         admin(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
