@@ -88,3 +88,18 @@ def python_pgcopy():
 @pytest.fixture(scope="session", params=["compiled", "python"])
 def pgcopy_impl(request: pytest.FixtureRequest):
     return request.getfixturevalue(f"{request.param}_pgcopy")
+
+
+@pytest.fixture(scope="session")
+def compiled_ids():
+    return _compiled("gateway._fast.ids_c")
+
+
+@pytest.fixture(scope="session")
+def python_ids():
+    return importlib.import_module("gateway._fast.ids_py")
+
+
+@pytest.fixture(scope="session", params=["compiled", "python"])
+def ids_impl(request: pytest.FixtureRequest):
+    return request.getfixturevalue(f"{request.param}_ids")

@@ -43,6 +43,7 @@ def test_compiled_modules_reports_the_selection():
     assert compiled_modules() == {
         "breaker": not NO_EXTENSIONS,
         "fairness": not NO_EXTENSIONS,
+        "ids": not NO_EXTENSIONS,
         "pgcopy": not NO_EXTENSIONS,
         "screen": not NO_EXTENSIONS,
         "token_bucket": not NO_EXTENSIONS,
@@ -63,6 +64,8 @@ def test_no_extensions_selects_the_twin():
         "{'breaker':",
         "False,",
         "'fairness':",
+        "False,",
+        "'ids':",
         "False,",
         "'pgcopy':",
         "False,",

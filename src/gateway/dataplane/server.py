@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
+from gateway._fast.ids import RowIds as _RowIds  # ids of request log rows and audit entries
 from gateway.auth.authenticate import VerifiedKeys, authenticate, authenticate_request
 from gateway.config import DataPlaneConfig
 from gateway.dataplane import enforce
@@ -1077,41 +1077,6 @@ class _EventStream:
             await self.emit(message)
         await _end_quietly(self.response)
         return self.response
-
-
-class _RowIds:
-    """Random (version 4) UUIDs for record rows, drawing randomness in blocks.
-
-    `uuid.uuid4()` makes one getrandom syscall per id, a few microseconds on
-    every request; one read of 64 KiB serves 4096 ids.
-    """
-
-    __slots__ = ("_block", "_at")
-    BLOCK = 16 * 4096
-
-    def __init__(self) -> None:
-        self._block = b""
-        self._at = 0
-
-    def next(self) -> uuid.UUID:
-        at = self._at
-        if at >= len(self._block):
-            self._block, at = os.urandom(self.BLOCK), 0
-        self._at = at + 16
-        # uuid.UUID(bytes=..., version=4) without its argument checks: 1.2 -> 0.5 us (ids of every
-        # request log and audit entry). The same value: the version and variant bits set, the rest random.
-        value = int.from_bytes(self._block[at : at + 16], "big") & _UUID_CLEAR | _UUID_V4
-        made = _uuid_new(uuid.UUID)
-        _set_attribute(made, "int", value)
-        _set_attribute(made, "is_safe", _UNKNOWN_SAFETY)
-        return made
-
-
-_uuid_new, _set_attribute = uuid.UUID.__new__, object.__setattr__  # UUID forbids ordinary attribute writes
-# Looked up once: reading an enum member off its class runs Python code in 3.11 (callgrind: ~5k instructions).
-_UNKNOWN_SAFETY = uuid.SafeUUID.unknown
-_UUID_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))  # the version nibble and the variant's two bits
-_UUID_V4 = (0x4000 << 64) | (0x8000 << 48)  # version 4, variant RFC 4122
 
 
 class _Exchange:
