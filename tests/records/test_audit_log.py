@@ -111,3 +111,19 @@ def test_a_line_with_a_non_str_key_is_still_written():
     assert all(type(name) is str for name in _LOGGED)  # not SQLAlchemy's quoted_name: orjson's fast path
     assert _dumps({"details": {1: "int key", "s": uuid.UUID(int=5)}}) == (
         '{"details":{"1":"int key","s":"00000000-0000-0000-0000-000000000005"}}')
+
+
+def test_each_entry_is_sanitized_with_its_own_tenants_names():
+    # One batch of three tenants' entries, one tenant's rows holding equal but distinct UUID objects: the
+    # batch's sanitizers are looked up per tenant (by object identity), never one tenant's for another's rows.
+    first, second = uuid.uuid4(), uuid.uuid4()
+    names = {first: ("q",), second: ()}
+    trail = AuditTrail(log=False, tenant_names=lambda tenant: names.get(tenant, ("plain",)))
+    now = datetime.now(timezone.utc)
+    rows = []
+    for tenant in (first, second, uuid.UUID(str(first)), None, second):
+        key = SimpleNamespace(tenant_id=tenant, user_id=None, id=uuid.uuid4(), role="USER")
+        rows.append(trail.mcp_row(key, "demo", "tools/call", "search", BODY, 200, None, None, 1.5, None, now))
+    arguments = [row[7]["params"]["arguments"] for row in trail.prepare(rows)]
+    assert [a["q"] for a in arguments] == ["[REDACTED]", "plain words", "[REDACTED]", "plain words", "plain words"]
+    assert all(a["api_key"] == "[REDACTED]" for a in arguments)

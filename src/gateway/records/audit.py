@@ -30,6 +30,7 @@ import sqlalchemy as sa
 
 from gateway.db.tables import audit_logs
 from gateway.records.sanitize import Sanitizer, clean_text
+from gateway.records.sanitize import _text_cache as _cleaned_texts
 
 TABLE = "audit_logs"
 COLUMNS: tuple[str, ...] = tuple(c.name for c in audit_logs.columns)
@@ -246,15 +247,19 @@ class AuditTrail:
         self.prepared += len(rows)
         emit = self.log and audit_log.isEnabledFor(logging.INFO)
         sanitizers: dict[tuple, Sanitizer] = {}  # per (tenant, admin?) for this batch: one lookup each
+        cleaned_before = _cleaned_texts.get
         for row in rows:
             values = list(row)
             if values[0] is None:  # ids are drawn here, not on the request path (a UUID object costs ~1 us)
                 values[0] = self.new_id()
             details = values[_DETAILS]
-            which = (values[_TENANT], isinstance(details, AdminDetails))
+            tenant, admin = values[_TENANT], isinstance(details, AdminDetails)
+            # By the tenant object's identity (hashing a UUID runs Python code; every row holds its
+            # tenant alive until the batch is done, so no identity is reused meanwhile).
+            which = (id(tenant), admin)
             sanitizer = sanitizers.get(which)
             if sanitizer is None:
-                sanitizer = sanitizers[which] = self.sanitizer(*which)
+                sanitizer = sanitizers[which] = self.sanitizer(tenant, admin)
             if isinstance(details, _PENDING):
                 values[_DETAILS] = details.build(sanitizer)
             elif details is not None:
@@ -262,8 +267,12 @@ class AuditTrail:
             for at, length in _BOUNDED:
                 text = values[at]
                 if text is not None:
-                    text = clean_text(text) if isinstance(text, str) else clean_text(str(text))
-                    values[at] = text[:length]
+                    # clean_text's own cache looked up here first: these are the same few words on every entry
+                    # (action, outcome, role, address), and the call costs more than the lookup.
+                    cleaned = cleaned_before(text) if type(text) is str else None
+                    if cleaned is None:
+                        cleaned = clean_text(text) if isinstance(text, str) else clean_text(str(text))
+                    values[at] = cleaned[:length]
             created = values[_CREATED]
             if created.tzinfo is None:
                 values[_CREATED] = created.replace(tzinfo=UTC)

@@ -32,6 +32,7 @@ microseconds; UUIDs as lowercase text.
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -132,18 +133,28 @@ def canonical(entry: dict[str, Any], details_json: str | None, *, details_text: 
 
 def _head(values: list) -> bytes:
     """Every hashed column but details (in `HASHED` order) as the canonical JSON array: ids as lowercase
-    text, the time in UTC, duration as a float. `values` is normalized in place."""
-    created = values[_AT_CREATED]
+    text, the time in UTC, duration as a float."""
+    return _versioned_head([_FORMAT_VERSION, *values])
+
+
+# Positions in the canonical array, after its format version.
+_V_CREATED, _V_DURATION = _AT_CREATED + 1, _AT_DURATION + 1
+_V_IDS = tuple(at + 1 for at in _AT_IDS)
+
+
+def _versioned_head(values: list) -> bytes:
+    """`_head` of a list that starts with the format version, normalized in place."""
+    created = values[_V_CREATED]
     if isinstance(created, datetime) and created.tzinfo is not UTC:
         # SQLite gives back naive UTC; a row on its way in may carry any offset.
-        values[_AT_CREATED] = created.replace(tzinfo=UTC) if created.tzinfo is None else created.astimezone(UTC)
-    duration = values[_AT_DURATION]
+        values[_V_CREATED] = created.replace(tzinfo=UTC) if created.tzinfo is None else created.astimezone(UTC)
+    duration = values[_V_DURATION]
     if duration is not None and type(duration) is not float:
-        values[_AT_DURATION] = float(duration)  # REAL / float8 come back as floats
-    for at in _AT_IDS:
+        values[_V_DURATION] = float(duration)  # REAL / float8 come back as floats
+    for at in _V_IDS:
         if isinstance(values[at], str):
             values[at] = uuid.UUID(values[at])
-    return orjson.dumps([_FORMAT_VERSION, *values], default=str, option=orjson.OPT_UTC_Z)
+    return orjson.dumps(values, default=str, option=orjson.OPT_UTC_Z)
 
 
 def entry_hash(prev_hash: str, chain_seq: int, canonical_bytes: bytes) -> str:
@@ -179,6 +190,7 @@ def row_canonical(row: tuple, encode_details) -> bytes:
 
 
 _ROW_HEAD = tuple(COLUMNS.index(name) for name in HASHED[:-1])
+_pick_head = operator.itemgetter(*_ROW_HEAD)  # a row's hashed columns but details, as a tuple (in C)
 _ROW_DETAILS = COLUMNS.index("details")
 
 
@@ -190,7 +202,7 @@ def row_canonical_and_json(row: tuple) -> tuple[bytes, str | None]:
     is the same value (jsonb keeps no key order), and without a float in it,
     it is already the canonical text.
     """
-    head = _head([row[at] for at in _ROW_HEAD])
+    head = _versioned_head([_FORMAT_VERSION, *_pick_head(row)])
     details = row[_ROW_DETAILS]
     if details is None:
         return head + b"\x1f-", None
