@@ -293,6 +293,29 @@ async def test_writers_of_several_processes_extend_one_chain(pg_url: str, tmp_pa
     assert [(r.tenant_id, r.entries, r.ok) for r in reports] == [(None, 600, True), (tenant, 600, True)]
 
 
+async def test_a_batch_takes_its_chains_locks_and_heads_in_a_statement_each(pg_url: str):
+    # A batch holds entries of many tenants in production: locking and reading each chain's head with a
+    # statement of its own cost two round trips per tenant per batch.
+    sink = PostgresSink(await create_pg_pool(pg_url, max_size=1))
+    statements: list[str] = []
+    async with sink.pool.acquire() as conn:
+        conn.add_query_logger(lambda record: statements.append(record.query))
+    tenants = [uuid.uuid4() for _ in range(40)]
+    counts = []
+    try:
+        for batch, spread in enumerate((2, 2, 40, 40)):  # the first batch also reads the table's column types
+            statements.clear()
+            rows = [entry(tenants[i % spread] if i % 7 else None, 200 * batch + i) for i in range(200)]
+            await sink.write("audit_logs", AUDIT, rows)
+            counts.append(len(statements))
+    finally:
+        await sink.close()
+    assert counts[1] == counts[2] == counts[3] <= 6, (counts, statements)
+    reports = await verify_all(pg_url)
+    assert len(reports) == 41 and all(report.ok for report in reports)
+    assert sum(report.entries for report in reports) == 800
+
+
 @pytest.fixture(params=["postgresql", "sqlite"])
 def database_url(request) -> str:
     return request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")

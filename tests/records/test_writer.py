@@ -578,6 +578,23 @@ async def test_a_column_type_changed_while_writing_costs_no_row(pg_url: str, pg_
     await sink.close()
 
 
+async def test_a_connection_given_back_in_a_transaction_comes_back_out_of_it(pg_url: str) -> None:
+    # The records pool skips asyncpg's reset query (a round trip per write); what a cut-off write can leave
+    # behind, an open transaction and its locks, must still be gone when the connection is used again.
+    pool = await create_pg_pool(pg_url, max_size=1)
+    other = await create_pg_pool(pg_url, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute("BEGIN")
+            await conn.execute("SELECT pg_advisory_xact_lock(7, 7)")
+        async with pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+        assert await other.fetchval("SELECT pg_try_advisory_xact_lock(7, 7)") is True
+    finally:
+        await pool.close()
+        await other.close()
+
+
 async def test_submit_rejects_rows_that_do_not_fit_the_table(sqlite_url: str) -> None:
     sink = await sink_for(sqlite_url)
     writer = RecordWriter(sink)

@@ -52,4 +52,11 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
 
 
 async def create_pg_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    return await asyncpg.create_pool(asyncpg_dsn(url), min_size=min_size, max_size=max_size)
+    """The records writer's pool. A connection given back is not reset with asyncpg's default query
+    (unlock advisory locks, close cursors, UNLISTEN, RESET ALL: a round trip each time): the writer leaves
+    none of that behind. asyncpg still rolls back a transaction left open before `reset` runs."""
+    return await asyncpg.create_pool(asyncpg_dsn(url), min_size=min_size, max_size=max_size, reset=_keep_session)
+
+
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Nothing to undo: the writer's statements hold transaction-scoped locks and temporary tables only."""

@@ -128,11 +128,16 @@ def _pg_error(exc: Exception) -> SinkError:
     return SinkUnavailable(f"{type(exc).__name__}: {exc}")
 
 
-# A chain's head: its highest position (the unique index on (tenant_id, chain_seq), read backwards).
-_PG_HEAD = (
-    "SELECT chain_seq, entry_hash FROM audit_logs WHERE tenant_id = $1 AND chain_seq IS NOT NULL "
-    "ORDER BY chain_seq DESC LIMIT 1"
+# A chain's head is its highest position (the unique index on (tenant_id, chain_seq), read backwards).
+# Several tenants' heads in one statement:
+_PG_HEADS = (
+    "SELECT t.id, h.chain_seq, h.entry_hash FROM unnest($1::uuid[]) AS t(id) CROSS JOIN LATERAL ("
+    "SELECT chain_seq, entry_hash FROM audit_logs WHERE tenant_id = t.id AND chain_seq IS NOT NULL "
+    "ORDER BY chain_seq DESC LIMIT 1) AS h"
 )
+# Every chain's lock in one statement; the aggregate runs the calls in the array's order.
+_PG_LOCKS = "SELECT count(pg_advisory_xact_lock($1, key)) FROM unnest($2::int4[]) AS key"
+# The chain of entries without a tenant.
 _PG_HEAD_NULL = (
     "SELECT chain_seq, entry_hash FROM audit_logs WHERE tenant_id IS NULL AND chain_seq IS NOT NULL "
     "ORDER BY chain_seq DESC LIMIT 1"
@@ -273,11 +278,9 @@ class PostgresSink:
         the rows numbered and hashed after it, and their COPY."""
         async with conn.transaction():
             tenants = chain.tenants_of(rows)
-            for tenant in tenants:
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock($1, $2)", chain.LOCK_CLASS, chain.lock_key(tenant),
-                    timeout=self._timeout,
-                )
+            # One round trip for every chain's lock, taken in `tenants_of`'s order (unnest keeps the array's).
+            await conn.execute(_PG_LOCKS, chain.LOCK_CLASS, [chain.lock_key(tenant) for tenant in tenants],
+                               timeout=self._timeout)
             # Under the locks: what is already in (a committed batch coming back), and each chain's head.
             if look_up:
                 present = await conn.fetch(
@@ -295,13 +298,14 @@ class PostgresSink:
                         return
                     tenants = chain.tenants_of(rows)
             heads = {}
-            for tenant in tenants:
-                if tenant is None:
-                    head = await conn.fetchrow(_PG_HEAD_NULL, timeout=self._timeout)
-                else:
-                    head = await conn.fetchrow(_PG_HEAD, tenant, timeout=self._timeout)
+            if tenants[0] is None:
+                head = await conn.fetchrow(_PG_HEAD_NULL, timeout=self._timeout)
                 if head is not None:
-                    heads[tenant] = (head[0], head[1])
+                    heads[None] = (head[0], head[1])
+            named = tenants[1:] if tenants[0] is None else tenants
+            if named:  # every tenant's head in one round trip
+                for tenant, seq, digest in await conn.fetch(_PG_HEADS, named, timeout=self._timeout):
+                    heads[tenant] = (seq, digest)
             try:
                 # The details as JSON text already (asyncpg's jsonb codec takes text).
                 records = chain.link(rows, heads, encode_json, canonicals, texts)
