@@ -12,6 +12,8 @@ from types import SimpleNamespace
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import config as config_module
 from gateway.cli import configure_logging
@@ -127,3 +129,25 @@ def test_each_entry_is_sanitized_with_its_own_tenants_names():
     arguments = [row[7]["params"]["arguments"] for row in trail.prepare(rows)]
     assert [a["q"] for a in arguments] == ["[REDACTED]", "plain words", "[REDACTED]", "plain words", "plain words"]
     assert all(a["api_key"] == "[REDACTED]" for a in arguments)
+
+
+_JSON_LIKE = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=4) | st.integers(-(2**63), 2**63 - 1), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(details=_JSON_LIKE, present=st.lists(st.booleans(), min_size=14, max_size=14),
+       when=st.datetimes(timezones=st.just(timezone.utc)))
+def test_a_lines_entry_is_the_entry_dict_encoded(details, present, when):
+    """The log line's JSON (`_entry_json`, a msgspec struct leaving None columns out) parses to what the entry
+    dict the log records carry encodes to, whatever the details and whichever columns are None."""
+    from gateway.records.audit import _dumps, _entry, _entry_json
+
+    values = [uuid.uuid4(), uuid.uuid4(), None, uuid.uuid4(), "mcp.tools/call", "tool", "é ✓ \x01", details,
+              "203.0.113.9", "error", -32603, 12.5, when, "USER"]
+    row = tuple(value if keep else None for value, keep in zip(values, present)) + (None, None, None)
+    assert json.loads(_entry_json(row)) == json.loads(_dumps(_entry(row)))

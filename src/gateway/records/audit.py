@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
+import msgspec
 import orjson
 import sqlalchemy as sa
 
@@ -290,20 +291,29 @@ class AuditTrail:
         if handlers and not audit_log.filters and not audit_log.propagate and all(
             type(h) is AuditLogHandler and not h.filters and h.level <= logging.INFO for h in handlers
         ):
-            entries = [_entry(row) for row in rows]
+            entries = [_entry_json(row) for row in rows]
             for handler in handlers:
                 handler.write_entries(entries)
             return
         for row in rows:
-            entry = _entry(row)
             # makeRecord + handle is Logger.info without finding the caller's frame (a stack walk per entry);
             # filters and handlers apply as usual.
-            audit_log.handle(audit_log.makeRecord(audit_log.name, logging.INFO, "", 0, _dumps(entry), None, None,
-                                                  extra={"audit": entry}))
+            audit_log.handle(audit_log.makeRecord(audit_log.name, logging.INFO, "", 0, _entry_json(row).decode(),
+                                                  None, None, extra={"audit": _entry(row)}))
 
 
 def _entry(row: tuple) -> dict[str, Any]:
+    """A row's entry as a dict (what a log record carries): its columns but the chain's, None ones left out."""
     return {name: value for name, value in zip(_LOGGED, row) if value is not None}
+
+
+def _entry_json(row: tuple) -> bytes:
+    """`_entry(row)` as JSON, without the dict: a struct whose fields default to None, and msgspec leaves
+    fields at their default out (1.36 -> 0.76 us a line, timeit). orjson's way for what msgspec refuses."""
+    try:
+        return _encode_line(_Line(*row[:_LOGGED_WIDTH]))
+    except (TypeError, ValueError, msgspec.EncodeError):  # e.g. a details key of a type JSON has no name for
+        return _dumps(_entry(row)).encode()
 
 
 def _dumps(value: Any) -> str:
@@ -318,14 +328,18 @@ def _dumps(value: Any) -> str:
 # columns' are SQLAlchemy's quoted_name, a str subclass, which orjson takes only with OPT_NON_STR_KEYS
 # and on its slow path (a line's encoding measured 1.65 -> 1.1 us).
 _LOGGED = tuple(str(name) for name in COLUMNS[:14])
+_LOGGED_WIDTH = len(_LOGGED)
+_Line = msgspec.defstruct("AuditLine", [(name, object, None) for name in _LOGGED], omit_defaults=True)
+# default=str as in `_dumps`: asyncpg's UUID subclass, or any value JSON has no type for, as its text.
+_encode_line = msgspec.json.Encoder(enc_hook=str).encode
 
 
 class AuditLogHandler(logging.StreamHandler):
     """The `gateway.audit` logger's handler in `gateway serve`: lines written together when flushed.
 
     `AuditTrail.prepare` hands it a batch's entries at once (`write_entries`),
-    which formats each line with one orjson call: no log record, no formatter,
-    no second encoding of the entry. Records logged the ordinary way go through
+    each already encoded once as JSON, which it wraps in the line's format: no
+    log record, no formatter, no second encoding of the entry. Records logged the ordinary way go through
     the formatter as usual. `json_lines`: lines are the JSON log format's
     objects (`{"ts", "level", "logger", "message": "audit entry", "audit"}`),
     else the text format's "<time> INFO gateway.audit: <entry as JSON>".
@@ -349,16 +363,18 @@ class AuditLogHandler(logging.StreamHandler):
         if len(self._lines) >= self._capacity:
             self.flush()
 
-    def write_entries(self, entries: list[dict[str, Any]]) -> None:
+    def write_entries(self, entries: list[bytes]) -> None:
+        """Queue a line for each entry (`entries`: each one's JSON object, as `_entry_json` writes it)."""
         now = time.time()
-        if self.json_lines:  # the JSON formatter's "ts" (cli.py): local time, whole seconds
+        if self.json_lines:  # the JSON formatter's object (cli.py), "ts" in local time, whole seconds
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
-            lines = [_dumps({"ts": stamp, "level": "INFO", "logger": audit_log.name, "message": "audit entry",
-                             "audit": entry}) for entry in entries]
+            head = orjson.dumps({"ts": stamp, "level": "INFO", "logger": audit_log.name,
+                                 "message": "audit entry"})[:-1] + b',"audit":'
+            lines = [(head + entry + b"}").decode() for entry in entries]
         else:  # the text formatter's "%(asctime)s INFO gateway.audit: %(message)s"
             prefix = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))},{int(now % 1 * 1000):03d} " \
                      f"INFO {audit_log.name}: "
-            lines = [prefix + _dumps(entry) for entry in entries]
+            lines = [prefix + entry.decode() for entry in entries]
         self.acquire()
         try:
             self._lines.extend(lines)
