@@ -210,6 +210,9 @@ class ServeProcess:
             # Only the Redis signal can bring the change within the test's bound.
             "GATEWAY_SNAPSHOT_POLL_INTERVAL": "60",
             **GENEROUS_LIMITS,
+            # Every call of the traffic below is an `initialize` that opens a session it never ends: on a fast
+            # machine they pass the default cap of 100 a key within the test's first second.
+            "GATEWAY_SESSIONS_MAX_PER_KEY": "0",
         })
         self.log = open(log_path, "wb")
         self.process = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env,
@@ -257,8 +260,11 @@ async def test_a_revoked_key_is_refused_by_two_serving_processes_within_a_second
         _, tenant = await _admin(http, a.admin_url, admin_key, "POST", "/tenants", {"name": "acme"})
         _, user = await _admin(http, a.admin_url, admin_key, "POST", "/users",
                                {"tenant_id": tenant["id"], "username": "u", "email": "u@acme.test"})
+        # A quota far above this test's traffic (the default, 1000 an hour, is about what two seconds of it
+        # from two processes send on a fast machine): what is measured is the revocation, never a 429.
         _, key = await _admin(http, a.admin_url, admin_key, "POST", "/api-keys",
-                              {"user_id": user["id"], "name": "k", "scopes": ["proxy"]})
+                              {"user_id": user["id"], "name": "k", "scopes": ["proxy"],
+                               "rate_limit_per_hour": 100_000})
         _, _ = await _admin(http, a.admin_url, admin_key, "POST", "/servers",
                             {"tenant_id": tenant["id"], "name": "demo", "endpoint_url": mcp_upstream})
         endpoints = [f"{p.url}/servers/demo/mcp" for p in (a, b)]
