@@ -488,3 +488,10 @@ def test_the_whole_float_test_finds_every_form_orjson_writes(text):
     a brace, a bracket or the end, or an "e+" exponent."""
     expected = b".0," in text or b".0}" in text or b".0]" in text or b"e+" in text or text.endswith(b".0")
     assert chain._may_hold_whole_float(text) == expected
+
+
+async def test_an_empty_batch_writes_nothing_and_refuses_nothing(pg_url: str, make_sink):
+    sink = await make_sink(pg_url)
+    await sink.write("audit_logs", AUDIT, [])
+    await sink.write("request_logs", COLUMNS["request_logs"], [])
+    assert await stored(pg_url) == []

@@ -298,11 +298,12 @@ class PostgresSink:
                         return
                     tenants = chain.tenants_of(rows)
             heads = {}
-            if tenants[0] is None:
+            unnamed = bool(tenants) and tenants[0] is None  # `tenants_of` puts the chain without a tenant first
+            if unnamed:
                 head = await conn.fetchrow(_PG_HEAD_NULL, timeout=self._timeout)
                 if head is not None:
                     heads[None] = (head[0], head[1])
-            named = tenants[1:] if tenants[0] is None else tenants
+            named = tenants[1:] if unnamed else tenants
             if named:  # every tenant's head in one round trip
                 for position, seq, digest in await conn.fetch(_PG_HEADS, named, timeout=self._timeout):
                     # Keyed by the rows' own tenant object, not the UUID asyncpg reads back: comparing that one
