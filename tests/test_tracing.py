@@ -278,6 +278,18 @@ def _traceparent(value: str) -> tuple[str, str, str]:
     return trace_id, span_id, flags
 
 
+_STEPS = ("authenticate", "limit", "route", "upstream")
+
+
+def _request_root(spans: dict) -> object:
+    """A proxied call's spans are its root and the four steps, each a child of the root: the root."""
+    assert set(spans) == {"mcp.request", *_STEPS}
+    root = spans["mcp.request"]
+    for name in _STEPS:
+        assert spans[name].parent_span_id == root.span_id, name
+    return root
+
+
 def _client_context() -> tuple[str, str, str]:
     """A client's trace id, span id, and the `traceparent` naming them (sampled)."""
     trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
@@ -374,12 +386,9 @@ async def test_a_request_is_one_trace_of_its_stages_continued_upstream(
     await receiver.wait_for(10)
 
     spans = receiver.trace(client_trace)
-    assert set(spans) == {"mcp.request", "authenticate", "limit", "route", "upstream"}
-    root = spans["mcp.request"]
+    root = _request_root(spans)
     assert root.kind == ProtoSpan.SPAN_KIND_SERVER
     assert root.parent_span_id == client_span  # the client's span is the parent: its trace goes on
-    for name in ("authenticate", "limit", "route", "upstream"):
-        assert spans[name].parent_span_id == root.span_id, name
     assert spans["upstream"].kind == ProtoSpan.SPAN_KIND_CLIENT
     assert spans["authenticate"].kind == ProtoSpan.SPAN_KIND_INTERNAL
     assert root.attributes == {
@@ -522,11 +531,8 @@ async def test_an_aggregate_call_is_traced_as_a_server_call_is(otel_env, receive
     await receiver.wait_for(5)
 
     spans = receiver.trace(client_trace)
-    assert set(spans) == {"mcp.request", "authenticate", "limit", "route", "upstream"}
-    root = spans["mcp.request"]
+    root = _request_root(spans)
     assert root.kind == ProtoSpan.SPAN_KIND_SERVER and root.parent_span_id == client_span
-    for name in ("authenticate", "limit", "route", "upstream"):
-        assert spans[name].parent_span_id == root.span_id, name
     assert spans["route"].kind == ProtoSpan.SPAN_KIND_INTERNAL
     assert spans["upstream"].kind == ProtoSpan.SPAN_KIND_CLIENT
     assert root.attributes == {
@@ -609,10 +615,7 @@ async def test_a_websocket_upstream_gets_the_context_in_params_meta(
     await receiver.wait_for(5)
 
     spans = receiver.trace(client_trace)
-    assert set(spans) == {"mcp.request", "authenticate", "limit", "route", "upstream"}
-    root = spans["mcp.request"]
-    for name in ("authenticate", "limit", "route", "upstream"):
-        assert spans[name].parent_span_id == root.span_id, name
+    root = _request_root(spans)
     assert root.attributes["gateway.server"] == "sock" and root.attributes["mcp.tool"] == "work"
     assert spans["route"].attributes == {"gateway.server": "sock"}
     # No HTTP exchange to name a status of: the server, and the call carried the span in its params.

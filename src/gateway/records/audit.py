@@ -30,8 +30,7 @@ import orjson
 import sqlalchemy as sa
 
 from gateway.db.tables import audit_logs
-from gateway.records.sanitize import Sanitizer, clean_text
-from gateway.records.sanitize import _text_cache as _cleaned_texts
+from gateway.records.sanitize import CLEANED_TEXTS, Sanitizer, clean_text
 
 TABLE = "audit_logs"
 COLUMNS: tuple[str, ...] = tuple(c.name for c in audit_logs.columns)
@@ -248,7 +247,7 @@ class AuditTrail:
         self.prepared += len(rows)
         emit = self.log and audit_log.isEnabledFor(logging.INFO)
         sanitizers: dict[tuple, Sanitizer] = {}  # per (tenant, admin?) for this batch: one lookup each
-        cleaned_before = _cleaned_texts.get
+        cleaned_before = CLEANED_TEXTS.get
         for row in rows:
             values = list(row)
             if values[0] is None:  # ids are drawn here, not on the request path (a UUID object costs ~1 us)

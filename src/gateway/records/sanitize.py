@@ -142,7 +142,9 @@ def _maybe_secret(text: str) -> bool:
 # Short texts recur (method names, tool names, enum values, keys): their cleaned form is remembered.
 _CACHED_LENGTH = 64
 _CACHE_SIZE = 8192
-_text_cache: dict[str, str] = {}
+CLEANED_TEXTS: dict[str, str] = {}
+"""`clean_text`'s results for short texts (up to `_CACHED_LENGTH` characters), for a caller that looks one up
+before calling it (records/audit.py `prepare`: the call costs more than the lookup). Cleared, never rebound."""
 
 
 def normalize_name(name: str) -> str:
@@ -233,12 +235,12 @@ class Sanitizer:
 def clean_text(text: str) -> str:
     """`text` bounded, without NULs (PostgreSQL's text and jsonb refuse them), secrets replaced."""
     if len(text) <= _CACHED_LENGTH:
-        cleaned = _text_cache.get(text)
+        cleaned = CLEANED_TEXTS.get(text)
         if cleaned is None:
             cleaned = _clean_text(text)
-            if len(_text_cache) >= _CACHE_SIZE:
-                _text_cache.clear()
-            _text_cache[text] = cleaned
+            if len(CLEANED_TEXTS) >= _CACHE_SIZE:
+                CLEANED_TEXTS.clear()
+            CLEANED_TEXTS[text] = cleaned
         return cleaned
     return _clean_text(text)
 

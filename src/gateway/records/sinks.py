@@ -153,20 +153,10 @@ _COPY_KINDS = {
 _COPY_CHUNK = 512  # rows per CopyData message
 
 
-class _Chunks:
+async def _pieces(chunks: list[bytes]):
     """The pieces of a COPY stream, as the async iterable asyncpg's `copy_to_table` reads."""
-
-    def __init__(self, chunks: list[bytes]) -> None:
-        self._chunks = iter(chunks)
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            return next(self._chunks)
-        except StopIteration:
-            raise StopAsyncIteration from None
+    for chunk in chunks:
+        yield chunk
 
 
 _COLUMN_TYPES = (
@@ -332,7 +322,7 @@ class PostgresSink:
         chunks = [pgcopy.encode(kinds, records[at : at + _COPY_CHUNK], at == 0, at + _COPY_CHUNK > last)
                   for at in range(0, max(len(records), 1), _COPY_CHUNK)]
         try:
-            await conn.copy_to_table(table, source=_Chunks(chunks), columns=columns, format="binary",
+            await conn.copy_to_table(table, source=_pieces(chunks), columns=columns, format="binary",
                                      timeout=self._timeout)
         except Exception:
             # The types are read again for the next batch: a migration may have changed one since.
