@@ -168,7 +168,10 @@ def measure(src: Path | None, rows: int, database_url: str, tool: str,
             "--database-url", database_url]
     with tempfile.TemporaryDirectory() as dumps:
         if tool == "callgrind":
+            # Names written in full in every dump (not as references to an earlier one), so that each stage's
+            # file reads alone in callgrind_annotate.
             argv = ["valgrind", "--tool=callgrind", "--zero-before=os_getppid", "--dump-before=os_getpgrp",
+                    "--compress-strings=no",
                     f"--callgrind-out-file={dumps}/cg.%p"] + argv
         done = subprocess.run(argv, env=env, capture_output=True, text=True)
         if done.returncode != 0:

@@ -28,78 +28,33 @@ def _compiled(module_name: str):
     pytest.fail(reason, pytrace=False)
 
 
-# Session scope: Hypothesis refuses function-scoped fixtures in @given tests.
-@pytest.fixture(scope="session")
-def compiled_bucket() -> type:
-    return _compiled("gateway._fast.token_bucket_c").TokenBucket
+def _twins(name: str, module: str, attribute: str | None = None):
+    """The fixtures `compiled_<name>`, `python_<name>` and `<name>_impl` (both, one per test) for fast module
+    `module`: the module itself, or its `attribute` (a class). Session scope: Hypothesis refuses
+    function-scoped fixtures in @given tests."""
+
+    def pick(loaded):
+        return loaded if attribute is None else getattr(loaded, attribute)
+
+    @pytest.fixture(scope="session", name=f"compiled_{name}")
+    def compiled():
+        return pick(_compiled(f"gateway._fast.{module}_c"))
+
+    @pytest.fixture(scope="session", name=f"python_{name}")
+    def python():
+        return pick(importlib.import_module(f"gateway._fast.{module}_py"))
+
+    @pytest.fixture(scope="session", params=["compiled", "python"], name=f"{name}_impl")
+    def either(request: pytest.FixtureRequest):
+        return request.getfixturevalue(f"{request.param}_{name}")
+
+    return compiled, python, either
 
 
-@pytest.fixture(scope="session")
-def python_bucket() -> type:
-    return importlib.import_module("gateway._fast.token_bucket_py").TokenBucket
-
-
-@pytest.fixture(scope="session", params=["compiled", "python"])
-def bucket_impl(request: pytest.FixtureRequest) -> type:
-    return request.getfixturevalue(f"{request.param}_bucket")
-
-
-@pytest.fixture(scope="session")
-def compiled_violations() -> type:
-    return _compiled("gateway._fast.violations_c").ViolationCounts
-
-
-@pytest.fixture(scope="session")
-def python_violations() -> type:
-    return importlib.import_module("gateway._fast.violations_py").ViolationCounts
-
-
-@pytest.fixture(scope="session", params=["compiled", "python"])
-def violations_impl(request: pytest.FixtureRequest) -> type:
-    return request.getfixturevalue(f"{request.param}_violations")
-
-
-# The breaker fixtures give the module, not the class: the tests need its state constants too.
-@pytest.fixture(scope="session")
-def compiled_breaker():
-    return _compiled("gateway._fast.breaker_c")
-
-
-@pytest.fixture(scope="session")
-def python_breaker():
-    return importlib.import_module("gateway._fast.breaker_py")
-
-
-@pytest.fixture(scope="session", params=["compiled", "python"])
-def breaker_impl(request: pytest.FixtureRequest):
-    return request.getfixturevalue(f"{request.param}_breaker")
-
-
-@pytest.fixture(scope="session")
-def compiled_pgcopy():
-    return _compiled("gateway._fast.pgcopy_c")
-
-
-@pytest.fixture(scope="session")
-def python_pgcopy():
-    return importlib.import_module("gateway._fast.pgcopy_py")
-
-
-@pytest.fixture(scope="session", params=["compiled", "python"])
-def pgcopy_impl(request: pytest.FixtureRequest):
-    return request.getfixturevalue(f"{request.param}_pgcopy")
-
-
-@pytest.fixture(scope="session")
-def compiled_ids():
-    return _compiled("gateway._fast.ids_c")
-
-
-@pytest.fixture(scope="session")
-def python_ids():
-    return importlib.import_module("gateway._fast.ids_py")
-
-
-@pytest.fixture(scope="session", params=["compiled", "python"])
-def ids_impl(request: pytest.FixtureRequest):
-    return request.getfixturevalue(f"{request.param}_ids")
+compiled_bucket, python_bucket, bucket_impl = _twins("bucket", "token_bucket", "TokenBucket")
+compiled_violations, python_violations, violations_impl = _twins("violations", "violations", "ViolationCounts")
+# The module, not a class, for the rest: their tests need its constants and functions too.
+compiled_breaker, python_breaker, breaker_impl = _twins("breaker", "breaker")
+compiled_pgcopy, python_pgcopy, pgcopy_impl = _twins("pgcopy", "pgcopy")
+compiled_ids, python_ids, ids_impl = _twins("ids", "ids")
+compiled_auditchain, python_auditchain, auditchain_impl = _twins("auditchain", "auditchain")

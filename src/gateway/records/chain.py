@@ -44,10 +44,11 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway._fast import auditchain
 from gateway.db.tables import audit_logs, metadata, system_config
 
-GENESIS = "0" * 64
-"""The prev_hash of a chain's first entry."""
+GENESIS = auditchain.implementation.GENESIS
+"""The prev_hash of a chain's first entry ("0" * 64)."""
 
 COLUMNS: tuple[str, ...] = tuple(c.name for c in metadata.tables["audit_logs"].columns)
 CHAIN_FIELDS = ("chain_seq", "prev_hash", "entry_hash")
@@ -157,11 +158,8 @@ def _versioned_head(values: list) -> bytes:
     return orjson.dumps(values, default=str, option=orjson.OPT_UTC_Z)
 
 
-def entry_hash(prev_hash: str, chain_seq: int, canonical_bytes: bytes) -> str:
-    digest = hashlib.sha256()
-    digest.update(f"{prev_hash}|{chain_seq}|".encode())
-    digest.update(canonical_bytes)
-    return digest.hexdigest()
+entry_hash = auditchain.entry_hash
+"""`entry_hash(prev_hash, chain_seq, canonical_bytes)`: SHA-256 hex of "<prev_hash>|<chain_seq>|<canonical>"."""
 
 
 # ------------------------------------------------------------------ numbering a batch
@@ -255,22 +253,14 @@ def link(rows: list[tuple], heads: dict[uuid.UUID | None, tuple[int, str]], enco
     it starts a chain. It is updated in place. `encode_details` turns a details
     value into the JSON text the database will store (the sink's own encoder);
     `canonicals`: the rows' `row_canonical`, if already computed; `details_texts`: their details' JSON
-    text, put in place of the details (`row_canonicals` gives both).
+    text, put in place of the details (`row_canonicals` gives both). The loop is `_fast/auditchain`'s.
     """
-    linked = []
-    for i, row in enumerate(rows):
-        tenant = row[_TENANT]
-        seq, prev = heads.get(tenant, (0, GENESIS))
-        seq += 1
-        body = canonicals[i] if canonicals is not None else row_canonical(row, encode_details)
-        digest = entry_hash(prev, seq, body)
-        heads[tenant] = (seq, digest)
-        values = list(row)
-        values[_SEQ], values[_PREV], values[_HASH] = seq, prev, digest
-        if details_texts is not None:
-            values[_ROW_DETAILS] = details_texts[i]
-        linked.append(tuple(values))
-    return linked
+    if canonicals is None:
+        canonicals = [row_canonical(row, encode_details) for row in rows]
+    return auditchain.link(rows, heads, canonicals, details_texts, _TENANT, _ROW_DETAILS, _SEQ)
+
+
+assert (_PREV, _HASH) == (_SEQ + 1, _SEQ + 2), "auditchain.link writes the chain columns side by side"
 
 
 # ------------------------------------------------------------------ verifying

@@ -1,0 +1,86 @@
+"""Linking audit entries (gateway._fast.auditchain): both twins number and hash a batch the same way, and the
+hash is SHA-256 of "<prev_hash>|<chain_seq>|<canonical>" whichever library computes it."""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+import uuid
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+TENANT_AT, DETAILS_AT, SEQ_AT = 1, 2, 4  # rows of (id, tenant, details, other, seq, prev, hash, tail)
+WIDTH = 8
+A, B = uuid.UUID(int=0xA), uuid.UUID(int=0xB)
+
+
+def reference_hash(prev: str, seq: int, canonical: bytes) -> str:
+    return hashlib.sha256(f"{prev}|{seq}|".encode() + canonical).hexdigest()
+
+
+@settings(max_examples=300, deadline=None)
+@given(prev=st.text(max_size=70), seq=st.integers(-(2**63), 2**63 - 1), canonical=st.binary(max_size=300))
+def test_the_hash_is_sha256_of_the_three_pieces(compiled_auditchain, python_auditchain, prev, seq, canonical):
+    expected = reference_hash(prev, seq, canonical)
+    assert compiled_auditchain.entry_hash(prev, seq, canonical) == expected
+    assert python_auditchain.entry_hash(prev, seq, canonical) == expected
+
+
+def test_the_compiled_twin_hashes_with_libcrypto_itself(compiled_auditchain):
+    # This Python has OpenSSL (ssl imports), so the compiled twin found the same libcrypto and passed its check.
+    assert ssl.OPENSSL_VERSION
+    assert compiled_auditchain.NATIVE_SHA256 is True
+
+
+# Tenants as the rows hold them: the same object many times, an equal but distinct object, None (a chain too).
+_TENANTS = st.sampled_from([A, A, B, uuid.UUID(int=0xA), None])
+
+
+@st.composite
+def batches(draw):
+    tenants = draw(st.lists(_TENANTS, max_size=12))
+    rows = [(uuid.UUID(int=i), tenant, {"n": i}, "x", None, None, None, i) for i, tenant in enumerate(tenants)]
+    canonicals = [draw(st.binary(max_size=40)) for _ in rows]
+    texts = draw(st.none() | st.just([f'{{"n": {i}}}' for i in range(len(rows))]))
+    heads = draw(st.dictionaries(st.sampled_from([A, B, None]),
+                                 st.tuples(st.integers(0, 2**62), st.text("0123456789abcdef", min_size=64,
+                                                                          max_size=64)), max_size=3))
+    return rows, canonicals, texts, heads
+
+
+@settings(max_examples=300, deadline=None)
+@given(batches())
+def test_the_twins_link_a_batch_alike(compiled_auditchain, python_auditchain, batch):
+    rows, canonicals, texts, heads = batch
+    ours, theirs = dict(heads), dict(heads)
+    linked = compiled_auditchain.link(rows, ours, canonicals, texts, TENANT_AT, DETAILS_AT, SEQ_AT)
+    assert linked == python_auditchain.link(rows, theirs, canonicals, texts, TENANT_AT, DETAILS_AT, SEQ_AT)
+    assert ours == theirs
+    # And what they agree on is the chain: each row after the previous one of its tenant.
+    last = dict(heads)
+    for i, row in enumerate(linked):
+        seq, prev = last.get(row[TENANT_AT], (0, "0" * 64))
+        assert row[SEQ_AT : SEQ_AT + 3] == (seq + 1, prev, reference_hash(prev, seq + 1, canonicals[i]))
+        assert row[DETAILS_AT] == (texts[i] if texts is not None else rows[i][DETAILS_AT])
+        assert row[:SEQ_AT] == (rows[i][0], rows[i][1], row[DETAILS_AT], rows[i][3]) and row[-1] == rows[i][-1]
+        last[row[TENANT_AT]] = (seq + 1, row[SEQ_AT + 2])
+    assert {tenant: last[tenant] for tenant in ours} == ours
+
+
+def test_equal_tenant_objects_extend_one_chain(auditchain_impl):
+    same = uuid.UUID(int=0xA)
+    assert same is not A
+    rows = [(uuid.uuid4(), tenant, None, None, None, None, None, None) for tenant in (A, same, A, None)]
+    heads = {same: (41, "f" * 64)}
+    linked = auditchain_impl.link(rows, heads, [b"x"] * 4, None, TENANT_AT, DETAILS_AT, SEQ_AT)
+    assert [row[SEQ_AT] for row in linked] == [42, 43, 44, 1]
+    assert linked[1][SEQ_AT + 1] == linked[0][SEQ_AT + 2]
+    assert heads == {A: (44, linked[2][SEQ_AT + 2]), None: (1, linked[3][SEQ_AT + 2])}
+
+
+def test_positions_past_a_rows_end_are_refused(auditchain_impl):
+    rows = [(uuid.uuid4(), A, None)]
+    with pytest.raises(IndexError):
+        auditchain_impl.link(rows, {}, [b"x"], None, TENANT_AT, DETAILS_AT, SEQ_AT)
