@@ -1,11 +1,13 @@
-"""Linking audit entries (gateway._fast.auditchain): both twins number and hash a batch the same way, and the
-hash is SHA-256 of "<prev_hash>|<chain_seq>|<canonical>" whichever library computes it."""
+"""The audit chain's per-entry work (gateway._fast.auditchain): both twins write the same canonical head, find
+the same whole floats, number and hash a batch the same way, and the hash is SHA-256 of
+"<prev_hash>|<chain_seq>|<canonical>" whichever library computes it."""
 
 from __future__ import annotations
 
 import hashlib
 import ssl
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given, settings
@@ -84,3 +86,66 @@ def test_positions_past_a_rows_end_are_refused(auditchain_impl):
     rows = [(uuid.uuid4(), A, None)]
     with pytest.raises(IndexError):
         auditchain_impl.link(rows, {}, [b"x"], None, TENANT_AT, DETAILS_AT, SEQ_AT)
+
+
+class _Other:
+    """A value of a type orjson has no encoding for (as asyncpg's UUID): written as its str()."""
+
+    def __str__(self) -> str:
+        return "other-\u00e9"
+
+
+_IDS = st.one_of(st.none(), st.uuids(), st.uuids().map(str), st.uuids().map(lambda u: str(u).upper()),
+                 st.just(_Other()))
+_TEXTS = st.one_of(st.none(), st.text(max_size=12), st.sampled_from(["mcp.tools/call", "USER", "127.0.0.1"]),
+                   st.integers(), st.just(_Other()))
+_TIMES = st.one_of(
+    st.datetimes(timezones=st.just(timezone.utc)),
+    st.datetimes(),  # naive: taken as UTC
+    st.datetimes(timezones=st.sampled_from([timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(0))])),
+    st.none(),
+)
+_HEADS = st.tuples(
+    _IDS, _IDS, _IDS, _IDS, _TEXTS, _TEXTS, _TEXTS, _TEXTS, _TEXTS, _TEXTS,
+    st.one_of(st.none(), st.integers(-(2**70), 2**70), st.booleans()),
+    st.one_of(st.none(), st.floats(), st.integers(-(2**40), 2**40)),
+    _TIMES,
+)
+
+
+def _outcome(function, *args):
+    try:
+        return function(*args)
+    except Exception as exc:  # noqa: BLE001 - the twins must fail alike too
+        return type(exc)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(values=_HEADS, version=st.sampled_from(["1", "2", "\u00e9"]))
+def test_the_twins_write_the_same_head(compiled_auditchain, python_auditchain, values, version):
+    expected = _outcome(python_auditchain.canonical_head, values, version)
+    assert _outcome(compiled_auditchain.canonical_head, values, version) == expected
+    # Twice: the compiled twin remembers the last id objects it wrote.
+    assert _outcome(compiled_auditchain.canonical_head, values, version) == expected
+
+
+def test_a_head_is_orjsons_array_of_the_columns(auditchain_impl):
+    import orjson
+
+    ids = [uuid.uuid4() for _ in range(4)]
+    when = datetime(2026, 11, 26, 7, 0, 1, 250, tzinfo=timezone.utc)
+    values = (*ids, "USER", "mcp.tools/call", "tool", 'say "hi"\n\x01', "198.51.100.7", "error", -32603, 12.5, when)
+    head = auditchain_impl.canonical_head(values, "1")
+    assert head == orjson.dumps(["1", *values], option=orjson.OPT_UTC_Z)
+    assert orjson.loads(head)[-1] == "2026-11-26T07:00:01.000250Z"
+    naive = auditchain_impl.canonical_head((*values[:-1], when.replace(tzinfo=None)), "1")
+    shifted = auditchain_impl.canonical_head((*values[:-1], when.astimezone(timezone(timedelta(hours=-3)))), "1")
+    assert naive == shifted == head
+
+
+@settings(max_examples=2000, deadline=None)
+@given(text=st.binary(max_size=12).map(lambda raw: bytes(b".0,}]e+x1"[byte % 9] for byte in raw)))
+def test_the_whole_float_test_finds_every_form_orjson_writes(auditchain_impl, text):
+    """A ".0" before a comma, a brace, a bracket or the end, or an "e+" exponent."""
+    expected = b".0," in text or b".0}" in text or b".0]" in text or b"e+" in text or text.endswith(b".0")
+    assert auditchain_impl.may_hold_whole_float(text) == expected

@@ -1,26 +1,76 @@
-"""Linking a batch of audit entries into their chains: the writer's per-entry numbering and hashing
+"""The audit chain's per-entry work: the canonical head, the whole-float test, numbering and hashing
 (the pure-Python twin of `auditchain_c.pyx`).
 
-records/chain.py says what a chain is and owns the canonical form; this
-module does the part the writer repeats for every entry of every batch, in
-the database transaction that inserts them:
+records/chain.py says what a chain is and what its canonical form means; this
+module does the parts the writer repeats for every entry of every batch:
+
+- `canonical_head`: the hashed columns but details as the canonical JSON array;
+- `may_hold_whole_float`: whether details' JSON text needs the slow canonical form;
+- `link`: each row numbered after its tenant's head and hashed,
 
     entry_hash = SHA-256( prev_hash "|" chain_seq "|" canonical )  (lowercase hex)
 
-`link` numbers each row after its tenant's head, hashes it and returns the
-row with its chain values set. The compiled twin does the same with the
-SHA-256 of the system's libcrypto called directly (hashlib's wrapper costs
-about four times the hashing itself on an entry of a few hundred bytes) and
-builds the rows at C level; tests/fast/test_auditchain.py holds the two to the
-same rows and heads.
+The compiled twin writes the head itself for the types a written entry holds
+(exact UUIDs, str, int, float, UTC datetimes; anything else goes to this
+twin's code), scans for whole floats in one pass, hashes with the system's
+libcrypto called directly (hashlib's wrapper costs about four times the
+hashing itself on an entry of a few hundred bytes) and builds the rows at C
+level; tests/fast/test_auditchain.py holds the two to the same bytes, rows
+and heads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import uuid
+from datetime import datetime, timezone
+
+import orjson
 
 GENESIS = "0" * 64
 """The prev_hash of a chain's first entry."""
+
+HEAD_COLUMNS = ("id", "tenant_id", "user_id", "api_key_id", "role", "action", "resource_type", "resource_id",
+                "client_ip", "outcome", "error_code", "duration_ms", "created_at")
+"""What `canonical_head` takes, in this order (records/chain.py HASHED, but details)."""
+UTC = timezone.utc
+# Positions in the head's array, after the format version.
+_IDS = (1, 2, 3, 4)
+_DURATION, _CREATED = 12, 13
+
+
+def canonical_head(values, version: str) -> bytes:
+    """`[version, *values]` as canonical JSON: ids as lowercase text (a str id read as a UUID), the time in
+    UTC ("...Z", a naive one taken as UTC), the duration as a float; orjson's encoding, str() for what it
+    has no type for (asyncpg's UUID). `values`: the `HEAD_COLUMNS`."""
+    items = [version, *values]
+    created = items[_CREATED]
+    if isinstance(created, datetime) and created.tzinfo is not UTC:
+        # SQLite gives back naive UTC; a row on its way in may carry any offset.
+        items[_CREATED] = created.replace(tzinfo=UTC) if created.tzinfo is None else created.astimezone(UTC)
+    duration = items[_DURATION]
+    if duration is not None and type(duration) is not float:
+        items[_DURATION] = float(duration)  # REAL / float8 come back as floats
+    for at in _IDS:
+        if isinstance(items[at], str):
+            items[at] = uuid.UUID(items[at])
+    return orjson.dumps(items, default=str, option=orjson.OPT_UTC_Z)
+
+
+def may_hold_whole_float(text: bytes) -> bool:
+    """Whether orjson's `text` may hold a float with a whole value (the only numbers jsonb gives back in
+    another form): orjson writes those as "<digits>.0" below 1e16 and with an "e+" exponent above.
+    `find`, not `in`: `bytes in bytes` first tries its operand as an integer and formats the TypeError it
+    then discards."""
+    at = text.find(b".0")
+    while at != -1:
+        if text[at + 2 : at + 3] in _AFTER_WHOLE:
+            return True
+        at = text.find(b".0", at + 2)
+    return text.find(b"e+") != -1
+
+
+_AFTER_WHOLE = (b",", b"}", b"]", b"")  # what follows the ".0" of a whole float in orjson's text
 
 
 def entry_hash(prev_hash: str, chain_seq: int, canonical: bytes) -> str:
@@ -66,4 +116,4 @@ def link(rows: list[tuple], heads: dict, canonicals: list[bytes], texts: list | 
     return linked
 
 
-__all__ = ("GENESIS", "entry_hash", "link")
+__all__ = ("GENESIS", "HEAD_COLUMNS", "canonical_head", "entry_hash", "link", "may_hold_whole_float")

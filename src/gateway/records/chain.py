@@ -37,7 +37,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import timezone
 from typing import Any
 
 import orjson
@@ -114,12 +114,6 @@ def canonical_details(details_json: str | None) -> str:
     return orjson.dumps(_integral_floats_as_ints(orjson.loads(details_json)), option=_SORTED).decode()
 
 
-_IDS = ("id", "tenant_id", "user_id", "api_key_id")
-_AT_CREATED = HASHED.index("created_at")
-_AT_DURATION = HASHED.index("duration_ms")
-_AT_IDS = tuple(HASHED.index(name) for name in _IDS)
-
-
 def canonical(entry: dict[str, Any], details_json: str | None, *, details_text: str | None = None) -> bytes:
     """What an entry's hash covers, from its column values and the JSON text of its details
     (or, given `details_text`, their canonical text already).
@@ -134,28 +128,11 @@ def canonical(entry: dict[str, Any], details_json: str | None, *, details_text: 
 
 def _head(values: list) -> bytes:
     """Every hashed column but details (in `HASHED` order) as the canonical JSON array: ids as lowercase
-    text, the time in UTC, duration as a float."""
-    return _versioned_head([_FORMAT_VERSION, *values])
+    text, the time in UTC, duration as a float (`_fast/auditchain`'s `canonical_head`)."""
+    return auditchain.canonical_head(tuple(values), _FORMAT_VERSION)
 
 
-# Positions in the canonical array, after its format version.
-_V_CREATED, _V_DURATION = _AT_CREATED + 1, _AT_DURATION + 1
-_V_IDS = tuple(at + 1 for at in _AT_IDS)
-
-
-def _versioned_head(values: list) -> bytes:
-    """`_head` of a list that starts with the format version, normalized in place."""
-    created = values[_V_CREATED]
-    if isinstance(created, datetime) and created.tzinfo is not UTC:
-        # SQLite gives back naive UTC; a row on its way in may carry any offset.
-        values[_V_CREATED] = created.replace(tzinfo=UTC) if created.tzinfo is None else created.astimezone(UTC)
-    duration = values[_V_DURATION]
-    if duration is not None and type(duration) is not float:
-        values[_V_DURATION] = float(duration)  # REAL / float8 come back as floats
-    for at in _V_IDS:
-        if isinstance(values[at], str):
-            values[at] = uuid.UUID(values[at])
-    return orjson.dumps(values, default=str, option=orjson.OPT_UTC_Z)
+assert auditchain.implementation.HEAD_COLUMNS == HASHED[:-1], "canonical_head takes the hashed columns but details"
 
 
 entry_hash = auditchain.entry_hash
@@ -200,7 +177,7 @@ def row_canonical_and_json(row: tuple) -> tuple[bytes, str | None]:
     is the same value (jsonb keeps no key order), and without a float in it,
     it is already the canonical text.
     """
-    head = _versioned_head([_FORMAT_VERSION, *_pick_head(row)])
+    head = _canonical_head(_pick_head(row), _FORMAT_VERSION)
     details = row[_ROW_DETAILS]
     if details is None:
         return head + b"\x1f-", None
@@ -211,21 +188,10 @@ def row_canonical_and_json(row: tuple) -> tuple[bytes, str | None]:
     return head + b"\x1f" + tail, text.decode()
 
 
-def _may_hold_whole_float(text: bytes) -> bool:
-    """Whether orjson's `text` may hold a float with a whole value (the only numbers jsonb gives back in
-    another form): orjson writes those as "<digits>.0" below 1e16 and with an "e+" exponent above.
-    Substring searches, not `_FLOAT_TOKEN`: a regex led by a character class costs ~8 ns a byte here. And
-    `find`, not `in`: `bytes in bytes` first tries its operand as an integer and formats the TypeError it
-    then discards (twice the time of the search, per test)."""
-    at = text.find(b".0")
-    while at != -1:
-        if text[at + 2 : at + 3] in _AFTER_WHOLE:
-            return True
-        at = text.find(b".0", at + 2)
-    return text.find(b"e+") != -1
-
-
-_AFTER_WHOLE = (b",", b"}", b"]", b"")  # what follows the ".0" of a whole float in orjson's text
+_canonical_head = auditchain.canonical_head
+# Whether orjson's text of the details may hold a float with a whole value (the only numbers jsonb gives
+# back in another form): "<digits>.0" below 1e16, an "e+" exponent above.
+_may_hold_whole_float = auditchain.may_hold_whole_float
 
 
 async def row_canonicals(rows: list[tuple], chunk: int = 128) -> tuple[list[bytes], list[str | None]]:
