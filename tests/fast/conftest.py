@@ -57,4 +57,4 @@ compiled_violations, python_violations, violations_impl = _twins("violations", "
 compiled_breaker, python_breaker, breaker_impl = _twins("breaker", "breaker")
 compiled_pgcopy, python_pgcopy, pgcopy_impl = _twins("pgcopy", "pgcopy")
 compiled_ids, python_ids, ids_impl = _twins("ids", "ids")
-compiled_auditchain, python_auditchain, auditchain_impl = _twins("auditchain", "auditchain")
+compiled_auditentry, python_auditentry, auditentry_impl = _twins("auditentry", "auditentry")

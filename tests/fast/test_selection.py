@@ -41,7 +41,7 @@ def test_selector_loads_the_compiled_module_unless_told_not_to():
 
 def test_compiled_modules_reports_the_selection():
     assert compiled_modules() == {
-        "auditchain": not NO_EXTENSIONS,
+        "auditentry": not NO_EXTENSIONS,
         "breaker": not NO_EXTENSIONS,
         "fairness": not NO_EXTENSIONS,
         "ids": not NO_EXTENSIONS,
@@ -62,7 +62,7 @@ def test_no_extensions_selects_the_twin():
     assert result.stdout.split() == [
         "False",
         "gateway._fast.token_bucket_py",
-        "{'auditchain':",
+        "{'auditentry':",
         "False,",
         "'breaker':",
         "False,",

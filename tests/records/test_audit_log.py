@@ -143,11 +143,31 @@ _JSON_LIKE = st.recursive(
 @given(details=_JSON_LIKE, present=st.lists(st.booleans(), min_size=14, max_size=14),
        when=st.datetimes(timezones=st.just(timezone.utc)))
 def test_a_lines_entry_is_the_entry_dict_encoded(details, present, when):
-    """The log line's JSON (`_entry_json`, a msgspec struct leaving None columns out) parses to what the entry
-    dict the log records carry encodes to, whatever the details and whichever columns are None."""
+    """The log line's JSON (`_entry_json`: `_fast/auditentry`'s `log_line`, None columns left out) parses to what
+    the entry dict the log records carry encodes to, whatever the details and whichever columns are None."""
     from gateway.records.audit import _dumps, _entry, _entry_json
 
     values = [uuid.uuid4(), uuid.uuid4(), None, uuid.uuid4(), "mcp.tools/call", "tool", "é ✓ \x01", details,
               "203.0.113.9", "error", -32603, 12.5, when, "USER"]
     row = tuple(value if keep else None for value, keep in zip(values, present)) + (None, None, None)
     assert json.loads(_entry_json(row)) == json.loads(_dumps(_entry(row)))
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_lines_keep_their_order_on_a_binary_stream(audit_logger, encoding):
+    """Entries written in batches (straight to a UTF-8 stream's binary buffer) and records formatted one by one
+    (as text) come out in the order they were handed over, whole; another encoding gets text it can encode."""
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding=encoding, errors="backslashreplace", write_through=False)
+    handler = AuditLogHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    stream.write("before\n")  # text already in the wrapper when the first batch goes to the buffer
+    handler.write_entries([b'{"n":1}', '{"n":"\u00e9"}'.encode()])
+    handler.emit(logging.LogRecord("gateway.audit", logging.INFO, "", 0, "record \u2713", None, None))
+    handler.write_entries([b'{"n":3}'])
+    handler.flush()
+    lines = raw.getvalue().decode(encoding).splitlines()
+    assert lines[0] == "before"
+    assert [line.split(": ", 1)[1] for line in lines[1:3]] == ['{"n":1}', '{"n":"\u00e9"}']
+    assert lines[3] == ("record \u2713" if encoding == "utf-8" else "record \\u2713")
+    assert lines[4].endswith(': {"n":3}') and len(lines) == 5

@@ -16,9 +16,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -470,6 +472,29 @@ def test_the_writers_one_pass_canonical_form_is_the_reference_one():
         assert (text is None) == (details is None)
         if text is not None:
             assert chain.canonical_details(text) == chain.canonical_details(encode_json(details))
+
+
+def test_prepared_details_are_encoded_once_and_hash_as_any_other():
+    """`prepare` leaves each entry's details encoded (chain.EncodedDetails.text, for the log line and the writer);
+    the canonical form made from that text is the reference one, floats and non-text keys included."""
+    from gateway.records.audit import AuditTrail
+    from gateway.records.sinks import encode_json
+
+    trail = AuditTrail(log=False)
+    key = SimpleNamespace(tenant_id=uuid.uuid4(), user_id=None, id=uuid.uuid4(), role="USER")
+    now = datetime.now(timezone.utc)
+    bodies = [b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"x":2.0,"y":1e16}}}',
+              b'{"jsonrpc":"2.0","id":2,"method":"ping"}', b"not json", b""]
+    rows = trail.prepare([trail.mcp_row(key, "s", "tools/call", "t", body, 200, None, None, 1.5, None, now)
+                          for body in bodies])
+    rows.append(trail.prepare([entry(key.tenant_id, 9, details={1: "int key", "f": 3.0})])[0])
+    for row in rows:
+        details = row[COLUMNS["audit_logs"].index("details")]
+        assert type(details) is chain.EncodedDetails and details.text == orjson.dumps(
+            details, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        body, text = chain.row_canonical_and_json(row)
+        assert body == chain.row_canonical(row, encode_json), row
+        assert chain.canonical_details(text) == chain.canonical_details(encode_json(details))
 
 
 @settings(max_examples=400, deadline=None)

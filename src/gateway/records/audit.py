@@ -18,6 +18,7 @@ writes to the database or to files itself.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import time
 import uuid
@@ -25,11 +26,12 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
-import msgspec
 import orjson
 import sqlalchemy as sa
 
+from gateway._fast import auditentry
 from gateway.db.tables import audit_logs
+from gateway.records.chain import EncodedDetails
 from gateway.records.sanitize import CLEANED_TEXTS, Sanitizer, clean_text
 
 TABLE = "audit_logs"
@@ -71,8 +73,9 @@ class McpDetails:
     def __init__(self, body: bytes, server: str | None, status: int, error: str | None) -> None:
         self.body, self.server, self.status, self.error = body, server, status, error
 
-    def build(self, sanitizer: Sanitizer) -> dict[str, Any]:
-        details: dict[str, Any] = {"status": self.status}
+    def build(self, sanitizer: Sanitizer) -> EncodedDetails:
+        details = EncodedDetails()
+        details["status"] = self.status
         if self.server is not None:
             details["server"] = clean_text(self.server)
         if self.error:
@@ -125,7 +128,7 @@ class AdminDetails:
         self.method, self.path, self.query, self.body = method, path, query, body
         self.status, self.error = status, error
 
-    def build(self, sanitizer: Sanitizer) -> dict[str, Any]:
+    def build(self, sanitizer: Sanitizer) -> EncodedDetails:
         details: dict[str, Any] = {"method": self.method, "path": self.path, "status": self.status}
         if self.query:
             details["query"] = self.query
@@ -136,7 +139,7 @@ class AdminDetails:
                 details["body"] = "[not JSON]"
         if self.error:
             details["error"] = self.error
-        return sanitizer.clean(details)
+        return EncodedDetails(sanitizer.clean(details))
 
 
 _PENDING = (McpDetails, AdminDetails)
@@ -261,9 +264,17 @@ class AuditTrail:
             if sanitizer is None:
                 sanitizer = sanitizers[which] = self.sanitizer(tenant, admin)
             if isinstance(details, _PENDING):
-                values[_DETAILS] = details.build(sanitizer)
+                details = values[_DETAILS] = details.build(sanitizer)
             elif details is not None:
-                values[_DETAILS] = sanitizer.clean(details)
+                details = sanitizer.clean(details)
+                if type(details) is dict:
+                    details = EncodedDetails(details)
+                values[_DETAILS] = details
+            if type(details) is EncodedDetails:
+                try:
+                    details.encode()  # once, for the log line and the writer (chain.row_canonical_and_json)
+                except TypeError:  # orjson's errors too: the writer meets it again and says so
+                    pass
             for at, length in _BOUNDED:
                 text = values[at]
                 if text is not None:
@@ -307,11 +318,14 @@ def _entry(row: tuple) -> dict[str, Any]:
 
 
 def _entry_json(row: tuple) -> bytes:
-    """`_entry(row)` as JSON, without the dict: a struct whose fields default to None, and msgspec leaves
-    fields at their default out (1.36 -> 0.76 us a line, timeit). orjson's way for what msgspec refuses."""
+    """`_entry(row)` as JSON, without the dict: `_fast/auditentry`'s `log_line`, with the details as the JSON
+    text `prepare` encoded for the writer too (1.0 -> 0.3 us a line, timeit). orjson's way for what it
+    refuses."""
+    details = row[_DETAILS]
+    text = getattr(details, "text", None) if type(details) is EncodedDetails else None
     try:
-        return _encode_line(_Line(*row[:_LOGGED_WIDTH]))
-    except (TypeError, ValueError, msgspec.EncodeError):  # e.g. a details key of a type JSON has no name for
+        return _log_line(_LOGGED, row, _DETAILS, text)
+    except (TypeError, ValueError):  # e.g. an int past 64 bits in details of another origin
         return _dumps(_entry(row)).encode()
 
 
@@ -324,13 +338,9 @@ def _dumps(value: Any) -> str:
 
 
 # A line holds every column but the chain's (given when the entry is written). Plain str names: the
-# columns' are SQLAlchemy's quoted_name, a str subclass, which orjson takes only with OPT_NON_STR_KEYS
-# and on its slow path (a line's encoding measured 1.65 -> 1.1 us).
+# columns' are SQLAlchemy's quoted_name, a str subclass.
 _LOGGED = tuple(str(name) for name in COLUMNS[:14])
-_LOGGED_WIDTH = len(_LOGGED)
-_Line = msgspec.defstruct("AuditLine", [(name, object, None) for name in _LOGGED], omit_defaults=True)
-# default=str as in `_dumps`: asyncpg's UUID subclass, or any value JSON has no type for, as its text.
-_encode_line = msgspec.json.Encoder(enc_hook=str).encode
+_log_line = auditentry.log_line
 
 
 class AuditLogHandler(logging.StreamHandler):
@@ -338,59 +348,83 @@ class AuditLogHandler(logging.StreamHandler):
 
     `AuditTrail.prepare` hands it a batch's entries at once (`write_entries`),
     each already encoded once as JSON, which it wraps in the line's format: no
-    log record, no formatter, no second encoding of the entry. Records logged the ordinary way go through
-    the formatter as usual. `json_lines`: lines are the JSON log format's
-    objects (`{"ts", "level", "logger", "message": "audit entry", "audit"}`),
-    else the text format's "<time> INFO gateway.audit: <entry as JSON>".
-    Writing many lines in one call instead of one each on a line-buffered
-    stderr was measured at about 23 -> 9 us a line, the direct path at a few
-    more microseconds less.
+    log record, no formatter, no second encoding of the entry, and no text
+    layer (a batch's lines are one bytes object, written to the stream's
+    binary buffer when its encoding is UTF-8). Records logged the ordinary way
+    go through the formatter as usual. `json_lines`: lines are the JSON log
+    format's objects (`{"ts", "level", "logger", "message": "audit entry",
+    "audit"}`), else the text format's "<time> INFO gateway.audit: <entry as
+    JSON>". Writing many lines in one call instead of one each on a
+    line-buffered stderr was measured at about 23 -> 9 us a line, the direct
+    path at a few more microseconds less.
     """
 
     def __init__(self, stream, *, json_lines: bool = False, capacity: int = 4096) -> None:
         super().__init__(stream)
         self.json_lines = json_lines
-        self._lines: list[str] = []
+        self._chunks: list[bytes] = []  # UTF-8, whole lines together
+        self._count = 0  # lines in them
         self._capacity = capacity
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._lines.append(self.format(record))
+            line = self.format(record)
         except Exception:  # noqa: BLE001 - logging must not raise into the caller
             self.handleError(record)
             return
-        if len(self._lines) >= self._capacity:
-            self.flush()
+        self._queue((line.encode("utf-8", "backslashreplace"), b"\n"), 1)
 
     def write_entries(self, entries: list[bytes]) -> None:
         """Queue a line for each entry (`entries`: each one's JSON object, as `_entry_json` writes it)."""
+        if not entries:
+            return
         now = time.time()
         if self.json_lines:  # the JSON formatter's object (cli.py), "ts" in local time, whole seconds
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
             head = orjson.dumps({"ts": stamp, "level": "INFO", "logger": audit_log.name,
                                  "message": "audit entry"})[:-1] + b',"audit":'
-            lines = [(head + entry + b"}").decode() for entry in entries]
+            pieces = (head, (b"}\n" + head).join(entries), b"}\n")
         else:  # the text formatter's "%(asctime)s INFO gateway.audit: %(message)s"
-            prefix = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))},{int(now % 1 * 1000):03d} " \
-                     f"INFO {audit_log.name}: "
-            lines = [prefix + entry.decode() for entry in entries]
+            prefix = (f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))},{int(now % 1 * 1000):03d} "
+                      f"INFO {audit_log.name}: ").encode()
+            pieces = (prefix, (b"\n" + prefix).join(entries), b"\n")
+        self._queue(pieces, len(entries))  # three pieces, not their sum: a batch's lines are copied once less
+
+    def _queue(self, pieces: tuple[bytes, ...], count: int) -> None:
         self.acquire()
         try:
-            self._lines.extend(lines)
+            self._chunks.extend(pieces)
+            self._count += count
         finally:
             self.release()
-        if len(self._lines) >= self._capacity:
+        if self._count >= self._capacity:
             self.flush()
 
     def flush(self) -> None:
         self.acquire()
         try:
-            if self._lines:
-                self.stream.write("\n".join(self._lines) + "\n")
-                self._lines.clear()
+            if self._chunks:
+                chunks, self._chunks, self._count = self._chunks, [], 0
+                self._write(chunks)
             super().flush()
         finally:
             self.release()
+
+    def _write(self, chunks: list[bytes]) -> None:
+        stream = self.stream
+        buffer = getattr(stream, "buffer", None)
+        if buffer is not None and _is_utf8(getattr(stream, "encoding", None)):
+            stream.flush()  # anything written to it as text first
+            buffer.writelines(chunks)
+        else:  # a text stream only (StringIO), or another encoding: its own encoder decides
+            stream.write(b"".join(chunks).decode("utf-8", "replace"))
+
+
+def _is_utf8(encoding: str | None) -> bool:
+    try:
+        return encoding is not None and codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        return False
 
 
 def is_prepared(row: tuple) -> bool:

@@ -44,10 +44,10 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway._fast import auditchain
+from gateway._fast import auditentry
 from gateway.db.tables import audit_logs, metadata, system_config
 
-GENESIS = auditchain.implementation.GENESIS
+GENESIS = auditentry.implementation.GENESIS
 """The prev_hash of a chain's first entry ("0" * 64)."""
 
 COLUMNS: tuple[str, ...] = tuple(c.name for c in metadata.tables["audit_logs"].columns)
@@ -128,14 +128,14 @@ def canonical(entry: dict[str, Any], details_json: str | None, *, details_text: 
 
 def _head(values: list) -> bytes:
     """Every hashed column but details (in `HASHED` order) as the canonical JSON array: ids as lowercase
-    text, the time in UTC, duration as a float (`_fast/auditchain`'s `canonical_head`)."""
-    return auditchain.canonical_head(tuple(values), _FORMAT_VERSION)
+    text, the time in UTC, duration as a float (`_fast/auditentry`'s `canonical_head`)."""
+    return auditentry.canonical_head(tuple(values), _FORMAT_VERSION)
 
 
-assert auditchain.implementation.HEAD_COLUMNS == HASHED[:-1], "canonical_head takes the hashed columns but details"
+assert auditentry.implementation.HEAD_COLUMNS == HASHED[:-1], "canonical_head takes the hashed columns but details"
 
 
-entry_hash = auditchain.entry_hash
+entry_hash = auditentry.entry_hash
 """`entry_hash(prev_hash, chain_seq, canonical_bytes)`: SHA-256 hex of "<prev_hash>|<chain_seq>|<canonical>"."""
 
 
@@ -169,6 +169,24 @@ _pick_head = operator.itemgetter(*_ROW_HEAD)  # a row's hashed columns but detai
 _ROW_DETAILS = COLUMNS.index("details")
 
 
+class EncodedDetails(dict):
+    """An audit entry's details (a dict like any other) that also carry `text`, their sorted-key JSON as
+    `row_canonical_and_json` writes it: encoded once, when the entry is prepared (records/audit.py
+    `prepare`), for its log line and the writer both. Unset until `encode`, which comes after the last
+    change to the dict."""
+
+    __slots__ = ("text",)
+
+    def encode(self) -> bytes:
+        """Set `text` and return it (a value JSON has no type for is a TypeError, and leaves it unset)."""
+        try:
+            text = orjson.dumps(self, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # a key that is not a str: orjson's slower option that writes it
+            text = orjson.dumps(self, option=_SORTED)
+        self.text = text
+        return text
+
+
 def row_canonical_and_json(row: tuple) -> tuple[bytes, str | None]:
     """`row_canonical(row, sinks.encode_json)` and the details' JSON text to store, with one encoding of the
     details where `row_canonical` makes three (the writer's per-entry cost; tests check the two agree).
@@ -181,17 +199,19 @@ def row_canonical_and_json(row: tuple) -> tuple[bytes, str | None]:
     details = row[_ROW_DETAILS]
     if details is None:
         return head + b"\x1f-", None
-    text = orjson.dumps(details, option=_SORTED)
+    text = getattr(details, "text", None) if type(details) is EncodedDetails else None
+    if text is None:
+        text = orjson.dumps(details, option=_SORTED)
     if not _may_hold_whole_float(text):
         return head + b"\x1f" + text, text.decode()
     tail = orjson.dumps(_integral_floats_as_ints(orjson.loads(text)), option=_SORTED)
     return head + b"\x1f" + tail, text.decode()
 
 
-_canonical_head = auditchain.canonical_head
+_canonical_head = auditentry.canonical_head
 # Whether orjson's text of the details may hold a float with a whole value (the only numbers jsonb gives
 # back in another form): "<digits>.0" below 1e16, an "e+" exponent above.
-_may_hold_whole_float = auditchain.may_hold_whole_float
+_may_hold_whole_float = auditentry.may_hold_whole_float
 
 
 async def row_canonicals(rows: list[tuple], chunk: int = 128) -> tuple[list[bytes], list[str | None]]:
@@ -219,14 +239,14 @@ def link(rows: list[tuple], heads: dict[uuid.UUID | None, tuple[int, str]], enco
     it starts a chain. It is updated in place. `encode_details` turns a details
     value into the JSON text the database will store (the sink's own encoder);
     `canonicals`: the rows' `row_canonical`, if already computed; `details_texts`: their details' JSON
-    text, put in place of the details (`row_canonicals` gives both). The loop is `_fast/auditchain`'s.
+    text, put in place of the details (`row_canonicals` gives both). The loop is `_fast/auditentry`'s.
     """
     if canonicals is None:
         canonicals = [row_canonical(row, encode_details) for row in rows]
-    return auditchain.link(rows, heads, canonicals, details_texts, _TENANT, _ROW_DETAILS, _SEQ)
+    return auditentry.link(rows, heads, canonicals, details_texts, _TENANT, _ROW_DETAILS, _SEQ)
 
 
-assert (_PREV, _HASH) == (_SEQ + 1, _SEQ + 2), "auditchain.link writes the chain columns side by side"
+assert (_PREV, _HASH) == (_SEQ + 1, _SEQ + 2), "auditentry.link writes the chain columns side by side"
 
 
 # ------------------------------------------------------------------ verifying
@@ -362,6 +382,7 @@ __all__ = [
     "GENESIS",
     "LOCK_CLASS",
     "ChainReport",
+    "EncodedDetails",
     "canonical",
     "entry_hash",
     "link",

@@ -1,4 +1,4 @@
-# The compiled twin of auditchain_py.py: the same functions, the head written and the rows built at C level,
+# The compiled twin of auditentry_py.py: the same functions, the head written and the rows built at C level,
 # and SHA-256 computed by the system's libcrypto through its EVP interface, called directly.
 #
 # A .pyx of its own, like pgcopy_c.pyx: what makes it fast is what plain Python cannot say. The head: the
@@ -10,7 +10,7 @@
 # algorithm is fetched and the context made once, then reset for each entry (about 230 ns in all).
 # libcrypto is the one hashlib itself uses, opened by name at import (dlopen); where it cannot be opened, or
 # fails its known-answer check, hashlib does the hashing (`NATIVE_SHA256` says which). No OpenSSL header or
-# link-time library is needed to build this. tests/fast/test_auditchain.py holds the twins to the same rows.
+# link-time library is needed to build this. tests/fast/test_auditentry.py holds the twins to the same rows.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.datetime cimport (
@@ -28,7 +28,7 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTu
 
 from libc.string cimport memchr, memcpy
 
-from gateway._fast import auditchain_py as _twin
+from gateway._fast import auditentry_py as _twin
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
@@ -120,6 +120,7 @@ HEAD_COLUMNS = _twin.HEAD_COLUMNS
 cdef object _UUID = _uuid.UUID
 cdef object _UTC = _timezone.utc
 cdef object _twin_head = _twin.canonical_head
+cdef object _twin_line = _twin.log_line
 cdef Py_ssize_t _WIDTH = len(_twin.HEAD_COLUMNS)
 cdef object _GENESIS_HEAD = (0, _twin.GENESIS)
 cdef object _twin_hash = _twin.entry_hash
@@ -164,6 +165,20 @@ cdef struct Buffer:
     char* data
     Py_ssize_t length
     Py_ssize_t size
+    bint heap  # data is ours to free (else the caller's stack array)
+
+
+cdef enum:
+    _STACK = 2048  # bytes of a buffer on the caller's stack: a head or a line fits
+
+
+cdef inline void _start(Buffer* buf, char* stack) noexcept:
+    buf.data, buf.length, buf.size, buf.heap = stack, 0, _STACK, False
+
+
+cdef inline void _release(Buffer* buf) noexcept:
+    if buf.heap:
+        PyMem_Free(buf.data)
 
 
 cdef inline int _reserve(Buffer* buf, Py_ssize_t extra) except -1:
@@ -178,10 +193,15 @@ cdef int _grow(Buffer* buf, Py_ssize_t extra) except -1:
     size = buf.size * 2
     while size < buf.length + extra:
         size *= 2
-    grown = <char*>PyMem_Realloc(buf.data, size)
+    if buf.heap:
+        grown = <char*>PyMem_Realloc(buf.data, size)
+    else:
+        grown = <char*>PyMem_Malloc(size)
+        if grown != NULL:
+            memcpy(grown, buf.data, buf.length)
     if grown == NULL:
         raise MemoryError()
-    buf.data, buf.size = grown, size
+    buf.data, buf.size, buf.heap = grown, size, True
     return 0
 
 
@@ -190,9 +210,15 @@ cdef inline void _put(Buffer* buf, const char* text, Py_ssize_t size) noexcept:
     buf.length += size
 
 
+# Which bytes a JSON string cannot hold as they are: '"', '\\' and the control characters.
+cdef unsigned char _ESCAPED[256]
+for _byte in range(256):
+    _ESCAPED[_byte] = _byte < 0x20 or _byte == 34 or _byte == 92
+
+
 cdef int _put_string(Buffer* buf, str value) except -1:
     """`value` as orjson writes a str; 1 (nothing written) for one it refuses (a lone surrogate)."""
-    cdef Py_ssize_t size, i
+    cdef Py_ssize_t size, i, run
     cdef const unsigned char* data
     cdef unsigned char c
     cdef char* out
@@ -204,12 +230,19 @@ cdef int _put_string(Buffer* buf, str value) except -1:
     out = buf.data + buf.length
     out[0] = b'"'
     out += 1
-    for i in range(size):
+    i = 0
+    while i < size:
+        run = i
+        while run < size and not _ESCAPED[data[run]]:
+            run += 1
+        if run > i:  # a run of bytes written as they are
+            memcpy(out, data + i, run - i)
+            out += run - i
+            i = run
+            if i == size:
+                break
         c = data[i]
-        if c >= 0x20 and c != 34 and c != 92:
-            out[0] = <char>c
-            out += 1
-        elif c == 34 or c == 92:
+        if c == 34 or c == 92:
             out[0], out[1] = b"\\", <char>c
             out += 2
         elif c == 8 or c == 9 or c == 10 or c == 12 or c == 13:
@@ -219,6 +252,7 @@ cdef int _put_string(Buffer* buf, str value) except -1:
         else:  # another control character: \u00XX, lowercase
             out[0], out[1], out[2], out[3], out[4], out[5] = b"\\", b"u", b"0", b"0", _HEX[c >> 4], _HEX[c & 15]
             out += 6
+        i += 1
     out[0] = b'"'
     buf.length = out + 1 - buf.data
     return 0
@@ -231,14 +265,14 @@ cdef char _last_texts[4][38]
 
 
 cdef int _put_uuid(Buffer* buf, Py_ssize_t at, object value) except -1:
-    """A UUID as its lowercase hyphenated text, quoted (`at`: its id position, for the cache)."""
+    """A UUID as its lowercase hyphenated text, quoted (`at`: its id position 0-3, for the cache; else -1)."""
     cdef unsigned char raw[16]
     cdef char* out
     cdef char* start
     cdef int i
     _reserve(buf, 38)
     start = out = buf.data + buf.length
-    if (<list>_last_ids)[at] is value:
+    if 0 <= at < 4 and (<list>_last_ids)[at] is value:
         memcpy(out, _last_texts[at], 38)
         buf.length += 38
         return 0
@@ -252,8 +286,9 @@ cdef int _put_uuid(Buffer* buf, Py_ssize_t at, object value) except -1:
         out[0], out[1] = _HEX[raw[i] >> 4], _HEX[raw[i] & 15]
         out += 2
     out[0] = b'"'
-    memcpy(_last_texts[at], start, 38)
-    (<list>_last_ids)[at] = value
+    if 0 <= at < 4:
+        memcpy(_last_texts[at], start, 38)
+        (<list>_last_ids)[at] = value
     buf.length += 38
     return 0
 
@@ -315,24 +350,20 @@ cdef int _put_float(Buffer* buf, double value) except -1:
         PyMem_Free(text)
 
 
-cdef int _head_value(Buffer* buf, Py_ssize_t at, object value) except -1:
-    """Column `at` of the head's values written; 1 (maybe part written) where the twin must write the head."""
+cdef int _put_value(Buffer* buf, Py_ssize_t slot, object value) except -1:
+    """`value` as orjson writes it (OPT_UTC_Z), for the types written here; 1 (maybe part written) for any
+    other, which the twin writes. `slot`: the id position whose last UUID is remembered (0-3), or -1."""
     cdef long long number
+    cdef type kind = type(value)
     if value is None:
         _reserve(buf, 4)
         _put(buf, b"null", 4)
         return 0
-    if at < 4:  # the ids
-        if type(value) is not _UUID:
-            return 1
-        return _put_uuid(buf, at, value)
-    if at < 10:  # role, action, resource_type, resource_id, client_ip, outcome
-        if type(value) is not str:
-            return 1
+    if kind is str:
         return _put_string(buf, value)
-    if at == 10:  # error_code
-        if type(value) is not int:
-            return 1
+    if kind is _UUID:
+        return _put_uuid(buf, slot, value)
+    if kind is int:
         try:
             number = PyLong_AsLongLong(value)
         except OverflowError:
@@ -341,28 +372,45 @@ cdef int _head_value(Buffer* buf, Py_ssize_t at, object value) except -1:
         _reserve(buf, len(text))
         _put(buf, text, len(text))
         return 0
-    if at == 11:  # duration_ms
-        if type(value) is not float:
-            return 1
+    if kind is float:
         return _put_float(buf, PyFloat_AS_DOUBLE(value))
-    if not PyDateTime_CheckExact(value) or datetime_tzinfo(value) is not _UTC:  # created_at
-        return 1
-    return _put_timestamp(buf, value)
+    if PyDateTime_CheckExact(value) and datetime_tzinfo(value) is _UTC:
+        return _put_timestamp(buf, value)
+    return 1
+
+
+cdef int _head_value(Buffer* buf, Py_ssize_t at, object value) except -1:
+    """Column `at` of the head's values written; 1 where the twin must write the head: a value of another
+    type than the column's, which the twin normalizes first (a str id, an int duration, a naive time)."""
+    cdef type kind = type(value)
+    if value is not None:
+        if at < 4:  # the ids
+            if kind is not _UUID:
+                return 1
+        elif at < 10:  # role, action, resource_type, resource_id, client_ip, outcome
+            if kind is not str:
+                return 1
+        elif at == 10:  # error_code
+            if kind is not int:
+                return 1
+        elif at == 11:  # duration_ms
+            if kind is not float:
+                return 1
+        elif not PyDateTime_CheckExact(value):  # created_at
+            return 1
+    return _put_value(buf, at, value)
 
 
 def canonical_head(values, version):
     """`[version, *values]` as canonical JSON (see the twin's `canonical_head`)."""
     cdef Buffer buf
+    cdef char stack[_STACK]
     cdef Py_ssize_t at
     cdef tuple row
     if type(values) is not tuple or len(values) != _WIDTH or type(version) is not str:
         return _twin_head(values, version)
     row = values
-    buf.size = 512
-    buf.length = 0
-    buf.data = <char*>PyMem_Malloc(buf.size)
-    if buf.data == NULL:
-        raise MemoryError()
+    _start(&buf, stack)
     try:
         _put(&buf, b"[", 1)
         if _put_string(&buf, version):
@@ -376,7 +424,47 @@ def canonical_head(values, version):
         _put(&buf, b"]", 1)
         return PyBytes_FromStringAndSize(buf.data, buf.length)
     finally:
-        PyMem_Free(buf.data)
+        _release(&buf)
+
+
+def log_line(tuple names, tuple values, Py_ssize_t details_at, details_text):
+    """The entry's log line as a JSON object (see the twin's `log_line`)."""
+    cdef Buffer buf
+    cdef char stack[_STACK]
+    cdef Py_ssize_t at, count = len(names)
+    cdef bytes raw
+    cdef bint first = True
+    if len(values) < count or (details_text is not None and type(details_text) is not bytes):
+        return _twin_line(names, values, details_at, details_text)
+    _start(&buf, stack)
+    try:
+        _put(&buf, b"{", 1)
+        for at in range(count):
+            value = values[at]
+            if value is None:
+                continue
+            name = names[at]
+            if type(name) is not str:
+                return _twin_line(names, values, details_at, details_text)
+            if not first:
+                _reserve(&buf, 1)
+                _put(&buf, b",", 1)
+            first = False
+            if _put_string(&buf, name):
+                return _twin_line(names, values, details_at, details_text)
+            _reserve(&buf, 1)
+            _put(&buf, b":", 1)
+            if at == details_at and details_text is not None:
+                raw = details_text
+                _reserve(&buf, len(raw))
+                _put(&buf, raw, len(raw))
+            elif _put_value(&buf, at if at < 4 else -1, value):
+                return _twin_line(names, values, details_at, details_text)
+        _reserve(&buf, 1)
+        _put(&buf, b"}", 1)
+        return PyBytes_FromStringAndSize(buf.data, buf.length)
+    finally:
+        _release(&buf)
 
 
 def may_hold_whole_float(bytes text):
@@ -502,4 +590,4 @@ def _self_check():
 _self_check()
 NATIVE_SHA256 = _native
 
-__all__ = ("GENESIS", "HEAD_COLUMNS", "NATIVE_SHA256", "canonical_head", "entry_hash", "link", "may_hold_whole_float")
+__all__ = ("GENESIS", "HEAD_COLUMNS", "NATIVE_SHA256", "canonical_head", "entry_hash", "link", "log_line", "may_hold_whole_float")

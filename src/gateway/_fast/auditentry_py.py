@@ -1,11 +1,12 @@
 """The audit chain's per-entry work: the canonical head, the whole-float test, numbering and hashing
-(the pure-Python twin of `auditchain_c.pyx`).
+(the pure-Python twin of `auditentry_c.pyx`).
 
 records/chain.py says what a chain is and what its canonical form means; this
 module does the parts the writer repeats for every entry of every batch:
 
 - `canonical_head`: the hashed columns but details as the canonical JSON array;
 - `may_hold_whole_float`: whether details' JSON text needs the slow canonical form;
+- `log_line`: the entry's line on the `gateway.audit` log, as JSON;
 - `link`: each row numbered after its tenant's head and hashed,
 
     entry_hash = SHA-256( prev_hash "|" chain_seq "|" canonical )  (lowercase hex)
@@ -15,7 +16,7 @@ The compiled twin writes the head itself for the types a written entry holds
 twin's code), scans for whole floats in one pass, hashes with the system's
 libcrypto called directly (hashlib's wrapper costs about four times the
 hashing itself on an entry of a few hundred bytes) and builds the rows at C
-level; tests/fast/test_auditchain.py holds the two to the same bytes, rows
+level; tests/fast/test_auditentry.py holds the two to the same bytes, rows
 and heads.
 """
 
@@ -55,6 +56,23 @@ def canonical_head(values, version: str) -> bytes:
         if isinstance(items[at], str):
             items[at] = uuid.UUID(items[at])
     return orjson.dumps(items, default=str, option=orjson.OPT_UTC_Z)
+
+
+def log_line(names: tuple, values: tuple, details_at: int, details_text: bytes | None) -> bytes:
+    """An audit entry's log line: a JSON object of each name in `names` and the value at its position in
+    `values`, None ones left out; the value at `details_at` written as `details_text`, its JSON text already
+    (when given). Each value as orjson writes it (OPT_UTC_Z; str() of what it has no type for)."""
+    parts = []
+    for at, name in enumerate(names):
+        value = values[at]
+        if value is None:
+            continue
+        if at == details_at and details_text is not None:
+            encoded = details_text
+        else:
+            encoded = orjson.dumps(value, default=str, option=orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS)
+        parts.append(orjson.dumps(name) + b":" + encoded)
+    return b"{" + b",".join(parts) + b"}"
 
 
 def may_hold_whole_float(text: bytes) -> bool:
@@ -116,4 +134,4 @@ def link(rows: list[tuple], heads: dict, canonicals: list[bytes], texts: list | 
     return linked
 
 
-__all__ = ("GENESIS", "HEAD_COLUMNS", "canonical_head", "entry_hash", "link", "may_hold_whole_float")
+__all__ = ("GENESIS", "HEAD_COLUMNS", "canonical_head", "entry_hash", "link", "log_line", "may_hold_whole_float")

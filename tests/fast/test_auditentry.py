@@ -1,4 +1,4 @@
-"""The audit chain's per-entry work (gateway._fast.auditchain): both twins write the same canonical head, find
+"""The audit chain's per-entry work (gateway._fast.auditentry): both twins write the same canonical head, find
 the same whole floats, number and hash a batch the same way, and the hash is SHA-256 of
 "<prev_hash>|<chain_seq>|<canonical>" whichever library computes it."""
 
@@ -24,16 +24,16 @@ def reference_hash(prev: str, seq: int, canonical: bytes) -> str:
 
 @settings(max_examples=300, deadline=None)
 @given(prev=st.text(max_size=70), seq=st.integers(-(2**63), 2**63 - 1), canonical=st.binary(max_size=300))
-def test_the_hash_is_sha256_of_the_three_pieces(compiled_auditchain, python_auditchain, prev, seq, canonical):
+def test_the_hash_is_sha256_of_the_three_pieces(compiled_auditentry, python_auditentry, prev, seq, canonical):
     expected = reference_hash(prev, seq, canonical)
-    assert compiled_auditchain.entry_hash(prev, seq, canonical) == expected
-    assert python_auditchain.entry_hash(prev, seq, canonical) == expected
+    assert compiled_auditentry.entry_hash(prev, seq, canonical) == expected
+    assert python_auditentry.entry_hash(prev, seq, canonical) == expected
 
 
-def test_the_compiled_twin_hashes_with_libcrypto_itself(compiled_auditchain):
+def test_the_compiled_twin_hashes_with_libcrypto_itself(compiled_auditentry):
     # This Python has OpenSSL (ssl imports), so the compiled twin found the same libcrypto and passed its check.
     assert ssl.OPENSSL_VERSION
-    assert compiled_auditchain.NATIVE_SHA256 is True
+    assert compiled_auditentry.NATIVE_SHA256 is True
 
 
 # Tenants as the rows hold them: the same object many times, an equal but distinct object, None (a chain too).
@@ -54,11 +54,11 @@ def batches(draw):
 
 @settings(max_examples=300, deadline=None)
 @given(batches())
-def test_the_twins_link_a_batch_alike(compiled_auditchain, python_auditchain, batch):
+def test_the_twins_link_a_batch_alike(compiled_auditentry, python_auditentry, batch):
     rows, canonicals, texts, heads = batch
     ours, theirs = dict(heads), dict(heads)
-    linked = compiled_auditchain.link(rows, ours, canonicals, texts, TENANT_AT, DETAILS_AT, SEQ_AT)
-    assert linked == python_auditchain.link(rows, theirs, canonicals, texts, TENANT_AT, DETAILS_AT, SEQ_AT)
+    linked = compiled_auditentry.link(rows, ours, canonicals, texts, TENANT_AT, DETAILS_AT, SEQ_AT)
+    assert linked == python_auditentry.link(rows, theirs, canonicals, texts, TENANT_AT, DETAILS_AT, SEQ_AT)
     assert ours == theirs
     # And what they agree on is the chain: each row after the previous one of its tenant.
     last = dict(heads)
@@ -71,21 +71,21 @@ def test_the_twins_link_a_batch_alike(compiled_auditchain, python_auditchain, ba
     assert {tenant: last[tenant] for tenant in ours} == ours
 
 
-def test_equal_tenant_objects_extend_one_chain(auditchain_impl):
+def test_equal_tenant_objects_extend_one_chain(auditentry_impl):
     same = uuid.UUID(int=0xA)
     assert same is not A
     rows = [(uuid.uuid4(), tenant, None, None, None, None, None, None) for tenant in (A, same, A, None)]
     heads = {same: (41, "f" * 64)}
-    linked = auditchain_impl.link(rows, heads, [b"x"] * 4, None, TENANT_AT, DETAILS_AT, SEQ_AT)
+    linked = auditentry_impl.link(rows, heads, [b"x"] * 4, None, TENANT_AT, DETAILS_AT, SEQ_AT)
     assert [row[SEQ_AT] for row in linked] == [42, 43, 44, 1]
     assert linked[1][SEQ_AT + 1] == linked[0][SEQ_AT + 2]
     assert heads == {A: (44, linked[2][SEQ_AT + 2]), None: (1, linked[3][SEQ_AT + 2])}
 
 
-def test_positions_past_a_rows_end_are_refused(auditchain_impl):
+def test_positions_past_a_rows_end_are_refused(auditentry_impl):
     rows = [(uuid.uuid4(), A, None)]
     with pytest.raises(IndexError):
-        auditchain_impl.link(rows, {}, [b"x"], None, TENANT_AT, DETAILS_AT, SEQ_AT)
+        auditentry_impl.link(rows, {}, [b"x"], None, TENANT_AT, DETAILS_AT, SEQ_AT)
 
 
 class _Other:
@@ -122,30 +122,55 @@ def _outcome(function, *args):
 
 @settings(max_examples=1000, deadline=None)
 @given(values=_HEADS, version=st.sampled_from(["1", "2", "\u00e9"]))
-def test_the_twins_write_the_same_head(compiled_auditchain, python_auditchain, values, version):
-    expected = _outcome(python_auditchain.canonical_head, values, version)
-    assert _outcome(compiled_auditchain.canonical_head, values, version) == expected
+def test_the_twins_write_the_same_head(compiled_auditentry, python_auditentry, values, version):
+    expected = _outcome(python_auditentry.canonical_head, values, version)
+    assert _outcome(compiled_auditentry.canonical_head, values, version) == expected
     # Twice: the compiled twin remembers the last id objects it wrote.
-    assert _outcome(compiled_auditchain.canonical_head, values, version) == expected
+    assert _outcome(compiled_auditentry.canonical_head, values, version) == expected
 
 
-def test_a_head_is_orjsons_array_of_the_columns(auditchain_impl):
+def test_a_head_is_orjsons_array_of_the_columns(auditentry_impl):
     import orjson
 
     ids = [uuid.uuid4() for _ in range(4)]
     when = datetime(2026, 11, 26, 7, 0, 1, 250, tzinfo=timezone.utc)
     values = (*ids, "USER", "mcp.tools/call", "tool", 'say "hi"\n\x01', "198.51.100.7", "error", -32603, 12.5, when)
-    head = auditchain_impl.canonical_head(values, "1")
+    head = auditentry_impl.canonical_head(values, "1")
     assert head == orjson.dumps(["1", *values], option=orjson.OPT_UTC_Z)
     assert orjson.loads(head)[-1] == "2026-11-26T07:00:01.000250Z"
-    naive = auditchain_impl.canonical_head((*values[:-1], when.replace(tzinfo=None)), "1")
-    shifted = auditchain_impl.canonical_head((*values[:-1], when.astimezone(timezone(timedelta(hours=-3)))), "1")
+    naive = auditentry_impl.canonical_head((*values[:-1], when.replace(tzinfo=None)), "1")
+    shifted = auditentry_impl.canonical_head((*values[:-1], when.astimezone(timezone(timedelta(hours=-3)))), "1")
     assert naive == shifted == head
 
 
 @settings(max_examples=2000, deadline=None)
 @given(text=st.binary(max_size=12).map(lambda raw: bytes(b".0,}]e+x1"[byte % 9] for byte in raw)))
-def test_the_whole_float_test_finds_every_form_orjson_writes(auditchain_impl, text):
+def test_the_whole_float_test_finds_every_form_orjson_writes(auditentry_impl, text):
     """A ".0" before a comma, a brace, a bracket or the end, or an "e+" exponent."""
     expected = b".0," in text or b".0}" in text or b".0]" in text or b"e+" in text or text.endswith(b".0")
-    assert auditchain_impl.may_hold_whole_float(text) == expected
+    assert auditentry_impl.may_hold_whole_float(text) == expected
+
+
+_NAMES = ("id", "tenant_id", "user_id", "api_key_id", "action", "details", "client_ip", "error_code", "duration_ms",
+          "created_at")
+_LINE_VALUES = st.one_of(
+    st.none(), st.uuids(), st.text(max_size=10), st.integers(-(2**70), 2**70), st.booleans(), st.floats(),
+    st.datetimes(timezones=st.just(timezone.utc)), st.datetimes(), st.just(_Other()),
+    st.dictionaries(st.text(max_size=3), st.integers() | st.text(max_size=3), max_size=3),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(values=st.lists(_LINE_VALUES, min_size=len(_NAMES), max_size=len(_NAMES) + 2).map(tuple),
+       details_text=st.none() | st.just(b'{"params":{"q":"x"},"status":200}'))
+def test_the_twins_write_the_same_log_line(compiled_auditentry, python_auditentry, values, details_text):
+    expected = _outcome(python_auditentry.log_line, _NAMES, values, 5, details_text)
+    assert _outcome(compiled_auditentry.log_line, _NAMES, values, 5, details_text) == expected
+    if isinstance(expected, bytes):
+        import orjson
+
+        entry = {name: value for name, value in zip(_NAMES, values) if value is not None}
+        if details_text is not None and "details" in entry:
+            entry["details"] = orjson.loads(details_text)
+        assert orjson.loads(expected) == orjson.loads(orjson.dumps(
+            entry, default=str, option=orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS))
