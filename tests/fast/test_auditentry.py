@@ -10,6 +10,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from asyncpg.pgproto.pgproto import UUID as AsyncpgUUID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -95,7 +96,9 @@ class _Other:
         return "other-\u00e9"
 
 
-_IDS = st.one_of(st.none(), st.uuids(), st.uuids().map(str), st.uuids().map(lambda u: str(u).upper()),
+# asyncpg's UUID (a uuid.UUID subclass): the ids of keys, users and tenants read from the database.
+_ASYNCPG_UUIDS = st.uuids().map(lambda u: AsyncpgUUID(str(u)))
+_IDS = st.one_of(st.none(), st.uuids(), _ASYNCPG_UUIDS, st.uuids().map(str), st.uuids().map(lambda u: str(u).upper()),
                  st.just(_Other()))
 _TEXTS = st.one_of(st.none(), st.text(max_size=12), st.sampled_from(["mcp.tools/call", "USER", "127.0.0.1"]),
                    st.integers(), st.just(_Other()))
@@ -154,7 +157,7 @@ def test_the_whole_float_test_finds_every_form_orjson_writes(auditentry_impl, te
 _NAMES = ("id", "tenant_id", "user_id", "api_key_id", "action", "details", "client_ip", "error_code", "duration_ms",
           "created_at")
 _LINE_VALUES = st.one_of(
-    st.none(), st.uuids(), st.text(max_size=10), st.integers(-(2**70), 2**70), st.booleans(), st.floats(),
+    st.none(), st.uuids(), _ASYNCPG_UUIDS, st.text(max_size=10), st.integers(-(2**70), 2**70), st.booleans(), st.floats(),
     st.datetimes(timezones=st.just(timezone.utc)), st.datetimes(), st.just(_Other()),
     st.dictionaries(st.text(max_size=3), st.integers() | st.text(max_size=3), max_size=3),
 )
@@ -174,3 +177,17 @@ def test_the_twins_write_the_same_log_line(compiled_auditentry, python_auditentr
             entry["details"] = orjson.loads(details_text)
         assert orjson.loads(expected) == orjson.loads(orjson.dumps(
             entry, default=str, option=orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS))
+
+
+def test_what_an_entry_holds_takes_the_compiled_path(compiled_auditentry):
+    """Ids as the gateway holds them (uuid4s it drew, asyncpg's read from the database), texts, an int, a float,
+    a UTC time: no head or line of them is left to the twin (that would be correct, and slower)."""
+    when = datetime(2026, 11, 26, 7, 0, 1, 5, tzinfo=timezone.utc)
+    values = (uuid.uuid4(), AsyncpgUUID(str(uuid.uuid4())), AsyncpgUUID(str(uuid.uuid4())), None, "USER",
+              "mcp.tools/call", "tool", "echo", "203.0.113.9", "error", -32603, 0.125, when)
+    before = compiled_auditentry.fallbacks()
+    compiled_auditentry.canonical_head(values, "1")
+    compiled_auditentry.log_line(_NAMES, values[:5] + (None, "x", -1, 2.5, when), 5, b"{}")
+    assert compiled_auditentry.fallbacks() == before
+    compiled_auditentry.canonical_head((*values[:-1], when.replace(tzinfo=None)), "1")  # naive: the twin's
+    assert compiled_auditentry.fallbacks() == before + 1

@@ -10,6 +10,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import asyncpg
+from asyncpg.pgproto.pgproto import UUID as AsyncpgUUID
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -35,7 +36,9 @@ _RANGE = {"S": 2**15, "I": 2**31, "L": 2**63}
 
 def _valid(kind: str, text=st.text()):
     if kind == "U":
-        return st.uuids() | st.uuids().map(str) | st.uuids().map(lambda u: u.hex.upper())
+        # asyncpg's own UUID too: the ids of keys, users and tenants read from the database.
+        return (st.uuids() | st.uuids().map(str) | st.uuids().map(lambda u: u.hex.upper())
+                | st.uuids().map(lambda u: AsyncpgUUID(str(u))))
     if kind == "T":
         return text
     if kind == "J":

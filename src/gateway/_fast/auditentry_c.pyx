@@ -118,9 +118,33 @@ from datetime import timezone as _timezone
 GENESIS = _twin.GENESIS
 HEAD_COLUMNS = _twin.HEAD_COLUMNS
 cdef object _UUID = _uuid.UUID
+try:  # the UUIDs asyncpg reads (key, user and tenant ids from the database): its own subclass
+    from asyncpg.pgproto.pgproto import UUID as _asyncpg_uuid
+except ImportError:  # pragma: no cover - asyncpg is a dependency
+    _asyncpg_uuid = _uuid.UUID
+cdef object _PG_UUID = _asyncpg_uuid
+cdef Py_ssize_t _fallbacks = 0  # heads and lines the twin wrote (see `fallbacks`)
 cdef object _UTC = _timezone.utc
 cdef object _twin_head = _twin.canonical_head
 cdef object _twin_line = _twin.log_line
+
+
+cdef object _head_by_twin(values, version):
+    global _fallbacks
+    _fallbacks += 1
+    return _twin_head(values, version)
+
+
+cdef object _line_by_twin(names, values, details_at, details_text):
+    global _fallbacks
+    _fallbacks += 1
+    return _twin_line(names, values, details_at, details_text)
+
+
+def fallbacks():
+    """How many heads and lines the twin wrote in this process (a value of a type not written here): a test's
+    way to see that what a gateway writes takes the compiled path."""
+    return _fallbacks
 cdef Py_ssize_t _WIDTH = len(_twin.HEAD_COLUMNS)
 cdef object _GENESIS_HEAD = (0, _twin.GENESIS)
 cdef object _twin_hash = _twin.entry_hash
@@ -276,7 +300,13 @@ cdef int _put_uuid(Buffer* buf, Py_ssize_t at, object value) except -1:
         memcpy(out, _last_texts[at], 38)
         buf.length += 38
         return 0
-    gw_uuid_int_bytes(value.int, raw)
+    if type(value) is _UUID:
+        gw_uuid_int_bytes(value.int, raw)
+    else:  # asyncpg's, whose 16 bytes are at hand
+        data = value.bytes
+        if type(data) is not bytes or len(<bytes>data) != 16:
+            raise ValueError("a UUID whose bytes are not 16 bytes")
+        memcpy(raw, PyBytes_AS_STRING(data), 16)
     out[0] = b'"'
     out += 1
     for i in range(16):
@@ -361,7 +391,7 @@ cdef int _put_value(Buffer* buf, Py_ssize_t slot, object value) except -1:
         return 0
     if kind is str:
         return _put_string(buf, value)
-    if kind is _UUID:
+    if kind is _UUID or kind is _PG_UUID:
         return _put_uuid(buf, slot, value)
     if kind is int:
         try:
@@ -385,7 +415,7 @@ cdef int _head_value(Buffer* buf, Py_ssize_t at, object value) except -1:
     cdef type kind = type(value)
     if value is not None:
         if at < 4:  # the ids
-            if kind is not _UUID:
+            if kind is not _UUID and kind is not _PG_UUID:
                 return 1
         elif at < 10:  # role, action, resource_type, resource_id, client_ip, outcome
             if kind is not str:
@@ -408,18 +438,18 @@ def canonical_head(values, version):
     cdef Py_ssize_t at
     cdef tuple row
     if type(values) is not tuple or len(values) != _WIDTH or type(version) is not str:
-        return _twin_head(values, version)
+        return _head_by_twin(values, version)
     row = values
     _start(&buf, stack)
     try:
         _put(&buf, b"[", 1)
         if _put_string(&buf, version):
-            return _twin_head(values, version)
+            return _head_by_twin(values, version)
         for at in range(_WIDTH):
             _reserve(&buf, 1)
             _put(&buf, b",", 1)
             if _head_value(&buf, at, row[at]):
-                return _twin_head(values, version)
+                return _head_by_twin(values, version)
         _reserve(&buf, 1)
         _put(&buf, b"]", 1)
         return PyBytes_FromStringAndSize(buf.data, buf.length)
@@ -435,7 +465,7 @@ def log_line(tuple names, tuple values, Py_ssize_t details_at, details_text):
     cdef bytes raw
     cdef bint first = True
     if len(values) < count or (details_text is not None and type(details_text) is not bytes):
-        return _twin_line(names, values, details_at, details_text)
+        return _line_by_twin(names, values, details_at, details_text)
     _start(&buf, stack)
     try:
         _put(&buf, b"{", 1)
@@ -445,13 +475,13 @@ def log_line(tuple names, tuple values, Py_ssize_t details_at, details_text):
                 continue
             name = names[at]
             if type(name) is not str:
-                return _twin_line(names, values, details_at, details_text)
+                return _line_by_twin(names, values, details_at, details_text)
             if not first:
                 _reserve(&buf, 1)
                 _put(&buf, b",", 1)
             first = False
             if _put_string(&buf, name):
-                return _twin_line(names, values, details_at, details_text)
+                return _line_by_twin(names, values, details_at, details_text)
             _reserve(&buf, 1)
             _put(&buf, b":", 1)
             if at == details_at and details_text is not None:
@@ -459,7 +489,7 @@ def log_line(tuple names, tuple values, Py_ssize_t details_at, details_text):
                 _reserve(&buf, len(raw))
                 _put(&buf, raw, len(raw))
             elif _put_value(&buf, at if at < 4 else -1, value):
-                return _twin_line(names, values, details_at, details_text)
+                return _line_by_twin(names, values, details_at, details_text)
         _reserve(&buf, 1)
         _put(&buf, b"}", 1)
         return PyBytes_FromStringAndSize(buf.data, buf.length)
@@ -590,4 +620,7 @@ def _self_check():
 _self_check()
 NATIVE_SHA256 = _native
 
-__all__ = ("GENESIS", "HEAD_COLUMNS", "NATIVE_SHA256", "canonical_head", "entry_hash", "link", "log_line", "may_hold_whole_float")
+__all__ = (
+    "GENESIS", "HEAD_COLUMNS", "NATIVE_SHA256", "canonical_head", "entry_hash", "fallbacks", "link",
+    "log_line", "may_hold_whole_float",
+)

@@ -75,6 +75,11 @@ def log_line(names: tuple, values: tuple, details_at: int, details_text: bytes |
     return b"{" + b",".join(parts) + b"}"
 
 
+def fallbacks() -> int:
+    """How many heads and lines the compiled twin left to this one (this one writes them all itself: 0)."""
+    return 0
+
+
 def may_hold_whole_float(text: bytes) -> bool:
     """Whether orjson's `text` may hold a float with a whole value (the only numbers jsonb gives back in
     another form): orjson writes those as "<digits>.0" below 1e16 and with an "e+" exponent above.
@@ -134,4 +139,7 @@ def link(rows: list[tuple], heads: dict, canonicals: list[bytes], texts: list | 
     return linked
 
 
-__all__ = ("GENESIS", "HEAD_COLUMNS", "canonical_head", "entry_hash", "link", "log_line", "may_hold_whole_float")
+__all__ = (
+    "GENESIS", "HEAD_COLUMNS", "canonical_head", "entry_hash", "fallbacks", "link", "log_line",
+    "may_hold_whole_float",
+)

@@ -53,6 +53,11 @@ uuid_bytes = _twin.uuid_bytes
 timestamp_micros = _twin.timestamp_micros
 
 cdef object _UUID = _uuid.UUID
+try:
+    from asyncpg.pgproto.pgproto import UUID as _asyncpg_uuid
+except ImportError:  # pragma: no cover - asyncpg is a dependency
+    _asyncpg_uuid = _uuid.UUID
+cdef object _PG_UUID = _asyncpg_uuid
 cdef object _UTC = _twin.UTC
 cdef object _uuid_bytes = _twin.uuid_bytes
 cdef object _timestamp_micros = _twin.timestamp_micros
@@ -130,7 +135,10 @@ cdef int _field(Buffer* buf, char kind, object value, Py_ssize_t at) except -1:
         if type(value) is _UUID:
             gw_uuid_int_bytes(value.int, <unsigned char*>(buf.data + buf.length))
         else:
-            raw = _uuid_bytes(value)
+            # asyncpg's own UUID (ids read from the database) gives its 16 bytes as they are.
+            raw = value.bytes if type(value) is _PG_UUID else _uuid_bytes(value)
+            if len(raw) != 16:
+                raise ValueError("a UUID whose bytes are not 16 bytes")
             memcpy(buf.data + buf.length, <const char*>raw, 16)
         buf.length += 16
     elif kind == b"T" or kind == b"J":
