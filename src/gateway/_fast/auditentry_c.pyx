@@ -457,14 +457,49 @@ def canonical_head(values, version):
         _release(&buf)
 
 
+# The names of the last `names` a line was written with, each as '"name":' (the same tuple every time).
+cdef object _keys_for = None
+cdef list _keys = None
+
+
+cdef list _keys_of(tuple names):
+    """Each name as its JSON key and colon, for the names of the last call remembered; None if a name is not
+    a str (the twin's to write)."""
+    global _keys_for, _keys
+    cdef Buffer buf
+    cdef char stack[_STACK]
+    cdef list keys
+    if names is _keys_for:
+        return _keys
+    keys = []
+    for name in names:
+        if type(name) is not str:
+            return None
+        _start(&buf, stack)
+        try:
+            if _put_string(&buf, name):
+                return None
+            _reserve(&buf, 1)
+            _put(&buf, b":", 1)
+            keys.append(PyBytes_FromStringAndSize(buf.data, buf.length))
+        finally:
+            _release(&buf)
+    _keys_for, _keys = names, keys
+    return keys
+
+
 def log_line(tuple names, tuple values, Py_ssize_t details_at, details_text):
     """The entry's log line as a JSON object (see the twin's `log_line`)."""
     cdef Buffer buf
     cdef char stack[_STACK]
     cdef Py_ssize_t at, count = len(names)
-    cdef bytes raw
+    cdef bytes raw, key
+    cdef list keys
     cdef bint first = True
     if len(values) < count or (details_text is not None and type(details_text) is not bytes):
+        return _line_by_twin(names, values, details_at, details_text)
+    keys = _keys_of(names)
+    if keys is None:
         return _line_by_twin(names, values, details_at, details_text)
     _start(&buf, stack)
     try:
@@ -473,17 +508,13 @@ def log_line(tuple names, tuple values, Py_ssize_t details_at, details_text):
             value = values[at]
             if value is None:
                 continue
-            name = names[at]
-            if type(name) is not str:
-                return _line_by_twin(names, values, details_at, details_text)
             if not first:
                 _reserve(&buf, 1)
                 _put(&buf, b",", 1)
             first = False
-            if _put_string(&buf, name):
-                return _line_by_twin(names, values, details_at, details_text)
-            _reserve(&buf, 1)
-            _put(&buf, b":", 1)
+            key = <bytes>PyList_GET_ITEM(keys, at)
+            _reserve(&buf, len(key))
+            _put(&buf, key, len(key))
             if at == details_at and details_text is not None:
                 raw = details_text
                 _reserve(&buf, len(raw))
