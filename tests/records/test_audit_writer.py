@@ -497,6 +497,46 @@ def test_prepared_details_are_encoded_once_and_hash_as_any_other():
         assert chain.canonical_details(text) == chain.canonical_details(encode_json(details))
 
 
+def _entry_implementations():
+    import importlib
+
+    from gateway._fast import is_extension_module
+
+    found = [importlib.import_module("gateway._fast.auditentry_py")]
+    compiled = importlib.import_module("gateway._fast.auditentry_c")
+    if is_extension_module(compiled):
+        found.append(compiled)
+    return found
+
+
+@settings(max_examples=300, deadline=None)
+@given(details=st.lists(st.none() | st.dictionaries(st.text(max_size=3), st.floats() | st.integers(-(2**63), 2**63 - 1)
+                                                     | st.text(max_size=4), max_size=3), min_size=1, max_size=6),
+       encoded=st.lists(st.booleans(), min_size=6, max_size=6),
+       naive=st.booleans(), text_ids=st.booleans())
+def test_a_batchs_canonical_forms_are_each_rows_one_pass_form(details, encoded, naive, text_ids):
+    """`row_canonicals` (`_fast/auditentry.canonicals_into`, both twins) gives each row what
+    `row_canonical_and_json` gives it: details encoded by `prepare` or not, whole floats or not, values the
+    compiled head leaves to its twin (a naive time, ids as text)."""
+    rows = []
+    for i, value in enumerate(details):
+        if value is not None and encoded[i]:
+            value = chain.EncodedDetails(value)
+            value.encode()
+        created = BASE.replace(tzinfo=None) if naive else BASE
+        rows.append(entry(uuid.uuid4(), i, details=value, created_at=created,
+                          **({"user_id": str(uuid.uuid4())} if text_ids else {})))
+    expected = [chain.row_canonical_and_json(row) for row in rows]
+    for implementation in _entry_implementations():
+        canonicals, texts = [], []
+        for start in range(0, len(rows), 4):
+            implementation.canonicals_into(rows, start, min(start + 4, len(rows)), chain._ROW_HEAD, chain._ROW_DETAILS,
+                                           chain._FORMAT_VERSION, chain.EncodedDetails, chain.row_canonical_and_json,
+                                           canonicals, texts)
+        assert list(zip(canonicals, texts)) == expected, implementation.__name__
+    assert asyncio.run(chain.row_canonicals(rows, chunk=2)) == ([c for c, _ in expected], [t for _, t in expected])
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.floats(allow_nan=False) | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5), max_size=6))
 def test_the_one_pass_canonical_form_for_any_numbers(numbers):

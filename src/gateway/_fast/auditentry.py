@@ -4,6 +4,7 @@ from . import is_extension_module, select
 
 implementation = select("auditentry")
 canonical_head = implementation.canonical_head
+canonicals_into = implementation.canonicals_into
 entry_hash = implementation.entry_hash
 fallbacks = implementation.fallbacks
 link = implementation.link
@@ -11,4 +12,7 @@ log_line = implementation.log_line
 may_hold_whole_float = implementation.may_hold_whole_float
 COMPILED = is_extension_module(implementation)
 
-__all__ = ("COMPILED", "canonical_head", "entry_hash", "fallbacks", "link", "log_line", "may_hold_whole_float")
+__all__ = (
+    "COMPILED", "canonical_head", "canonicals_into", "entry_hash", "fallbacks", "link", "log_line",
+    "may_hold_whole_float",
+)

@@ -10,7 +10,8 @@
 # algorithm is fetched and the context made once, then reset for each entry (about 230 ns in all).
 # libcrypto is the one hashlib itself uses, opened by name at import (dlopen); where it cannot be opened, or
 # fails its known-answer check, hashlib does the hashing (`NATIVE_SHA256` says which). No OpenSSL header or
-# link-time library is needed to build this. tests/fast/test_auditentry.py holds the twins to the same rows.
+# link-time library is needed to build this. tests/fast/test_auditentry.py holds the twins to the same bytes,
+# rows and heads.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.datetime cimport (
@@ -457,6 +458,85 @@ def canonical_head(values, version):
         _release(&buf)
 
 
+cdef bint _holds_whole_float(const unsigned char* data, Py_ssize_t n) noexcept:
+    """`may_hold_whole_float` of `n` bytes at `data`."""
+    cdef Py_ssize_t at
+    cdef const unsigned char* found = <const unsigned char*>memchr(data, 46, n)  # "."
+    while found != NULL:
+        at = found - data
+        if at + 1 < n and data[at + 1] == 48:  # "0"
+            if at + 2 == n or data[at + 2] == 44 or data[at + 2] == 125 or data[at + 2] == 93:  # , } ]
+                return True
+        found = <const unsigned char*>memchr(found + 1, 46, n - at - 1)
+    found = <const unsigned char*>memchr(data, 43, n)  # "+"
+    while found != NULL:
+        at = found - data
+        if at > 0 and data[at - 1] == 101:  # "e"
+            return True
+        found = <const unsigned char*>memchr(found + 1, 43, n - at - 1)
+    return False
+
+
+def canonicals_into(list rows, Py_ssize_t start, Py_ssize_t stop, tuple head_at, Py_ssize_t details_at,
+                    str version, type encoded_type, slow, list canonicals, list texts):
+    """Each row's canonical form and details' text appended (see the twin's `canonicals_into`)."""
+    cdef Buffer buf
+    cdef char stack[_STACK]
+    cdef Py_ssize_t i, k, at, count = len(head_at)
+    cdef tuple row
+    cdef bytes text
+    cdef bint done
+    if count != _WIDTH or not (0 <= start <= stop <= len(rows)):
+        raise ValueError("head_at names the head's columns; start and stop a range of rows")
+    for i in range(start, stop):
+        row = rows[i]
+        details = row[details_at]
+        text = None
+        done = False
+        if details is not None:
+            if type(details) is not encoded_type:
+                done = True
+            else:
+                found = getattr(details, "text", None)
+                if type(found) is not bytes or _holds_whole_float(
+                        <const unsigned char*>PyBytes_AS_STRING(found), PyBytes_GET_SIZE(found)):
+                    done = True
+                else:
+                    text = found
+        if not done:
+            _start(&buf, stack)
+            try:
+                _put(&buf, b"[", 1)
+                if _put_string(&buf, version):
+                    done = True
+                k = 0
+                while not done and k < count:
+                    at = head_at[k]
+                    _reserve(&buf, 1)
+                    _put(&buf, b",", 1)
+                    if _head_value(&buf, k, row[at]):
+                        done = True
+                    k += 1
+                if not done:
+                    if text is None:
+                        _reserve(&buf, 3)
+                        _put(&buf, b"]\x1f-", 3)
+                    else:
+                        _reserve(&buf, 2 + len(text))
+                        _put(&buf, b"]\x1f", 2)
+                        _put(&buf, text, len(text))
+                    canonicals.append(PyBytes_FromStringAndSize(buf.data, buf.length))
+                    texts.append(None if text is None else text.decode())
+                    continue
+            finally:
+                _release(&buf)
+        global _fallbacks
+        _fallbacks += 1
+        canonical, decoded = slow(row)
+        canonicals.append(canonical)
+        texts.append(decoded)
+
+
 # The names of the last `names` a line was written with, each as '"name":' (the same tuple every time).
 cdef object _keys_for = None
 cdef list _keys = None
@@ -531,22 +611,7 @@ def log_line(tuple names, tuple values, Py_ssize_t details_at, details_text):
 def may_hold_whole_float(bytes text):
     """Whether `text` holds ".0" before a comma, a brace, a bracket or its end, or "e+" (see the twin's): the
     dots and the plus signs found by memchr, each then looked at."""
-    cdef const unsigned char* data = <const unsigned char*>PyBytes_AS_STRING(text)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(text), at
-    cdef const unsigned char* found = <const unsigned char*>memchr(data, 46, n)  # "."
-    while found != NULL:
-        at = found - data
-        if at + 1 < n and data[at + 1] == 48:  # "0"
-            if at + 2 == n or data[at + 2] == 44 or data[at + 2] == 125 or data[at + 2] == 93:  # , } ]
-                return True
-        found = <const unsigned char*>memchr(found + 1, 46, n - at - 1)
-    found = <const unsigned char*>memchr(data, 43, n)  # "+"
-    while found != NULL:
-        at = found - data
-        if at > 0 and data[at - 1] == 101:  # "e"
-            return True
-        found = <const unsigned char*>memchr(found + 1, 43, n - at - 1)
-    return False
+    return _holds_whole_float(<const unsigned char*>PyBytes_AS_STRING(text), PyBytes_GET_SIZE(text))
 
 
 # ------------------------------------------------------------------ linking
@@ -652,6 +717,6 @@ _self_check()
 NATIVE_SHA256 = _native
 
 __all__ = (
-    "GENESIS", "HEAD_COLUMNS", "NATIVE_SHA256", "canonical_head", "entry_hash", "fallbacks", "link",
-    "log_line", "may_hold_whole_float",
+    "GENESIS", "HEAD_COLUMNS", "NATIVE_SHA256", "canonical_head", "canonicals_into", "entry_hash", "fallbacks",
+    "link", "log_line", "may_hold_whole_float",
 )

@@ -6,6 +6,7 @@ module does the parts the writer repeats for every entry of every batch:
 
 - `canonical_head`: the hashed columns but details as the canonical JSON array;
 - `may_hold_whole_float`: whether details' JSON text needs the slow canonical form;
+- `canonicals_into`: the canonical form of each row of a batch, with its details' text;
 - `log_line`: the entry's line on the `gateway.audit` log, as JSON;
 - `link`: each row numbered after its tenant's head and hashed,
 
@@ -75,6 +76,33 @@ def log_line(names: tuple, values: tuple, details_at: int, details_text: bytes |
     return b"{" + b",".join(parts) + b"}"
 
 
+def canonicals_into(rows: list, start: int, stop: int, head_at: tuple, details_at: int, version: str,
+                    encoded_type: type, slow, canonicals: list, texts: list) -> None:
+    """Append to `canonicals` and `texts` each of `rows[start:stop]`'s canonical form and its details' text
+    (records/chain.py `row_canonical_and_json`), where the details carry their text already (`encoded_type`,
+    its `text`) or are None and hold no whole float: the head (`canonical_head` of the row's values at
+    `head_at`), a 0x1f byte, then the text, or "-" for no details. `slow(row)` gives both for any other row."""
+    for i in range(start, stop):
+        row = rows[i]
+        details = row[details_at]
+        if details is None:
+            text = None
+        elif type(details) is encoded_type:
+            text = getattr(details, "text", None)
+            if text is None or may_hold_whole_float(text):
+                text = False
+        else:
+            text = False
+        if text is False:
+            canonical, decoded = slow(row)
+        else:
+            canonical = canonical_head(tuple(row[at] for at in head_at), version) + (
+                b"\x1f-" if text is None else b"\x1f" + text)
+            decoded = None if text is None else text.decode()
+        canonicals.append(canonical)
+        texts.append(decoded)
+
+
 def fallbacks() -> int:
     """How many heads and lines the compiled twin left to this one (this one writes them all itself: 0)."""
     return 0
@@ -140,6 +168,6 @@ def link(rows: list[tuple], heads: dict, canonicals: list[bytes], texts: list | 
 
 
 __all__ = (
-    "GENESIS", "HEAD_COLUMNS", "canonical_head", "entry_hash", "fallbacks", "link", "log_line",
+    "GENESIS", "HEAD_COLUMNS", "canonical_head", "canonicals_into", "entry_hash", "fallbacks", "link", "log_line",
     "may_hold_whole_float",
 )

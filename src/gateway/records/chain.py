@@ -216,18 +216,18 @@ _may_hold_whole_float = auditentry.may_hold_whole_float
 
 async def row_canonicals(rows: list[tuple], chunk: int = 128) -> tuple[list[bytes], list[str | None]]:
     """`row_canonical_and_json` of every row, as two lists, letting the event loop run between chunks
-    (a batch is thousands)."""
+    (a batch is thousands). Rows whose details `prepare` encoded and that hold no whole float (most) are
+    done by `_fast/auditentry.canonicals_into` alone; it hands any other to `row_canonical_and_json`."""
     import asyncio
 
     canonicals: list[bytes] = []
     texts: list[str | None] = []
+    rows = rows if type(rows) is list else list(rows)
     for start in range(0, len(rows), chunk):
         if start:
             await asyncio.sleep(0)
-        for row in rows[start : start + chunk]:
-            body, text = row_canonical_and_json(row)
-            canonicals.append(body)
-            texts.append(text)
+        auditentry.canonicals_into(rows, start, min(start + chunk, len(rows)), _ROW_HEAD, _ROW_DETAILS,
+                                   _FORMAT_VERSION, EncodedDetails, row_canonical_and_json, canonicals, texts)
     return canonicals, texts
 
 
