@@ -39,22 +39,7 @@ cdef extern from "Python.h":
     int Py_DTSF_ADD_DOT_0
     int Py_DTST_FINITE
 
-cdef extern from *:
-    """
-    /* A non-negative int below 2**128 as 16 big-endian bytes (a UUID's `int`). */
-    static int gw_uuid_int_bytes(PyObject* value, unsigned char* out) {
-    #if PY_VERSION_HEX >= 0x030D0000
-        Py_ssize_t n = PyLong_AsNativeBytes(value, out, 16,
-                                            Py_ASNATIVEBYTES_BIG_ENDIAN | Py_ASNATIVEBYTES_UNSIGNED_BUFFER |
-                                            Py_ASNATIVEBYTES_REJECT_NEGATIVE);
-        if (n < 0) return -1;
-        if (n > 16) { PyErr_SetString(PyExc_OverflowError, "a UUID's int over 128 bits"); return -1; }
-        return 0;
-    #else
-        return _PyLong_AsByteArray((PyLongObject*)value, out, 16, 0, 0);
-    #endif
-    }
-    """
+cdef extern from "gw_uuid.h":
     int gw_uuid_int_bytes(object value, unsigned char* out) except -1
 
 cdef extern from *:
@@ -130,16 +115,11 @@ cdef object _twin_head = _twin.canonical_head
 cdef object _twin_line = _twin.log_line
 
 
-cdef object _head_by_twin(values, version):
+cdef object _by_twin(function, tuple arguments):
+    """`function` (the twin's) called for what is not written here, and counted."""
     global _fallbacks
     _fallbacks += 1
-    return _twin_head(values, version)
-
-
-cdef object _line_by_twin(names, values, details_at, details_text):
-    global _fallbacks
-    _fallbacks += 1
-    return _twin_line(names, values, details_at, details_text)
+    return function(*arguments)
 
 
 def fallbacks():
@@ -439,18 +419,18 @@ def canonical_head(values, version):
     cdef Py_ssize_t at
     cdef tuple row
     if type(values) is not tuple or len(values) != _WIDTH or type(version) is not str:
-        return _head_by_twin(values, version)
+        return _by_twin(_twin_head, (values, version))
     row = values
     _start(&buf, stack)
     try:
         _put(&buf, b"[", 1)
         if _put_string(&buf, version):
-            return _head_by_twin(values, version)
+            return _by_twin(_twin_head, (values, version))
         for at in range(_WIDTH):
             _reserve(&buf, 1)
             _put(&buf, b",", 1)
             if _head_value(&buf, at, row[at]):
-                return _head_by_twin(values, version)
+                return _by_twin(_twin_head, (values, version))
         _reserve(&buf, 1)
         _put(&buf, b"]", 1)
         return PyBytes_FromStringAndSize(buf.data, buf.length)
@@ -577,10 +557,10 @@ def log_line(tuple names, tuple values, Py_ssize_t details_at, details_text):
     cdef list keys
     cdef bint first = True
     if len(values) < count or (details_text is not None and type(details_text) is not bytes):
-        return _line_by_twin(names, values, details_at, details_text)
+        return _by_twin(_twin_line, (names, values, details_at, details_text))
     keys = _keys_of(names)
     if keys is None:
-        return _line_by_twin(names, values, details_at, details_text)
+        return _by_twin(_twin_line, (names, values, details_at, details_text))
     _start(&buf, stack)
     try:
         _put(&buf, b"{", 1)
@@ -600,7 +580,7 @@ def log_line(tuple names, tuple values, Py_ssize_t details_at, details_text):
                 _reserve(&buf, len(raw))
                 _put(&buf, raw, len(raw))
             elif _put_value(&buf, at if at < 4 else -1, value):
-                return _line_by_twin(names, values, details_at, details_text)
+                return _by_twin(_twin_line, (names, values, details_at, details_text))
         _reserve(&buf, 1)
         _put(&buf, b"}", 1)
         return PyBytes_FromStringAndSize(buf.data, buf.length)

@@ -24,22 +24,7 @@ from gateway._fast import pgcopy_py as _twin
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
 
-cdef extern from *:
-    """
-    /* A non-negative int below 2**128 as 16 big-endian bytes (a UUID's `int`). */
-    static int gw_uuid_int_bytes(PyObject* value, unsigned char* out) {
-    #if PY_VERSION_HEX >= 0x030D0000
-        Py_ssize_t n = PyLong_AsNativeBytes(value, out, 16,
-                                            Py_ASNATIVEBYTES_BIG_ENDIAN | Py_ASNATIVEBYTES_UNSIGNED_BUFFER |
-                                            Py_ASNATIVEBYTES_REJECT_NEGATIVE);
-        if (n < 0) return -1;
-        if (n > 16) { PyErr_SetString(PyExc_OverflowError, "a UUID's int over 128 bits"); return -1; }
-        return 0;
-    #else
-        return _PyLong_AsByteArray((PyLongObject*)value, out, 16, 0, 0);
-    #endif
-    }
-    """
+cdef extern from "gw_uuid.h":
     int gw_uuid_int_bytes(object value, unsigned char* out) except -1
 
 import_datetime()
