@@ -191,3 +191,40 @@ def test_what_an_entry_holds_takes_the_compiled_path(compiled_auditentry):
     assert compiled_auditentry.fallbacks() == before
     compiled_auditentry.canonical_head((*values[:-1], when.replace(tzinfo=None)), "1")  # naive: the twin's
     assert compiled_auditentry.fallbacks() == before + 1
+
+
+class _Text(str):
+    """A str subclass: cleaned without the cache, and always a plain str once cut."""
+
+
+_BOUNDED_AT = ((2, 4), (3, 8), (5, 1))
+_CELLS = st.one_of(st.none(), st.text(max_size=12), st.text(max_size=12).map(_Text), st.integers(), st.uuids())
+
+
+@settings(max_examples=500, deadline=None)
+@given(cells=st.lists(_CELLS, min_size=6, max_size=6), first=st.none() | st.uuids(),
+       created=st.none() | st.datetimes() | st.datetimes(timezones=st.just(timezone.utc))
+       | st.datetimes(timezones=st.just(timezone(timedelta(hours=2)))),
+       cached=st.dictionaries(st.text(max_size=12), st.text(max_size=12), max_size=4))
+def test_the_twins_finish_a_row_alike(compiled_auditentry, python_auditentry, cells, first, created, cached):
+    row = (first, *cells, created)
+    new_id = uuid.UUID(int=7)
+    calls: list = []
+
+    def clean(text):
+        calls.append(text)
+        return text.upper() + "~" if isinstance(text, str) else text
+
+    def run(implementation):
+        calls.clear()
+        return _outcome(implementation.finish_row, row, new_id, {"d": 1}, 1, _BOUNDED_AT, dict(cached), clean, 7), \
+            list(calls)
+
+    expected = run(python_auditentry)
+    assert run(compiled_auditentry) == expected
+    finished = expected[0]
+    if isinstance(finished, tuple):
+        assert finished[0] == (first if first is not None else new_id) and finished[1] == {"d": 1}
+        assert all(type(finished[at]) is str and len(finished[at]) <= length
+                   for at, length in _BOUNDED_AT if row[at] is not None)
+        assert finished[7] is None or finished[7].tzinfo is not None

@@ -7,12 +7,13 @@ canonical_head = implementation.canonical_head
 canonicals_into = implementation.canonicals_into
 entry_hash = implementation.entry_hash
 fallbacks = implementation.fallbacks
+finish_row = implementation.finish_row
 link = implementation.link
 log_line = implementation.log_line
 may_hold_whole_float = implementation.may_hold_whole_float
 COMPILED = is_extension_module(implementation)
 
 __all__ = (
-    "COMPILED", "canonical_head", "canonicals_into", "entry_hash", "fallbacks", "link", "log_line",
+    "COMPILED", "canonical_head", "canonicals_into", "entry_hash", "fallbacks", "finish_row", "link", "log_line",
     "may_hold_whole_float",
 )

@@ -457,6 +457,47 @@ cdef bint _holds_whole_float(const unsigned char* data, Py_ssize_t n) noexcept:
     return False
 
 
+def finish_row(tuple row, new_id, details, Py_ssize_t details_at, tuple bounded, dict cleaned, clean,
+               Py_ssize_t created_at):
+    """An audit row as `prepare` leaves it (see the twin's `finish_row`), built as one tuple."""
+    cdef Py_ssize_t width = PyTuple_GET_SIZE(row), j, at
+    cdef Py_ssize_t lengths[64]
+    cdef PyObject* found
+    cdef tuple out
+    if width > 64 or not (0 <= details_at < width and 0 <= created_at < width) or width == 0:
+        return _twin.finish_row(row, new_id, details, details_at, bounded, cleaned, clean, created_at)
+    for j in range(width):
+        lengths[j] = -1
+    for pair in bounded:
+        at, length = pair
+        if not 0 <= at < width:
+            raise IndexError("a bounded position past the row's end")
+        lengths[at] = length
+    out = PyTuple_New(width)
+    for j in range(width):
+        value = <object>PyTuple_GET_ITEM(row, j)
+        if j == details_at:
+            value = details
+        elif j == 0 and value is None:
+            value = new_id
+        if lengths[j] >= 0 and value is not None:
+            found = PyDict_GetItem(cleaned, value) if type(value) is str else NULL
+            if found is NULL:
+                text = clean(value) if isinstance(value, str) else clean(str(value))
+            else:
+                text = <object>found
+            value = text if type(text) is str and len(text) <= lengths[j] else text[:lengths[j]]
+        if j == created_at:
+            if PyDateTime_CheckExact(value):
+                if datetime_tzinfo(value) is None:
+                    value = value.replace(tzinfo=_UTC)
+            elif value.tzinfo is None:
+                value = value.replace(tzinfo=_UTC)
+        Py_INCREF(value)
+        PyTuple_SET_ITEM(out, j, value)
+    return out
+
+
 def canonicals_into(list rows, Py_ssize_t start, Py_ssize_t stop, tuple head_at, Py_ssize_t details_at,
                     str version, type encoded_type, slow, list canonicals, list texts):
     """Each row's canonical form and details' text appended (see the twin's `canonicals_into`)."""
@@ -698,5 +739,5 @@ NATIVE_SHA256 = _native
 
 __all__ = (
     "GENESIS", "HEAD_COLUMNS", "NATIVE_SHA256", "canonical_head", "canonicals_into", "entry_hash", "fallbacks",
-    "link", "log_line", "may_hold_whole_float",
+    "finish_row", "link", "log_line", "may_hold_whole_float",
 )

@@ -7,6 +7,7 @@ module does the parts the writer repeats for every entry of every batch:
 - `canonical_head`: the hashed columns but details as the canonical JSON array;
 - `may_hold_whole_float`: whether details' JSON text needs the slow canonical form;
 - `canonicals_into`: the canonical form of each row of a batch, with its details' text;
+- `finish_row`: an entry's row as `prepare` leaves it (id, details, bounded texts, time in UTC);
 - `log_line`: the entry's line on the `gateway.audit` log, as JSON;
 - `link`: each row numbered after its tenant's head and hashed,
 
@@ -74,6 +75,29 @@ def log_line(names: tuple, values: tuple, details_at: int, details_text: bytes |
             encoded = orjson.dumps(value, default=str, option=orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS)
         parts.append(orjson.dumps(name) + b":" + encoded)
     return b"{" + b",".join(parts) + b"}"
+
+
+def finish_row(row: tuple, new_id, details, details_at: int, bounded: tuple, cleaned: dict, clean,
+               created_at: int) -> tuple:
+    """An audit row as `prepare` leaves it (records/audit.py): `new_id` for its id (position 0) where that is
+    None, `details` at `details_at`, each text at a position of `bounded` ((position, length) pairs) cleaned
+    (`cleaned.get(text)`, the cache of `clean`, first; `clean(str(value))` for a value that is no str) and
+    cut to its length, and the time at `created_at` in UTC where it is naive."""
+    values = list(row)
+    if values[0] is None:
+        values[0] = new_id
+    values[details_at] = details
+    for at, length in bounded:
+        text = values[at]
+        if text is not None:
+            found = cleaned.get(text) if type(text) is str else None
+            if found is None:
+                found = clean(text) if isinstance(text, str) else clean(str(text))
+            values[at] = found[:length]
+    created = values[created_at]
+    if created.tzinfo is None:
+        values[created_at] = created.replace(tzinfo=UTC)
+    return tuple(values)
 
 
 def canonicals_into(rows: list, start: int, stop: int, head_at: tuple, details_at: int, version: str,
@@ -168,6 +192,6 @@ def link(rows: list[tuple], heads: dict, canonicals: list[bytes], texts: list | 
 
 
 __all__ = (
-    "GENESIS", "HEAD_COLUMNS", "canonical_head", "canonicals_into", "entry_hash", "fallbacks", "link", "log_line",
-    "may_hold_whole_float",
+    "GENESIS", "HEAD_COLUMNS", "canonical_head", "canonicals_into", "entry_hash", "fallbacks", "finish_row", "link",
+    "log_line", "may_hold_whole_float",
 )
