@@ -76,8 +76,10 @@ class McpDetails:
     def build(self, sanitizer: Sanitizer) -> EncodedDetails:
         details = EncodedDetails()
         details["status"] = self.status
-        if self.server is not None:
-            details["server"] = clean_text(self.server)
+        server = self.server
+        if server is not None:
+            cleaned = CLEANED_TEXTS.get(server)  # clean_text's cache first: the call costs more than the lookup
+            details["server"] = cleaned if cleaned is not None else clean_text(server)
         if self.error:
             details["error"] = clean_text(self.error)  # refusals may quote what the caller sent
         if self.body:
@@ -90,6 +92,9 @@ class McpDetails:
                 found: dict[str, Any] = {"batch": [_message_details(item) for item in message]}
                 nesting = 1  # the batch's list is one level deeper in the details than in the body
             elif isinstance(message, dict):
+                if sanitizer.unchanged(self.body, 0):
+                    _message_details(message, details)  # nothing to clean: straight into the entry's details
+                    return details
                 found, nesting = _message_details(message), 0
             else:
                 found, nesting = {"message": "[not an object]"}, 0
@@ -99,10 +104,13 @@ class McpDetails:
         return details
 
 
-def _message_details(message: Any) -> dict[str, Any]:
+def _message_details(message: Any, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What an entry keeps of one JSON-RPC message, in `details` (a new dict if None)."""
+    if details is None:
+        details = {}
     if not isinstance(message, dict):
-        return {"message": "[not an object]"}
-    details: dict[str, Any] = {}
+        details["message"] = "[not an object]"
+        return details
     if "method" in message:
         details["method"] = message["method"]
     if "id" in message:
