@@ -144,8 +144,11 @@ entry_hash = auditentry.entry_hash
 
 def tenants_of(rows: Iterable[tuple]) -> list[uuid.UUID | None]:
     """The chains a batch extends, each once, in the order locks must be taken (NULL first, then by id)."""
-    seen = {row[_TENANT] for row in rows}
+    seen = set(map(_tenant_of, rows))
     return sorted(seen, key=lambda t: (t is not None, str(t) if t is not None else ""))
+
+
+_tenant_of = operator.itemgetter(COLUMNS.index("tenant_id"))
 
 
 def lock_key(tenant_id: uuid.UUID | None) -> int:
