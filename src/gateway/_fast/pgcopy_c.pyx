@@ -14,7 +14,6 @@ from cpython.datetime cimport (
 )
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.long cimport PyLong_AsDouble, PyLong_AsLongLong, PyLong_Check
-from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_Check
 from libc.stdint cimport int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
@@ -51,25 +50,7 @@ cdef int64_t _PG_EPOCH_DAYS = 730425
 cdef int64_t _INT16_MIN = -32768, _INT16_MAX = 32767, _INT32_MIN = -2147483648, _INT32_MAX = 2147483647
 
 
-cdef struct Buffer:
-    char* data
-    Py_ssize_t length
-    Py_ssize_t size
-
-
-cdef int _reserve(Buffer* buf, Py_ssize_t extra) except -1:
-    cdef Py_ssize_t size
-    cdef char* grown
-    if buf.length + extra <= buf.size:
-        return 0
-    size = buf.size * 2
-    while size < buf.length + extra:
-        size *= 2
-    grown = <char*>PyMem_Realloc(buf.data, size)
-    if grown == NULL:
-        raise MemoryError()
-    buf.data, buf.size = grown, size
-    return 0
+include "gw_buffer.pxi"
 
 
 cdef inline void _u16(Buffer* buf, int16_t value) noexcept:
@@ -198,6 +179,7 @@ cdef int _field(Buffer* buf, char kind, object value, Py_ssize_t at) except -1:
 def encode(str kinds, rows, bint header=True, bint trailer=True):
     """The COPY stream (header, `rows`, trailer) for columns of types `kinds`, or a piece of one (see pgcopy_py)."""
     cdef Buffer buf
+    cdef char stack[_STACK]
     cdef bytes kind_bytes
     cdef const char* kind_of
     cdef Py_ssize_t width = len(kinds), at
@@ -208,11 +190,7 @@ def encode(str kinds, rows, bint header=True, bint trailer=True):
             raise ValueError(f"no binary COPY encoding for column kind {kind!r}")
     kind_bytes = kinds.encode("ascii")
     kind_of = kind_bytes
-    buf.size = 4096
-    buf.length = 0
-    buf.data = <char*>PyMem_Malloc(buf.size)
-    if buf.data == NULL:
-        raise MemoryError()
+    _start(&buf, stack)
     try:
         if header:
             memcpy(buf.data, <const char*>start, len(start))
@@ -235,7 +213,7 @@ def encode(str kinds, rows, bint header=True, bint trailer=True):
             _u16(&buf, -1)
         return PyBytes_FromStringAndSize(buf.data, buf.length)
     finally:
-        PyMem_Free(buf.data)
+        _release(&buf)
 
 
 __all__ = ("HEADER", "KINDS", "TRAILER", "encode", "timestamp_micros", "uuid_bytes")
