@@ -33,7 +33,7 @@ cdef int _WORD
 cdef int _SPECIAL
 cdef bytes _KINDS
 cdef list _MARKERS_AT
-cdef bytes _CASED_PAIRS
+cdef tuple _CASED_AND_KEY_PAIRS
 cdef int _NAME
 cdef int _ASSIGNED
 cdef int _BEARER
@@ -51,8 +51,10 @@ cdef class Screen:
     @cython.locals(entry=bytes, letters=cython.p_uchar, m=Py_ssize_t, k=Py_ssize_t)
     cdef bint _word_at(self, const unsigned char* data, Py_ssize_t i, Py_ssize_t n, int f) except -1
 
-    @cython.locals(n=Py_ssize_t, i=Py_ssize_t, c=int, f=int, following=int, kind=int, opens=Py_ssize_t,
+    cdef bint _starts_here(self, const unsigned char* data, Py_ssize_t i, Py_ssize_t n, int c) except -1
+
+    @cython.locals(n=Py_ssize_t, i=Py_ssize_t, c=int, kind=int, opens=Py_ssize_t,
                    commas=Py_ssize_t, quoted=bint, length=Py_ssize_t, digits=Py_ssize_t, run=Py_ssize_t,
-                   seps=Py_ssize_t, seen=int, pairs=cython.p_uchar, cased=cython.p_uchar, pair=int, data=cython.p_uchar,
-                   kinds=cython.p_uchar, fold=cython.p_uchar)
+                   seps=Py_ssize_t, seen=int, pairs=cython.p_uchar, pair=int, data=cython.p_uchar,
+                   kinds=cython.p_uchar)
     cpdef bint plain(self, bytes raw, Py_ssize_t nesting) except -1

@@ -45,12 +45,14 @@ _CASED_MARKERS = (b"-----BEGIN", b"gw_", b"ghp_", b"gho_", b"ghu_", b"ghs_", b"g
                   b"xox", b"AIza", b"AKIA", b"ASIA", b"AGPA", b"AIDA", b"AROA", b"ANPA", b"ANVA", b"AIPA", b"ABIA",
                   b"ACCA")
 _MARKERS_AT = [tuple(m for m in _CASED_MARKERS if m[0] == first) for first in range(256)]
-# A bit per (first, second) byte pair the cased markers start with: "e", "g", "x", "A" and ":" are common
-# bytes, and their next byte rules most of them out before the markers are compared.
-_CASED_PAIRS = bytes(
-    sum(1 << bit for bit in range(8) if any((m[0] << 8 | m[1]) == at * 8 + bit for m in _CASED_MARKERS))
-    for at in range(8192)
-)
+# The (first, second) byte pairs the cased markers start with, and "sk", "pk", "rk" (the \b(sk|pk|rk)[-_] prefix).
+_CASED_AND_KEY_PAIRS = tuple(sorted({m[0] << 8 | m[1] for m in _CASED_MARKERS} | {c << 8 | 107 for c in (115, 112, 114)}))
+
+
+def _mark(bits, pair):
+    bits[pair >> 3] |= 1 << (pair & 7)
+
+
 # Folded markers of the value patterns (every pattern but the cased ones needs one of these): what the
 # sanitizer's walk tests a string for before applying them (records/sanitize.py).
 FOLDED_MARKERS = ("authoriz", "bearer", "pass", "pwd", "secret", "key", "token")
@@ -109,18 +111,21 @@ class Screen:
         for entry in entries:
             by_first[entry[1]].append(entry)
         self._by_first = [tuple(found) for found in by_first]
-        # A bit per (first, second) byte pair the words start with: most letters that start a word are not
-        # followed by that word's second letter, and this rules them out without looking at the words.
-        pairs = bytearray(8192)
+        # A bit per (byte, next byte) pair, as they are in the body, where a closer look is needed: a word's
+        # first two letters in any case ('-' and ' ' for '_'), a cased marker's first two bytes, and "sk"/"pk"/
+        # "rk" (a key's prefix). Most pairs are none of these, and a byte costs one test of this map.
+        firsts = [[] for _ in range(256)]  # the raw bytes each folded byte stands for
+        for raw in range(256):
+            firsts[_fold(raw)].append(raw)
+        hits = bytearray(8192)
         for entry in entries:
-            if len(entry) > 2:
-                pair = entry[1] << 8 | entry[2]
-                pairs[pair >> 3] |= 1 << (pair & 7)
-            else:  # a one-letter name: any second byte
-                for second in range(256):
-                    pair = entry[1] << 8 | second
-                    pairs[pair >> 3] |= 1 << (pair & 7)
-        self._pairs = bytes(pairs)
+            seconds = firsts[entry[2]] if len(entry) > 2 else range(256)  # a one-letter name: any second byte
+            for first in firsts[entry[1]]:
+                for second in seconds:
+                    _mark(hits, first << 8 | second)
+        for pair in _CASED_AND_KEY_PAIRS:
+            _mark(hits, pair)
+        self._pairs = bytes(hits)
 
     def _word_at(self, data, i, n, f):
         """Whether a word that counts starts at `data[i]` (compared folded); `f` is `data[i]` folded."""
@@ -137,6 +142,16 @@ class Screen:
                     return True
         return False
 
+    def _starts_here(self, data, i, n, c):
+        """Whether what starts at `data[i]` (`c`) makes the screen give up: a word that counts, a cased marker,
+        or sk/pk/rk with '-' or '_' after a word boundary."""
+        if self._by_first[_FOLD[c]] and self._word_at(data, i, n, _FOLD[c]):
+            return True
+        if _MARKERS_AT[c] and _has_any(data, i, n, _MARKERS_AT[c]):
+            return True
+        return ((c == 115 or c == 112 or c == 114) and i + 2 < n and data[i + 1] == 107
+                and (data[i + 2] == 45 or data[i + 2] == 95) and (i == 0 or not _KINDS[data[i - 1]] & _WORD))
+
     def plain(self, raw, nesting):
         """Whether `Sanitizer.clean` would leave every value decoded from the JSON `raw` as it is.
 
@@ -147,10 +162,8 @@ class Screen:
         if n > _MAX_BODY:
             return False
         pairs = self._pairs
-        cased = _CASED_PAIRS
         data = raw  # compiled: a pointer to the bytes (no bounds checks: every index is below n)
         kinds = _KINDS
-        fold = _FOLD
         opens = nesting
         commas = 0
         quoted = False
@@ -159,20 +172,14 @@ class Screen:
         run = 0
         seps = 0
         seen = 0  # the kinds of the bytes of the current run, or-ed
-        f = fold[data[0]] if n else 0
         i = 0
         while i < n:
             c = data[i]
-            kind = kinds[c]
-            # A word starting here: the folded pair (this byte, the next) first, then the words themselves.
-            if i + 1 < n:
-                following = fold[data[i + 1]]
-            else:
-                following = 0
-            pair = f << 8 | following
-            if pairs[pair >> 3] & (1 << (pair & 7)) and self._word_at(data, i, n, f):
+            # A word, a cased marker or a key's prefix could start here: rare, the pair's bit says.
+            pair = c << 8 | (data[i + 1] if i + 1 < n else 0)
+            if pairs[pair >> 3] & (1 << (pair & 7)) and self._starts_here(data, i, n, c):
                 return False
-            f = following
+            kind = kinds[c]
             if kind & _SPECIAL:
                 if c >= 128 or c == 92:  # non-ASCII, or an escape
                     return False
@@ -181,16 +188,8 @@ class Screen:
                     length = -1  # the quote itself is not counted below
                 elif c == 44:
                     commas += 1
-                elif c == 123 or c == 91:
+                else:  # { or [
                     opens += 1
-                elif c == 115 or c == 112 or c == 114:  # \b(sk|pk|rk)[-_]
-                    if (i + 2 < n and data[i + 1] == 107 and (data[i + 2] == 45 or data[i + 2] == 95)
-                            and (i == 0 or not kinds[data[i - 1]] & _WORD)):
-                        return False
-                elif i + 1 < n:  # the cased markers that start with this byte (each has three bytes or more)
-                    pair = c << 8 | data[i + 1]
-                    if cased[pair >> 3] & (1 << (pair & 7)) and _has_any(data, i, n, _MARKERS_AT[c]):
-                        return False
             if quoted:
                 length += 1
                 if length > MAX_STRING:
@@ -264,14 +263,14 @@ def _kind(c):
         kind |= _RUN | _SEPARATOR | _NOT_HEX
     elif c == 43:  # +
         kind |= _RUN | _NOT_HEX
-    if c >= 128 or c in (92, 34, 44, 123, 91, 115, 112, 114) or _MARKERS_AT[c]:
+    if c >= 128 or c in (92, 34, 44, 123, 91):
         kind |= _SPECIAL
     return kind
 
 
 # Byte classes (bits of `_KINDS[byte]`): a digit, an upper- or lower-case ASCII letter, a byte of a hex/base64
 # run ([A-Za-z0-9+/_-]), one of those that is not a hex digit, a separator the sanitizer counts in a run (/ - _),
-# a word byte for \b, and a byte that needs a closer look (structure, escapes, non-ASCII, a marker's first byte).
+# a word byte for \b, and a byte that needs a closer look (structure, escapes, non-ASCII).
 _DIGIT, _UPPER, _LOWER, _RUN, _NOT_HEX, _SEPARATOR, _WORD, _SPECIAL = 1, 2, 4, 8, 16, 32, 64, 128
 _KINDS = bytes(_kind(c) for c in range(256))
 _FOLD = bytes(_fold(c) for c in range(256))
