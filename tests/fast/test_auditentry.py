@@ -108,10 +108,14 @@ _TIMES = st.one_of(
     st.datetimes(timezones=st.sampled_from([timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(0))])),
     st.none(),
 )
+# Durations as the gateway records them: milliseconds to the microsecond (the compiled twin writes these
+# without dtoa), and the edges of that path.
+_MILLIS = st.one_of(st.integers(-(10**16), 10**16).map(lambda k: k / 1000),
+                    st.sampled_from([0.0, -0.0, 0.001, -0.001, 1e12, -1e12, 999999999999.999, 0.1 + 0.2, 1e-4, 5e-324]))
 _HEADS = st.tuples(
     _IDS, _IDS, _IDS, _IDS, _TEXTS, _TEXTS, _TEXTS, _TEXTS, _TEXTS, _TEXTS,
     st.one_of(st.none(), st.integers(-(2**70), 2**70), st.booleans()),
-    st.one_of(st.none(), st.floats(), st.integers(-(2**40), 2**40)),
+    st.one_of(st.none(), st.floats(), _MILLIS, st.integers(-(2**40), 2**40)),
     _TIMES,
 )
 
@@ -157,7 +161,7 @@ def test_the_whole_float_test_finds_every_form_orjson_writes(auditentry_impl, te
 _NAMES = ("id", "tenant_id", "user_id", "api_key_id", "action", "details", "client_ip", "error_code", "duration_ms",
           "created_at")
 _LINE_VALUES = st.one_of(
-    st.none(), st.uuids(), _ASYNCPG_UUIDS, st.text(max_size=10), st.integers(-(2**70), 2**70), st.booleans(), st.floats(),
+    st.none(), st.uuids(), _ASYNCPG_UUIDS, st.text(max_size=10), st.integers(-(2**70), 2**70), st.booleans(), st.floats(), _MILLIS,
     st.datetimes(timezones=st.just(timezone.utc)), st.datetimes(), st.just(_Other()),
     st.dictionaries(st.text(max_size=3), st.integers() | st.text(max_size=3), max_size=3),
 )

@@ -293,10 +293,63 @@ cdef int _put_timestamp(Buffer* buf, object value) except -1:
     return 0
 
 
+cdef int _put_long(Buffer* buf, long long value) except -1:
+    """An integer in decimal."""
+    cdef char digits[20]
+    cdef int at = 20
+    cdef unsigned long long rest = <unsigned long long>value
+    if value < 0:
+        rest = 0 - rest  # also right for the most negative value
+    while True:
+        at -= 1
+        digits[at] = <char>(48 + rest % 10)
+        rest //= 10
+        if rest == 0:
+            break
+    _reserve(buf, 21)
+    if value < 0:
+        buf.data[buf.length] = b"-"
+        buf.length += 1
+    _put(buf, digits + at, 20 - at)
+    return 0
+
+
 cdef int _put_float(Buffer* buf, double value) except -1:
     """A float as Python's repr, which is orjson's text too when it has no exponent; 1 (nothing written) for
-    one with an exponent or not finite (orjson's notation differs there: 1e16 against 1e+16)."""
+    one with an exponent or not finite (orjson's notation differs there: 1e16 against 1e+16).
+
+    A value with at most three decimals (a duration in milliseconds, to the microsecond: what the gateway
+    records) is written from its thousandths: the decimal whole/1000 reads back as `value` (the division
+    is exact to within one rounding, and it was checked), no other decimal of three places or fewer does
+    (below 1e12 they are 0.001 apart, more than the floats' spacing), and repr has no exponent from 0.001
+    up to 1e16, so those digits, trailing zeros cut, are repr's. Python's dtoa costs far more.
+    """
+    cdef double scaled
+    cdef long long whole, fraction
     cdef int kind = 0
+    cdef char tail[4]
+    cdef int cut
+    if -1e12 < value < 1e12 and value != 0.0:
+        scaled = value * 1000.0
+        whole = <long long>scaled
+        if <double>whole == scaled and <double>whole / 1000.0 == value:
+            if whole < 0:
+                _reserve(buf, 1)
+                buf.data[buf.length] = b"-"
+                buf.length += 1
+                whole = -whole
+            _put_long(buf, whole // 1000)
+            fraction = whole % 1000
+            tail[0] = b"."
+            tail[1] = <char>(48 + fraction // 100)
+            tail[2] = <char>(48 + fraction // 10 % 10)
+            tail[3] = <char>(48 + fraction % 10)
+            cut = 4
+            while cut > 2 and tail[cut - 1] == b"0":
+                cut -= 1
+            _reserve(buf, 4)
+            _put(buf, tail, cut)
+            return 0
     cdef char* text = PyOS_double_to_string(value, b"r", 0, Py_DTSF_ADD_DOT_0, &kind)
     cdef Py_ssize_t size = 0
     cdef bint plain = kind == Py_DTST_FINITE
@@ -332,9 +385,7 @@ cdef int _put_value(Buffer* buf, Py_ssize_t slot, object value) except -1:
             number = PyLong_AsLongLong(value)
         except OverflowError:
             return 1
-        text = b"%d" % number
-        _reserve(buf, len(text))
-        _put(buf, text, len(text))
+        _put_long(buf, number)
         return 0
     if kind is float:
         return _put_float(buf, PyFloat_AS_DOUBLE(value))
