@@ -34,7 +34,11 @@ the audit hashing counts for more here than it costs on the machine.
 `--against REV` also measures the tree of commit REV (git archive into a
 temporary directory, its compiled core built there) in the same run, and
 prints this tree's figures over REV's. `--tool time` counts process CPU
-time instead (best of 5 rounds), for a machine without valgrind: noisy.
+time instead (best of 5 rounds), for a machine without valgrind: noisy. It
+also reports, from one more round, the longest the event loop waited while
+each write stage ran with `rows` rows (a task that only yields notes the
+time between its turns): how long the requests in flight stall when the
+writer flushes a batch of that size.
 """
 
 from __future__ import annotations
@@ -121,9 +125,43 @@ def child(rows: int, database_url: str, tool: str) -> None:
                 begin(); prepared = trail.prepare(entries); end("prepare")  # noqa: E702
                 begin(); await sink.write("request_logs", COLUMNS["request_logs"], logs); end("copy_request_logs")  # noqa: E702,E501
                 begin(); await sink.write("audit_logs", COLUMNS["audit_logs"], prepared); end("write_audit")  # noqa: E702,E501
+            if tool == "time":  # a round of its own: the ticker's turns would count in the CPU time above
+                spent.update(await holds(sink, [request_log_row() for _ in range(rows)],
+                                         trail.prepare([audit_row() for _ in range(rows)])))
             return spent
         finally:
             await pool.close()
+
+    async def holds(sink, logs, prepared) -> dict[str, float]:
+        """The longest the event loop waited for each write (the requests in flight wait as long): a task
+        that only yields notes the time between its turns."""
+        gaps: list[float] = []
+
+        async def ticker():
+            last = time.perf_counter()
+            while True:
+                await asyncio.sleep(0)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        longest = {}
+        running = asyncio.create_task(ticker())
+        try:
+            for stage, table, batch in (("copy_request_logs", "request_logs", logs),
+                                        ("write_audit", "audit_logs", prepared)):
+                # Collected first: the batches built for this round would start the collector inside the
+                # write, which the gateway's steady state does not (a batch's objects are freed as they
+                # are written, so the young generation stays under its threshold: app.py _tune_gc).
+                gc.collect()
+                for _ in range(3):  # the ticker's own last turn before the write is not the write's
+                    await asyncio.sleep(0)
+                gaps.clear()
+                await sink.write(table, COLUMNS[table], batch)
+                longest[f"hold_{stage}"] = max(gaps, default=0.0)
+        finally:
+            running.cancel()
+        return longest
 
     spent = asyncio.run(run())
     print("CHILD", json.dumps({"stages": list(spent), "seconds": spent, "body_bytes": len(body)}))
@@ -181,7 +219,9 @@ def measure(src: Path | None, rows: int, database_url: str, tool: str,
 
         report = json.loads(found.group(1))
         if tool == "time":
-            return {s: report["seconds"][s] / rows * 1e6 for s in STAGES}, report["body_bytes"]
+            figures = {s: report["seconds"][s] / rows * 1e6 for s in STAGES}
+            figures.update({s: report["seconds"][s] * 1e3 for s in report["seconds"] if s.startswith("hold_")})
+            return figures, report["body_bytes"]
         counts, files = {}, {}
         for path in Path(dumps).glob("cg.*.*"):
             number = int(path.name.rsplit(".", 1)[1])
@@ -237,7 +277,7 @@ def main() -> None:
     print(f"\n{'stage (per request)':22s}" + "".join(f"{label:>16s}" for label in labels)
           + ("          ratio" if len(labels) == 2 else ""))
     for stage in (*STAGES, "total"):
-        values = [sum(r.values()) if stage == "total" else r[stage] for r in results.values()]
+        values = [sum(r[s] for s in STAGES) if stage == "total" else r[stage] for r in results.values()]
         line = f"{stage:22s}" + "".join(f"{v:16,.0f}" if tool == "callgrind" else f"{v:16.2f}" for v in values)
         if len(values) == 2 and values[1]:
             line += f"{values[0] / values[1]:14.2f}x"
@@ -249,6 +289,10 @@ def main() -> None:
     print(f"\nconditions: {unit} per request; {args.rows} requests' records (a request_logs row and an audit entry "
           f"each, {body_bytes}-byte tools/call body); one process; PostgreSQL {base.rsplit('@', 1)[-1]}; "
           f"CPython {platform.python_version()}; this tree: {commit}{' + uncommitted changes' if dirty else ''}")
+    if tool == "time":
+        print("\nlongest the event loop waited for one write of the batch (ms; the requests in flight wait as long):")
+        for stage in STAGES[3:]:
+            print(f"{stage:22s}" + "".join(f"{r['hold_' + stage]:16.2f}" for r in results.values()))
     if tool == "callgrind":
         version = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip()
         print(f"            {version} (instruction counts: the database's work and the kernel's are not in them)")

@@ -295,6 +295,29 @@ async def test_writers_of_several_processes_extend_one_chain(pg_url: str, tmp_pa
     assert [(r.tenant_id, r.entries, r.ok) for r in reports] == [(None, 600, True), (tenant, 600, True)]
 
 
+async def test_a_batch_larger_than_a_link_slice_keeps_every_chain_whole(pg_url: str):
+    # The sink numbers, hashes and encodes a big batch a slice at a time, giving the loop back between
+    # slices; each chain must go on across the slices as if the batch were one.
+    from gateway.records import sinks
+
+    sink = PostgresSink(await create_pg_pool(pg_url, max_size=1))
+    tenants = [uuid.uuid4(), uuid.uuid4(), None]
+    size = 2 * sinks._LINK_CHUNK + sinks._COPY_CHUNK + 7
+    try:
+        for batch in range(2):
+            rows = [entry(tenants[i % 3], batch * size + i) for i in range(size)]
+            await sink.write("audit_logs", AUDIT, rows)
+    finally:
+        await sink.close()
+    found = await stored(pg_url)
+    for tenant in tenants:
+        mine = [r for r in found if r["tenant_id"] == tenant]
+        assert [r["chain_seq"] for r in mine] == list(range(1, len(mine) + 1))
+        assert [int(r["i"]) for r in mine] == [i for i in range(2 * size) if tenants[i % size % 3] == tenant]
+    reports = await verify_all(pg_url)
+    assert all(r.ok for r in reports) and sum(r.entries for r in reports) == 2 * size
+
+
 async def test_a_batch_takes_its_chains_locks_and_heads_in_a_statement_each(pg_url: str):
     # A batch holds entries of many tenants in production: locking and reading each chain's head with a
     # statement of its own cost two round trips per tenant per batch.
