@@ -133,23 +133,31 @@ cdef const char* _HEX = b"0123456789abcdef"
 cdef object _LIMIT = 2**63  # chain_seq is a bigint
 
 
+cdef inline int _decimal_before(char* end, long long value) noexcept:
+    """`value` in decimal, written backwards to end just before `end` (20 bytes at most); returns its length."""
+    cdef unsigned long long rest = <unsigned long long>value
+    cdef char* at = end
+    if value < 0:
+        rest = 0 - rest  # also right for the most negative value
+    while True:
+        at -= 1
+        at[0] = <char>(48 + rest % 10)
+        rest //= 10
+        if rest == 0:
+            break
+    if value < 0:
+        at -= 1
+        at[0] = b"-"
+    return <int>(end - at)
+
+
 cdef object _hex_digest(const char* prev, Py_ssize_t prev_size, long long seq, const char* body,
                         Py_ssize_t body_size):
     """The entry hash as 64 lowercase hex characters, or None if libcrypto failed (the caller falls back)."""
     cdef char middle[24]  # "|<seq>|", written from the end
     cdef unsigned char digest[32]
-    cdef int start = 23
-    cdef unsigned long long rest = (0ULL - <unsigned long long>seq) if seq < 0 else <unsigned long long>seq
-    middle[start] = b"|"
-    while True:
-        start -= 1
-        middle[start] = <char>(48 + rest % 10)
-        rest //= 10
-        if rest == 0:
-            break
-    if seq < 0:
-        start -= 1
-        middle[start] = b"-"
+    middle[23] = b"|"
+    cdef int start = 23 - _decimal_before(middle + 23, seq)
     start -= 1
     middle[start] = b"|"
     if gw_sha256(prev, prev_size, middle + start, 24 - start, body, body_size, digest) != 0:
@@ -296,21 +304,9 @@ cdef int _put_timestamp(Buffer* buf, object value) except -1:
 cdef int _put_long(Buffer* buf, long long value) except -1:
     """An integer in decimal."""
     cdef char digits[20]
-    cdef int at = 20
-    cdef unsigned long long rest = <unsigned long long>value
-    if value < 0:
-        rest = 0 - rest  # also right for the most negative value
-    while True:
-        at -= 1
-        digits[at] = <char>(48 + rest % 10)
-        rest //= 10
-        if rest == 0:
-            break
-    _reserve(buf, 21)
-    if value < 0:
-        buf.data[buf.length] = b"-"
-        buf.length += 1
-    _put(buf, digits + at, 20 - at)
+    cdef int size = _decimal_before(digits + 20, value)
+    _reserve(buf, size)
+    _put(buf, digits + 20 - size, size)
     return 0
 
 
