@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from tcp_relay import TcpRelay
 
 from harness import verify_chains
+from gateway._fast import auditentry
 from gateway.db import tables
 from gateway.db.engine import create_engine, create_pg_pool
 from gateway.records import chain
@@ -498,8 +499,9 @@ def test_the_writers_one_pass_canonical_form_is_the_reference_one():
 
 
 def test_prepared_details_are_encoded_once_and_hash_as_any_other():
-    """`prepare` leaves each entry's details encoded (chain.EncodedDetails.text, for the log line and the writer);
-    the canonical form made from that text is the reference one, floats and non-text keys included."""
+    """`prepare` leaves each entry's details encoded (chain.EncodedDetails.text, for the log line and the writer),
+    or, for a plain call the compiled core writes from the body, only as that text (chain.DetailsText); the
+    canonical form made from that text is the reference one, floats and non-text keys included."""
     from gateway.records.audit import AuditTrail
     from gateway.records.sinks import encode_json
 
@@ -511,13 +513,19 @@ def test_prepared_details_are_encoded_once_and_hash_as_any_other():
     rows = trail.prepare([trail.mcp_row(key, "s", "tools/call", "t", body, 200, None, None, 1.5, None, now)
                           for body in bodies])
     rows.append(trail.prepare([entry(key.tenant_id, 9, details={1: "int key", "f": 3.0})])[0])
+    kinds = []
     for row in rows:
         details = row[COLUMNS["audit_logs"].index("details")]
-        assert type(details) is chain.EncodedDetails and details.text == orjson.dumps(
-            details, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        kinds.append(type(details))
+        value = details.value() if type(details) is chain.DetailsText else details
+        assert type(details) in chain.TEXT_TYPES and details.text == orjson.dumps(
+            value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
         body, text = chain.row_canonical_and_json(row)
         assert body == chain.row_canonical(row, encode_json), row
         assert chain.canonical_details(text) == chain.canonical_details(encode_json(details))
+    # The ping is a plain call: written from its body where the compiled core is, decoded and built elsewhere.
+    plain = chain.DetailsText if auditentry.COMPILED else chain.EncodedDetails
+    assert kinds == [chain.EncodedDetails, plain, chain.EncodedDetails, chain.EncodedDetails, chain.EncodedDetails]
 
 
 def _entry_implementations():
@@ -535,26 +543,34 @@ def _entry_implementations():
 @settings(max_examples=300, deadline=None)
 @given(details=st.lists(st.none() | st.dictionaries(st.text(max_size=3), st.floats() | st.integers(-(2**63), 2**63 - 1)
                                                      | st.text(max_size=4), max_size=3), min_size=1, max_size=6),
-       encoded=st.lists(st.booleans(), min_size=6, max_size=6),
+       encoded=st.lists(st.sampled_from(["dict", "encoded", "text"]), min_size=6, max_size=6),
        naive=st.booleans(), text_ids=st.booleans())
 def test_a_batchs_canonical_forms_are_each_rows_one_pass_form(details, encoded, naive, text_ids):
     """`row_canonicals` (`_fast/auditentry.canonicals_into`, both twins) gives each row what
-    `row_canonical_and_json` gives it: details encoded by `prepare` or not, whole floats or not, values the
-    compiled head leaves to its twin (a naive time, ids as text)."""
-    rows = []
+    `row_canonical_and_json` gives it: details encoded by `prepare`, kept as text (`DetailsText`: never a
+    float) or neither, whole floats or not, values the compiled head leaves to its twin (a naive time, ids as
+    text). However the details are held, the canonical form is the one of the plain dict."""
+    rows, plain = [], []
     for i, value in enumerate(details):
-        if value is not None and encoded[i]:
-            value = chain.EncodedDetails(value)
-            value.encode()
         created = BASE.replace(tzinfo=None) if naive else BASE
         rows.append(entry(uuid.uuid4(), i, details=value, created_at=created,
                           **({"user_id": str(uuid.uuid4())} if text_ids else {})))
+        plain.append(rows[-1])
+        if value is not None and encoded[i] == "encoded":
+            held = chain.EncodedDetails(value)
+            held.encode()
+        elif value is not None and encoded[i] == "text" and not any(type(v) is float for v in value.values()):
+            held = chain.DetailsText(orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+        else:
+            continue
+        rows[-1] = rows[-1][: chain._ROW_DETAILS] + (held,) + rows[-1][chain._ROW_DETAILS + 1 :]
     expected = [chain.row_canonical_and_json(row) for row in rows]
+    assert [c for c, _ in expected] == [chain.row_canonical_and_json(row)[0] for row in plain]
     for implementation in _entry_implementations():
         canonicals, texts = [], []
         for start in range(0, len(rows), 4):
             implementation.canonicals_into(rows, start, min(start + 4, len(rows)), chain._ROW_HEAD, chain._ROW_DETAILS,
-                                           chain._FORMAT_VERSION, chain.EncodedDetails, chain.row_canonical_and_json,
+                                           chain._FORMAT_VERSION, chain.TEXT_TYPES, chain.row_canonical_and_json,
                                            canonicals, texts)
         assert list(zip(canonicals, texts)) == expected, implementation.__name__
     assert asyncio.run(chain.row_canonicals(rows, chunk=2)) == ([c for c, _ in expected], [t for _, t in expected])

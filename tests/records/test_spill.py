@@ -122,3 +122,23 @@ def test_rows_with_database_ids_are_spilled(tmp_path):
     spill.append([entry(0, tenant_id=tenant)])
     _, result = spill.oldest()
     assert result.rows[0][1] == uuid.UUID(str(tenant))
+
+
+def test_details_kept_as_text_are_spilled_as_their_json(tmp_path):
+    """A plain call's details are kept as their JSON text (chain.DetailsText); the spill stores that JSON
+    itself, and the row comes back with the same details as a dict (and the same canonical form)."""
+    import orjson
+
+    from gateway.records import chain
+    from gateway.records.sinks import encode_json
+
+    value = {"method": "tools/call", "params": {"arguments": {"q": "x"}, "name": "t"}, "request_id": 7,
+             "server": "s", "status": 200}
+    row = entry(0, details=chain.DetailsText(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)))
+    spill = Spill(tmp_path, URL)
+    spill.append([row])
+    _, result = spill.oldest()
+    back = result.rows[0]
+    at = COLUMNS["audit_logs"].index("details")
+    assert back[at] == value and back[:at] == row[:at] and back[at + 1 :] == row[at + 1 :]
+    assert chain.row_canonical(back, encode_json) == chain.row_canonical(row, encode_json)

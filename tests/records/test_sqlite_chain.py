@@ -181,3 +181,29 @@ async def test_a_lock_held_past_the_busy_timeout_is_unavailable_not_rejected(sql
     rows = await _stored(sqlite_url)
     assert [row[2] for row in rows] == [1, 2, 3]
     assert [(r.entries, r.ok) for r in await _verify(sqlite_url)] == [(3, True)]
+
+
+async def test_details_kept_as_text_are_stored_and_chained_on_sqlite(sqlite_url: str):
+    """A plain call's details kept as their JSON text (chain.DetailsText) are stored as that JSON and hash as
+    the same details held as a dict: the chain verifies."""
+    import orjson
+
+    from gateway.records import chain
+
+    tenant = uuid.uuid4()
+    at = AUDIT.index("details")
+    rows = []
+    for i in range(6):
+        row = entry(tenant, i)
+        value = {"method": "tools/call", "params": {"name": "t", "arguments": {"i": i}}, "request_id": i,
+                 "status": 200}
+        held = chain.DetailsText(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)) if i % 2 else value
+        rows.append(row[:at] + (held,) + row[at + 1 :])
+    sink = await sink_for(sqlite_url)
+    try:
+        await sink.write("audit_logs", AUDIT, rows)
+    finally:
+        await sink.close()
+    stored = await _stored(sqlite_url)
+    assert [row[3]["params"]["arguments"]["i"] for row in stored] == list(range(6))
+    assert [(r.entries, r.ok) for r in await _verify(sqlite_url)] == [(6, True)]

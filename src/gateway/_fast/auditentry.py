@@ -11,9 +11,10 @@ finish_row = implementation.finish_row
 link = implementation.link
 log_line = implementation.log_line
 may_hold_whole_float = implementation.may_hold_whole_float
+plain_details = implementation.plain_details
 COMPILED = is_extension_module(implementation)
 
 __all__ = (
     "COMPILED", "canonical_head", "canonicals_into", "entry_hash", "fallbacks", "finish_row", "link", "log_line",
-    "may_hold_whole_float",
+    "may_hold_whole_float", "plain_details",
 )

@@ -26,7 +26,7 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.ref cimport PyObject, Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 
 from gateway._fast import auditentry_py as _twin
 
@@ -499,7 +499,7 @@ def finish_row(tuple row, new_id, details, Py_ssize_t details_at, tuple bounded,
 
 
 def canonicals_into(list rows, Py_ssize_t start, Py_ssize_t stop, tuple head_at, Py_ssize_t details_at,
-                    str version, type encoded_type, slow, list canonicals, list texts):
+                    str version, tuple text_types, slow, list canonicals, list texts):
     """Each row's canonical form and details' text appended (see the twin's `canonicals_into`)."""
     cdef Buffer buf
     cdef char stack[_STACK]
@@ -515,7 +515,7 @@ def canonicals_into(list rows, Py_ssize_t start, Py_ssize_t stop, tuple head_at,
         text = None
         done = False
         if details is not None:
-            if type(details) is not encoded_type:
+            if type(details) not in text_types:
                 done = True
             else:
                 found = getattr(details, "text", None)
@@ -629,6 +629,343 @@ def log_line(tuple names, tuple values, Py_ssize_t details_at, details_text):
         _release(&buf)
 
 
+# ------------------------------------------------------------------ a plain call's details
+
+cdef enum:
+    _MAX_MEMBERS = 100  # an object's members (the screen passes no body with more commas than that)
+    _MAX_NESTING = 32
+
+
+cdef struct _Member:
+    Py_ssize_t key_at  # the key's first byte in the body (after its quote)
+    Py_ssize_t key_size
+    Py_ssize_t value_at  # the value's canonical text in the output
+    Py_ssize_t value_size
+
+
+cdef inline Py_ssize_t _skip_space(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
+    while i < n and (s[i] == 32 or s[i] == 10 or s[i] == 13 or s[i] == 9):
+        i += 1
+    return i
+
+
+cdef inline Py_ssize_t _string_end(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
+    """`s[i]` opens a string: the index of its closing quote, or -1 for a string not written here (an escape,
+    a control character, a byte outside ASCII) or one that does not end."""
+    cdef unsigned char c
+    i += 1
+    while i < n:
+        c = s[i]
+        if c == 34:
+            return i
+        if c == 92 or c < 0x20 or c >= 0x80:
+            return -1
+        i += 1
+    return -1
+
+
+cdef inline int _key_order(const unsigned char* s, _Member* a, _Member* b) noexcept:
+    """<0, 0 or >0 as key a sorts before, with or after key b (ASCII: bytes order is code point order)."""
+    cdef Py_ssize_t size = a.key_size if a.key_size < b.key_size else b.key_size
+    cdef int order = memcmp(s + a.key_at, s + b.key_at, size)
+    if order != 0:
+        return order
+    return (a.key_size > b.key_size) - (a.key_size < b.key_size)
+
+
+cdef Py_ssize_t _plain_value(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Buffer* out, int depth,
+                             bint drop_meta) except -2:
+    """The JSON value at `s[i]` written to `out` as orjson writes it once decoded (keys sorted, no space);
+    the index after it, or -1 where the value is not written here: a float, -0, an integer of 19 digits or
+    more, a string as `_string_end` refuses, a duplicate key, anything that is not JSON. `drop_meta`: an
+    object's "_meta" member is left out."""
+    cdef unsigned char c
+    cdef Py_ssize_t start, end
+    if i >= n:
+        return -1
+    c = s[i]
+    if c == 34:
+        end = _string_end(s, i, n)
+        if end < 0:
+            return -1
+        _reserve(out, end + 1 - i)
+        _put(out, <const char*>s + i, end + 1 - i)
+        return end + 1
+    if c == 123:
+        return _plain_object(s, i, n, out, depth, drop_meta)
+    if c == 91:
+        if depth >= _MAX_NESTING:
+            return -1
+        _reserve(out, 1)
+        _put(out, b"[", 1)
+        i = _skip_space(s, i + 1, n)
+        if i < n and s[i] == 93:
+            _reserve(out, 1)
+            _put(out, b"]", 1)
+            return i + 1
+        while True:
+            i = _plain_value(s, i, n, out, depth + 1, False)
+            if i < 0:
+                return -1
+            i = _skip_space(s, i, n)
+            if i >= n:
+                return -1
+            _reserve(out, 1)
+            if s[i] == 44:
+                _put(out, b",", 1)
+                i = _skip_space(s, i + 1, n)
+            elif s[i] == 93:
+                _put(out, b"]", 1)
+                return i + 1
+            else:
+                return -1
+    if c == 45 or 48 <= c <= 57:
+        start = i
+        if c == 45:
+            i += 1
+            if i >= n:
+                return -1
+        if s[i] == 48:
+            i += 1
+            if c == 45:  # -0: decoded as 0
+                return -1
+        elif 49 <= s[i] <= 57:
+            while i < n and 48 <= s[i] <= 57:
+                i += 1
+        else:
+            return -1
+        if i < n and (s[i] == 46 or s[i] == 101 or s[i] == 69 or 48 <= s[i] <= 57):
+            return -1  # a float (orjson writes it its own way), or a leading zero
+        if i - start - (c == 45) > 18:
+            return -1
+        _reserve(out, i - start)
+        _put(out, <const char*>s + start, i - start)
+        return i
+    if c == 116 and i + 4 <= n and memcmp(s + i, b"true", 4) == 0:
+        _reserve(out, 4)
+        _put(out, b"true", 4)
+        return i + 4
+    if c == 102 and i + 5 <= n and memcmp(s + i, b"false", 5) == 0:
+        _reserve(out, 5)
+        _put(out, b"false", 5)
+        return i + 5
+    if c == 110 and i + 4 <= n and memcmp(s + i, b"null", 4) == 0:
+        _reserve(out, 4)
+        _put(out, b"null", 4)
+        return i + 4
+    return -1
+
+
+cdef Py_ssize_t _members(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Buffer* out, int depth,
+                         _Member* members, int* count) except -2:
+    """The members of the object opened at `s[i]`, their values written to `out` one after another, in the
+    body's order; the index after the object, or -1 (see `_plain_value`; also more than _MAX_MEMBERS)."""
+    cdef Py_ssize_t end
+    cdef int k
+    count[0] = 0
+    i = _skip_space(s, i + 1, n)
+    if i < n and s[i] == 125:
+        return i + 1
+    while True:
+        if i >= n or s[i] != 34 or count[0] == _MAX_MEMBERS:
+            return -1
+        end = _string_end(s, i, n)
+        if end < 0:
+            return -1
+        k = count[0]
+        members[k].key_at, members[k].key_size = i + 1, end - i - 1
+        i = _skip_space(s, end + 1, n)
+        if i >= n or s[i] != 58:
+            return -1
+        i = _skip_space(s, i + 1, n)
+        members[k].value_at = out.length
+        i = _plain_value(s, i, n, out, depth + 1, False)
+        if i < 0:
+            return -1
+        members[k].value_size = out.length - members[k].value_at
+        count[0] = k + 1
+        i = _skip_space(s, i, n)
+        if i >= n:
+            return -1
+        if s[i] == 44:
+            i = _skip_space(s, i + 1, n)
+        elif s[i] == 125:
+            return i + 1
+        else:
+            return -1
+
+
+cdef inline bint _is_key(const unsigned char* s, _Member* member, const char* key, Py_ssize_t size) noexcept:
+    return member.key_size == size and memcmp(s + member.key_at, key, size) == 0
+
+
+cdef Py_ssize_t _plain_object(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Buffer* out, int depth,
+                              bint drop_meta) except -2:
+    """`_plain_value` of an object: its members written, then put in key order (a duplicate key: -1)."""
+    cdef _Member members[_MAX_MEMBERS]
+    cdef _Member held
+    cdef int count, a, b
+    cdef Py_ssize_t begin = out.length, size
+    cdef char* values
+    cdef bint first = True
+    if depth >= _MAX_NESTING:
+        return -1
+    i = _members(s, i, n, out, depth, members, &count)
+    if i < 0:
+        return -1
+    for a in range(1, count):  # insertion sort: a few members, most of them in order already
+        held = members[a]
+        b = a - 1
+        while b >= 0 and _key_order(s, &members[b], &held) > 0:
+            members[b + 1] = members[b]
+            b -= 1
+        if b >= 0 and _key_order(s, &members[b], &held) == 0:
+            return -1  # a duplicate key: decoding keeps the last one
+        members[b + 1] = held
+    size = out.length - begin
+    values = <char*>PyMem_Malloc(size + 1)
+    if values == NULL:
+        raise MemoryError()
+    try:
+        memcpy(values, out.data + begin, size)
+        out.length = begin
+        _reserve(out, 2)
+        _put(out, b"{", 1)
+        for a in range(count):
+            if drop_meta and _is_key(s, &members[a], b"_meta", 5):
+                continue
+            _reserve(out, members[a].key_size + members[a].value_size + 4)
+            if not first:
+                _put(out, b",", 1)
+            first = False
+            _put(out, b'"', 1)
+            _put(out, <const char*>s + members[a].key_at, members[a].key_size)
+            _put(out, b'":', 2)
+            _put(out, values + members[a].value_at - begin, members[a].value_size)
+        _reserve(out, 1)
+        _put(out, b"}", 1)
+    finally:
+        PyMem_Free(values)
+    return i
+
+
+cdef int _put_member(Buffer* out, const char* key, Py_ssize_t key_size, const char* value, Py_ssize_t size,
+                     bint* first) except -1:
+    """`"key":value` and the comma before it unless it is the first."""
+    _reserve(out, key_size + size + 4)
+    if not first[0]:
+        _put(out, b",", 1)
+    first[0] = False
+    _put(out, b'"', 1)
+    _put(out, key, key_size)
+    _put(out, b'":', 2)
+    _put(out, value, size)
+    return 0
+
+
+def plain_details(bytes body, long long status, server, error):
+    """The details `McpDetails.build` makes of one JSON-RPC message, as the sorted-key JSON `prepare`
+    encodes them, written from the body's text without decoding it; None where this does not write them
+    (see the twin's `plain_details`). Only for a body the sanitizer's screen passed: nothing is redacted."""
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(body), i, at
+    cdef _Member members[_MAX_MEMBERS]
+    cdef int count, a, b
+    cdef int method = -1, request_id = -1, params = -1, response = -1
+    cdef Buffer values, out
+    cdef char values_stack[_STACK]
+    cdef char out_stack[_STACK]
+    cdef bint first = True
+    if (server is not None and type(server) is not str) or (error is not None and type(error) is not str):
+        return None
+    i = _skip_space(s, 0, n)
+    if i >= n or s[i] != 123:
+        return None
+    _start(&values, values_stack)
+    _start(&out, out_stack)
+    try:
+        # The message's members, each value written as it is stored; "params" without its "_meta".
+        count = 0
+        i = _skip_space(s, i + 1, n)
+        if i < n and s[i] == 125:
+            i += 1
+        else:
+            while True:
+                if i >= n or s[i] != 34 or count == _MAX_MEMBERS:
+                    return None
+                at = _string_end(s, i, n)
+                if at < 0:
+                    return None
+                members[count].key_at, members[count].key_size = i + 1, at - i - 1
+                i = _skip_space(s, at + 1, n)
+                if i >= n or s[i] != 58:
+                    return None
+                i = _skip_space(s, i + 1, n)
+                members[count].value_at = values.length
+                i = _plain_value(s, i, n, &values, 1, _is_key(s, &members[count], b"params", 6))
+                if i < 0:
+                    return None
+                members[count].value_size = values.length - members[count].value_at
+                count += 1
+                i = _skip_space(s, i, n)
+                if i >= n:
+                    return None
+                if s[i] == 44:
+                    i = _skip_space(s, i + 1, n)
+                elif s[i] == 125:
+                    i += 1
+                    break
+                else:
+                    return None
+        if _skip_space(s, i, n) != n:
+            return None
+        for a in range(count):
+            for b in range(a):
+                if _key_order(s, &members[a], &members[b]) == 0:
+                    return None  # a duplicate key: decoding keeps the last one
+            if _is_key(s, &members[a], b"method", 6):
+                method = a
+            elif _is_key(s, &members[a], b"id", 2):
+                request_id = a
+            elif _is_key(s, &members[a], b"params", 6):
+                params = a
+            elif _is_key(s, &members[a], b"error", 5):
+                response = a
+        # The details' keys in sorted order: error, method, params, request_id, response_error, server, status.
+        _reserve(&out, 9)
+        _put(&out, b"{", 1)
+        if error:
+            _put(&out, b'"error":', 8)
+            first = False
+            if _put_string(&out, error):
+                return None
+        if method >= 0:
+            _put_member(&out, b"method", 6, values.data + members[method].value_at, members[method].value_size,
+                        &first)
+        if params >= 0 and not (members[params].value_size == 4 and
+                                memcmp(values.data + members[params].value_at, b"null", 4) == 0):
+            _put_member(&out, b"params", 6, values.data + members[params].value_at, members[params].value_size,
+                        &first)
+        if request_id >= 0:
+            _put_member(&out, b"request_id", 10, values.data + members[request_id].value_at,
+                        members[request_id].value_size, &first)
+        if response >= 0:
+            _put_member(&out, b"response_error", 14, values.data + members[response].value_at,
+                        members[response].value_size, &first)
+        if server is not None:
+            _put_member(&out, b"server", 6, b"", 0, &first)
+            if _put_string(&out, server):
+                return None
+        _put_member(&out, b"status", 6, b"", 0, &first)
+        _put_long(&out, status)
+        _reserve(&out, 1)
+        _put(&out, b"}", 1)
+        return PyBytes_FromStringAndSize(out.data, out.length)
+    finally:
+        _release(&values)
+        _release(&out)
+
+
 def may_hold_whole_float(bytes text):
     """Whether `text` holds ".0" before a comma, a brace, a bracket or its end, or "e+" (see the twin's): the
     dots and the plus signs found by memchr, each then looked at."""
@@ -739,5 +1076,5 @@ NATIVE_SHA256 = _native
 
 __all__ = (
     "GENESIS", "HEAD_COLUMNS", "NATIVE_SHA256", "canonical_head", "canonicals_into", "entry_hash", "fallbacks",
-    "finish_row", "link", "log_line", "may_hold_whole_float",
+    "finish_row", "link", "log_line", "may_hold_whole_float", "plain_details",
 )

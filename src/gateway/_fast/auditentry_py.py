@@ -101,17 +101,17 @@ def finish_row(row: tuple, new_id, details, details_at: int, bounded: tuple, cle
 
 
 def canonicals_into(rows: list, start: int, stop: int, head_at: tuple, details_at: int, version: str,
-                    encoded_type: type, slow, canonicals: list, texts: list) -> None:
+                    text_types: tuple, slow, canonicals: list, texts: list) -> None:
     """Append to `canonicals` and `texts` each of `rows[start:stop]`'s canonical form and its details' text
-    (records/chain.py `row_canonical_and_json`), where the details carry their text already (`encoded_type`,
-    its `text`) or are None and hold no whole float: the head (`canonical_head` of the row's values at
+    (records/chain.py `row_canonical_and_json`), where the details carry their text already (one of
+    `text_types`, its `text`) or are None and hold no whole float: the head (`canonical_head` of the row's values at
     `head_at`), a 0x1f byte, then the text, or "-" for no details. `slow(row)` gives both for any other row."""
     for i in range(start, stop):
         row = rows[i]
         details = row[details_at]
         if details is None:
             text = None
-        elif type(details) is encoded_type:
+        elif type(details) in text_types:
             text = getattr(details, "text", None)
             if text is None or may_hold_whole_float(text):
                 text = False
@@ -130,6 +130,20 @@ def canonicals_into(rows: list, start: int, stop: int, head_at: tuple, details_a
 def fallbacks() -> int:
     """How many heads and lines the compiled twin left to this one (this one writes them all itself: 0)."""
     return 0
+
+
+def plain_details(body: bytes, status: int, server: str | None, error: str | None) -> bytes | None:
+    """The details `McpDetails.build` makes of one JSON-RPC message (`records/audit.py`), as the sorted-key
+    JSON text `prepare` encodes, written from the body's text without decoding it; None where the caller
+    must decode the body and build them. Only for a body the sanitizer's screen passed (nothing is redacted)
+    and `server` and `error` already cleaned (`error`: None or "" for none).
+
+    The compiled twin writes the common case: an object whose strings are printable ASCII without escapes,
+    whose numbers are integers of 18 digits or fewer, without duplicate keys, objects of at most 100 members
+    or nesting past 32 levels. This one always answers None: decoding and building them in Python is what the
+    caller does then anyway.
+    """
+    return None
 
 
 def may_hold_whole_float(text: bytes) -> bool:
@@ -193,5 +207,5 @@ def link(rows: list[tuple], heads: dict, canonicals: list[bytes], texts: list | 
 
 __all__ = (
     "GENESIS", "HEAD_COLUMNS", "canonical_head", "canonicals_into", "entry_hash", "fallbacks", "finish_row", "link",
-    "log_line", "may_hold_whole_float",
+    "log_line", "may_hold_whole_float", "plain_details",
 )

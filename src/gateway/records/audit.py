@@ -31,7 +31,7 @@ import sqlalchemy as sa
 
 from gateway._fast import auditentry
 from gateway.db.tables import audit_logs
-from gateway.records.chain import EncodedDetails
+from gateway.records.chain import TEXT_TYPES, DetailsText, EncodedDetails
 from gateway.records.sanitize import CLEANED_TEXTS, Sanitizer, clean_text
 
 TABLE = "audit_logs"
@@ -73,18 +73,31 @@ class McpDetails:
     def __init__(self, body: bytes, server: str | None, status: int, error: str | None) -> None:
         self.body, self.server, self.status, self.error = body, server, status, error
 
-    def build(self, sanitizer: Sanitizer) -> EncodedDetails:
-        details = EncodedDetails()
-        details["status"] = self.status
+    def build(self, sanitizer: Sanitizer) -> EncodedDetails | DetailsText:
         server = self.server
         if server is not None:
             cleaned = CLEANED_TEXTS.get(server)  # clean_text's cache first: the call costs more than the lookup
-            details["server"] = cleaned if cleaned is not None else clean_text(server)
-        if self.error:
-            details["error"] = clean_text(self.error)  # refusals may quote what the caller sent
-        if self.body:
+            server = cleaned if cleaned is not None else clean_text(server)
+        error = clean_text(self.error) if self.error else None  # refusals may quote what the caller sent
+        body = self.body
+        plain = None  # whether the screen passed the body as one message (asked once)
+        if body and body[0] != 91:  # not a batch's "["
+            plain = sanitizer.unchanged(body, 0)
+            if plain:
+                # Nothing to clean: most calls' details are written from the body's text as they are stored,
+                # without decoding it (_fast/auditentry.plain_details; None leaves it to the code below).
+                text = _plain_details(body, self.status, server, error)
+                if text is not None:
+                    return DetailsText(text)
+        details = EncodedDetails()
+        details["status"] = self.status
+        if server is not None:
+            details["server"] = server
+        if error is not None:
+            details["error"] = error
+        if body:
             try:
-                message = orjson.loads(self.body)
+                message = orjson.loads(body)
             except orjson.JSONDecodeError:
                 details["params"] = "[not JSON]"
                 return details
@@ -92,7 +105,7 @@ class McpDetails:
                 found: dict[str, Any] = {"batch": [_message_details(item) for item in message]}
                 nesting = 1  # the batch's list is one level deeper in the details than in the body
             elif isinstance(message, dict):
-                if sanitizer.unchanged(self.body, 0):
+                if plain if plain is not None else sanitizer.unchanged(body, 0):
                     _message_details(message, details)  # nothing to clean: straight into the entry's details
                     return details
                 found, nesting = _message_details(message), 0
@@ -100,7 +113,7 @@ class McpDetails:
                 found, nesting = {"message": "[not an object]"}, 0
             # Walking the decoded params is most of an entry's cost; a screen of the raw body rules it out
             # for the calls it cannot change (most: no secret, nothing too long or too deep).
-            details.update(found if sanitizer.unchanged(self.body, nesting) else sanitizer.clean(found))
+            details.update(found if sanitizer.unchanged(body, nesting) else sanitizer.clean(found))
         return details
 
 
@@ -270,6 +283,8 @@ class AuditTrail:
                 sanitizer = sanitizers[which] = self.sanitizer(tenant, admin)
             if isinstance(details, _PENDING):
                 details = details.build(sanitizer)
+            elif type(details) is DetailsText:
+                pass  # prepared already (a plain call's, nothing to clean)
             elif details is not None:
                 details = sanitizer.clean(details)
                 if type(details) is dict:
@@ -310,7 +325,11 @@ class AuditTrail:
 
 def _entry(row: tuple) -> dict[str, Any]:
     """A row's entry as a dict (what a log record carries): its columns but the chain's, None ones left out."""
-    return {name: value for name, value in zip(_LOGGED, row) if value is not None}
+    entry = {name: value for name, value in zip(_LOGGED, row) if value is not None}
+    details = entry.get("details")
+    if type(details) is DetailsText:
+        entry["details"] = details.value()
+    return entry
 
 
 def _entry_json(row: tuple) -> bytes:
@@ -318,7 +337,7 @@ def _entry_json(row: tuple) -> bytes:
     text `prepare` encoded for the writer too (1.0 -> 0.6 us a line, timeit). orjson's way for what it
     refuses."""
     details = row[_DETAILS]
-    text = getattr(details, "text", None) if type(details) is EncodedDetails else None
+    text = getattr(details, "text", None) if type(details) in TEXT_TYPES else None
     try:
         return _log_line(_LOGGED, row, _DETAILS, text)
     except (TypeError, ValueError):  # e.g. an int past 64 bits in details of another origin
@@ -337,6 +356,7 @@ def _dumps(value: Any) -> str:
 # columns' are SQLAlchemy's quoted_name, a str subclass.
 _LOGGED = tuple(str(name) for name in COLUMNS[:14])
 _log_line = auditentry.log_line
+_plain_details = auditentry.plain_details
 
 
 class AuditLogHandler(logging.StreamHandler):

@@ -97,6 +97,8 @@ def details_canonical(details: Any, encode_json) -> str:
     """
     if details is None:
         return "-"  # SQL NULL, distinct from the JSON null "null"
+    if type(details) is DetailsText:
+        return details.text.decode()  # canonical already: sorted keys, no float
     text = encode_json(details).encode()
     if _FLOAT_TOKEN.search(text) is not None:
         details = _integral_floats_as_ints(orjson.loads(text))  # as stored: NaN and infinities are null
@@ -190,6 +192,41 @@ class EncodedDetails(dict):
         return text
 
 
+class DetailsText:
+    """An audit entry's details kept only as their sorted-key JSON text (`text`, bytes): a plain call's,
+    which `_fast/auditentry.plain_details` writes from the request body without decoding it (records/audit.py
+    `McpDetails.build`). The text is what `EncodedDetails.encode` gives for the same details, never holds a
+    float, and is already the canonical text (`row_canonical_and_json`). Where a value is needed, `value()`;
+    orjson writes it through `json_default` (the spill, sinks.encode_json)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: bytes) -> None:
+        self.text = text
+
+    def value(self) -> dict[str, Any]:
+        return orjson.loads(self.text)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is DetailsText and other.text == self.text
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"DetailsText({self.text!r})"
+
+
+def json_default(value: Any) -> Any:
+    """orjson's `default` for values that may hold `DetailsText`: its text as it is (other types: TypeError)."""
+    if type(value) is DetailsText:
+        return orjson.Fragment(value.text)
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+
+
+# The details types whose `text` is their sorted-key JSON (`canonicals_into` takes their rows' text as it is).
+TEXT_TYPES = (EncodedDetails, DetailsText)
+
+
 def row_canonical_and_json(row: tuple) -> tuple[bytes, str | None]:
     """`row_canonical(row, sinks.encode_json)` and the details' JSON text to store, with one encoding of the
     details where `row_canonical` makes three (the writer's per-entry cost; tests check the two agree).
@@ -202,7 +239,7 @@ def row_canonical_and_json(row: tuple) -> tuple[bytes, str | None]:
     details = row[_ROW_DETAILS]
     if details is None:
         return head + b"\x1f-", None
-    text = getattr(details, "text", None) if type(details) is EncodedDetails else None
+    text = getattr(details, "text", None) if type(details) in TEXT_TYPES else None
     if text is None:
         text = orjson.dumps(details, option=_SORTED)
     if not _may_hold_whole_float(text):
@@ -230,7 +267,7 @@ async def row_canonicals(rows: list[tuple], chunk: int = 128) -> tuple[list[byte
         if start:
             await asyncio.sleep(0)
         auditentry.canonicals_into(rows, start, min(start + chunk, len(rows)), _ROW_HEAD, _ROW_DETAILS,
-                                   _FORMAT_VERSION, EncodedDetails, row_canonical_and_json, canonicals, texts)
+                                   _FORMAT_VERSION, TEXT_TYPES, row_canonical_and_json, canonicals, texts)
     return canonicals, texts
 
 
@@ -385,9 +422,11 @@ __all__ = [
     "GENESIS",
     "LOCK_CLASS",
     "ChainReport",
+    "DetailsText",
     "EncodedDetails",
     "canonical",
     "entry_hash",
+    "json_default",
     "link",
     "lock_key",
     "tenants_of",

@@ -87,6 +87,8 @@ def encode_json(value: object) -> str | None:
     """A JSON column's value as JSON text; None stays SQL NULL on both back ends."""
     if value is None:
         return None
+    if type(value) is chain.DetailsText:  # an audit entry's details kept as their JSON text
+        return value.text.decode()
     return orjson.dumps(value, option=_ORJSON_OPTIONS).decode()
 
 

@@ -41,11 +41,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 
 from gateway.db import tables
+from gateway.records.chain import DetailsText
 
 logger = logging.getLogger("gateway.records")
 
@@ -82,9 +84,16 @@ def default_dir(database_url: str) -> Path:
     return Path("gateway-spill").absolute()
 
 
+def _default(value: Any) -> Any:
+    # Details kept as their JSON text go in as that text; anything else orjson does not know as its str
+    # (asyncpg's UUID subclass: ids read from the database).
+    if type(value) is DetailsText:
+        return orjson.Fragment(value.text)
+    return str(value)
+
+
 def encode_line(row: tuple) -> bytes:
-    # default=str: asyncpg's UUID subclass (ids read from the database) is not one orjson knows.
-    payload = orjson.dumps(dict(zip(COLUMNS, row)), default=str, option=orjson.OPT_NON_STR_KEYS)
+    payload = orjson.dumps(dict(zip(COLUMNS, row)), default=_default, option=orjson.OPT_NON_STR_KEYS)
     return b"%08x %s\n" % (zlib.crc32(payload), payload)
 
 

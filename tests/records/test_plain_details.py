@@ -1,0 +1,109 @@
+"""`_fast/auditentry.plain_details`: an audit entry's details written from the body's text, without decoding it.
+
+Whatever body it is given, it answers None (the caller decodes and builds the details) or exactly the
+sorted-key JSON the general path makes: `McpDetails.build`'s decoding and `_message_details`, encoded as
+`prepare` encodes them. Bodies come as clients write them (any spacing, key order, nesting, every JSON
+type), cut or spliced (not JSON), and with what it must leave to the general path (floats, -0, escapes,
+non-ASCII text, duplicate keys, big integers)."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway._fast import auditentry
+from gateway.records.audit import _message_details
+
+pytestmark = pytest.mark.skipif(not auditentry.COMPILED, reason="the twin always leaves it to the general path")
+plain_details = auditentry.implementation.plain_details
+
+
+def general_path(body: bytes, status: int, server: str | None, error: str | None) -> bytes | None:
+    try:
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(message) is not dict:
+        return None
+    details = {"status": status}
+    if server is not None:
+        details["server"] = server
+    if error:
+        details["error"] = error
+    _message_details(message, details)
+    return orjson.dumps(details, option=orjson.OPT_SORT_KEYS)
+
+
+KEYS = st.sampled_from(["a", "b", "name", "arguments", "_meta", "params", "id", "method", "error", "Z", "a_b", ""])
+LEAVES = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**18) + 1, 10**18 - 1), st.integers(), st.floats(allow_nan=False),
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=8), st.text(max_size=4),
+)
+VALUES = st.recursive(LEAVES, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=4),
+                      max_leaves=16)
+MESSAGES = st.fixed_dictionaries(
+    {}, optional={"jsonrpc": st.just("2.0"), "id": LEAVES, "method": st.sampled_from(["tools/call", "ping"]) | LEAVES,
+                  "params": VALUES, "error": VALUES, "result": VALUES},
+)
+
+
+@st.composite
+def bodies(draw) -> bytes:
+    message = draw(MESSAGES | VALUES)
+    spacing = draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,\n", " :\t")]))
+    text = json.dumps(message, separators=spacing, ensure_ascii=draw(st.booleans()),
+                      indent=draw(st.none() | st.just(2)), sort_keys=draw(st.booleans()))
+    raw = (" " * draw(st.integers(0, 2)) + text + "\r\n" * draw(st.integers(0, 1))).encode("utf-8", "surrogatepass")
+    change = draw(st.sampled_from(["none", "none", "cut", "splice", "duplicate"]))
+    if change == "cut" and raw:
+        raw = raw[: draw(st.integers(0, len(raw) - 1))]
+    elif change == "splice":
+        at = draw(st.integers(0, len(raw)))
+        raw = raw[:at] + draw(st.sampled_from([b",", b"}", b"]", b'"', b"0", b"-0", b"01", b"1.0", b"1e5", b"\\",
+                                               b"tru", b"nul", b" ", b"{}", b'"a":1,'])) + raw[at:]
+    elif change == "duplicate" and raw.startswith(b"{") and len(raw) > 2:
+        raw = b'{"id":1,"id":2,' + raw[1:]
+    return raw
+
+
+@settings(max_examples=3000, deadline=None)
+@given(body=bodies(), status=st.sampled_from([200, 403, 502, 0, -1, 2**40]),
+       server=st.none() | st.sampled_from(["bench", "caf\u00e9", 'q"uote']), error=st.none() | st.sampled_from(
+           ["", "Forbidden: no", "line\nbreak"]))
+def test_the_details_are_the_general_paths_or_none(body, status, server, error):
+    written = plain_details(body, status, server, error)
+    assert written is None or written == general_path(body, status, server, error)
+
+
+CALLS = [
+    # The benchmark's call; a modern one with _meta; every JSON type but floats, nested, any spacing and order.
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"}}}',
+    b'{"jsonrpc":"2.0","id":"r-7","method":"tools/call","params":{"_meta":{"progressToken":3},"name":"search",'
+    b'"arguments":{"query":"retry budget","limit":20,"filters":{"since":"2026-01-01","tags":["a","b"]}}}}',
+    b' {\n  "method" : "resources/read",\n  "params" : { "uri" : "file:///a.txt" , "z" : [ ] , "y" : { } },\n'
+    b'  "id" : 12345678901234 , "jsonrpc" : "2.0"\n} ',
+    b'{"method":"notifications/initialized","jsonrpc":"2.0"}',
+    b'{"jsonrpc":"2.0","id":4,"error":{"code":-32601,"message":"nope"}}',
+    b'{"method":"x","params":{"b":true,"a":false,"c":null,"d":-12,"e":0}}',
+]
+
+
+@pytest.mark.parametrize("body", CALLS)
+def test_ordinary_calls_are_written_here(body):
+    assert plain_details(body, 200, "bench", None) == general_path(body, 200, "bench", None) is not None
+    assert plain_details(body, 403, None, "Forbidden: tool") == general_path(body, 403, None, "Forbidden: tool")
+
+
+@pytest.mark.parametrize("body", [
+    b'{"method":"x","params":{"a":1.5}}', b'{"method":"x","id":-0}', b'{"method":"x","id":1e3}',
+    b'{"method":"x","params":{"q":"caf\xc3\xa9"}}', b'{"method":"x","params":{"q":"a\\"b"}}',
+    b'{"id":1,"id":2}', b'{"method":"x","params":{"a":1,"a":1}}', b'{"id":1234567890123456789}',
+    b'[{"method":"x"}]', b'"x"', b'{"method":"x"}{}', b'{"method":"x",}', b'{"method":"x"', b"",
+    b'{"method":"x","params":{"a":[1,]}}', b"{'method':'x'}", b'{"method":NaN}',
+])
+def test_what_it_leaves_to_the_general_path(body):
+    assert plain_details(body, 200, "bench", None) is None
