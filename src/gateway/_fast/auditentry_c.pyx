@@ -649,19 +649,20 @@ cdef inline Py_ssize_t _skip_space(const unsigned char* s, Py_ssize_t i, Py_ssiz
     return i
 
 
+# The bytes that end a run of a string's text as written here: its closing quote, and what `_string_end`
+# leaves to the general path (an escape, a control character, a byte outside ASCII).
+cdef unsigned char _STRING_STOPS[256]
+for _byte in range(256):
+    _STRING_STOPS[_byte] = _byte == 34 or _byte == 92 or _byte < 0x20 or _byte >= 0x80
+
+
 cdef inline Py_ssize_t _string_end(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
     """`s[i]` opens a string: the index of its closing quote, or -1 for a string not written here (an escape,
     a control character, a byte outside ASCII) or one that does not end."""
-    cdef unsigned char c
     i += 1
-    while i < n:
-        c = s[i]
-        if c == 34:
-            return i
-        if c == 92 or c < 0x20 or c >= 0x80:
-            return -1
+    while i < n and not _STRING_STOPS[s[i]]:
         i += 1
-    return -1
+    return i if i < n and s[i] == 34 else -1
 
 
 cdef inline int _key_order(const unsigned char* s, _Member* a, _Member* b) noexcept:
