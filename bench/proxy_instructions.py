@@ -1,0 +1,162 @@
+"""Benchmark: a live gateway's instructions per request with a feature on and off, under callgrind.
+
+    python bench/proxy_instructions.py                         # --compare records, PostgreSQL, 1500 requests
+    python bench/proxy_instructions.py --compare audit --requests 3000
+    python bench/proxy_instructions.py --database sqlite       # the embedded default's records path
+
+`proxy.py --compare X` measures a feature's cost end to end, in CPU time and
+throughput; on a shared 2-vCPU VM its runs of one tree differ by a third.
+`records_cost.py` counts instructions, which do not move with the machine,
+but for the records pipeline alone, outside the gateway. This counts them for
+the whole gateway: it starts the stub upstream and the two gateways of
+proxy.py's `--compare` (the same settings, database and provisioning; its
+harness is imported), each under valgrind's callgrind, sends 300 warm-up
+requests, zeroes the counters (`callgrind_control -z`), sends `--requests`
+tools/calls (the proxy benchmark's 256-byte body, 8 at a time, keys of both
+tenants in turn), waits past a writer flush so that their records are
+written, and dumps the counters (`callgrind_control -d`). It prints each
+gateway's instructions per request and their ratio.
+
+Instructions are not time: cache misses, the kernel and the database's own
+work are not in them, and valgrind runs SHA-256 without the CPU's SHA
+extensions. Under callgrind a gateway answers about a hundred requests a
+second, so the writer's batches are far smaller than at full load and their
+per-batch round trips count for more here. Each gateway takes about a
+minute to start under valgrind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import proxy  # noqa: E402 - the proxy benchmark's harness: children, database, provisioning
+
+WARM_UP = 300
+CONCURRENCY = 8
+
+
+def under_callgrind(children: proxy.Children, out_dir: Path) -> None:
+    """`gateway serve` children start under callgrind, counting from the start; the rest as proxy.py runs them."""
+    command = children.command
+
+    def wrapped(argv: list[str], cpus: tuple[int, ...]) -> list[str]:
+        if "gateway.cli" in argv and "serve" in argv:
+            argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/cg.%p", *argv]
+        return command(argv, cpus)
+
+    children.command = wrapped
+
+
+class SlowGateway(proxy.Gateway):
+    """proxy.py's gateway, whose admin calls wait for the control plane: under valgrind it may start
+    listening seconds after the data plane answers /readyz (a refused connection never reached it)."""
+
+    def admin(self, method: str, path: str, body: dict) -> dict:
+        deadline = time.monotonic() + proxy.START_TIMEOUT
+        while True:
+            try:
+                return super().admin(method, path, body)
+            except urllib.error.URLError as exc:
+                if not isinstance(exc.reason, ConnectionRefusedError) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+
+async def drive(endpoint: str, body: bytes, keys: list[str], count: int) -> None:
+    import aiohttp
+
+    gate = asyncio.Semaphore(CONCURRENCY)
+    async with aiohttp.ClientSession() as session:
+        async def one(i: int) -> None:
+            async with gate:
+                async with session.post(endpoint, data=body, headers=proxy.headers_for(keys[i % len(keys)])) as answer:
+                    await answer.read()
+                    if answer.status != 200:
+                        raise proxy.BenchError(f"the gateway answered {answer.status}")
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+
+
+def counted(gateway: proxy.Gateway, out_dir: Path, body: bytes, requests: int, settle: float) -> float:
+    """Instructions per request of `requests` calls (and their records) to `gateway`."""
+    keys = gateway.fresh_keys(4, body)
+    asyncio.run(drive(gateway.endpoint, body, keys, WARM_UP))
+    time.sleep(settle)  # the warm-up's records written before the count starts
+    pid = str(gateway.proc.pid)
+    subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
+    asyncio.run(drive(gateway.endpoint, body, keys, requests))
+    time.sleep(settle)
+    subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
+    dumps = sorted(out_dir.glob(f"cg.{pid}.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
+    if not dumps:
+        raise proxy.BenchError(f"callgrind wrote no dump for pid {pid}")
+    summary = re.search(r"^summary: (\d+)", dumps[-1].read_text(errors="replace"), re.M)
+    return int(summary.group(1)) / requests
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compare", choices=tuple(proxy.COMPARISONS), default="records")
+    parser.add_argument("--database", choices=("postgres", "sqlite"), default="postgres")
+    parser.add_argument("--requests", type=int, default=1500, help="counted requests per gateway (default 1500)")
+    args = parser.parse_args(argv)
+    for tool in ("valgrind", "callgrind_control"):
+        if not shutil.which(tool):
+            parser.error(f"{tool} is not on PATH")
+    proxy.COMPARE = proxy.COMPARISONS[args.compare]
+    proxy.START_TIMEOUT = 600.0  # imports and start-up under valgrind
+    settle = 2 * 0.5 + 0.5  # past the writer's flush interval (writer.flush_interval, 0.5 s) twice
+    work = Path(tempfile.mkdtemp(prefix="gwbench-instructions-"))
+    children = proxy.Children(work)
+    under_callgrind(children, work)
+    db = proxy.Database(args.database, work)
+    body = proxy.make_body(256)
+    per_request: dict[str, float] = {}
+    try:
+        db.create()
+        port = proxy.free_port()
+        stub = children.start("stub", [sys.executable, str(proxy.BENCH_DIR / "stub_upstream.py"), "--port", str(port)],
+                              cpus=(proxy.LOAD_CPU,))
+        children.wait_ready("stub", stub, lambda: proxy.listening(port), f"not listening on {port}")
+        upstream = f"http://{proxy.HOST}:{port}/mcp"
+        first = None
+        for setting in ("on", "off"):
+            spec = proxy.GatewaySpec(proxy.COMPARE.targets[setting], proxy.COMPARE.targets[setting], setting,
+                                     (proxy.PROXY_CPU,))
+            proxy.log(f"starting the gateway ({setting}) under callgrind ...")
+            gateway = SlowGateway(children, db, upstream, spec, peer=first)
+            first = first or gateway
+            per_request[setting] = counted(gateway, work, body, args.requests, settle)
+            proxy.log(f"  {per_request[setting]:,.0f} instructions a request")
+            children.stop(gateway.proc)
+            children.procs.remove(gateway.proc)
+    finally:
+        children.stop_all()
+        db.drop()
+        shutil.rmtree(work, ignore_errors=True)
+    on, off = per_request["on"], per_request["off"]
+    print(f"\n{proxy.COMPARE.feature} on    {on:12,.0f} instructions a request")
+    print(f"{proxy.COMPARE.feature} off   {off:12,.0f} instructions a request")
+    print(f"on/off      {on / off:12.2f}x   (+{on - off:,.0f} a request: what {proxy.COMPARE.cost}, in instructions)")
+    version = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip()
+    print(f"\nconditions: {args.requests} counted requests per gateway after {WARM_UP} warm-up ones, {CONCURRENCY} at "
+          f"a time, {len(body)}-byte tools/call; database {args.database}; one gateway process each, pinned to CPU "
+          f"{proxy.PROXY_CPU}; {version}; gateway source {proxy.gateway_source()}")
+    print(f"            on:  {proxy.COMPARE.describe('on')}")
+    print(f"            off: {proxy.COMPARE.describe('off')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
