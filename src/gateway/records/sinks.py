@@ -463,6 +463,11 @@ class SQLiteSink:
             raise ValueError("audit rows are written with all their columns, in schema order")
         table = tables.audit_logs
         try:
+            # The canonical forms before the write lock, between turns of the loop (as on PostgreSQL).
+            canonicals, _ = await chain.row_canonicals(rows)
+        except Exception as exc:  # noqa: BLE001 - a value that cannot be encoded
+            raise RowsRejected(f"{type(exc).__name__} while encoding an audit entry") from exc
+        try:
             async with self._engine.begin() as conn:
                 present: set = set()
                 ids = [row[0] for row in rows]
@@ -470,7 +475,8 @@ class SQLiteSink:
                     found = await conn.execute(sa.select(table.c.id).where(table.c.id.in_(ids[start : start + 500])))
                     present.update(found.scalars())
                 if present:
-                    rows = [row for row in rows if row[0] not in present]
+                    kept = [i for i, row in enumerate(rows) if row[0] not in present]
+                    rows, canonicals = [rows[i] for i in kept], [canonicals[i] for i in kept]
                     if not rows:
                         return
                 heads = {}
@@ -486,7 +492,7 @@ class SQLiteSink:
                     if head is not None:
                         heads[tenant] = (head[0], head[1])
                 try:
-                    params = self._params(AUDIT, columns, chain.link(rows, heads, encode_json))
+                    params = self._params(AUDIT, columns, chain.link(rows, heads, encode_json, canonicals))
                 except Exception as exc:  # noqa: BLE001 - a value that is not what its column takes
                     raise RowsRejected(f"{type(exc).__name__} while converting a value") from exc
                 await conn.execute(self._insert(AUDIT), params)
