@@ -68,6 +68,7 @@ class SessionCounter:
         self._local: dict[uuid.UUID, dict[str, float]] = {}
         self._touched: dict[str, float] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._last: asyncio.Task | None = None  # the Redis write asked for last (each waits for the one before)
         self._redis_down = False
         if redis is not None:
             self._admit = redis.register_script(_ADMIT)
@@ -159,9 +160,18 @@ class SessionCounter:
             self._spawn(self.redis.zrem(self._key(key_id), member))
 
     def _spawn(self, coro) -> None:
-        task = asyncio.ensure_future(self._quietly(coro))
+        # In the order they were asked for: a DELETE arriving at a process that had not seen its session
+        # writes the session as seen, then removes it; run side by side on two of the pool's connections
+        # the removal could land first and leave an ended session counted until it idles out.
+        task = asyncio.ensure_future(self._after(self._last, coro))
+        self._last = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _after(self, previous: asyncio.Task | None, coro) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])  # its outcome is its own (_quietly noted any failure)
+        await self._quietly(coro)
 
     async def _quietly(self, coro) -> None:
         try:
