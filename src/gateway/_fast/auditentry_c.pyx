@@ -757,10 +757,15 @@ cdef Py_ssize_t _plain_value(const unsigned char* s, Py_ssize_t i, Py_ssize_t n,
     return -1
 
 
+cdef inline bint _is_key(const unsigned char* s, _Member* member, const char* key, Py_ssize_t size) noexcept:
+    return member.key_size == size and memcmp(s + member.key_at, key, size) == 0
+
+
 cdef Py_ssize_t _members(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Buffer* out, int depth,
-                         _Member* members, int* count) except -2:
+                         _Member* members, int* count, bint message) except -2:
     """The members of the object opened at `s[i]`, their values written to `out` one after another, in the
-    body's order; the index after the object, or -1 (see `_plain_value`; also more than _MAX_MEMBERS)."""
+    body's order; the index after the object, or -1 (see `_plain_value`; also more than _MAX_MEMBERS).
+    `message`: the object is a JSON-RPC message, whose "params" are written without their "_meta"."""
     cdef Py_ssize_t end
     cdef int k
     count[0] = 0
@@ -780,7 +785,7 @@ cdef Py_ssize_t _members(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Buf
             return -1
         i = _skip_space(s, i + 1, n)
         members[k].value_at = out.length
-        i = _plain_value(s, i, n, out, depth + 1, False)
+        i = _plain_value(s, i, n, out, depth + 1, message and _is_key(s, &members[k], b"params", 6))
         if i < 0:
             return -1
         members[k].value_size = out.length - members[k].value_at
@@ -796,8 +801,18 @@ cdef Py_ssize_t _members(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Buf
             return -1
 
 
-cdef inline bint _is_key(const unsigned char* s, _Member* member, const char* key, Py_ssize_t size) noexcept:
-    return member.key_size == size and memcmp(s + member.key_at, key, size) == 0
+cdef int _put_member(Buffer* out, const char* key, Py_ssize_t key_size, const char* value, Py_ssize_t size,
+                     bint* first) except -1:
+    """`"key":value` and the comma before it unless it is the first."""
+    _reserve(out, key_size + size + 4)
+    if not first[0]:
+        _put(out, b",", 1)
+    first[0] = False
+    _put(out, b'"', 1)
+    _put(out, key, key_size)
+    _put(out, b'":', 2)
+    _put(out, value, size)
+    return 0
 
 
 cdef Py_ssize_t _plain_object(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Buffer* out, int depth,
@@ -811,7 +826,7 @@ cdef Py_ssize_t _plain_object(const unsigned char* s, Py_ssize_t i, Py_ssize_t n
     cdef bint first = True
     if depth >= _MAX_NESTING:
         return -1
-    i = _members(s, i, n, out, depth, members, &count)
+    i = _members(s, i, n, out, depth, members, &count, False)
     if i < 0:
         return -1
     for a in range(1, count):  # insertion sort: a few members, most of them in order already
@@ -835,14 +850,8 @@ cdef Py_ssize_t _plain_object(const unsigned char* s, Py_ssize_t i, Py_ssize_t n
         for a in range(count):
             if drop_meta and _is_key(s, &members[a], b"_meta", 5):
                 continue
-            _reserve(out, members[a].key_size + members[a].value_size + 4)
-            if not first:
-                _put(out, b",", 1)
-            first = False
-            _put(out, b'"', 1)
-            _put(out, <const char*>s + members[a].key_at, members[a].key_size)
-            _put(out, b'":', 2)
-            _put(out, values + members[a].value_at - begin, members[a].value_size)
+            _put_member(out, <const char*>s + members[a].key_at, members[a].key_size,
+                        values + members[a].value_at - begin, members[a].value_size, &first)
         _reserve(out, 1)
         _put(out, b"}", 1)
     finally:
@@ -850,26 +859,12 @@ cdef Py_ssize_t _plain_object(const unsigned char* s, Py_ssize_t i, Py_ssize_t n
     return i
 
 
-cdef int _put_member(Buffer* out, const char* key, Py_ssize_t key_size, const char* value, Py_ssize_t size,
-                     bint* first) except -1:
-    """`"key":value` and the comma before it unless it is the first."""
-    _reserve(out, key_size + size + 4)
-    if not first[0]:
-        _put(out, b",", 1)
-    first[0] = False
-    _put(out, b'"', 1)
-    _put(out, key, key_size)
-    _put(out, b'":', 2)
-    _put(out, value, size)
-    return 0
-
-
 def plain_details(bytes body, long long status, server, error):
     """The details `McpDetails.build` makes of one JSON-RPC message, as the sorted-key JSON `prepare`
     encodes them, written from the body's text without decoding it; None where this does not write them
     (see the twin's `plain_details`). Only for a body the sanitizer's screen passed: nothing is redacted."""
     cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(body)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(body), i, at
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(body), i
     cdef _Member members[_MAX_MEMBERS]
     cdef int count, a, b
     cdef int method = -1, request_id = -1, params = -1, response = -1
@@ -886,38 +881,9 @@ def plain_details(bytes body, long long status, server, error):
     _start(&out, out_stack)
     try:
         # The message's members, each value written as it is stored; "params" without its "_meta".
-        count = 0
-        i = _skip_space(s, i + 1, n)
-        if i < n and s[i] == 125:
-            i += 1
-        else:
-            while True:
-                if i >= n or s[i] != 34 or count == _MAX_MEMBERS:
-                    return None
-                at = _string_end(s, i, n)
-                if at < 0:
-                    return None
-                members[count].key_at, members[count].key_size = i + 1, at - i - 1
-                i = _skip_space(s, at + 1, n)
-                if i >= n or s[i] != 58:
-                    return None
-                i = _skip_space(s, i + 1, n)
-                members[count].value_at = values.length
-                i = _plain_value(s, i, n, &values, 1, _is_key(s, &members[count], b"params", 6))
-                if i < 0:
-                    return None
-                members[count].value_size = values.length - members[count].value_at
-                count += 1
-                i = _skip_space(s, i, n)
-                if i >= n:
-                    return None
-                if s[i] == 44:
-                    i = _skip_space(s, i + 1, n)
-                elif s[i] == 125:
-                    i += 1
-                    break
-                else:
-                    return None
+        i = _members(s, i, n, &values, 0, members, &count, True)
+        if i < 0:
+            return None
         if _skip_space(s, i, n) != n:
             return None
         for a in range(count):
@@ -933,11 +899,10 @@ def plain_details(bytes body, long long status, server, error):
             elif _is_key(s, &members[a], b"error", 5):
                 response = a
         # The details' keys in sorted order: error, method, params, request_id, response_error, server, status.
-        _reserve(&out, 9)
+        _reserve(&out, 1)
         _put(&out, b"{", 1)
         if error:
-            _put(&out, b'"error":', 8)
-            first = False
+            _put_member(&out, b"error", 5, b"", 0, &first)
             if _put_string(&out, error):
                 return None
         if method >= 0:

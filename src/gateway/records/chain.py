@@ -197,7 +197,7 @@ class DetailsText:
     which `_fast/auditentry.plain_details` writes from the request body without decoding it (records/audit.py
     `McpDetails.build`). The text is what `EncodedDetails.encode` gives for the same details, never holds a
     float, and is already the canonical text (`row_canonical_and_json`). Where a value is needed, `value()`;
-    orjson writes it through `json_default` (the spill, sinks.encode_json)."""
+    the spill writes the text itself (an orjson Fragment), sinks.encode_json gives it as it is."""
 
     __slots__ = ("text",)
 
@@ -214,13 +214,6 @@ class DetailsText:
 
     def __repr__(self) -> str:
         return f"DetailsText({self.text!r})"
-
-
-def json_default(value: Any) -> Any:
-    """orjson's `default` for values that may hold `DetailsText`: its text as it is (other types: TypeError)."""
-    if type(value) is DetailsText:
-        return orjson.Fragment(value.text)
-    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
 # The details types whose `text` is their sorted-key JSON (`canonicals_into` takes their rows' text as it is).
@@ -426,7 +419,6 @@ __all__ = [
     "EncodedDetails",
     "canonical",
     "entry_hash",
-    "json_default",
     "link",
     "lock_key",
     "tenants_of",
