@@ -12,9 +12,12 @@ link = implementation.link
 log_line = implementation.log_line
 may_hold_whole_float = implementation.may_hold_whole_float
 plain_details = implementation.plain_details
+prepare_rows = implementation.prepare_rows
+McpDetails = implementation.McpDetails
+DetailsText = implementation.DetailsText
 COMPILED = is_extension_module(implementation)
 
 __all__ = (
-    "COMPILED", "canonical_head", "canonicals_into", "entry_hash", "fallbacks", "finish_row", "link", "log_line",
-    "may_hold_whole_float", "plain_details",
+    "COMPILED", "DetailsText", "McpDetails", "canonical_head", "canonicals_into", "entry_hash", "fallbacks", "finish_row", "link", "log_line",
+    "may_hold_whole_float", "plain_details", "prepare_rows",
 )

@@ -110,6 +110,7 @@ except ImportError:  # pragma: no cover - asyncpg is a dependency
 cdef object _PG_UUID = _asyncpg_uuid
 cdef Py_ssize_t _fallbacks = 0  # heads and lines the twin wrote (see `fallbacks`)
 cdef object _UTC = _timezone.utc
+from orjson import loads as _loads
 cdef object _twin_head = _twin.canonical_head
 cdef object _twin_line = _twin.log_line
 
@@ -460,6 +461,11 @@ cdef bint _holds_whole_float(const unsigned char* data, Py_ssize_t n) noexcept:
 def finish_row(tuple row, new_id, details, Py_ssize_t details_at, tuple bounded, dict cleaned, clean,
                Py_ssize_t created_at):
     """An audit row as `prepare` leaves it (see the twin's `finish_row`), built as one tuple."""
+    return _finish(row, new_id, details, details_at, bounded, cleaned, clean, created_at)
+
+
+cdef tuple _finish(tuple row, new_id, details, Py_ssize_t details_at, tuple bounded, dict cleaned, clean,
+                   Py_ssize_t created_at):
     cdef Py_ssize_t width = PyTuple_GET_SIZE(row), j, at
     cdef Py_ssize_t lengths[64]
     cdef PyObject* found
@@ -496,6 +502,101 @@ def finish_row(tuple row, new_id, details, Py_ssize_t details_at, tuple bounded,
         Py_INCREF(value)
         PyTuple_SET_ITEM(out, j, value)
     return out
+
+
+cdef class McpDetails:
+    """What an MCP entry's details are made of, kept raw until `prepare` (see the twin's `McpDetails`)."""
+
+    cdef readonly object body, server, status, error
+
+    def __init__(self, body, server, status, error):
+        self.body, self.server, self.status, self.error = body, server, status, error
+
+
+cdef class DetailsText:
+    """An audit entry's details kept only as their sorted-key JSON text (see the twin's `DetailsText`)."""
+
+    cdef readonly bytes text
+
+    def __init__(self, bytes text):
+        self.text = text
+
+    def value(self):
+        return _loads(self.text)
+
+    def __eq__(self, other):
+        return type(other) is DetailsText and (<DetailsText>other).text == self.text
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"DetailsText({self.text!r})"
+
+
+cdef DetailsText _details_text(bytes text):
+    cdef DetailsText made = DetailsText.__new__(DetailsText)
+    made.text = text
+    return made
+
+
+def prepare_rows(list rows, list out, type mcp_type, plain_of, fallback, new_id, Py_ssize_t tenant_at,
+                 Py_ssize_t details_at, tuple bounded, dict cleaned, clean, Py_ssize_t created_at):
+    """Append each of `rows` to `out` as `prepare` leaves it (see the twin's `prepare_rows`): a plain call's
+    here, in one pass without a Python frame, any other by `fallback(row)`."""
+    cdef dict screens = {}  # the tenant object's address -> its screen's `plain`, or None
+    cdef PyObject* last_tenant = NULL  # the tenant `plain` is for (a batch's rows come in runs of one tenant)
+    plain = None
+    cdef McpDetails details
+    cdef PyObject* found
+    cdef tuple row
+    cdef bytes body
+    for item in rows:
+        row = <tuple?>item
+        if not (0 <= tenant_at < PyTuple_GET_SIZE(row) and 0 <= details_at < PyTuple_GET_SIZE(row)):
+            out.append(fallback(row))
+            continue
+        value = <object>PyTuple_GET_ITEM(row, details_at)
+        if type(value) is not mcp_type:
+            out.append(fallback(row))
+            continue
+        details = <McpDetails>value
+        if (type(details.body) is not bytes or PyBytes_GET_SIZE(details.body) == 0
+                or PyBytes_AS_STRING(details.body)[0] == 91  # a batch's "[": the general path
+                or type(details.status) is not int
+                or (details.server is not None and type(details.server) is not str)
+                or (details.error is not None and type(details.error) is not str)):
+            out.append(fallback(row))
+            continue
+        body = details.body
+        # By the tenant object's identity, as `prepare` looks its sanitizer up (every row holds its tenant
+        # alive until the batch is done, so no address is reused meanwhile).
+        tenant = <object>PyTuple_GET_ITEM(row, tenant_at)
+        if <PyObject*>tenant != last_tenant:
+            address = <Py_ssize_t><void*>tenant
+            found = PyDict_GetItem(screens, address)
+            if found is NULL:
+                plain = plain_of(tenant)
+                screens[address] = plain
+            else:
+                plain = <object>found
+            last_tenant = <PyObject*>tenant
+        if plain is None or not plain(body, 0):
+            out.append(fallback(row))
+            continue
+        server = details.server
+        if server is not None:
+            found = PyDict_GetItem(cleaned, server)
+            server = <object>found if found is not NULL else clean(server)
+        error = clean(details.error) if details.error else None
+        if (server is not None and type(server) is not str) or (error is not None and type(error) is not str):
+            out.append(fallback(row))
+            continue
+        text = _plain_details(body, details.status, server, error)
+        if text is None:
+            out.append(fallback(row))
+            continue
+        out.append(_finish(row, new_id() if PyTuple_GET_ITEM(row, 0) == <PyObject*>None else None,
+                           _details_text(text), details_at, bounded, cleaned, clean, created_at))
 
 
 def canonicals_into(list rows, Py_ssize_t start, Py_ssize_t stop, tuple head_at, Py_ssize_t details_at,
@@ -863,6 +964,10 @@ def plain_details(bytes body, long long status, server, error):
     """The details `McpDetails.build` makes of one JSON-RPC message, as the sorted-key JSON `prepare`
     encodes them, written from the body's text without decoding it; None where this does not write them
     (see the twin's `plain_details`). Only for a body the sanitizer's screen passed: nothing is redacted."""
+    return _plain_details(body, status, server, error)
+
+
+cdef object _plain_details(bytes body, long long status, server, error):
     cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(body)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(body), i
     cdef _Member members[_MAX_MEMBERS]

@@ -8,6 +8,9 @@ module does the parts the writer repeats for every entry of every batch:
 - `may_hold_whole_float`: whether details' JSON text needs the slow canonical form;
 - `canonicals_into`: the canonical form of each row of a batch, with its details' text;
 - `finish_row`: an entry's row as `prepare` leaves it (id, details, bounded texts, time in UTC);
+- `prepare_rows`: a batch's rows through `prepare`, a plain call's at C level in the compiled twin;
+- `McpDetails` and `DetailsText`: what an MCP entry's details are before and, for a plain call, after
+  `prepare` (records/audit.py, records/chain.py say how they are used);
 - `log_line`: the entry's line on the `gateway.audit` log, as JSON;
 - `link`: each row numbered after its tenant's head and hashed,
 
@@ -40,6 +43,39 @@ UTC = timezone.utc
 # Positions in the head's array, after the format version.
 _IDS = (1, 2, 3, 4)
 _DURATION, _CREATED = 12, 13
+
+
+class McpDetails:
+    """What an MCP entry's details are made of, kept raw until `prepare` (records/audit.py subclasses it
+    with `build`): the request's body, the server's name, the answer's HTTP status and the error."""
+
+    __slots__ = ("body", "server", "status", "error")
+
+    def __init__(self, body: bytes, server: str | None, status: int, error: str | None) -> None:
+        self.body, self.server, self.status, self.error = body, server, status, error
+
+
+class DetailsText:
+    """An audit entry's details kept only as their sorted-key JSON text (`text`, bytes): a plain call's,
+    which `plain_details` writes from the request body without decoding it. The text is what
+    `chain.EncodedDetails.encode` gives for the same details, never holds a float, and is already the
+    canonical text (records/chain.py). Where a value is needed, `value()`."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: bytes) -> None:
+        self.text = text
+
+    def value(self) -> dict:
+        return orjson.loads(self.text)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is DetailsText and other.text == self.text
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"DetailsText({self.text!r})"
 
 
 def canonical_head(values, version: str) -> bytes:
@@ -98,6 +134,19 @@ def finish_row(row: tuple, new_id, details, details_at: int, bounded: tuple, cle
     if created.tzinfo is None:
         values[created_at] = created.replace(tzinfo=UTC)
     return tuple(values)
+
+
+def prepare_rows(rows: list, out: list, mcp_type: type, plain_of, fallback, new_id, tenant_at: int,
+                 details_at: int, bounded: tuple, cleaned: dict, clean, created_at: int) -> None:
+    """Append each of `rows` to `out` as `prepare` leaves it (records/audit.py).
+
+    The compiled twin does a plain call's row itself: details of exactly `mcp_type` whose body is one
+    message the tenant's screen passes (`plain_of(tenant)`: its `Screen.plain`, or None) and
+    `plain_details` writes; the details become a `DetailsText` and the row is `finish_row`'s (server and
+    error cleaned as `McpDetails.build` cleans them, `new_id()` where the id is None). Every other row is
+    `fallback(row)`'s. This twin gives every row to `fallback`, whose result is the same.
+    """
+    out.extend(map(fallback, rows))
 
 
 def canonicals_into(rows: list, start: int, stop: int, head_at: tuple, details_at: int, version: str,

@@ -64,14 +64,12 @@ audit_log = logging.getLogger("gateway.audit")
 UTC = timezone.utc
 
 
-class McpDetails:
+class McpDetails(auditentry.McpDetails):
     """What an MCP entry's details are made of, kept raw until `prepare` (the body is not decoded twice
-    on the request path: the pipeline read only the envelope)."""
+    on the request path: the pipeline read only the envelope). The fields are `_fast/auditentry`'s, which
+    reads them at C level for a plain call (`prepare_rows`); `build` is every other entry's way."""
 
-    __slots__ = ("body", "server", "status", "error")
-
-    def __init__(self, body: bytes, server: str | None, status: int, error: str | None) -> None:
-        self.body, self.server, self.status, self.error = body, server, status, error
+    __slots__ = ()
 
     def build(self, sanitizer: Sanitizer) -> EncodedDetails | DetailsText:
         server = self.server
@@ -267,20 +265,28 @@ class AuditTrail:
         Idempotent on its own output (a prepared row prepared again comes out
         the same), so it is safe on rows of any origin.
         """
-        prepared = []
+        prepared: list[tuple] = []
         self.prepared += len(rows)
         emit = self.log and audit_log.isEnabledFor(logging.INFO)
         sanitizers: dict[tuple, Sanitizer] = {}  # per (tenant, admin?) for this batch: one lookup each
-        finish_row = auditentry.finish_row
-        for row in rows:
-            details = row[_DETAILS]
-            tenant, admin = row[_TENANT], isinstance(details, AdminDetails)
+
+        def sanitizer_for(tenant, admin: bool) -> Sanitizer:
             # By the tenant object's identity (hashing a UUID runs Python code; every row holds its
             # tenant alive until the batch is done, so no identity is reused meanwhile).
             which = (id(tenant), admin)
             sanitizer = sanitizers.get(which)
             if sanitizer is None:
                 sanitizer = sanitizers[which] = self.sanitizer(tenant, admin)
+            return sanitizer
+
+        def plain_of(tenant) -> Callable[[bytes, int], bool] | None:
+            screen = sanitizer_for(tenant, False).screen
+            return screen.plain if screen is not None else None
+
+        def one(row: tuple) -> tuple:
+            details = row[_DETAILS]
+            admin = isinstance(details, AdminDetails)
+            sanitizer = sanitizer_for(row[_TENANT], admin)
             if isinstance(details, _PENDING):
                 details = details.build(sanitizer)
             elif type(details) is DetailsText:
@@ -297,8 +303,13 @@ class AuditTrail:
             # The rest at C level: the id (drawn here, not on the request path: a UUID object costs ~1 us),
             # every bounded text cleaned (clean_text's cache looked up first: these are the same few words on
             # every entry) and cut to its column, the time in UTC.
-            prepared.append(finish_row(row, self.new_id() if row[0] is None else None, details, _DETAILS, _BOUNDED,
-                                       CLEANED_TEXTS, clean_text, _CREATED))
+            return finish_row(row, self.new_id() if row[0] is None else None, details, _DETAILS, _BOUNDED,
+                              CLEANED_TEXTS, clean_text, _CREATED)
+
+        # A plain call's row (most: one message, nothing to redact) is made at C level, as `one` would make it;
+        # `one` makes every other.
+        prepare_rows(rows if type(rows) is list else list(rows), prepared, McpDetails, plain_of, one,
+                     self.new_id, _TENANT, _DETAILS, _BOUNDED, CLEANED_TEXTS, clean_text, _CREATED)
         if emit:
             self._log(prepared)
             for handler in audit_log.handlers:  # a batching handler writes the batch's lines now
@@ -357,6 +368,8 @@ def _dumps(value: Any) -> str:
 _LOGGED = tuple(str(name) for name in COLUMNS[:14])
 _log_line = auditentry.log_line
 _plain_details = auditentry.plain_details
+finish_row = auditentry.finish_row
+prepare_rows = auditentry.prepare_rows
 
 
 class AuditLogHandler(logging.StreamHandler):

@@ -192,28 +192,12 @@ class EncodedDetails(dict):
         return text
 
 
-class DetailsText:
-    """An audit entry's details kept only as their sorted-key JSON text (`text`, bytes): a plain call's,
-    which `_fast/auditentry.plain_details` writes from the request body without decoding it (records/audit.py
-    `McpDetails.build`). The text is what `EncodedDetails.encode` gives for the same details, never holds a
-    float, and is already the canonical text (`row_canonical_and_json`). Where a value is needed, `value()`;
-    the spill writes the text itself (an orjson Fragment), sinks.encode_json gives it as it is."""
-
-    __slots__ = ("text",)
-
-    def __init__(self, text: bytes) -> None:
-        self.text = text
-
-    def value(self) -> dict[str, Any]:
-        return orjson.loads(self.text)
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is DetailsText and other.text == self.text
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"DetailsText({self.text!r})"
+DetailsText = auditentry.DetailsText
+"""An audit entry's details kept only as their sorted-key JSON text (`text`, bytes): a plain call's, which
+`_fast/auditentry.plain_details` writes from the request body without decoding it (`prepare_rows`, called by
+records/audit.py `prepare`). The text is what `EncodedDetails.encode` gives for the same details, never holds a
+float, and is already the canonical text (`row_canonical_and_json`). Where a value is needed, `value()`; the
+spill writes the text itself (an orjson Fragment), sinks.encode_json gives it as it is."""
 
 
 # The details types whose `text` is their sorted-key JSON (`canonicals_into` takes their rows' text as it is).

@@ -184,6 +184,11 @@ class Sanitizer:
         self._names[key] = secret
         return secret
 
+    @property
+    def screen(self) -> screen.Screen | None:
+        """The compiled screen `unchanged` asks (None without the compiled core)."""
+        return self._screen
+
     def unchanged(self, raw: bytes, nesting: int = 0) -> bool:
         """Whether `clean` leaves every value decoded from the JSON text `raw` as it is: True is always right,
         False means "walk it with `clean`" (`_fast/screen` says what it checks; `nesting`: the container
