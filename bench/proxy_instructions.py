@@ -3,6 +3,7 @@
     python bench/proxy_instructions.py                         # --compare records, PostgreSQL, 1500 requests
     python bench/proxy_instructions.py --compare audit --requests 3000
     python bench/proxy_instructions.py --database sqlite       # the embedded default's records path
+    python bench/proxy_instructions.py --keep /tmp/cg          # and keep the counted dumps, per function
 
 `proxy.py --compare X` measures a feature's cost end to end, in CPU time and
 throughput; on a shared 2-vCPU VM its runs of one tree differ by a third.
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", choices=tuple(proxy.COMPARISONS), default="records")
     parser.add_argument("--database", choices=("postgres", "sqlite"), default="postgres")
     parser.add_argument("--requests", type=int, default=1500, help="counted requests per gateway (default 1500)")
+    parser.add_argument("--keep", metavar="DIR", help="keep each gateway's counted dump in DIR (on.callgrind, "
+                        "off.callgrind), for callgrind_annotate --inclusive=yes")
     args = parser.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
         if not shutil.which(tool):
@@ -138,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             gateway = SlowGateway(children, db, upstream, spec, peer=first)
             first = first or gateway
             per_request[setting] = counted(gateway, work, body, args.requests, settle)
+            if args.keep:
+                keep = Path(args.keep)
+                keep.mkdir(parents=True, exist_ok=True)
+                dumps = sorted(work.glob(f"cg.{gateway.proc.pid}.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
+                shutil.copy(dumps[-1], keep / f"{setting}.callgrind")
             proxy.log(f"  {per_request[setting]:,.0f} instructions a request")
             children.stop(gateway.proc)
             children.procs.remove(gateway.proc)

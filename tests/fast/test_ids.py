@@ -1,10 +1,12 @@
 """Record row ids (gateway._fast.ids): version 4 UUIDs that behave as uuid.uuid4()'s do, the same from both
-twins for the same random bytes, one read of randomness per 4096 ids."""
+twins for the same random bytes, one read of randomness per 4096 ids; and the rows' time, `utc_now`, the same
+civil time from both twins for the same clock reading."""
 
 from __future__ import annotations
 
 import pickle
 import uuid
+from datetime import datetime, timezone
 
 import pytest
 from hypothesis import given, settings
@@ -63,3 +65,28 @@ def test_randomness_is_read_once_per_4096_ids_and_ids_do_not_repeat(ids_impl):
 def test_a_source_that_gives_too_few_bytes_is_an_error(ids_impl):
     with pytest.raises(ValueError):
         ids_impl.RowIds(lambda n: b"short").next()
+
+
+@settings(max_examples=2000, deadline=None)
+@given(seconds=st.integers(-62135596800, 253402300799) | st.integers(-86400 * 3, 86400 * 3)
+       | st.sampled_from([0, -1, 951782400, 951868800, 4107542400, 1767225599, 1767225600]),
+       nanoseconds=st.integers(0, 999_999_999))
+def test_the_twins_give_the_same_utc_time_for_the_same_clock_reading(compiled_ids, python_ids, seconds, nanoseconds):
+    made, expected = compiled_ids.utc_at(seconds, nanoseconds), python_ids.utc_at(seconds, nanoseconds)
+    assert made == expected and made.tzinfo is timezone.utc and made.microsecond == nanoseconds // 1000
+    assert (made.year, made.month, made.day, made.hour, made.minute, made.second) == (
+        expected.year, expected.month, expected.day, expected.hour, expected.minute, expected.second)
+
+
+def test_a_clock_reading_outside_datetimes_range_is_refused(ids_impl):
+    with pytest.raises(OverflowError):
+        ids_impl.utc_at(253402300800, 0)  # 10000-01-01
+    with pytest.raises(ValueError):
+        ids_impl.utc_at(0, 1_000_000_000)
+
+
+def test_now_is_the_systems_utc_time(ids_impl):
+    before = datetime.now(timezone.utc)
+    made = ids_impl.utc_now()
+    after = datetime.now(timezone.utc)
+    assert made.tzinfo is timezone.utc and before <= made <= after

@@ -2,7 +2,9 @@
 # pgcopy_c.pyx: the int from 16 bytes and the slot writes are what plain Python cannot say).
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.datetime cimport datetime_new, import_datetime
 from libc.string cimport memcpy
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 from gateway._fast import ids_py as _twin
 
@@ -24,6 +26,9 @@ cdef extern from *:
 
 import os
 import uuid
+from datetime import timezone
+
+import_datetime()
 
 BLOCK = _twin.BLOCK
 cdef object _UUID = uuid.UUID
@@ -64,4 +69,40 @@ cdef class RowIds:
         return made
 
 
-__all__ = ("BLOCK", "RowIds")
+cdef object _UTC = timezone.utc
+
+
+def utc_now():
+    """The time now as an aware UTC datetime, `datetime.now(timezone.utc)`'s value (see the twin's `utc_now`)."""
+    cdef timespec now
+    if clock_gettime(CLOCK_REALTIME, &now) != 0:
+        return _twin.utc_now()
+    return utc_at(now.tv_sec, now.tv_nsec)
+
+
+cpdef utc_at(long long seconds, long nanoseconds):
+    """`seconds` since the epoch and `nanoseconds` (0 to 999,999,999, cut to microseconds) as an aware UTC
+    datetime (see the twin's `utc_at`)."""
+    cdef long long days, era, z, year, day_of_era, year_of_era, day_of_year, mp, month, day, rest
+    if not 0 <= nanoseconds < 1_000_000_000:
+        raise ValueError("nanoseconds out of range")
+    days = seconds // 86400 if seconds >= 0 else -((-seconds + 86399) // 86400)
+    rest = seconds - days * 86400
+    # The civil date of a day count since 1970-01-01 (proleptic Gregorian, in eras of 400 years).
+    z = days + 719468
+    era = (z if z >= 0 else z - 146096) // 146097
+    day_of_era = z - era * 146097
+    year_of_era = (day_of_era - day_of_era // 1460 + day_of_era // 36524 - day_of_era // 146096) // 365
+    year = year_of_era + era * 400
+    day_of_year = day_of_era - (365 * year_of_era + year_of_era // 4 - year_of_era // 100)
+    mp = (5 * day_of_year + 2) // 153
+    day = day_of_year - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    if month <= 2:
+        year += 1
+    if not 1 <= year <= 9999:
+        raise OverflowError("a year outside datetime's range")
+    return datetime_new(year, month, day, rest // 3600, rest % 3600 // 60, rest % 60, nanoseconds // 1000, _UTC)
+
+
+__all__ = ("BLOCK", "RowIds", "utc_at", "utc_now")

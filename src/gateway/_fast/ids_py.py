@@ -1,4 +1,5 @@
-"""Random (version 4) UUIDs for record rows, drawn from blocks of randomness (the twin of `ids_c.pyx`).
+"""Random (version 4) UUIDs for record rows, drawn from blocks of randomness, and the rows' time (the twin of
+`ids_c.pyx`).
 
 Every request log row and audit entry gets a new id. `uuid.uuid4()` makes
 one getrandom syscall per id and builds the UUID through its checking
@@ -6,12 +7,17 @@ constructor; `RowIds.next` reads 64 KiB of randomness once per 4096 ids and
 builds the UUID object directly: the same value (version and variant bits set,
 the other 122 bits random), about 1.2 -> 0.5 us in Python. The compiled twin
 builds it at C level (the int from the 16 bytes, the two slots set).
+
+`utc_now` is `datetime.now(timezone.utc)`; the compiled twin reads the clock
+and builds the datetime itself (the civil date from the day count, no gmtime
+and no time zone conversion): about 0.37 -> 0.1 us, once per request.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from datetime import datetime, timedelta, timezone
 
 BLOCK = 16 * 4096
 _CLEAR = ~((0xF000 << 64) | (0xC000 << 48))  # the version nibble and the variant's two bits
@@ -44,4 +50,20 @@ class RowIds:
         return made
 
 
-__all__ = ("BLOCK", "RowIds")
+def utc_now() -> datetime:
+    """The time now as an aware UTC datetime (microseconds, the system clock)."""
+    return datetime.now(timezone.utc)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def utc_at(seconds: int, nanoseconds: int) -> datetime:
+    """`seconds` since the epoch and `nanoseconds` (0 to 999,999,999, cut to microseconds) as an aware UTC
+    datetime (what the compiled `utc_now` builds from the clock's reading)."""
+    if not 0 <= nanoseconds < 1_000_000_000:
+        raise ValueError("nanoseconds out of range")
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanoseconds // 1000)
+
+
+__all__ = ("BLOCK", "RowIds", "utc_at", "utc_now")

@@ -21,13 +21,13 @@ import asyncio
 import logging
 import time
 import uuid
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
 
 from gateway._fast.ids import RowIds as _RowIds  # ids of request log rows and audit entries
+from gateway._fast.ids import utc_now  # their time (datetime.now(timezone.utc), built at C level)
 from gateway.auth.authenticate import VerifiedKeys, authenticate, authenticate_request
 from gateway.config import DataPlaneConfig
 from gateway.dataplane import enforce
@@ -691,7 +691,7 @@ class DataPlane:
         self.latency.observe(elapsed, tenant_id, server_name or "")
         if address is None:
             address = self.client_address(request)
-        now = datetime.now(timezone.utc)
+        now = utc_now()
         target = call.target if call is not None else None
         status = exchange.status or 500
         if self.request_logs:
