@@ -55,8 +55,9 @@ RETRY_CAP_SECONDS = 4.0
 AUDIT = "audit_logs"
 # How often a running writer looks for spill segments left by processes that died.
 ADOPT_INTERVAL_SECONDS = 60.0
-# Audit rows prepared per step before the flusher lets the loop run other work.
-_PREPARE_CHUNK = 64
+# Audit rows prepared per step before the flusher lets the loop run other work: about half a millisecond
+# (a plain call's row ~1.6 us, its log line ~0.6 us), as the COPY's and the chain's slices (records/sinks.py).
+_PREPARE_CHUNK = 256
 
 
 @dataclass(frozen=True, slots=True)
