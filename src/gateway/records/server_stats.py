@@ -44,8 +44,19 @@ log = logging.getLogger("gateway.records")
 
 # Latencies kept per (server, tool) and window for the percentiles.
 _SAMPLES = 2048
+
+
 class _Window:
-    __slots__ = ("tenant_id", "calls", "errors", "total", "samples")
+    """One row's window: counts, the sum of latencies, and a uniform sample of at most `_SAMPLES` of them.
+
+    Past `_SAMPLES` calls the sample is a reservoir kept by Li's "Algorithm L"
+    (ACM TOMS 20(4), 1994): instead of drawing a random number for every call,
+    it draws how many calls to skip before the next one that replaces a kept
+    latency, so that every call is equally likely to be in the sample and a call
+    costs a comparison between replacements.
+    """
+
+    __slots__ = ("tenant_id", "calls", "errors", "total", "samples", "_next", "_w")
 
     def __init__(self, tenant_id: uuid.UUID | None) -> None:
         self.tenant_id = tenant_id
@@ -53,19 +64,34 @@ class _Window:
         self.errors = 0
         self.total = 0.0  # seconds
         self.samples: list[float] = []
+        self._next = 0  # past the first _SAMPLES calls: the number of the next call whose latency is kept
+        self._w = 1.0  # Algorithm L's running weight
 
     def add(self, ok: bool, seconds: float) -> None:
         calls = self.calls = self.calls + 1
         if not ok:
             self.errors += 1
         self.total += seconds
-        samples = self.samples
         if calls <= _SAMPLES:
-            samples.append(seconds)
-        else:
-            slot = int(random.random() * calls)  # reservoir: every call equally likely to be kept
-            if slot < _SAMPLES:
-                samples[slot] = seconds
+            self.samples.append(seconds)
+            if calls == _SAMPLES:
+                self._w = math.exp(math.log(_uniform()) / _SAMPLES)
+                self._next = calls
+                self._skip()
+        elif calls == self._next:
+            self.samples[min(int(_uniform() * _SAMPLES), _SAMPLES - 1)] = seconds
+            self._w *= math.exp(math.log(_uniform()) / _SAMPLES)
+            self._skip()
+
+    def _skip(self) -> None:
+        """Move `_next` past a geometric number of calls (Algorithm L's step)."""
+        w = self._w
+        self._next += (math.floor(math.log(_uniform()) / math.log1p(-w)) if w < 1.0 else 0) + 1
+
+
+def _uniform() -> float:
+    """A uniform draw in (0, 1): never 0, whose logarithm Algorithm L takes."""
+    return 1.0 - random.random()
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -81,6 +107,9 @@ class ServerStats:
         self._ids = ids
         self._started = time.time()
         self._windows: dict[uuid.UUID, dict[str | None, _Window]] = {}
+        # The last server's id object and its windows: most calls go to the server the one before went to,
+        # and looking it up by identity skips hashing the UUID (Python code). Reset with `_windows`.
+        self._last: tuple[uuid.UUID | None, dict[str | None, _Window] | None] = (None, None)
         # Tool counts not yet in server_tools: (server_id, tool) -> [successes, errors, seconds].
         self._tool_counts: dict[tuple[uuid.UUID, str], list] = {}
         self._task: asyncio.Task | None = None
@@ -90,10 +119,13 @@ class ServerStats:
     def observe(self, tenant_id: uuid.UUID | None, server_id: uuid.UUID, tool: str | None, ok: bool,
                 seconds: float) -> None:
         """One upstream call ended with an answer (`ok`) or a failure, after `seconds` (request path)."""
-        # Per server: its own window (key None) and one per tool; one UUID hash per call.
-        windows = self._windows.get(server_id)
-        if windows is None:
-            windows = self._windows[server_id] = {None: _Window(tenant_id)}
+        # Per server: its own window (key None) and one per tool.
+        last, windows = self._last
+        if server_id is not last or windows is None:
+            windows = self._windows.get(server_id)
+            if windows is None:
+                windows = self._windows[server_id] = {None: _Window(tenant_id)}
+            self._last = (server_id, windows)
         windows[None].add(ok, seconds)
         if tool is not None:
             window = windows.get(tool)
@@ -116,7 +148,7 @@ class ServerStats:
 
     async def flush(self) -> None:
         """Close the window: its rows to the writer, its tool counts to server_tools."""
-        windows, self._windows = self._windows, {}
+        windows, self._windows, self._last = self._windows, {}, (None, None)
         started, self._started = self._started, time.time()
         if windows:
             start = datetime.fromtimestamp(started, timezone.utc)
