@@ -651,7 +651,9 @@ class Gateway:
         self.url = f"http://{HOST}:{dataplane}"
         self.admin_url = f"http://{HOST}:{controlplane}/api/v1"
         self.endpoint = f"{self.url}/servers/{SERVER_NAME}/mcp"
-        children.wait_ready(self.name, self.proc, lambda: http_ok(self.url + "/readyz"), "/readyz is not 200")
+        # The control plane may start listening after the data plane answers /readyz: provisioning waits for both.
+        children.wait_ready(self.name, self.proc, lambda: http_ok(self.url + "/readyz") and listening(controlplane),
+                            "/readyz is not 200 or the control plane does not listen")
         if peer is None:
             self.user_ids = []
             for name in TENANTS:

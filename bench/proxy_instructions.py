@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,21 +56,6 @@ def under_callgrind(children: proxy.Children, out_dir: Path) -> None:
         return command(argv, cpus)
 
     children.command = wrapped
-
-
-class SlowGateway(proxy.Gateway):
-    """proxy.py's gateway, whose admin calls wait for the control plane: under valgrind it may start
-    listening seconds after the data plane answers /readyz (a refused connection never reached it)."""
-
-    def admin(self, method: str, path: str, body: dict) -> dict:
-        deadline = time.monotonic() + proxy.START_TIMEOUT
-        while True:
-            try:
-                return super().admin(method, path, body)
-            except urllib.error.URLError as exc:
-                if not isinstance(exc.reason, ConnectionRefusedError) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
 
 
 async def drive(endpoint: str, body: bytes, keys: list[str], count: int) -> None:
@@ -138,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = proxy.GatewaySpec(proxy.COMPARE.targets[setting], proxy.COMPARE.targets[setting], setting,
                                      (proxy.PROXY_CPU,))
             proxy.log(f"starting the gateway ({setting}) under callgrind ...")
-            gateway = SlowGateway(children, db, upstream, spec, peer=first)
+            gateway = proxy.Gateway(children, db, upstream, spec, peer=first)
             first = first or gateway
             per_request[setting] = counted(gateway, work, body, args.requests, settle)
             if args.keep:
