@@ -232,3 +232,44 @@ def test_the_twins_finish_a_row_alike(compiled_auditentry, python_auditentry, ce
         assert all(type(finished[at]) is str and len(finished[at]) <= length
                    for at, length in _BOUNDED_AT if row[at] is not None)
         assert finished[7] is None or finished[7].tzinfo is not None
+
+
+class _Caller:
+    """A key as the request path holds it (KeyEntry or TokenPrincipal): what an audit row reads of it."""
+
+    def __init__(self, tenant_id, user_id, key_id, role):
+        self.tenant_id, self.user_id, self.id, self.role = tenant_id, user_id, key_id, role
+
+
+@settings(max_examples=500, deadline=None)
+@given(tenant=st.none() | st.uuids(), role=st.sampled_from(["USER", "ADMIN", None]),
+       server=st.none() | st.sampled_from(["bench", "files"]),
+       method=st.none() | st.text(max_size=8) | st.sampled_from(
+           ["tools/call", "prompts/get", "resources/read", "resources/subscribe", "resources/unsubscribe", "tools/list",
+            "ping", "POST", ""]),
+       target=st.none() | st.sampled_from(["echo", "file:///a"]), body=st.sampled_from([b"", b"{}", b"[1]"]),
+       status=st.sampled_from([200, 202, 399, 400, 429, 502]), error_code=st.none() | st.sampled_from([-32601, 0]),
+       error=st.none() | st.sampled_from(["", "Forbidden"]), is_batch=st.booleans())
+def test_the_twins_build_the_same_mcp_row(compiled_auditentry, python_auditentry, tenant, role, server, method,
+                                          target, body, status, error_code, error, is_batch):
+    caller = _Caller(tenant, uuid.UUID(int=2), uuid.UUID(int=3), role)
+    now = datetime(2026, 11, 26, 12, tzinfo=timezone.utc)
+
+    def row(implementation):
+        made = implementation.mcp_row(implementation.McpDetails, caller, server, method, target, body, status,
+                                      error_code, error, 1.25, "10.0.0.9", now, is_batch)
+        details = made[7]
+        assert type(details) is implementation.McpDetails
+        return made[:7] + ((details.body, details.server, details.status, details.error),) + made[8:]
+
+    expected = row(python_auditentry)
+    assert row(compiled_auditentry) == expected
+    assert len(expected) == 17 and expected[0] is None and expected[1] is tenant and expected[13] == role
+    assert expected[9] == ("error" if status >= 400 or error_code is not None else "success")
+
+
+def test_a_batch_is_one_entry_on_its_server(auditentry_impl):
+    caller = _Caller(A, B, uuid.UUID(int=3), "USER")
+    made = auditentry_impl.mcp_row(auditentry_impl.McpDetails, caller, "files", "tools/call", "echo", b"[{}]", 200,
+                                   None, None, 1.0, None, datetime(2026, 1, 1, tzinfo=timezone.utc), True)
+    assert made[4:7] == ("mcp.batch", "server", "files")

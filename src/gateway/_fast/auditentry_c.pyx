@@ -513,6 +513,49 @@ cdef class McpDetails:
         self.body, self.server, self.status, self.error = body, server, status, error
 
 
+SUCCESS, ERROR = _twin.SUCCESS, _twin.ERROR
+TARGET_KINDS = _twin.TARGET_KINDS
+cdef str _SUCCESS = SUCCESS, _ERROR = ERROR
+cdef dict _TARGET_KINDS = TARGET_KINDS
+cdef dict _ACTIONS = {}  # a method's action ("mcp." + method), for the first methods seen
+
+
+def mcp_row(type details_type, key, server_name, method, target, body, status, error_code, error, duration_ms,
+            client_ip, now, bint is_batch=False):
+    """An MCP request's audit row (see the twin's `mcp_row`), built without a Python frame."""
+    cdef McpDetails details
+    cdef PyObject* found
+    cdef tuple row
+    if is_batch:
+        action, kind, resource = "mcp.batch", "server", server_name
+    else:
+        if method:
+            found = PyDict_GetItem(_ACTIONS, method) if type(method) is str else NULL
+            if found is not NULL:
+                action = <object>found
+            else:
+                action = "mcp." + method
+                if type(method) is str and len(_ACTIONS) < 256:  # bounded: methods are whatever clients send
+                    _ACTIONS[method] = action
+        else:
+            action = "mcp.response" if body else "mcp.request"
+        kind = _TARGET_KINDS.get(method) if target is not None else None
+        if kind is None:
+            if server_name is not None:
+                kind, resource = "server", server_name
+            else:
+                kind = resource = None
+        else:
+            resource = target
+    failed = status >= 400 or error_code is not None
+    if not issubclass(details_type, McpDetails):
+        raise TypeError("details_type must be an McpDetails")
+    details = details_type.__new__(details_type)
+    details.body, details.server, details.status, details.error = body, server_name, status, error
+    return (None, key.tenant_id, key.user_id, key.id, action, kind, resource, details, client_ip,
+            _ERROR if failed else _SUCCESS, error_code, duration_ms, now, key.role, None, None, None)
+
+
 cdef class DetailsText:
     """An audit entry's details kept only as their sorted-key JSON text (see the twin's `DetailsText`)."""
 

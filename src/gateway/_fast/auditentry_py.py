@@ -9,6 +9,7 @@ module does the parts the writer repeats for every entry of every batch:
 - `canonicals_into`: the canonical form of each row of a batch, with its details' text;
 - `finish_row`: an entry's row as `prepare` leaves it (id, details, bounded texts, time in UTC);
 - `prepare_rows`: a batch's rows through `prepare`, a plain call's at C level in the compiled twin;
+- `mcp_row`: an MCP request's audit row, as the request path builds it;
 - `McpDetails` and `DetailsText`: what an MCP entry's details are before and, for a plain call, after
   `prepare` (records/audit.py, records/chain.py say how they are used);
 - `log_line`: the entry's line on the `gateway.audit` log, as JSON;
@@ -53,6 +54,35 @@ class McpDetails:
 
     def __init__(self, body: bytes, server: str | None, status: int, error: str | None) -> None:
         self.body, self.server, self.status, self.error = body, server, status, error
+
+
+SUCCESS, ERROR = "success", "error"
+"""An entry's outcome."""
+TARGET_KINDS = {"tools/call": "tool", "prompts/get": "prompt", "resources/read": "resource",
+                "resources/subscribe": "resource", "resources/unsubscribe": "resource"}
+"""The resource_type of a method's target (its tool, prompt or URI)."""
+
+
+def mcp_row(details_type: type, key, server_name: str | None, method: str | None, target: str | None, body: bytes,
+            status: int, error_code: int | None, error: str | None, duration_ms: float, client_ip: str | None,
+            now: datetime, is_batch: bool = False) -> tuple:
+    """An MCP request's audit row (records/audit.py `AuditTrail.mcp_row` says what each value is), its
+    details a `details_type` (an `McpDetails`) of the raw body, its id None (given in `prepare`)."""
+    if is_batch:
+        action, kind, resource = "mcp.batch", "server", server_name
+    else:
+        action = "mcp." + method if method else ("mcp.response" if body else "mcp.request")
+        kind = TARGET_KINDS.get(method) if target is not None else None
+        if kind is None:
+            kind, resource = ("server", server_name) if server_name is not None else (None, None)
+        else:
+            resource = target
+    failed = status >= 400 or error_code is not None
+    return (
+        None, key.tenant_id, key.user_id, key.id, action, kind, resource,
+        details_type(body, server_name, status, error), client_ip, ERROR if failed else SUCCESS,
+        error_code, duration_ms, now, key.role, None, None, None,
+    )
 
 
 class DetailsText:

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from gateway._fast.ids import RowIds as _RowIds  # ids of request log rows and audit entries
 from gateway._fast.ids import utc_now  # their time (datetime.now(timezone.utc), built at C level)
+from gateway._fast.auditentry import mcp_row as _mcp_row  # AuditTrail.mcp_row's builder
 from gateway.auth.authenticate import VerifiedKeys, authenticate, authenticate_request
 from gateway.config import DataPlaneConfig
 from gateway.dataplane import enforce
@@ -67,7 +68,7 @@ from gateway.dataplane.upstream import (
 from gateway.dataplane.guard import SAFE_METHODS, Ticket, UpstreamGuard
 from gateway.limits.limiter import Limited, Limiter
 from gateway.limits.sessions import SessionCounter
-from gateway.records.audit import AuditTrail
+from gateway.records.audit import AuditTrail, McpDetails
 from gateway.records.metrics import METHOD_LABELS, Registry, tenant_names
 from gateway.netaddr import is_ip, networks, within
 from gateway.snapshot import KeyEntry, ServerEntry, SnapshotStore
@@ -718,8 +719,9 @@ class DataPlane:
             )
         if key is not None and self.audit is not None:
             # Every authenticated request, refused or not; its params are decoded later, by the writer.
-            self.writer.submit("audit_logs", self.audit.mcp_row(
-                key, server_name, method, target, body, status, exchange.error_code, exchange.error,
+            # AuditTrail.mcp_row's row, made by the compiled builder without the method's frame.
+            self.writer.submit("audit_logs", _mcp_row(
+                McpDetails, key, server_name, method, target, body, status, exchange.error_code, exchange.error,
                 duration_ms, address, now, call is not None and call.is_batch,
             ))
 

@@ -52,14 +52,10 @@ _BOUNDED = tuple(
     if isinstance(c.type, sa.String) and c.type.length and c.name not in ("prev_hash", "entry_hash")
 )
 
-SUCCESS, ERROR = "success", "error"
+SUCCESS, ERROR = auditentry.SUCCESS, auditentry.ERROR
 # Write-only fields of admin request bodies that hold secrets under names no
 # pattern would catch: an imported legacy key, an upstream header's value.
 ADMIN_SECRET_FIELDS = ("key", "header_value")
-# JSON-RPC methods whose target is a named object, and that object's kind.
-_TARGET_KINDS = {"tools/call": "tool", "prompts/get": "prompt", "resources/read": "resource",
-                 "resources/subscribe": "resource", "resources/unsubscribe": "resource"}
-
 audit_log = logging.getLogger("gateway.audit")
 UTC = timezone.utc
 
@@ -207,22 +203,11 @@ class AuditTrail:
         is_batch: bool = False,
     ) -> tuple:
         """An MCP request's row: `key` is the caller (KeyEntry or TokenPrincipal); `method` the JSON-RPC
-        method (or the HTTP method of a request without a body); `target` the tool, prompt or URI."""
-        if is_batch:
-            action, kind, resource = "mcp.batch", "server", server_name
-        else:
-            action = "mcp." + method if method else ("mcp.response" if body else "mcp.request")
-            kind = _TARGET_KINDS.get(method) if target is not None else None
-            if kind is None:
-                kind, resource = ("server", server_name) if server_name is not None else (None, None)
-            else:
-                resource = target
-        failed = status >= 400 or error_code is not None
-        return (
-            None, key.tenant_id, key.user_id, key.id, action, kind, resource,  # the id: given in prepare
-            McpDetails(body, server_name, status, error), client_ip, ERROR if failed else SUCCESS,
-            error_code, duration_ms, now, key.role, None, None, None,
-        )
+        method (or the HTTP method of a request without a body); `target` the tool, prompt or URI. Built by
+        `_fast/auditentry.mcp_row` (in C where compiled); the data plane calls that directly
+        (`DataPlane._record`)."""
+        return _mcp_row(McpDetails, key, server_name, method, target, body, status, error_code, error, duration_ms,
+                        client_ip, now, is_batch)
 
     def admin_row(
         self,
@@ -370,6 +355,7 @@ _log_line = auditentry.log_line
 _plain_details = auditentry.plain_details
 finish_row = auditentry.finish_row
 prepare_rows = auditentry.prepare_rows
+_mcp_row = auditentry.mcp_row
 
 
 class AuditLogHandler(logging.StreamHandler):
