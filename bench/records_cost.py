@@ -15,7 +15,8 @@ for each stage:
 
 - path_request_log: what `DataPlane._record` does for the request log row
   (its id, its time, the tuple);
-- path_audit: the audit row (`AuditTrail.mcp_row`);
+- path_audit: the audit row (`AuditTrail.mcp_row`'s builder, which the
+  data plane calls), with its own read of the time;
 - prepare: `AuditTrail.prepare` (decode, screen or sanitize, bound, the
   `gateway.audit` line through `AuditLogHandler` to /dev/null);
 - copy_request_logs: `PostgresSink.write` of the request log rows (COPY);
@@ -93,13 +94,27 @@ def child(rows: int, database_url: str, tool: str) -> None:
     trail = AuditTrail()
     trail.new_id = ids.next  # what the data plane gives it
 
+    # What DataPlane._record calls, in the tree measured (an older tree: what it called then).
+    try:
+        from gateway._fast.ids import utc_now
+    except ImportError:
+        def utc_now():
+            return datetime.now(timezone.utc)
+    try:
+        from gateway._fast.auditentry import mcp_row
+        from gateway.records.audit import McpDetails
+
+        def audit_row():
+            return mcp_row(McpDetails, Key, "bench", "tools/call", "echo", body, 200, None, None, 1.234, "127.0.0.1",
+                           utc_now(), False)
+    except ImportError:
+        def audit_row():
+            return trail.mcp_row(Key, "bench", "tools/call", "echo", body, 200, None, None, 1.234, "127.0.0.1",
+                                 utc_now())
+
     def request_log_row():
         return (ids.next(), Key.tenant_id, Key.user_id, Key.id, server_id, "bench", "tools/call", "echo", 200, None,
-                None, 1.234, len(body), 321, "127.0.0.1", datetime.now(timezone.utc))
-
-    def audit_row():
-        return trail.mcp_row(Key, "bench", "tools/call", "echo", body, 200, None, None, 1.234, "127.0.0.1",
-                             datetime.now(timezone.utc))
+                None, 1.234, len(body), 321, "127.0.0.1", utc_now())
 
     async def run() -> dict[str, float]:
         pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
