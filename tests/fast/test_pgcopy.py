@@ -203,3 +203,18 @@ def test_postgresql_stores_what_it_stores_from_asyncpgs_copy(pg_url, pgcopy_impl
         assert ours == theirs and len(ours) == len(rows)
 
     asyncio.run(check())
+
+
+@settings(max_examples=300, deadline=None)
+@given(picks=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=12),
+       pool=st.lists(st.uuids(), min_size=4, max_size=4, unique=True))
+def test_an_id_object_repeated_down_a_column_is_written_as_itself(compiled_pgcopy, python_pgcopy, picks, pool):
+    """The compiled encoder remembers each column's last id object and its bytes: a batch's rows share their
+    tenant's and key's. Objects repeated, alternating, equal but distinct, asyncpg's and uuid's, in two batches
+    one after the other: the same bytes as the twin's."""
+    objects = [pool[0], uuid.UUID(int=pool[0].int), AsyncpgUUID(str(pool[1])), pool[2], pool[3]]
+    rows = [(objects[a], objects[b + 1], objects[a]) for a, b in picks]
+    for batch in (rows, rows[::-1]):
+        assert compiled_pgcopy.encode("UUU", batch, True, True) == python_pgcopy.encode("UUU", batch, True, True)
+    fresh = [(uuid.uuid4(), uuid.uuid4(), uuid.uuid4()) for _ in range(3)]  # new objects, perhaps at old addresses
+    assert compiled_pgcopy.encode("UUU", fresh, True, True) == python_pgcopy.encode("UUU", fresh, True, True)

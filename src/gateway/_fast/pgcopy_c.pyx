@@ -16,6 +16,7 @@ from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.long cimport PyLong_AsDouble, PyLong_AsLongLong, PyLong_Check
 from cpython.unicode cimport PyUnicode_Check
 from libc.stdint cimport int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
+from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.string cimport memcpy
 
 from gateway._fast import pgcopy_py as _twin
@@ -88,6 +89,15 @@ cdef inline int64_t _days_from_civil(int64_t y, int64_t m, int64_t d) noexcept:
     return era * 146097 + doe
 
 
+# The last UUID object written in each of the first _HELD columns and its 16 bytes: a batch's rows share their
+# tenant's, user's, key's and server's id objects, and comparing the object saves reading its int. Each is held
+# (a reference), so no other object can take its address meanwhile; a UUID is immutable.
+cdef enum:
+    _HELD = 32
+cdef PyObject* _held[_HELD]
+cdef unsigned char _held_bytes[_HELD][16]
+
+
 cdef int _field(Buffer* buf, char kind, object value, Py_ssize_t at) except -1:
     cdef const char* text
     cdef Py_ssize_t size
@@ -95,9 +105,14 @@ cdef int _field(Buffer* buf, char kind, object value, Py_ssize_t at) except -1:
     cdef double real
     cdef int64_t micros
     cdef bytes raw
+    cdef bint holds = 0 <= at < _HELD
     if kind == b"U":
         _reserve(buf, 20)
         _u32(buf, 16)
+        if holds and _held[at] == <PyObject*>value:
+            memcpy(buf.data + buf.length, _held_bytes[at], 16)
+            buf.length += 16
+            return 0
         if type(value) is _UUID:
             gw_uuid_int_bytes(value.int, <unsigned char*>(buf.data + buf.length))
         else:
@@ -106,6 +121,11 @@ cdef int _field(Buffer* buf, char kind, object value, Py_ssize_t at) except -1:
             if len(raw) != 16:
                 raise ValueError("a UUID whose bytes are not 16 bytes")
             memcpy(buf.data + buf.length, <const char*>raw, 16)
+        if holds and (type(value) is _UUID or type(value) is _PG_UUID):
+            Py_INCREF(value)
+            Py_XDECREF(_held[at])
+            _held[at] = <PyObject*>value
+            memcpy(_held_bytes[at], buf.data + buf.length, 16)
         buf.length += 16
     elif kind == b"T" or kind == b"J":
         if not PyUnicode_Check(value):
