@@ -43,7 +43,7 @@ def prepared_both_ways(rows: list[tuple]) -> tuple[list[tuple], list[tuple]]:
     """The rows `prepare` makes, and those it makes with the twin's `prepare_rows` (the per-row code alone)."""
     compiled = trail().prepare(list(rows))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(audit, "prepare_rows", auditentry_py.prepare_rows)
+        patch.setattr(audit, "_prepare_rows", auditentry_py.prepare_rows)
         per_row = trail().prepare(list(rows))
     return compiled, per_row
 

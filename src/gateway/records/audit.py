@@ -288,13 +288,13 @@ class AuditTrail:
             # The rest at C level: the id (drawn here, not on the request path: a UUID object costs ~1 us),
             # every bounded text cleaned (clean_text's cache looked up first: these are the same few words on
             # every entry) and cut to its column, the time in UTC.
-            return finish_row(row, self.new_id() if row[0] is None else None, details, _DETAILS, _BOUNDED,
-                              CLEANED_TEXTS, clean_text, _CREATED)
+            return _finish_row(row, self.new_id() if row[0] is None else None, details, _DETAILS, _BOUNDED,
+                               CLEANED_TEXTS, clean_text, _CREATED)
 
         # A plain call's row (most: one message, nothing to redact) is made at C level, as `one` would make it;
         # `one` makes every other.
-        prepare_rows(rows if type(rows) is list else list(rows), prepared, McpDetails, plain_of, one,
-                     self.new_id, _TENANT, _DETAILS, _BOUNDED, CLEANED_TEXTS, clean_text, _CREATED)
+        _prepare_rows(rows if type(rows) is list else list(rows), prepared, McpDetails, plain_of, one,
+                      self.new_id, _TENANT, _DETAILS, _BOUNDED, CLEANED_TEXTS, clean_text, _CREATED)
         if emit:
             self._log(prepared)
             for handler in audit_log.handlers:  # a batching handler writes the batch's lines now
@@ -353,8 +353,8 @@ def _dumps(value: Any) -> str:
 _LOGGED = tuple(str(name) for name in COLUMNS[:14])
 _log_line = auditentry.log_line
 _plain_details = auditentry.plain_details
-finish_row = auditentry.finish_row
-prepare_rows = auditentry.prepare_rows
+_finish_row = auditentry.finish_row
+_prepare_rows = auditentry.prepare_rows
 _mcp_row = auditentry.mcp_row
 
 
