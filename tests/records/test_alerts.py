@@ -181,6 +181,31 @@ async def test_error_rate_fires_once_resolves_once_and_the_webhook_hears_each_on
     assert evaluator.delivered == 2 and evaluator.failed_attempts == 0
 
 
+async def test_a_redelivery_that_read_the_event_before_its_delivery_ended_sends_nothing(engine, receiver):
+    """`_redeliver` reads the events not notified yet, then schedules each: a delivery that ends between the
+    two has left the tasks in flight, and the row read before is stale. Seen once under load as a second
+    "resolved" POST; here the stale row is handed over after the delivery ended, as that interleaving does."""
+    hook = await receiver()
+    tenant_id, (files,) = await _tenant_and_server(engine)
+    rule = await _rule(engine, tenant_id, "error_rate", 0.2, server_id=files, webhook_url=hook.url, name="errors")
+    evaluator = AlertEvaluator(engine, QUICK)
+    try:
+        await _traffic(engine, tenant_id, files, failed=10)
+        assert (await evaluator.evaluate_once()).fired == [(rule, files)]
+        [stale] = await _events(engine, rule)  # read while the firing is not notified yet
+        assert stale["notified_at"] is None
+        await _until(lambda: len(hook.received) == 1, "the firing webhook", evaluator=evaluator, hooks=[hook])
+        await _until(lambda: not evaluator._deliveries, "the delivery to end", evaluator=evaluator, hooks=[hook])
+        evaluator._schedule(hook.url, {**dict(stale), "rule_name": "errors", "metric": "error_rate",
+                                       "window_minutes": 5, "tenant_name": "acme", "server_name": "files"})
+        assert not evaluator._deliveries
+        await evaluator.evaluate_once()
+        await asyncio.sleep(0.2)  # a second POST would have been sent by now
+    finally:
+        await evaluator.stop()
+    assert [p["state"] for p in hook.received] == ["firing"] and evaluator.delivered == 1
+
+
 async def test_a_failing_webhook_is_retried_and_a_hanging_one_never_stalls_evaluation(engine, receiver):
     flaky, stuck = await receiver(), await receiver()
     flaky.statuses = [500, 503]  # twice refused, then taken

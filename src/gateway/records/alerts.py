@@ -33,7 +33,8 @@ made) is found again by the next evaluation: events of the last day whose
 state was not notified yet (`notified_at` NULL, or before `resolved_at`); one
 that failed every retry rests `RESTING` seconds, then goes again the same
 way. So delivery is at least once; `X-Gateway-Alert-Event` and the state let
-a receiver drop duplicates.
+a receiver drop duplicates. A process never sends what its receiver took
+again (a redelivery that read the event before that delivery ended included).
 
 One process evaluates at a time: the evaluator that holds the job lock
 (records/joblock.py) keeps it while its process lives; the others try again
@@ -154,6 +155,10 @@ class AlertEvaluator:
         self._deliveries: dict[tuple[uuid.UUID, str], asyncio.Task] = {}
         self._last_delivery: dict[uuid.UUID, asyncio.Task] = {}
         self._resting: dict[tuple[uuid.UUID, str], float] = {}  # deliveries that failed every retry: until when
+        # (event id, state) -> when its receiver took it (monotonic). `_redeliver` reads what is not notified yet,
+        # then schedules: a delivery that ends between the two is no longer in `_deliveries`, and without this
+        # the stale row would send it again.
+        self._told: dict[tuple[uuid.UUID, str], float] = {}
 
     # -- schedule ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -328,6 +333,8 @@ class AlertEvaluator:
         that failed every retry and has rested)."""
         now = time.monotonic()
         self._resting = {key: until for key, until in self._resting.items() if until > now}
+        kept = now - REDELIVERY_WINDOW.total_seconds()  # older events are not looked at again
+        self._told = {key: at for key, at in self._told.items() if at > kept}
         since = utcnow() - REDELIVERY_WINDOW
         e = alert_events
         query = (
@@ -349,7 +356,7 @@ class AlertEvaluator:
 
     def _schedule(self, url: str, event: dict[str, Any]) -> None:
         key = (event["id"], event["state"])
-        if key in self._deliveries or key in self._resting:
+        if key in self._deliveries or key in self._resting or key in self._told:
             return
         before = self._last_delivery.get(event["id"])
         task = asyncio.create_task(self._deliver(url, event, before), name=f"alert-webhook-{event['id']}")
@@ -385,6 +392,7 @@ class AlertEvaluator:
                     ) as response:
                         await response.read()
                         if 200 <= response.status < 300:
+                            self._told[(event["id"], event["state"])] = time.monotonic()
                             await self._notified(event["id"], event["state"], sent_at)
                             self.delivered += 1
                             return
