@@ -525,7 +525,6 @@ def mcp_row(type details_type, key, server_name, method, target, body, status, e
     """An MCP request's audit row (see the twin's `mcp_row`), built without a Python frame."""
     cdef McpDetails details
     cdef PyObject* found
-    cdef tuple row
     if is_batch:
         action, kind, resource = "mcp.batch", "server", server_name
     else:
