@@ -117,7 +117,7 @@ def test_a_plain_call_is_made_without_the_per_row_code():
                             datetime(2026, 11, 26, tzinfo=timezone.utc)) for tenant in TENANTS]
     made: list[tuple] = []
 
-    def fallback(row):
+    def fallback(row, plain=None):
         raise AssertionError(f"a plain call went to the per-row code: {row!r}")
 
     def plain_of(tenant):
@@ -146,7 +146,8 @@ def test_what_the_screen_or_plain_details_refuse_goes_to_the_per_row_code(body):
     handed: list[tuple] = []
     made: list[tuple] = []
     auditentry.prepare_rows([row], made, McpDetails, lambda tenant: trail().sanitizer(tenant).screen.plain,
-                            lambda row: handed.append(row) or ("per-row",), lambda: uuid.UUID(int=1), audit._TENANT,
+                            lambda row, plain=None: handed.append(row) or ("per-row",), lambda: uuid.UUID(int=1),
+                            audit._TENANT,
                             audit._DETAILS, audit._BOUNDED, audit.CLEANED_TEXTS, audit.clean_text, audit._CREATED)
     assert handed == [row] and made == [("per-row",)]
 

@@ -622,8 +622,11 @@ def prepare_rows(list rows, list out, type mcp_type, plain_of, fallback, new_id,
             else:
                 plain = <object>found
             last_tenant = <PyObject*>tenant
-        if plain is None or not plain(body, 0):
+        if plain is None:
             out.append(fallback(row))
+            continue
+        if not plain(body, 0):
+            out.append(fallback(row, False))  # the screen's answer: the fallback does not ask it again
             continue
         server = details.server
         if server is not None:
@@ -635,7 +638,7 @@ def prepare_rows(list rows, list out, type mcp_type, plain_of, fallback, new_id,
             continue
         text = _plain_details(body, details.status, server, error)
         if text is None:
-            out.append(fallback(row))
+            out.append(fallback(row, True))  # the screen passed it; plain_details declined
             continue
         out.append(_finish(row, new_id() if PyTuple_GET_ITEM(row, 0) == <PyObject*>None else None,
                            _details_text(text), details_at, bounded, cleaned, clean, created_at))

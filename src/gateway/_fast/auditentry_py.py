@@ -174,7 +174,9 @@ def prepare_rows(rows: list, out: list, mcp_type: type, plain_of, fallback, new_
     message the tenant's screen passes (`plain_of(tenant)`: its `Screen.plain`, or None) and
     `plain_details` writes; the details become a `DetailsText` and the row is `finish_row`'s (server and
     error cleaned as `McpDetails.build` cleans them, `new_id()` where the id is None). Every other row is
-    `fallback(row)`'s. This twin gives every row to `fallback`, whose result is the same.
+    `fallback(row)`'s, or `fallback(row, passed)`'s where it asked the screen already (`passed`: its answer;
+    True: `plain_details` declined the body), so that the fallback does not ask again. This twin gives every
+    row to `fallback(row)`, whose result is the same.
     """
     out.extend(map(fallback, rows))
 

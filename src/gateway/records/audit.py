@@ -67,16 +67,17 @@ class McpDetails(auditentry.McpDetails):
 
     __slots__ = ()
 
-    def build(self, sanitizer: Sanitizer) -> EncodedDetails | DetailsText:
+    def build(self, sanitizer: Sanitizer, plain: bool | None = None) -> EncodedDetails | DetailsText:
+        """The details, sanitized. `plain`: what the screen said of the body as one message where the caller
+        asked already (`prepare_rows`; True means `plain_details` declined the body), so it is not asked again."""
         server = self.server
         if server is not None:
             cleaned = CLEANED_TEXTS.get(server)  # clean_text's cache first: the call costs more than the lookup
             server = cleaned if cleaned is not None else clean_text(server)
         error = clean_text(self.error) if self.error else None  # refusals may quote what the caller sent
         body = self.body
-        plain = None  # whether the screen passed the body as one message (asked once)
-        if body and body[0] != 91:  # not a batch's "["
-            plain = sanitizer.unchanged(body, 0)
+        if plain is None and body and body[0] != 91:  # not asked yet, and not a batch's "["
+            plain = sanitizer.unchanged(body, 0)  # whether the screen passes the body as one message (asked once)
             if plain:
                 # Nothing to clean: most calls' details are written from the body's text as they are stored,
                 # without decoding it (_fast/auditentry.plain_details; None leaves it to the code below).
@@ -107,7 +108,8 @@ class McpDetails(auditentry.McpDetails):
                 found, nesting = {"message": "[not an object]"}, 0
             # Walking the decoded params is most of an entry's cost; a screen of the raw body rules it out
             # for the calls it cannot change (most: no secret, nothing too long or too deep).
-            details.update(found if sanitizer.unchanged(body, nesting) else sanitizer.clean(found))
+            unchanged = plain if nesting == 0 and plain is not None else sanitizer.unchanged(body, nesting)
+            details.update(found if unchanged else sanitizer.clean(found))
         return details
 
 
@@ -268,11 +270,13 @@ class AuditTrail:
             screen = sanitizer_for(tenant, False).screen
             return screen.plain if screen is not None else None
 
-        def one(row: tuple) -> tuple:
+        def one(row: tuple, plain: bool | None = None) -> tuple:
             details = row[_DETAILS]
             admin = isinstance(details, AdminDetails)
             sanitizer = sanitizer_for(row[_TENANT], admin)
-            if isinstance(details, _PENDING):
+            if isinstance(details, McpDetails):
+                details = details.build(sanitizer, plain)  # `plain`: the screen's answer, if prepare_rows asked
+            elif admin:
                 details = details.build(sanitizer)
             elif type(details) is DetailsText:
                 pass  # prepared already (a plain call's, nothing to clean)
