@@ -137,10 +137,17 @@ async def _until(predicate, what: str, timeout: float = 30.0, evaluator=None, ho
 
 
 # -- fire once, resolve, one webhook each ------------------------------------------------------------------------
-async def test_error_rate_fires_once_resolves_once_and_the_webhook_hears_each_once(engine, receiver):
+async def _errors_on_files(engine, receiver):
+    """A receiver, a tenant with one server "files", and a rule "errors" on that server's error rate (above
+    0.2) whose webhook is the receiver."""
     hook = await receiver()
     tenant_id, (files,) = await _tenant_and_server(engine)
     rule = await _rule(engine, tenant_id, "error_rate", 0.2, server_id=files, webhook_url=hook.url, name="errors")
+    return hook, tenant_id, files, rule
+
+
+async def test_error_rate_fires_once_resolves_once_and_the_webhook_hears_each_once(engine, receiver):
+    hook, tenant_id, files, rule = await _errors_on_files(engine, receiver)
     evaluator = AlertEvaluator(engine, QUICK)
     try:
         await _traffic(engine, tenant_id, files, ok=10)
@@ -185,9 +192,7 @@ async def test_a_redelivery_that_read_the_event_before_its_delivery_ended_sends_
     """`_redeliver` reads the events not notified yet, then schedules each: a delivery that ends between the
     two has left the tasks in flight, and the row read before is stale. Seen once under load as a second
     "resolved" POST; here the stale row is handed over after the delivery ended, as that interleaving does."""
-    hook = await receiver()
-    tenant_id, (files,) = await _tenant_and_server(engine)
-    rule = await _rule(engine, tenant_id, "error_rate", 0.2, server_id=files, webhook_url=hook.url, name="errors")
+    hook, tenant_id, files, rule = await _errors_on_files(engine, receiver)
     evaluator = AlertEvaluator(engine, QUICK)
     try:
         await _traffic(engine, tenant_id, files, failed=10)
