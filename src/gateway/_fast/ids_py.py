@@ -10,7 +10,7 @@ builds it at C level (the int from the 16 bytes, the two slots set).
 
 `utc_now` is `datetime.now(timezone.utc)`; the compiled twin reads the clock
 and builds the datetime itself (the civil date from the day count, no gmtime
-and no time zone conversion): about 0.37 -> 0.1 us, once per request.
+and no time zone conversion): about 230 -> 55 ns (timeit), once per request.
 """
 
 from __future__ import annotations
