@@ -54,7 +54,7 @@ cdef class Screen:
     cdef bint _starts_here(self, const unsigned char* data, Py_ssize_t i, Py_ssize_t n, int c) except -1
 
     @cython.locals(n=Py_ssize_t, i=Py_ssize_t, c=int, kind=int, opens=Py_ssize_t,
-                   commas=Py_ssize_t, quoted=bint, length=Py_ssize_t, digits=Py_ssize_t, run=Py_ssize_t,
-                   seps=Py_ssize_t, seen=int, pairs=cython.p_uchar, pair=int, data=cython.p_uchar,
-                   kinds=cython.p_uchar)
+                   commas=Py_ssize_t, quoted=bint, opened=Py_ssize_t, digits_from=Py_ssize_t,
+                   digits_end=Py_ssize_t, run_from=Py_ssize_t, seps=Py_ssize_t, seen=int, pairs=cython.p_uchar,
+                   pair=int, data=cython.p_uchar, kinds=cython.p_uchar)
     cpdef bint plain(self, bytes raw, Py_ssize_t nesting) except -1

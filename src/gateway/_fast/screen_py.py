@@ -167,9 +167,14 @@ class Screen:
         opens = nesting
         commas = 0
         quoted = False
-        length = 0
-        digits = 0
-        run = 0
+        # Lengths are told by positions, so that a letter, the commonest byte, is counted by nothing: where the
+        # string being read opened, where the run of digits began and where the one before ended, where the
+        # hex/base64 run began. Each test returns False, so testing one when its span ends, not at every byte,
+        # gives the same answer.
+        opened = 0
+        digits_from = 0
+        digits_end = -1
+        run_from = 0
         seps = 0
         seen = 0  # the kinds of the bytes of the current run, or-ed
         i = 0
@@ -180,37 +185,37 @@ class Screen:
             if pairs[pair >> 3] & (1 << (pair & 7)) and self._starts_here(data, i, n, c):
                 return False
             kind = kinds[c]
-            if kind & _SPECIAL:
-                if c >= 128 or c == 92:  # non-ASCII, or an escape
-                    return False
-                if c == 34:
-                    quoted = not quoted
-                    length = -1  # the quote itself is not counted below
-                elif c == 44:
-                    commas += 1
-                else:  # { or [
-                    opens += 1
-            if quoted:
-                length += 1
-                if length > MAX_STRING:
-                    return False
-            if kind & _DIGIT:
-                digits += 1
-                if digits >= _BIG_DIGITS:
-                    return False
-            else:
-                digits = 0
             if kind & _RUN:  # [A-Za-z0-9+/_-]: a hex/base64 run goes on
-                run += 1
                 seen |= kind
                 if kind & _SEPARATOR:
                     seps += 1
-            else:
-                if run >= _LONG_RUN and _secret_run(data, i, n, run, seps, seen):
+                if kind & _DIGIT:
+                    if digits_end != i:
+                        digits_from = i
+                    digits_end = i + 1
+                    if digits_end - digits_from >= _BIG_DIGITS:
+                        return False
+            else:  # no byte of a run is special
+                if i - run_from >= _LONG_RUN and _secret_run(data, i, n, i - run_from, seps, seen):
                     return False
-                run = seps = seen = 0
+                run_from = i + 1
+                seps = seen = 0
+                if kind & _SPECIAL:
+                    if c >= 128 or c == 92:  # non-ASCII, or an escape
+                        return False
+                    if c == 34:
+                        if quoted and i - opened - 1 > MAX_STRING:
+                            return False
+                        quoted = not quoted
+                        opened = i
+                    elif c == 44:
+                        commas += 1
+                    else:  # { or [
+                        opens += 1
             i += 1
-        if run >= _LONG_RUN and _secret_run(data, n, n, run, seps, seen):
+        if n - run_from >= _LONG_RUN and _secret_run(data, n, n, n - run_from, seps, seen):
+            return False
+        if quoted and n - opened - 1 > MAX_STRING:
             return False
         return commas < MAX_ITEMS - 1 and opens < MAX_DEPTH
 
