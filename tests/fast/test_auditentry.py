@@ -35,6 +35,19 @@ def test_the_compiled_twin_hashes_with_libcrypto_itself(compiled_auditentry):
     # This Python has OpenSSL (ssl imports), so the compiled twin found the same libcrypto and passed its check.
     assert ssl.OPENSSL_VERSION
     assert compiled_auditentry.NATIVE_SHA256 is True
+    assert compiled_auditentry.sha256_calls() == "plain"  # OpenSSL 1.0 to 3.x still export SHA256_*
+
+
+def test_evp_calls_give_the_same_hashes(compiled_auditentry):
+    # Where a libcrypto lacks the plain calls, the EVP ones hash: the same answer for every size around a block.
+    assert compiled_auditentry._plain_calls(False) is False
+    try:
+        assert compiled_auditentry.sha256_calls() == "evp"
+        for size in (0, 1, 55, 56, 63, 64, 65, 119, 120, 300, 4096):
+            canonical = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+            assert compiled_auditentry.entry_hash("prev", size, canonical) == reference_hash("prev", size, canonical)
+    finally:
+        assert compiled_auditentry._plain_calls(True) is True
 
 
 # Tenants as the rows hold them: the same object many times, an equal but distinct object, None (a chain too).

@@ -1,5 +1,5 @@
 # The compiled twin of auditentry_py.py: the same functions, the head written and the rows built at C level,
-# and SHA-256 computed by the system's libcrypto through its EVP interface, called directly.
+# and SHA-256 computed by the system's libcrypto, called directly.
 #
 # A .pyx of its own, like pgcopy_c.pyx: what makes it fast is what plain Python cannot say. The head: the
 # canonical array written here for the types a written entry holds (exact UUIDs, str, int, float, UTC
@@ -7,7 +7,9 @@
 # as is a float Python would write with an exponent (orjson writes those differently). hashlib's
 # sha256 with OpenSSL 3 spends about 600 ns of an entry's 800 (measured on a 300-byte entry) outside the
 # hashing: fetching the algorithm for every new object and copying the context for every digest. Here the
-# algorithm is fetched and the context made once, then reset for each entry (about 230 ns in all).
+# plain SHA256_* calls hash into a context on the stack; where a libcrypto lacks them, the EVP algorithm is
+# fetched and its context made once, then reset for each entry (which still frees and allocates the
+# provider's context every time: 380 -> 341 ns for `entry_hash` of 300 bytes, timeit).
 # libcrypto is the one hashlib itself uses, opened by name at import (dlopen); where it cannot be opened, or
 # fails its known-answer check, hashlib does the hashing (`NATIVE_SHA256` says which). No OpenSSL header or
 # link-time library is needed to build this. tests/fast/test_auditentry.py holds the twins to the same bytes,
@@ -50,6 +52,16 @@ cdef extern from *:
     static int (*gw_digest_init)(void *, const void *, void *) = NULL;
     static int (*gw_digest_update)(void *, const void *, size_t) = NULL;
     static int (*gw_digest_final)(void *, unsigned char *, unsigned int *) = NULL;
+    /* Its plain SHA-256 calls, where it still has them (OpenSSL 1.0 to 3.x: deprecated in 3.0, not removed).
+       They hash into a caller's context on the stack: OpenSSL 3's EVP_DigestInit_ex frees and allocates the
+       provider's context on every init, about 700 instructions a hash; these run the same block function
+       (with the CPU's SHA extensions where it has them). The context is 112 bytes in every release; a bigger
+       buffer keeps a future one safe. */
+    static int (*gw_sha_init)(void *) = NULL;
+    static int (*gw_sha_update)(void *, const void *, size_t) = NULL;
+    static int (*gw_sha_final)(unsigned char *, void *) = NULL;
+    typedef union { unsigned char bytes[512]; long double align; } gw_sha_ctx;
+    static int gw_use_plain = 0;  /* whether they hash: 1 where they were found, until told otherwise */
 
     static int gw_sha256_open(void) {
         static const char *names[] = {"libcrypto.so.3", "libcrypto.so.1.1", "libcrypto.so", "libcrypto.dylib",
@@ -68,6 +80,13 @@ cdef extern from *:
                 dlclose(lib);
                 continue;
             }
+            gw_sha_init = (int (*)(void *))dlsym(lib, "SHA256_Init");
+            gw_sha_update = (int (*)(void *, const void *, size_t))dlsym(lib, "SHA256_Update");
+            gw_sha_final = (int (*)(unsigned char *, void *))dlsym(lib, "SHA256_Final");
+            if (gw_sha_init == NULL || gw_sha_update == NULL || gw_sha_final == NULL) {
+                gw_sha_init = NULL;
+            }
+            gw_use_plain = gw_sha_init != NULL;
             /* OpenSSL 3: fetched once (EVP_sha256() would fetch again on every init); 1.1: the static one. */
             gw_md = fetch != NULL ? fetch(NULL, "SHA256", NULL) : NULL;
             if (gw_md == NULL && sha256 != NULL) gw_md = (void *)sha256();
@@ -79,10 +98,20 @@ cdef extern from *:
         return 0;
     }
 
+    static int gw_sha_use_plain(int on) { gw_use_plain = on && gw_sha_init != NULL; return gw_use_plain; }
+
     /* SHA-256 of the three pieces a..c into out[32]; -1 if libcrypto failed. */
     static int gw_sha256(const char *a, size_t na, const char *b, size_t nb, const char *c, size_t nc,
                          unsigned char *out) {
         unsigned int length = 0;
+        if (gw_use_plain) {
+            gw_sha_ctx ctx;
+            if (!gw_sha_init(&ctx) || !gw_sha_update(&ctx, a, na) || !gw_sha_update(&ctx, b, nb) ||
+                !gw_sha_update(&ctx, c, nc) || !gw_sha_final(out, &ctx)) {
+                return -1;
+            }
+            return 0;
+        }
         if (!gw_digest_init(gw_ctx, gw_md, NULL) || !gw_digest_update(gw_ctx, a, na) ||
             !gw_digest_update(gw_ctx, b, nb) || !gw_digest_update(gw_ctx, c, nc) ||
             !gw_digest_final(gw_ctx, out, &length) || length != 32) {
@@ -92,6 +121,8 @@ cdef extern from *:
     }
     """
     int gw_sha256_open()
+    int gw_sha_use_plain(int on)
+    int gw_use_plain
     int gw_sha256(const char* a, size_t na, const char* b, size_t nb, const char* c, size_t nc,
                   unsigned char* out)
 
@@ -1185,10 +1216,24 @@ def _self_check():
         return
     known = bytes.fromhex("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
     _native = gw_sha256(b"a", 1, b"b", 1, b"c", 1, digest) == 0 and digest[:32] == known
+    if not _native and gw_use_plain:  # the plain calls failed or erred: EVP's alone
+        gw_sha_use_plain(False)
+        _native = gw_sha256(b"a", 1, b"b", 1, b"c", 1, digest) == 0 and digest[:32] == known
 
 
 _self_check()
 NATIVE_SHA256 = _native
+
+
+def sha256_calls():
+    """Which of libcrypto's calls hash here: "plain" (SHA256_*), "evp", or None (hashlib's)."""
+    return None if not _native else "plain" if gw_use_plain else "evp"
+
+
+def _plain_calls(bint on):
+    """Hash through the plain calls (where libcrypto has them) or EVP's: a test's way to check both paths.
+    Returns whether the plain calls now hash."""
+    return gw_sha_use_plain(on) != 0
 
 __all__ = (
     "GENESIS", "HEAD_COLUMNS", "NATIVE_SHA256", "canonical_head", "canonicals_into", "entry_hash", "fallbacks",
