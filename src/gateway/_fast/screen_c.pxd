@@ -19,6 +19,9 @@ cdef bint _has(const unsigned char* data, Py_ssize_t i, Py_ssize_t n, bytes mark
 @cython.locals(marker=bytes)
 cdef bint _has_any(const unsigned char* data, Py_ssize_t i, Py_ssize_t n, tuple markers) except -1
 
+@cython.locals(kinds=cython.p_uchar, seen=int, seps=Py_ssize_t, digits=Py_ssize_t, i=Py_ssize_t, kind=int)
+cdef bint _plain_run(const unsigned char* data, Py_ssize_t start, Py_ssize_t end, Py_ssize_t n) noexcept
+
 @cython.locals(pad=Py_ssize_t, length=Py_ssize_t, hexish=bint)
 cdef bint _secret_run(const unsigned char* data, Py_ssize_t end, Py_ssize_t n, Py_ssize_t run, Py_ssize_t seps,
                       int seen) noexcept
@@ -54,7 +57,6 @@ cdef class Screen:
     cdef bint _starts_here(self, const unsigned char* data, Py_ssize_t i, Py_ssize_t n, int c) except -1
 
     @cython.locals(n=Py_ssize_t, i=Py_ssize_t, c=int, kind=int, opens=Py_ssize_t,
-                   commas=Py_ssize_t, quoted=bint, opened=Py_ssize_t, digits_from=Py_ssize_t,
-                   digits_end=Py_ssize_t, run_from=Py_ssize_t, seps=Py_ssize_t, seen=int, pairs=cython.p_uchar,
+                   commas=Py_ssize_t, quoted=bint, opened=Py_ssize_t, run_from=Py_ssize_t, pairs=cython.p_uchar,
                    pair=int, data=cython.p_uchar, kinds=cython.p_uchar)
     cpdef bint plain(self, bytes raw, Py_ssize_t nesting) except -1

@@ -167,16 +167,13 @@ class Screen:
         opens = nesting
         commas = 0
         quoted = False
-        # Lengths are told by positions, so that a letter, the commonest byte, is counted by nothing: where the
-        # string being read opened, where the run of digits began and where the one before ended, where the
-        # hex/base64 run began. Each test returns False, so testing one when its span ends, not at every byte,
-        # gives the same answer.
+        # The loop looks at each byte's pair and class only. What a hex/base64 run holds (its digits, letters
+        # and separators) matters only for a run of 19 bytes or more (a run of 19 digits is in one, and a
+        # secret run is longer), so such a run is read again when it ends (`_plain_run`), and a string's
+        # length is told by where it opened. Each test returns False, so testing one when its span ends, not
+        # at every byte, gives the same answer.
         opened = 0
-        digits_from = 0
-        digits_end = -1
-        run_from = 0
-        seps = 0
-        seen = 0  # the kinds of the bytes of the current run, or-ed
+        run_from = 0  # where the current run of [A-Za-z0-9+/_-] began
         i = 0
         while i < n:
             c = data[i]
@@ -185,21 +182,10 @@ class Screen:
             if pairs[pair >> 3] & (1 << (pair & 7)) and self._starts_here(data, i, n, c):
                 return False
             kind = kinds[c]
-            if kind & _RUN:  # [A-Za-z0-9+/_-]: a hex/base64 run goes on
-                seen |= kind
-                if kind & _SEPARATOR:
-                    seps += 1
-                if kind & _DIGIT:
-                    if digits_end != i:
-                        digits_from = i
-                    digits_end = i + 1
-                    if digits_end - digits_from >= _BIG_DIGITS:
-                        return False
-            else:  # no byte of a run is special
-                if i - run_from >= _LONG_RUN and _secret_run(data, i, n, i - run_from, seps, seen):
+            if not kind & _RUN:  # no byte of a run is special
+                if i - run_from >= _BIG_DIGITS and not _plain_run(data, run_from, i, n):
                     return False
                 run_from = i + 1
-                seps = seen = 0
                 if kind & _SPECIAL:
                     if c >= 128 or c == 92:  # non-ASCII, or an escape
                         return False
@@ -213,7 +199,7 @@ class Screen:
                     else:  # { or [
                         opens += 1
             i += 1
-        if n - run_from >= _LONG_RUN and _secret_run(data, n, n, n - run_from, seps, seen):
+        if n - run_from >= _BIG_DIGITS and not _plain_run(data, run_from, n, n):
             return False
         if quoted and n - opened - 1 > MAX_STRING:
             return False
@@ -236,6 +222,29 @@ def _goes_on(data, j, n, kind):
         return False
     c = data[j]
     return (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or c in (45, 46, 95, 126, 43, 47)
+
+
+def _plain_run(data, start, end, n):
+    """Whether the run of [A-Za-z0-9+/_-] bytes from `data[start]` to before `data[end]` holds neither a run of
+    `_BIG_DIGITS` digits nor a secret the sanitizer would redact."""
+    kinds = _KINDS
+    seen = 0
+    seps = 0
+    digits = 0
+    i = start
+    while i < end:
+        kind = kinds[data[i]]
+        seen |= kind
+        if kind & _SEPARATOR:
+            seps += 1
+        if kind & _DIGIT:
+            digits += 1
+            if digits >= _BIG_DIGITS:
+                return False
+        else:
+            digits = 0
+        i += 1
+    return end - start < _LONG_RUN or not _secret_run(data, end, n, end - start, seps, seen)
 
 
 def _secret_run(data, end, n, run, seps, seen):
