@@ -68,6 +68,20 @@ def batches(draw):
 
 @settings(max_examples=300, deadline=None)
 @given(batches())
+def test_the_twins_find_the_same_tenants(compiled_auditentry, python_auditentry, batch):
+    rows = batch[0]
+    found = compiled_auditentry.tenants_in(rows, TENANT_AT)
+    assert found == python_auditentry.tenants_in(rows, TENANT_AT) == {row[TENANT_AT] for row in rows}
+    assert len(found) == len({row[TENANT_AT] for row in rows})  # equal but distinct objects once
+
+
+def test_tenants_in_refuses_rows_too_short(compiled_auditentry):
+    with pytest.raises(IndexError):
+        compiled_auditentry.tenants_in([(None, A), (None,)], 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(batches())
 def test_the_twins_link_a_batch_alike(compiled_auditentry, python_auditentry, batch):
     rows, canonicals, texts, heads = batch
     ours, theirs = dict(heads), dict(heads)

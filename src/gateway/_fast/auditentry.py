@@ -13,6 +13,7 @@ log_line = implementation.log_line
 may_hold_whole_float = implementation.may_hold_whole_float
 plain_details = implementation.plain_details
 prepare_rows = implementation.prepare_rows
+tenants_in = implementation.tenants_in
 mcp_row = implementation.mcp_row
 SUCCESS, ERROR = implementation.SUCCESS, implementation.ERROR
 TARGET_KINDS = implementation.TARGET_KINDS
@@ -23,5 +24,5 @@ COMPILED = is_extension_module(implementation)
 __all__ = (
     "COMPILED", "ERROR", "SUCCESS", "TARGET_KINDS", "DetailsText", "McpDetails", "canonical_head", "canonicals_into",
     "entry_hash", "fallbacks", "finish_row", "link", "log_line", "may_hold_whole_float", "mcp_row", "plain_details",
-    "prepare_rows",
+    "prepare_rows", "tenants_in",
 )

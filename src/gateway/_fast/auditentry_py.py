@@ -243,6 +243,11 @@ def may_hold_whole_float(text: bytes) -> bool:
 _AFTER_WHOLE = (b",", b"}", b"]", b"")  # what follows the ".0" of a whole float in orjson's text
 
 
+def tenants_in(rows: list, tenant_at: int) -> set:
+    """The distinct tenants of `rows` (tuples; the value at `tenant_at`), as a set."""
+    return {row[tenant_at] for row in rows}
+
+
 def entry_hash(prev_hash: str, chain_seq: int, canonical: bytes) -> str:
     digest = hashlib.sha256(b"%s|%d|" % (prev_hash.encode(), chain_seq))
     digest.update(canonical)
@@ -288,5 +293,5 @@ def link(rows: list[tuple], heads: dict, canonicals: list[bytes], texts: list | 
 
 __all__ = (
     "GENESIS", "HEAD_COLUMNS", "canonical_head", "canonicals_into", "entry_hash", "fallbacks", "finish_row", "link",
-    "log_line", "may_hold_whole_float", "plain_details",
+    "log_line", "may_hold_whole_float", "plain_details", "tenants_in",
 )

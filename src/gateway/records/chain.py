@@ -146,11 +146,8 @@ entry_hash = auditentry.entry_hash
 
 def tenants_of(rows: Iterable[tuple]) -> list[uuid.UUID | None]:
     """The chains a batch extends, each once, in the order locks must be taken (NULL first, then by id)."""
-    seen = set(map(_tenant_of, rows))
+    seen = auditentry.tenants_in(rows if type(rows) is list else list(rows), _TENANT)
     return sorted(seen, key=lambda t: (t is not None, str(t) if t is not None else ""))
-
-
-_tenant_of = operator.itemgetter(COLUMNS.index("tenant_id"))
 
 
 def lock_key(tenant_id: uuid.UUID | None) -> int:
