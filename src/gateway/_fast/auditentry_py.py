@@ -203,7 +203,9 @@ def canonicals_into(rows: list, start: int, stop: int, head_at: tuple, details_a
         else:
             canonical = canonical_head(tuple(row[at] for at in head_at), version) + (
                 b"\x1f-" if text is None else b"\x1f" + text)
-            decoded = None if text is None else text.decode()
+            decoded = text
+            if text is not None:
+                text.decode()  # UTF-8, or a UnicodeDecodeError as the database would refuse it
         canonicals.append(canonical)
         texts.append(decoded)
 

@@ -6,7 +6,7 @@
 # slower than asyncpg (d1d41a3, reverted). tests/fast/test_pgcopy.py holds the
 # two to the same bytes, and to the same errors, under hypothesis.
 
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.datetime cimport (
     PyDateTime_CheckExact, datetime_tzinfo, import_datetime, PyDateTime_GET_YEAR, PyDateTime_GET_MONTH,
     PyDateTime_GET_DAY, PyDateTime_DATE_GET_HOUR, PyDateTime_DATE_GET_MINUTE, PyDateTime_DATE_GET_SECOND,
@@ -128,9 +128,13 @@ cdef int _field(Buffer* buf, char kind, object value, Py_ssize_t at) except -1:
             memcpy(_held_bytes[at], buf.data + buf.length, 16)
         buf.length += 16
     elif kind == b"T" or kind == b"J":
-        if not PyUnicode_Check(value):
+        if kind == b"J" and type(value) is bytes:  # JSON text's UTF-8 already (the audit entries' details)
+            text = PyBytes_AS_STRING(value)
+            size = PyBytes_GET_SIZE(value)
+        elif not PyUnicode_Check(value):
             raise TypeError(f"column {at}: expected str, got {type(value).__name__}")
-        text = PyUnicode_AsUTF8AndSize(value, &size)
+        else:
+            text = PyUnicode_AsUTF8AndSize(value, &size)
         if size > 0x7FFFFFF0:
             raise ValueError(f"column {at}: a text over 2 GiB")
         _reserve(buf, size + 5)

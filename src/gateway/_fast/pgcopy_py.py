@@ -12,7 +12,7 @@ tables use, and the sink hands the bytes to `copy_to_table(format="binary")`.
     U uuid         a uuid.UUID (its 16 bytes), a str in any form uuid.UUID reads, or an object with a
                    16-byte `bytes` (asyncpg's own UUID)
     T text/varchar a str, as UTF-8 (a lone surrogate is a UnicodeEncodeError)
-    J jsonb        a str of JSON text: version byte 1, then the text as UTF-8
+    J jsonb        JSON text, a str or its UTF-8 bytes (taken as they are): version byte 1, then the text
     S int2, I int4, L int8
                    an int (bool included) in the type's range, else OverflowError
     F float8       a float, or an int
@@ -74,6 +74,8 @@ def encode(kinds: str, rows, header: bool = True, trailer: bool = True) -> bytes
 def _field(kind: str, value, at: int) -> bytes:
     if kind == "U":
         return _UUID_FIELD.pack(16, uuid_bytes(value))
+    if kind == "J" and type(value) is bytes:
+        return struct.pack(">ib", len(value) + 1, 1) + value
     if kind == "T" or kind == "J":
         if not isinstance(value, str):
             raise TypeError(f"column {at}: expected str, got {type(value).__name__}")

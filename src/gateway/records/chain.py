@@ -201,9 +201,10 @@ spill writes the text itself (an orjson Fragment), sinks.encode_json gives it as
 TEXT_TYPES = (EncodedDetails, DetailsText)
 
 
-def row_canonical_and_json(row: tuple) -> tuple[bytes, str | None]:
-    """`row_canonical(row, sinks.encode_json)` and the details' JSON text to store, with one encoding of the
-    details where `row_canonical` makes three (the writer's per-entry cost; tests check the two agree).
+def row_canonical_and_json(row: tuple) -> tuple[bytes, bytes | None]:
+    """`row_canonical(row, sinks.encode_json)` and the details' JSON text to store (UTF-8 bytes, which the COPY
+    sends as they are), with one encoding of the details where `row_canonical` makes three (the writer's
+    per-entry cost; tests check the two agree).
 
     The text is the sorted-key JSON of the details: what the database stores
     is the same value (jsonb keeps no key order), and without a float in it,
@@ -216,10 +217,12 @@ def row_canonical_and_json(row: tuple) -> tuple[bytes, str | None]:
     text = getattr(details, "text", None) if type(details) in TEXT_TYPES else None
     if text is None:
         text = orjson.dumps(details, option=_SORTED)
+    else:
+        text.decode()  # UTF-8 (the COPY sends it as it is), or a UnicodeDecodeError as the database would refuse it
     if not _may_hold_whole_float(text):
-        return head + b"\x1f" + text, text.decode()
+        return head + b"\x1f" + text, text
     tail = orjson.dumps(_integral_floats_as_ints(orjson.loads(text)), option=_SORTED)
-    return head + b"\x1f" + tail, text.decode()
+    return head + b"\x1f" + tail, text
 
 
 _canonical_head = auditentry.canonical_head
@@ -228,14 +231,14 @@ _canonical_head = auditentry.canonical_head
 _may_hold_whole_float = auditentry.may_hold_whole_float
 
 
-async def row_canonicals(rows: list[tuple], chunk: int = 128) -> tuple[list[bytes], list[str | None]]:
+async def row_canonicals(rows: list[tuple], chunk: int = 128) -> tuple[list[bytes], list[bytes | None]]:
     """`row_canonical_and_json` of every row, as two lists, letting the event loop run between chunks
     (a batch is thousands). Rows whose details `prepare` encoded and that hold no whole float (most) are
     done by `_fast/auditentry.canonicals_into` alone; it hands any other to `row_canonical_and_json`."""
     import asyncio
 
     canonicals: list[bytes] = []
-    texts: list[str | None] = []
+    texts: list[bytes | None] = []
     rows = rows if type(rows) is list else list(rows)
     for start in range(0, len(rows), chunk):
         if start:
@@ -246,7 +249,7 @@ async def row_canonicals(rows: list[tuple], chunk: int = 128) -> tuple[list[byte
 
 
 def link(rows: list[tuple], heads: dict[uuid.UUID | None, tuple[int, str]], encode_details,
-         canonicals: list[bytes] | None = None, details_texts: list[str | None] | None = None) -> list[tuple]:
+         canonicals: list[bytes] | None = None, details_texts: list[bytes | None] | None = None) -> list[tuple]:
     """`rows` (audit_logs tuples without chain values) numbered and hashed after each chain's head.
 
     `heads` maps a tenant to its last (chain_seq, entry_hash); a tenant not in

@@ -266,7 +266,7 @@ class PostgresSink:
             raise _pg_error(exc) from exc
 
     async def _chain_and_copy(self, conn, columns: tuple[str, ...], rows: list[tuple], canonicals: list[bytes],
-                              texts: list[str | None], *, look_up: bool) -> None:
+                              texts: list[bytes | None], *, look_up: bool) -> None:
         """In one transaction: each chain's lock, (`look_up`: skip the rows already in,) each chain's head,
         the rows numbered and hashed after it, and their COPY."""
         async with conn.transaction():
@@ -324,6 +324,9 @@ class PostgresSink:
         except KeyError:
             kinds = self._copy_kinds[key] = await self._column_kinds(conn, table, columns)
         if kinds is None:
+            # asyncpg's codecs take JSON as str; the audit entries' details come as their UTF-8 text (no record
+            # table has a bytea column).
+            records = [tuple(v.decode() if type(v) is bytes else v for v in r) for r in records]
             await conn.copy_records_to_table(table, records=records, columns=columns, timeout=self._timeout)
             return
         # Encoded before the COPY starts (a value it refuses stops nothing half-sent), as several CopyData
