@@ -58,5 +58,5 @@ cdef class Screen:
 
     @cython.locals(n=Py_ssize_t, i=Py_ssize_t, c=int, kind=int, opens=Py_ssize_t,
                    commas=Py_ssize_t, quoted=bint, opened=Py_ssize_t, run_from=Py_ssize_t, pairs=cython.p_uchar,
-                   pair=int, data=cython.p_uchar, kinds=cython.p_uchar)
+                   pair=cython.uint, data=cython.p_uchar, kinds=cython.p_uchar)
     cpdef bint plain(self, bytes raw, Py_ssize_t nesting) except -1
