@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import proxy  # noqa: E402 - the proxy benchmark's harness: children, database, provisioning
+from callgrind_dump import in_object  # noqa: E402
 
 WARM_UP = 300
 CONCURRENCY = 8
@@ -72,32 +73,6 @@ async def drive(endpoint: str, body: bytes, keys: list[str], count: int) -> None
                         raise proxy.BenchError(f"the gateway answered {answer.status}")
 
         await asyncio.gather(*(one(i) for i in range(count)))
-
-
-def in_object(dump: Path, needle: str) -> int:
-    """The instructions a callgrind dump counts in the code of object files whose path holds `needle`
-    (each function's own cost, not what it calls)."""
-    names: dict[str, str] = {}
-    current = ""
-    total = 0
-    after_call = False
-    with open(dump, errors="replace") as fh:
-        for line in fh:
-            if line.startswith(("ob=", "cob=")):
-                key, _, rest = line.rstrip("\n").partition("=")
-                ident, _, name = rest.partition(" ")
-                if name:
-                    names[ident] = name
-                if key == "ob":
-                    current = names.get(ident, ident)
-            elif line.startswith("calls="):
-                after_call = True  # the next cost line is the call's inclusive cost
-            elif line[:1].isdigit() or line[:1] in "+-*":
-                if after_call:
-                    after_call = False
-                elif needle in current:
-                    total += int(line.split()[1])
-    return total
 
 
 def counted(gateway: proxy.Gateway, out_dir: Path, body: bytes, requests: int,
