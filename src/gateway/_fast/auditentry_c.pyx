@@ -29,7 +29,6 @@ from cpython.ref cimport PyObject, Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 
 from libc.string cimport memchr, memcmp, memcpy
-from libc.stdint cimport uint64_t
 
 from gateway._fast import auditentry_py as _twin
 
@@ -676,22 +675,6 @@ def prepare_rows(list rows, list out, type mcp_type, plain_of, fallback, new_id,
                            _details_text(text), details_at, bounded, cleaned, clean, created_at))
 
 
-cdef bint _ascii(const unsigned char* data, Py_ssize_t n) noexcept:
-    """Whether every byte is below 0x80 (so the bytes are UTF-8), eight at a time."""
-    cdef Py_ssize_t i = 0
-    cdef uint64_t word
-    while i + 8 <= n:
-        memcpy(&word, data + i, 8)
-        if word & 0x8080808080808080ULL:
-            return False
-        i += 8
-    while i < n:
-        if data[i] & 0x80:
-            return False
-        i += 1
-    return True
-
-
 def canonicals_into(list rows, Py_ssize_t start, Py_ssize_t stop, tuple head_at, Py_ssize_t details_at,
                     str version, tuple text_types, slow, list canonicals, list texts):
     """Each row's canonical form and details' text appended (see the twin's `canonicals_into`)."""
@@ -741,8 +724,7 @@ def canonicals_into(list rows, Py_ssize_t start, Py_ssize_t stop, tuple head_at,
                         _put(&buf, b"]\x1f", 2)
                         _put(&buf, text, len(text))
                     canonicals.append(PyBytes_FromStringAndSize(buf.data, buf.length))
-                    if text is not None and not _ascii(<const unsigned char*>PyBytes_AS_STRING(text),
-                                                       PyBytes_GET_SIZE(text)):
+                    if text is not None and not text.isascii():  # ASCII is UTF-8 (a word at a time)
                         text.decode()  # UTF-8, or a UnicodeDecodeError as the database would refuse it
                     texts.append(text)
                     continue
