@@ -300,3 +300,22 @@ def test_a_batch_is_one_entry_on_its_server(auditentry_impl):
     made = auditentry_impl.mcp_row(auditentry_impl.McpDetails, caller, "files", "tools/call", "echo", b"[{}]", 200,
                                    None, None, 1.0, None, datetime(2026, 1, 1, tzinfo=timezone.utc), True)
     assert made[4:7] == ("mcp.batch", "server", "files")
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=st.lists(st.uuids(), min_size=4, max_size=4))
+def test_asyncpgs_uuids_are_read_in_place_and_give_their_text(compiled_auditentry, python_auditentry, ids):
+    """The compiled head reads an asyncpg UUID's bytes where the object keeps them (gw_uuid.h), not through
+    `.bytes`: read either way, the head is the twin's."""
+    assert compiled_auditentry.uuids_in_place(), "asyncpg's UUID layout was not found: ids go through .bytes"
+    when = datetime(2026, 11, 27, 2, 0, 0, tzinfo=timezone.utc)
+    values = (*(AsyncpgUUID(str(value)) for value in ids), "USER", "mcp.tools/call", "tool", "echo", "203.0.113.9",
+              "success", None, 1.5, when)
+    expected = python_auditentry.canonical_head(values, "1")
+    try:
+        for in_place in (True, False):
+            compiled_auditentry._read_in_place(in_place)
+            assert compiled_auditentry.uuids_in_place() is in_place
+            assert compiled_auditentry.canonical_head(values, "1") == expected
+    finally:
+        compiled_auditentry._read_in_place(True)

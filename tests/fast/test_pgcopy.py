@@ -221,3 +221,22 @@ def test_an_id_object_repeated_down_a_column_is_written_as_itself(compiled_pgcop
         assert compiled_pgcopy.encode("UUU", batch, True, True) == python_pgcopy.encode("UUU", batch, True, True)
     fresh = [(uuid.uuid4(), uuid.uuid4(), uuid.uuid4()) for _ in range(3)]  # new objects, perhaps at old addresses
     assert compiled_pgcopy.encode("UUU", fresh, True, True) == python_pgcopy.encode("UUU", fresh, True, True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=st.lists(st.uuids(), min_size=1, max_size=6))
+def test_asyncpgs_uuids_are_read_in_place_and_give_their_bytes(compiled_pgcopy, ids):
+    """asyncpg's UUID keeps its 16 bytes in the object: the compiled encoder finds where once (gw_uuid.h) and
+    copies them from there, instead of asking `.bytes` for a new bytes object each time. Read in place or
+    through the attribute, each id gives its own bytes."""
+    assert compiled_pgcopy.uuids_in_place(), "asyncpg's UUID layout was not found: ids go through .bytes (slower)"
+    rows = [(AsyncpgUUID(str(value)), value) for value in ids]
+    expected = b"".join(b"\x00\x02\x00\x00\x00\x10" + value.bytes + b"\x00\x00\x00\x10" + value.bytes
+                        for value in ids)
+    try:
+        for in_place in (True, False):
+            compiled_pgcopy._read_in_place(in_place)
+            assert compiled_pgcopy.uuids_in_place() is in_place
+            assert compiled_pgcopy.encode("UU", rows, False, False) == expected
+    finally:
+        compiled_pgcopy._read_in_place(True)

@@ -42,6 +42,9 @@ cdef extern from "Python.h":
 
 cdef extern from "gw_uuid.h":
     int gw_uuid_int_bytes(object value, unsigned char* out) except -1
+    int gw_uuid_setup(object kind)
+    void gw_uuid_forget()
+    int gw_held_uuid_bytes(object value, unsigned char* out) noexcept
 
 cdef extern from *:
     """
@@ -139,6 +142,8 @@ try:  # the UUIDs asyncpg reads (key, user and tenant ids from the database): it
 except ImportError:  # pragma: no cover - asyncpg is a dependency
     _asyncpg_uuid = _uuid.UUID
 cdef object _PG_UUID = _asyncpg_uuid
+# asyncpg's UUID read in place (gw_uuid.h), where its layout was found.
+cdef bint _in_place = _PG_UUID is not _UUID and gw_uuid_setup(_PG_UUID)
 cdef Py_ssize_t _fallbacks = 0  # heads and lines the twin wrote (see `fallbacks`)
 cdef object _UTC = _timezone.utc
 from orjson import loads as _loads
@@ -276,7 +281,7 @@ cdef int _put_uuid(Buffer* buf, Py_ssize_t at, object value) except -1:
         return 0
     if type(value) is _UUID:
         gw_uuid_int_bytes(value.int, raw)
-    else:  # asyncpg's, whose 16 bytes are at hand
+    elif not gw_held_uuid_bytes(value, raw):  # asyncpg's, whose 16 bytes are at hand
         data = value.bytes
         if type(data) is not bytes or len(<bytes>data) != 16:
             raise ValueError("a UUID whose bytes are not 16 bytes")
@@ -1247,6 +1252,20 @@ NATIVE_SHA256 = _native
 def sha256_calls():
     """Which of libcrypto's calls hash here: "plain" (SHA256_*), "evp", or None (hashlib's)."""
     return None if not _native else "plain" if gw_use_plain else "evp"
+
+
+def uuids_in_place():
+    """Whether asyncpg's UUIDs are read in place (their layout found), not through `.bytes`."""
+    return _in_place
+
+
+def _read_in_place(bint on):
+    """Tests: read asyncpg's UUIDs in place (where the layout was found) or through `.bytes`."""
+    global _in_place
+    gw_uuid_forget()
+    _in_place = on and _PG_UUID is not _UUID and gw_uuid_setup(_PG_UUID)
+    for at in range(4):  # the texts remembered were made either way; start afresh all the same
+        (<list>_last_ids)[at] = None
 
 
 def _plain_calls(bint on):

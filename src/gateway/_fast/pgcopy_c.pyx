@@ -26,6 +26,9 @@ cdef extern from "Python.h":
 
 cdef extern from "gw_uuid.h":
     int gw_uuid_int_bytes(object value, unsigned char* out) except -1
+    int gw_uuid_setup(object kind)
+    void gw_uuid_forget()
+    int gw_held_uuid_bytes(object value, unsigned char* out) noexcept
 
 import_datetime()
 
@@ -43,6 +46,8 @@ try:
 except ImportError:  # pragma: no cover - asyncpg is a dependency
     _asyncpg_uuid = _uuid.UUID
 cdef object _PG_UUID = _asyncpg_uuid
+# asyncpg's UUID read in place (gw_uuid.h), where its layout was found.
+cdef bint _in_place = _PG_UUID is not _UUID and gw_uuid_setup(_PG_UUID)
 cdef object _UTC = _twin.UTC
 cdef object _uuid_bytes = _twin.uuid_bytes
 cdef object _timestamp_micros = _twin.timestamp_micros
@@ -109,6 +114,9 @@ cdef int _field(Buffer* buf, char kind, object value, Py_ssize_t at) except -1:
     if kind == b"U":
         _reserve(buf, 20)
         _u32(buf, 16)
+        if gw_held_uuid_bytes(value, <unsigned char*>(buf.data + buf.length)):
+            buf.length += 16
+            return 0
         if holds and _held[at] == <PyObject*>value:
             memcpy(buf.data + buf.length, _held_bytes[at], 16)
             buf.length += 16
@@ -198,6 +206,18 @@ cdef int _field(Buffer* buf, char kind, object value, Py_ssize_t at) except -1:
             _u32(buf, 8)
             _u64(buf, <int64_t>number)
     return 0
+
+
+def uuids_in_place():
+    """Whether asyncpg's UUIDs are read in place (their layout found), not through `.bytes`."""
+    return _in_place
+
+
+def _read_in_place(bint on):
+    """Tests: read asyncpg's UUIDs in place (where the layout was found) or through `.bytes`."""
+    global _in_place
+    gw_uuid_forget()
+    _in_place = on and _PG_UUID is not _UUID and gw_uuid_setup(_PG_UUID)
 
 
 def encode(str kinds, rows, bint header=True, bint trailer=True):
