@@ -240,3 +240,17 @@ def test_asyncpgs_uuids_are_read_in_place_and_give_their_bytes(compiled_pgcopy, 
             assert compiled_pgcopy.encode("UU", rows, False, False) == expected
     finally:
         compiled_pgcopy._read_in_place(True)
+
+
+def test_streams_of_every_size_in_turn_are_the_twins(compiled_pgcopy, python_pgcopy):
+    """The compiled encoder writes a stream into a bytes object sized from the rows before it: batches whose rows
+    grow past that guess (moved to the heap), shrink far below it (cut to length), one row, none, and a tuple of
+    rows, one after another, are each the twin's bytes."""
+    def batch(count, size):
+        return [(uuid.UUID(int=i), "x" * size, i) for i in range(count)]
+
+    for rows in (batch(300, 10), batch(300, 4000), batch(2000, 1), batch(1, 50_000), batch(0, 0),
+                 tuple(batch(500, 300)), batch(40, 300) + batch(40, 9000), batch(3000, 20)):
+        for header, trailer in ((True, True), (False, True), (True, False)):
+            assert compiled_pgcopy.encode("UTL", rows, header, trailer) == python_pgcopy.encode("UTL", rows, header,
+                                                                                                trailer)
