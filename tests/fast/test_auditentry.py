@@ -319,3 +319,35 @@ def test_asyncpgs_uuids_are_read_in_place_and_give_their_text(compiled_auditentr
             assert compiled_auditentry.canonical_head(values, "1") == expected
     finally:
         compiled_auditentry._read_in_place(True)
+
+
+class _WithText:
+    """Details that carry their JSON text (as the writer's DetailsText does)."""
+
+    def __init__(self, text) -> None:
+        self.text = text
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(st.lists(_LINE_VALUES, min_size=len(_NAMES), max_size=len(_NAMES)).map(tuple), max_size=6),
+       texts=st.lists(st.none() | st.just(b'{"q":1}') | st.just("not bytes"), min_size=6, max_size=6))
+def test_the_twins_write_a_batchs_lines_as_each_rows_line(compiled_auditentry, python_auditentry, rows, texts):
+    """`log_lines` is `log_line` for each row, with the details' own text where their type carries one, and the
+    fallback's line for a row `log_line` refuses (an int past 64 bits among the details, say)."""
+    rows = [row[:5] + (_WithText(text),) + row[6:] if text is not None and at % 2 else row
+            for at, (row, text) in enumerate(zip(rows, texts))]
+
+    def fallback(row):
+        return b"fallback:%d" % len(row)
+
+    def each(module):
+        lines = []
+        for row in rows:
+            details = row[5]
+            text = details.text if type(details) is _WithText else None
+            lines.append(_outcome(module.log_line, _NAMES, row, 5, text))
+        return [line if isinstance(line, bytes) else fallback(row) for line, row in zip(lines, rows)]
+
+    expected = each(python_auditentry)
+    assert python_auditentry.log_lines(_NAMES, rows, 5, (_WithText,), fallback) == expected
+    assert compiled_auditentry.log_lines(_NAMES, rows, 5, (_WithText,), fallback) == expected

@@ -10,6 +10,7 @@ fallbacks = implementation.fallbacks
 finish_row = implementation.finish_row
 link = implementation.link
 log_line = implementation.log_line
+log_lines = implementation.log_lines
 may_hold_whole_float = implementation.may_hold_whole_float
 plain_details = implementation.plain_details
 prepare_rows = implementation.prepare_rows
@@ -23,6 +24,6 @@ COMPILED = is_extension_module(implementation)
 
 __all__ = (
     "COMPILED", "ERROR", "SUCCESS", "TARGET_KINDS", "DetailsText", "McpDetails", "canonical_head", "canonicals_into",
-    "entry_hash", "fallbacks", "finish_row", "link", "log_line", "may_hold_whole_float", "mcp_row", "plain_details",
+    "entry_hash", "fallbacks", "finish_row", "link", "log_line", "log_lines", "may_hold_whole_float", "mcp_row", "plain_details",
     "prepare_rows", "tenants_in",
 )

@@ -775,6 +775,26 @@ cdef list _keys_of(tuple names):
 
 def log_line(tuple names, tuple values, Py_ssize_t details_at, details_text):
     """The entry's log line as a JSON object (see the twin's `log_line`)."""
+    return _line(names, values, details_at, details_text)
+
+
+def log_lines(tuple names, list rows, Py_ssize_t details_at, tuple text_types, fallback):
+    """Each row's log line, in order (see the twin's `log_lines`)."""
+    cdef list lines = []
+    cdef tuple row
+    for item in rows:
+        row = <tuple?>item
+        details = row[details_at] if details_at < len(row) else None
+        text = getattr(details, "text", None) if type(details) in text_types else None
+        try:
+            line = _line(names, row, details_at, text)
+        except (TypeError, ValueError):
+            line = fallback(row)
+        lines.append(line)
+    return lines
+
+
+cdef object _line(tuple names, tuple values, Py_ssize_t details_at, details_text):
     cdef Buffer buf
     cdef char stack[_STACK]
     cdef Py_ssize_t at, count = len(names)
@@ -1275,5 +1295,5 @@ def _plain_calls(bint on):
 
 __all__ = (
     "GENESIS", "HEAD_COLUMNS", "NATIVE_SHA256", "canonical_head", "canonicals_into", "entry_hash", "fallbacks",
-    "finish_row", "link", "log_line", "may_hold_whole_float", "plain_details", "tenants_in",
+    "finish_row", "link", "log_line", "log_lines", "may_hold_whole_float", "plain_details", "tenants_in",
 )

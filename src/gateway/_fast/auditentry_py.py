@@ -143,6 +143,22 @@ def log_line(names: tuple, values: tuple, details_at: int, details_text: bytes |
     return b"{" + b",".join(parts) + b"}"
 
 
+def log_lines(names: tuple, rows: list, details_at: int, text_types: tuple, fallback) -> list[bytes]:
+    """Each row's `log_line`, in order, with the details' JSON text where the details are of `text_types` (their
+    `text`); `fallback(row)`'s line for a row `log_line` refuses (TypeError, ValueError: a value orjson cannot
+    write, as an int past 64 bits in details of another origin)."""
+    lines = []
+    for row in rows:
+        details = row[details_at] if details_at < len(row) else None
+        text = getattr(details, "text", None) if type(details) in text_types else None
+        try:
+            line = log_line(names, row, details_at, text)
+        except (TypeError, ValueError):
+            line = fallback(row)
+        lines.append(line)
+    return lines
+
+
 def finish_row(row: tuple, new_id, details, details_at: int, bounded: tuple, cleaned: dict, clean,
                created_at: int) -> tuple:
     """An audit row as `prepare` leaves it (records/audit.py): `new_id` for its id (position 0) where that is
@@ -295,5 +311,5 @@ def link(rows: list[tuple], heads: dict, canonicals: list[bytes], texts: list | 
 
 __all__ = (
     "GENESIS", "HEAD_COLUMNS", "canonical_head", "canonicals_into", "entry_hash", "fallbacks", "finish_row", "link",
-    "log_line", "may_hold_whole_float", "plain_details", "tenants_in",
+    "log_line", "log_lines", "may_hold_whole_float", "plain_details", "tenants_in",
 )
