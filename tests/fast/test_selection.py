@@ -49,6 +49,7 @@ def test_compiled_modules_reports_the_selection():
         "screen": not NO_EXTENSIONS,
         "token_bucket": not NO_EXTENSIONS,
         "violations": not NO_EXTENSIONS,
+        "windows": not NO_EXTENSIONS,
     }
 
 
@@ -77,6 +78,8 @@ def test_no_extensions_selects_the_twin():
         "'token_bucket':",
         "False,",
         "'violations':",
+        "False,",
+        "'windows':",
         "False}",
     ]
 
@@ -106,7 +109,7 @@ def test_compiled_source_is_a_relative_symlink_to_the_twin():
     # A copy instead of the link would let the two implementations drift. The
     # source tree is what counts: a wheel stores the link's target as a file.
     fast = pathlib.Path(__file__).resolve().parents[2] / "src" / "gateway" / "_fast"
-    for name in ("breaker", "fairness", "screen", "token_bucket", "violations"):
+    for name in ("breaker", "fairness", "screen", "token_bucket", "violations", "windows"):
         assert os.readlink(fast / f"{name}_c.py") == f"{name}_py.py"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 import uuid
 
@@ -79,38 +78,3 @@ def test_percentile_is_the_nearest_rank():
     values = sorted(float(v) for v in range(1, 101))
     assert (percentile(values, 0.5), percentile(values, 0.95), percentile(values, 0.99)) == (50.0, 95.0, 99.0)
     assert percentile([7.0], 0.99) == 7.0
-
-
-def test_a_busy_windows_latency_sample_is_bounded_and_uniform():
-    """Past `_SAMPLES` calls the window keeps a reservoir (Algorithm L): `_SAMPLES` latencies, every call equally
-    likely to be one of them, whatever its place in the window."""
-    from gateway.records import server_stats
-
-    state = random.getstate()
-    random.seed(20261126)
-    try:
-        calls, runs, tenths = 20_000, 60, [0] * 10
-        for _ in range(runs):
-            window = server_stats._Window(None)
-            for i in range(calls):
-                window.add(i % 7 != 0, float(i))
-            assert len(window.samples) == server_stats._SAMPLES
-            assert (window.calls, window.errors) == (calls, len(range(0, calls, 7)))
-            assert window.total == sum(map(float, range(calls)))
-            assert len(set(window.samples)) == server_stats._SAMPLES  # each call kept at most once
-            for value in window.samples:
-                tenths[int(value * 10 // calls)] += 1
-    finally:
-        random.setstate(state)
-    kept = runs * server_stats._SAMPLES
-    # Each tenth of the window holds a tenth of the sample: 12,288 expected, a standard deviation of ~105.
-    assert all(abs(count - kept / 10) < 600 for count in tenths), tenths
-
-
-def test_a_quiet_windows_sample_is_every_call():
-    from gateway.records import server_stats
-
-    window = server_stats._Window(None)
-    for i in range(100):
-        window.add(True, i / 1000)
-    assert window.samples == [i / 1000 for i in range(100)]

@@ -1,7 +1,8 @@
 """Calls, errors and latency per upstream server and per tool, kept in process, flushed per window.
 
 The guard (dataplane/guard.py) reports every upstream call it let through:
-`observe(tenant_id, server_id, tool, ok, seconds)`, synchronous and O(1).
+`observe(tenant_id, server_id, tool, ok, seconds)`, synchronous and O(1), in the
+compiled core (`_fast/windows`).
 Every `window` seconds (60) the flusher turns what the window saw into
 `server_metrics` rows through the batched writer, one per server (tool_name
 NULL: every call) and one per tool called: request_count, error_count, and
@@ -26,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import time
 import uuid
 from datetime import datetime, timezone
@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway._fast import windows
 from gateway.db.tables import server_tools
 from gateway.records.writer import COLUMNS
 from gateway.tasks import cancel_all
@@ -42,56 +43,8 @@ _ORDER = COLUMNS["server_metrics"]
 
 log = logging.getLogger("gateway.records")
 
-# Latencies kept per (server, tool) and window for the percentiles.
-_SAMPLES = 2048
-
-
-class _Window:
-    """One row's window: counts, the sum of latencies, and a uniform sample of at most `_SAMPLES` of them.
-
-    Past `_SAMPLES` calls the sample is a reservoir kept by Li's "Algorithm L"
-    (ACM TOMS 20(4), 1994): instead of drawing a random number for every call,
-    it draws how many calls to skip before the next one that replaces a kept
-    latency, so that every call is equally likely to be in the sample and a call
-    costs a comparison between replacements.
-    """
-
-    __slots__ = ("tenant_id", "calls", "errors", "total", "samples", "_next", "_w")
-
-    def __init__(self, tenant_id: uuid.UUID | None) -> None:
-        self.tenant_id = tenant_id
-        self.calls = 0
-        self.errors = 0
-        self.total = 0.0  # seconds
-        self.samples: list[float] = []
-        self._next = 0  # past the first _SAMPLES calls: the number of the next call whose latency is kept
-        self._w = 1.0  # Algorithm L's running weight
-
-    def add(self, ok: bool, seconds: float) -> None:
-        calls = self.calls = self.calls + 1
-        if not ok:
-            self.errors += 1
-        self.total += seconds
-        if calls <= _SAMPLES:
-            self.samples.append(seconds)
-            if calls == _SAMPLES:
-                self._w = math.exp(math.log(_uniform()) / _SAMPLES)
-                self._next = calls
-                self._skip()
-        elif calls == self._next:
-            self.samples[min(int(_uniform() * _SAMPLES), _SAMPLES - 1)] = seconds
-            self._w *= math.exp(math.log(_uniform()) / _SAMPLES)
-            self._skip()
-
-    def _skip(self) -> None:
-        """Move `_next` past a geometric number of calls (Algorithm L's step)."""
-        w = self._w
-        self._next += (math.floor(math.log(_uniform()) / math.log1p(-w)) if w < 1.0 else 0) + 1
-
-
-def _uniform() -> float:
-    """A uniform draw in (0, 1): never 0, whose logarithm Algorithm L takes."""
-    return 1.0 - random.random()
+# Latencies kept per (server, tool) and window for the percentiles (a reservoir beyond: `_fast/windows`).
+_SAMPLES = windows.SAMPLES
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -106,32 +59,16 @@ class ServerStats:
         self.window = window
         self._ids = ids
         self._started = time.time()
-        self._windows: dict[uuid.UUID, dict[str | None, _Window]] = {}
-        # The last server's id object and its windows: most calls go to the server the one before went to,
-        # and looking it up by identity skips hashing the UUID (Python code). Reset with `_windows`.
-        self._last: tuple[uuid.UUID | None, dict[str | None, _Window] | None] = (None, None)
+        self._calls = windows.CallWindows()
+        # The guard's report of each upstream call (request path): the compiled windows' own method, no frame
+        # of ours around it. `observe(tenant_id, server_id, tool, ok, seconds)`: one call ended with an
+        # answer (`ok`) or a failure, after `seconds`.
+        self.observe = self._calls.observe
         # Tool counts not yet in server_tools: (server_id, tool) -> [successes, errors, seconds].
         self._tool_counts: dict[tuple[uuid.UUID, str], list] = {}
         self._task: asyncio.Task | None = None
         self._failing = False
         self.flushed_rows = 0
-
-    def observe(self, tenant_id: uuid.UUID | None, server_id: uuid.UUID, tool: str | None, ok: bool,
-                seconds: float) -> None:
-        """One upstream call ended with an answer (`ok`) or a failure, after `seconds` (request path)."""
-        # Per server: its own window (key None) and one per tool.
-        last, windows = self._last
-        if server_id is not last or windows is None:
-            windows = self._windows.get(server_id)
-            if windows is None:
-                windows = self._windows[server_id] = {None: _Window(tenant_id)}
-            self._last = (server_id, windows)
-        windows[None].add(ok, seconds)
-        if tool is not None:
-            window = windows.get(tool)
-            if window is None:
-                window = windows[tool] = _Window(tenant_id)
-            window.add(ok, seconds)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="server-stats-flush")
@@ -148,13 +85,13 @@ class ServerStats:
 
     async def flush(self) -> None:
         """Close the window: its rows to the writer, its tool counts to server_tools."""
-        windows, self._windows, self._last = self._windows, {}, (None, None)
+        by_server = self._calls.take()
         started, self._started = self._started, time.time()
-        if windows:
+        if by_server:
             start = datetime.fromtimestamp(started, timezone.utc)
             seconds = max(1, round(self._started - started))
             now = datetime.now(timezone.utc)
-            for server_id, tool, w in ((s, t, w) for s, by_tool in windows.items() for t, w in by_tool.items()):
+            for server_id, tool, w in ((s, t, w) for s, by_tool in by_server.items() for t, w in by_tool.items()):
                 ordered = sorted(w.samples)
                 row = {
                     "id": self._ids(), "tenant_id": w.tenant_id, "server_id": server_id, "tool_name": tool,
