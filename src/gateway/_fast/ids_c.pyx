@@ -11,18 +11,36 @@ from gateway._fast import ids_py as _twin
 cdef extern from "Python.h":
     int PyObject_GenericSetAttr(object target, object name, object value) except -1
 
+cdef extern from "gw_uuid.h":
+    object gw_int_from_16 "gw_uuid_bytes_int" (const unsigned char* data)
+
 cdef extern from *:
     """
-    /* 16 big-endian bytes as a non-negative int. */
-    static PyObject* gw_int_from_16(const unsigned char* bytes) {
-    #if PY_VERSION_HEX >= 0x030D0000
-        return PyLong_FromUnsignedNativeBytes(bytes, 16, Py_ASNATIVEBYTES_BIG_ENDIAN);
-    #else
-        return _PyLong_FromByteArray(bytes, 16, 0, 0);
-    #endif
+    #include "structmember.h"
+    /* Where objects of `type` keep the __slots__ member `name` (a plain object slot), or -1. */
+    static Py_ssize_t gw_slot_at(PyObject* type, const char* name) {
+        PyObject* found = PyDict_GetItemString(((PyTypeObject*)type)->tp_dict, name);
+        PyMemberDef* member;
+        if (found == NULL || Py_TYPE(found) != &PyMemberDescr_Type) return -1;
+        member = ((PyMemberDescrObject*)found)->d_member;
+        if (member->type != T_OBJECT_EX || (member->flags & READONLY)) return -1;
+        return member->offset;
+    }
+    /* A new object of `type` (no __new__ or __init__ run) with `first` and `second` in the slots at those
+       offsets. */
+    static PyObject* gw_with_slots(PyObject* type, Py_ssize_t first_at, PyObject* first, Py_ssize_t second_at,
+                                   PyObject* second) {
+        PyObject* made = ((PyTypeObject*)type)->tp_alloc((PyTypeObject*)type, 0);
+        if (made == NULL) return NULL;
+        Py_INCREF(first);
+        *(PyObject**)((char*)made + first_at) = first;
+        Py_INCREF(second);
+        *(PyObject**)((char*)made + second_at) = second;
+        return made;
     }
     """
-    object gw_int_from_16(const unsigned char* data)
+    Py_ssize_t gw_slot_at(object kind, const char* name)
+    object gw_with_slots(object kind, Py_ssize_t first_at, object first, Py_ssize_t second_at, object second)
 
 import os
 import uuid
@@ -35,6 +53,10 @@ cdef object _UUID = uuid.UUID
 cdef object _new = uuid.UUID.__new__
 cdef object _UNKNOWN_SAFETY = uuid.SafeUUID.unknown
 cdef str _INT = "int", _IS_SAFE = "is_safe"
+# Where a uuid.UUID keeps its two slots: an id is then allocated and its slots written at C level, as
+# __new__ and object.__setattr__ would leave them (-1: not plain slots here; the calls make it).
+cdef Py_ssize_t _INT_AT = gw_slot_at(_UUID, b"int")
+cdef Py_ssize_t _IS_SAFE_AT = gw_slot_at(_UUID, b"is_safe")
 
 
 cdef class RowIds:
@@ -63,6 +85,8 @@ cdef class RowIds:
         memcpy(raw, PyBytes_AS_STRING(self._block) + at, 16)
         raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
         raw[8] = (raw[8] & 0x3F) | 0x80  # variant RFC 4122
+        if _INT_AT >= 0 and _IS_SAFE_AT >= 0:
+            return gw_with_slots(_UUID, _INT_AT, gw_int_from_16(raw), _IS_SAFE_AT, _UNKNOWN_SAFETY)
         made = _new(_UUID)
         PyObject_GenericSetAttr(made, _INT, gw_int_from_16(raw))
         PyObject_GenericSetAttr(made, _IS_SAFE, _UNKNOWN_SAFETY)
