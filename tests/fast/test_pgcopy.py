@@ -254,3 +254,22 @@ def test_streams_of_every_size_in_turn_are_the_twins(compiled_pgcopy, python_pgc
         for header, trailer in ((True, True), (False, True), (True, False)):
             assert compiled_pgcopy.encode("UTL", rows, header, trailer) == python_pgcopy.encode("UTL", rows, header,
                                                                                                 trailer)
+
+
+@pytest.mark.parametrize("number", [0, 1, 255, 2**30 - 1, 2**30, 2**60, 2**90 - 1, 2**120 - 1, 2**120, 2**127,
+                                    2**128 - 1])
+def test_a_uuids_int_of_every_digit_count_gives_its_16_bytes(compiled_pgcopy, python_pgcopy, number):
+    """The compiled encoder shifts a UUID's int out of CPython's 30-bit digits (gw_uuid.h): ints of one to five
+    digits, and the edges of each, give the bytes `int.to_bytes` gives."""
+    row = [(uuid.UUID(int=number),)]
+    expected = python_pgcopy.encode("U", row, False, False)
+    assert expected == b"\x00\x01\x00\x00\x00\x10" + number.to_bytes(16, "big")
+    assert compiled_pgcopy.encode("U", row, False, False) == expected
+
+
+@pytest.mark.parametrize("number", [2**128, 2**150, -1])
+def test_a_uuid_whose_int_is_out_of_range_is_refused(pgcopy_impl, number):
+    value = uuid.UUID(int=1)
+    object.__setattr__(value, "int", number)  # only a damaged UUID holds such an int
+    with pytest.raises(OverflowError):
+        pgcopy_impl.encode("U", [(value,)], False, False)
