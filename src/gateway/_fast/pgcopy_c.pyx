@@ -228,23 +228,26 @@ def _read_in_place(bint on):
     _in_place = on and _PG_UUID is not _UUID and gw_uuid_setup(_PG_UUID)
 
 
-# Bytes a row took in the last stream encoded (the largest average seen lately): the next stream is written
-# straight into a bytes object of its rows' likely size, cut to its length at the end. A growing buffer copied
-# into a bytes object cost a realloc's copy or two and the final copy (callgrind: about 2k instructions a
-# request's two rows); a stream that outgrows the guess moves to the heap and is copied once, as before.
-cdef Py_ssize_t _row_bytes = 256
+# Bytes a row of each column kinds (a table's) took lately, the largest average of its last streams: the next
+# stream is written straight into a bytes object of its rows' likely size, cut to its length at the end. A
+# growing buffer copied into a bytes object cost a realloc's copy or two and the final copy (callgrind: about
+# 2k instructions a request's two rows); a stream that outgrows the guess moves to the heap and is copied
+# once, as before.
+cdef dict _row_bytes = {}
+cdef enum:
+    _FIRST_GUESS = 256
+    _KINDS_KEPT = 64  # column kinds remembered (a gateway writes five tables)
 cdef enum:
     _GUESS_CAP = 64 << 20  # the largest bytes object made up front
 
 
 def encode(str kinds, rows, bint header=True, bint trailer=True):
     """The COPY stream (header, `rows`, trailer) for columns of types `kinds`, or a piece of one (see pgcopy_py)."""
-    global _row_bytes
     cdef Buffer buf
     cdef char stack[_STACK]
     cdef bytes kind_bytes
     cdef const char* kind_of
-    cdef Py_ssize_t width = len(kinds), at, count = 0, guess
+    cdef Py_ssize_t width = len(kinds), at, count = 0, guess, row_bytes
     cdef tuple row
     cdef bytes start = HEADER
     cdef object out = None
@@ -256,7 +259,8 @@ def encode(str kinds, rows, bint header=True, bint trailer=True):
     kind_of = kind_bytes
     _start(&buf, stack)
     if type(rows) is list or type(rows) is tuple:
-        guess = len(rows) * (_row_bytes + _row_bytes // 4) + 64
+        row_bytes = <Py_ssize_t>_row_bytes.get(kinds, _FIRST_GUESS)
+        guess = len(rows) * (row_bytes + row_bytes // 4) + 64
         if _STACK < guess <= _GUESS_CAP:
             out = PyBytes_FromStringAndSize(NULL, guess)
             buf.data, buf.size = PyBytes_AS_STRING(out), guess  # not heap: _release leaves it to `out`
@@ -282,7 +286,10 @@ def encode(str kinds, rows, bint header=True, bint trailer=True):
             _reserve(&buf, 2)
             _u16(&buf, -1)
         if count:
-            _row_bytes = max(buf.length // count, _row_bytes - _row_bytes // 8, 16)
+            row_bytes = <Py_ssize_t>_row_bytes.get(kinds, _FIRST_GUESS)
+            if len(_row_bytes) >= _KINDS_KEPT and kinds not in _row_bytes:
+                _row_bytes.clear()
+            _row_bytes[kinds] = max(buf.length // count, row_bytes - row_bytes // 8, 16)
         if out is not None and buf.data == PyBytes_AS_STRING(out):
             resized = <PyObject*>out
             Py_INCREF(out)
