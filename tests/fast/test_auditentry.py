@@ -351,3 +351,40 @@ def test_the_twins_write_a_batchs_lines_as_each_rows_line(compiled_auditentry, p
     expected = each(python_auditentry)
     assert python_auditentry.log_lines(_NAMES, rows, 5, (_WithText,), fallback) == expected
     assert compiled_auditentry.log_lines(_NAMES, rows, 5, (_WithText,), fallback) == expected
+
+
+_BOUND_CELLS = st.one_of(st.none(), st.text(max_size=12), st.text(max_size=12).map(_Text), st.integers(),
+                         st.sampled_from(["secret-x", "ok", "a\x00b"]))
+
+
+@settings(max_examples=500, deadline=None)
+@given(rows=st.lists(st.lists(_BOUND_CELLS, min_size=4, max_size=4).map(tuple), max_size=8),
+       cached=st.dictionaries(st.text(max_size=12), st.text(max_size=12), max_size=4),
+       lengths=st.tuples(st.integers(0, 12) | st.none(), st.integers(0, 12) | st.none()))
+def test_the_twins_bound_a_batchs_texts_alike(compiled_auditentry, python_auditentry, rows, cached, lengths):
+    """`bound_rows` cleans each text at a bounded position (the cache first), cuts it to its length (None: no
+    bound), leaves None and the other positions alone, and keeps a row none of whose texts changed as the very
+    same tuple."""
+    def clean(text):
+        return text.replace("secret", "[REDACTED]").replace("\x00", "\ufffd")
+
+    bounded = ((1, lengths[0]), (3, lengths[1]))
+    expected = python_auditentry.bound_rows(rows, bounded, dict(cached), clean)
+    made = compiled_auditentry.bound_rows(rows, bounded, dict(cached), clean)
+    assert made == expected
+    for row, ours, theirs in zip(rows, made, expected):
+        assert (ours is row) == (theirs is row)
+        assert ours[0] is row[0] and ours[2] is row[2]
+        for at, length in bounded:
+            if row[at] is None:
+                assert ours[at] is None
+            else:
+                text = cached.get(row[at]) if type(row[at]) is str else None
+                text = clean(str(row[at])) if text is None else text
+                assert ours[at] == text[:length] and type(ours[at]) is str
+
+
+def test_bound_rows_takes_rows_of_any_sequence_and_refuses_short_ones(auditentry_impl):
+    assert auditentry_impl.bound_rows([["a", "secret"]], ((1, 3),), {}, lambda t: t.upper()) == [("a", "SEC")]
+    with pytest.raises(IndexError):
+        auditentry_impl.bound_rows([("a",)], ((1, 3),), {}, str)

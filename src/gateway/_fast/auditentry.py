@@ -3,6 +3,7 @@
 from . import is_extension_module, select
 
 implementation = select("auditentry")
+bound_rows = implementation.bound_rows
 canonical_head = implementation.canonical_head
 canonicals_into = implementation.canonicals_into
 entry_hash = implementation.entry_hash
@@ -23,7 +24,7 @@ DetailsText = implementation.DetailsText
 COMPILED = is_extension_module(implementation)
 
 __all__ = (
-    "COMPILED", "ERROR", "SUCCESS", "TARGET_KINDS", "DetailsText", "McpDetails", "canonical_head", "canonicals_into",
-    "entry_hash", "fallbacks", "finish_row", "link", "log_line", "log_lines", "may_hold_whole_float", "mcp_row", "plain_details",
-    "prepare_rows", "tenants_in",
+    "COMPILED", "ERROR", "SUCCESS", "TARGET_KINDS", "DetailsText", "McpDetails", "bound_rows", "canonical_head",
+    "canonicals_into", "entry_hash", "fallbacks", "finish_row", "link", "log_line", "log_lines",
+    "may_hold_whole_float", "mcp_row", "plain_details", "prepare_rows", "tenants_in",
 )

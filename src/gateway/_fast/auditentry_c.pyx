@@ -540,6 +540,41 @@ cdef tuple _finish(tuple row, new_id, details, Py_ssize_t details_at, tuple boun
     return out
 
 
+def bound_rows(list rows, tuple bounded, dict cleaned, clean):
+    """`rows` with their texts at `bounded` cleaned and cut (see the twin's `bound_rows`)."""
+    cdef list out = []
+    cdef list values
+    cdef tuple row
+    cdef PyObject* found
+    cdef Py_ssize_t width, at, length
+    for item in rows:
+        row = item if type(item) is tuple else tuple(item)
+        width = PyTuple_GET_SIZE(row)
+        values = None
+        for pair in bounded:
+            at = pair[0]
+            if not 0 <= at < width:
+                raise IndexError("a bounded position past the row's end")
+            value = <object>PyTuple_GET_ITEM(row, at)
+            if value is None:
+                continue
+            found = PyDict_GetItem(cleaned, value) if type(value) is str else NULL
+            if found is NULL:
+                text = clean(value) if isinstance(value, str) else clean(str(value))
+            else:
+                text = <object>found
+            if pair[1] is not None:
+                length = pair[1]
+                if len(text) > length:
+                    text = text[:length]
+            if text is not value and (type(value) is not str or text != value):
+                if values is None:
+                    values = list(row)
+                values[at] = text
+        out.append(item if values is None else tuple(values))
+    return out
+
+
 cdef class McpDetails:
     """What an MCP entry's details are made of, kept raw until `prepare` (see the twin's `McpDetails`)."""
 
@@ -1294,6 +1329,6 @@ def _plain_calls(bint on):
     return gw_sha_use_plain(on) != 0
 
 __all__ = (
-    "GENESIS", "HEAD_COLUMNS", "NATIVE_SHA256", "canonical_head", "canonicals_into", "entry_hash", "fallbacks",
+    "GENESIS", "HEAD_COLUMNS", "NATIVE_SHA256", "bound_rows", "canonical_head", "canonicals_into", "entry_hash", "fallbacks",
     "finish_row", "link", "log_line", "log_lines", "may_hold_whole_float", "plain_details", "tenants_in",
 )

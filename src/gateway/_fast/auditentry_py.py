@@ -182,6 +182,32 @@ def finish_row(row: tuple, new_id, details, details_at: int, bounded: tuple, cle
     return tuple(values)
 
 
+def bound_rows(rows: list, bounded: tuple, cleaned: dict, clean) -> list:
+    """`rows` with each text at a position of `bounded` ((position, length) pairs; length None: no bound)
+    cleaned (`cleaned.get(text)`, the cache of `clean`, first; `clean(str(value))` for a value that is no str)
+    and cut to its length, as `finish_row` does an audit row's: what a record table's text columns take (no
+    NUL, valid UTF-8, secrets replaced, within the column). A row none of whose texts changes is kept as it is
+    (the same tuple); None stays None."""
+    out = []
+    for row in rows:
+        values = None
+        for at, length in bounded:
+            value = row[at]
+            if value is None:
+                continue
+            found = cleaned.get(value) if type(value) is str else None
+            if found is None:
+                found = clean(value) if isinstance(value, str) else clean(str(value))
+            if length is not None and len(found) > length:
+                found = found[:length]
+            if found is not value and (type(value) is not str or found != value):
+                if values is None:
+                    values = list(row)
+                values[at] = found
+        out.append(row if values is None else tuple(values))
+    return out
+
+
 def prepare_rows(rows: list, out: list, mcp_type: type, plain_of, fallback, new_id, tenant_at: int,
                  details_at: int, bounded: tuple, cleaned: dict, clean, created_at: int) -> None:
     """Append each of `rows` to `out` as `prepare` leaves it (records/audit.py).
@@ -310,6 +336,6 @@ def link(rows: list[tuple], heads: dict, canonicals: list[bytes], texts: list | 
 
 
 __all__ = (
-    "GENESIS", "HEAD_COLUMNS", "canonical_head", "canonicals_into", "entry_hash", "fallbacks", "finish_row", "link",
+    "GENESIS", "HEAD_COLUMNS", "bound_rows", "canonical_head", "canonicals_into", "entry_hash", "fallbacks", "finish_row", "link",
     "log_line", "log_lines", "may_hold_whole_float", "plain_details", "tenants_in",
 )

@@ -35,7 +35,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway._fast import windows
-from gateway.db.tables import server_tools
+from gateway.db.tables import server_metrics, server_tools
+from gateway.records.sanitize import clean_text
 from gateway.records.writer import COLUMNS
 from gateway.tasks import cancel_all
 
@@ -45,6 +46,12 @@ log = logging.getLogger("gateway.records")
 
 # Latencies kept per (server, tool) and window for the percentiles (a reservoir beyond: `_fast/windows`).
 _SAMPLES = windows.SAMPLES
+_TOOL_NAME_LENGTH = server_metrics.c.tool_name.type.length
+
+
+def _stored_name(tool: str) -> str:
+    """`tool` as server_metrics stores it (the writer cleans and cuts it, writer.TEXTS)."""
+    return clean_text(tool)[:_TOOL_NAME_LENGTH]
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -103,7 +110,9 @@ class ServerStats:
                 }
                 self.writer.submit("server_metrics", tuple(row[c] for c in _ORDER))
                 self.flushed_rows += 1
-                if tool is not None:
+                # A name the writer would change (cut, a NUL, a secret: writer.TEXTS) is no tool the registry
+                # knows, and as a parameter it would fail the whole UPDATE below, flush after flush.
+                if tool is not None and _stored_name(tool) == tool:
                     counts = self._tool_counts.setdefault((server_id, tool), [0, 0, 0.0])
                     counts[0] += w.calls - w.errors
                     counts[1] += w.errors

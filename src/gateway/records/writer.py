@@ -34,8 +34,12 @@ from dataclasses import dataclass
 
 from collections.abc import Callable
 
+import sqlalchemy as sa
+
+from gateway._fast import auditentry
 from gateway.db import tables
 from gateway.records.metrics import Histogram
+from gateway.records.sanitize import CLEANED_TEXTS, clean_text
 from gateway.records.sinks import RowsRejected, Sink, SinkError
 from gateway.records.spill import Spill, SpillFull
 
@@ -46,6 +50,22 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     for name in tables.RECORD_TABLES
 }
 """For each record table, its column names in schema order: the order of a submitted row's values."""
+
+# For each record table but audit_logs (records/audit.py bounds its own), the (position, length) of each text
+# column (length None: text without a bound). The request path submits what clients sent (a tool name, a
+# resource URI, a method of their own): before a batch is written each is cleaned as the audit trail's texts
+# are (no NUL, valid UTF-8, secrets replaced, 1024 characters at most; records/sanitize.py `clean_text`) and
+# cut to its column, so no value makes the database refuse its row, and none leaks a secret the audit entry
+# of the same request redacts.
+TEXTS: dict[str, tuple[tuple[int, int | None], ...]] = {
+    name: tuple(
+        (at, column.type.length)
+        for at, column in enumerate(tables.metadata.tables[name].columns)
+        if isinstance(column.type, sa.String)
+    )
+    for name in tables.RECORD_TABLES
+    if name != "audit_logs"
+}
 
 # Retry delays after a failed write: doubling from the first to the cap, each
 # jittered down by up to half so that gateway processes cut off by the same
@@ -410,6 +430,11 @@ class RecordWriter:
             else:
                 popleft = lane.popleft
                 rows = [popleft() for _ in range(budget)]
+            if TEXTS[table]:
+                try:
+                    rows = _bound_rows(rows, TEXTS[table], CLEANED_TEXTS, clean_text)
+                except Exception as exc:  # noqa: BLE001 - never lose a taken row: the database judges it as it is
+                    logger.error("could not bound the texts of %d %s rows: %s", len(rows), table, _describe(exc))
             self._held[table] = rows
             budget -= len(rows)
             if not budget:
@@ -704,6 +729,9 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
 
 def _jittered(delay: float) -> float:
     return delay * (0.5 + random.random() / 2)
+
+
+_bound_rows = auditentry.bound_rows
 
 
 def _describe(exc: BaseException) -> str:
