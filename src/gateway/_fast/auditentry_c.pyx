@@ -546,13 +546,23 @@ def bound_rows(list rows, tuple bounded, dict cleaned, clean):
     cdef list values
     cdef tuple row
     cdef PyObject* found
-    cdef Py_ssize_t width, at, length
+    cdef Py_ssize_t count = len(bounded), width, at, k, length
+    cdef Py_ssize_t positions[64]
+    cdef Py_ssize_t lengths[64]  # -1: no bound
+    if count > 64:
+        return _twin.bound_rows(rows, bounded, cleaned, clean)
+    for k in range(count):
+        pair = bounded[k]
+        positions[k] = pair[0]
+        lengths[k] = -1 if pair[1] is None else <Py_ssize_t>pair[1]
+        if lengths[k] < 0 and pair[1] is not None:
+            raise ValueError("a negative length")
     for item in rows:
         row = item if type(item) is tuple else tuple(item)
         width = PyTuple_GET_SIZE(row)
         values = None
-        for pair in bounded:
-            at = pair[0]
+        for k in range(count):
+            at = positions[k]
             if not 0 <= at < width:
                 raise IndexError("a bounded position past the row's end")
             value = <object>PyTuple_GET_ITEM(row, at)
@@ -563,10 +573,9 @@ def bound_rows(list rows, tuple bounded, dict cleaned, clean):
                 text = clean(value) if isinstance(value, str) else clean(str(value))
             else:
                 text = <object>found
-            if pair[1] is not None:
-                length = pair[1]
-                if len(text) > length:
-                    text = text[:length]
+            length = lengths[k]
+            if length >= 0 and len(text) > length:
+                text = text[:length]
             if text is not value and (type(value) is not str or text != value):
                 if values is None:
                     values = list(row)
