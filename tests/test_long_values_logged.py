@@ -81,3 +81,68 @@ async def test_long_targets_and_methods_are_cut_to_their_columns(gateway, pg_url
     # the odd names fail nothing of the known tool's counts.
     assert {"echo", "nul\ufffdhere", tool[:tool_length]} <= metrics
     assert echo_calls == 1
+
+
+class _OddErrors:
+    """An upstream answering tools/call with JSON-RPC errors of every odd shape: a code that is no integer, one
+    past 32 bits, an error that is no object."""
+
+    ERRORS = {"text": {"code": "oops", "message": "m"}, "big": {"code": 2**40, "message": "m"},
+              "float": {"code": 1.5, "message": "m"}, "flat": "an error as a string",
+              "usual": {"code": -32000, "message": "m"}}
+
+    def __init__(self) -> None:
+        from harness import LocalPeer
+
+        peer = self
+
+        class Peer(LocalPeer):
+            async def _handle(self, request):
+                from aiohttp import web
+
+                message = await request.json()
+                if "id" not in message:
+                    return web.Response(status=202)
+                if message["method"] == "tools/list":
+                    tools = [{"name": name, "inputSchema": {"type": "object"}} for name in peer.ERRORS]
+                    return web.json_response({"jsonrpc": "2.0", "id": message["id"], "result": {"tools": tools}})
+                if message["method"] == "tools/call":
+                    error = peer.ERRORS[message["params"]["name"]]
+                    return web.json_response({"jsonrpc": "2.0", "id": message["id"], "error": error})
+                return web.json_response({"jsonrpc": "2.0", "id": message["id"], "result": {}})
+
+        self.peer = Peer()
+
+
+async def test_an_upstreams_odd_error_codes_are_logged_without_losing_a_row(gateway, pg_url):
+    """The tenant endpoint records the JSON-RPC error code of an upstream's answer: a code that is no 32-bit
+    integer is recorded as no code (the client gets it as it came), and every row reaches both tables. (An
+    error that is no object reaches the client as an internal error of the upstream's message, so that code.)"""
+    odd = _OddErrors()
+    url = await odd.peer.start()
+    try:
+        t = await gateway.tenancy("acme", url, rate_limit_per_hour=100_000)
+        async with aiohttp.ClientSession() as http:
+            for name in odd.ERRORS:
+                body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                        "params": {"name": f"demo__{name}", "arguments": {}}}
+                async with http.post(f"{gateway.url}/mcp", json=body, headers={
+                        **_headers(t.api_key), "MCP-Protocol-Version": "2025-11-25"}) as resp:
+                    answer = await resp.json()
+                    assert resp.status == 200 and "error" in answer, answer
+        await gateway.gateway.writer.flush()
+        conn = await asyncpg.connect(pg_url)
+        try:
+            logged = {row["tool_name"]: row["error_code"] for row in await conn.fetch(
+                "SELECT tool_name, error_code FROM request_logs WHERE method = 'tools/call'")}
+            audited = {row["resource_id"]: row["error_code"] for row in await conn.fetch(
+                "SELECT resource_id, error_code FROM audit_logs WHERE action = 'mcp.tools/call'")}
+        finally:
+            await conn.close()
+    finally:
+        await odd.peer.stop()
+    expected = {"demo__text": None, "demo__big": None, "demo__float": None, "demo__flat": -32603,
+                "demo__usual": -32000}
+    assert logged == expected
+    assert audited == expected
+    assert gateway.gateway.writer.stats.dropped == 0

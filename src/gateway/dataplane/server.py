@@ -493,7 +493,7 @@ class DataPlane:
                     return await stream.finish(orjson.loads(refusal.body(call.request_id)))
                 server = answer.server
                 if answer.message is not None and "error" in answer.message:
-                    exchange.error_code = answer.message["error"].get("code")
+                    exchange.error_code = _error_code(answer.message["error"])
                 if stream is not None and stream.response is not None:
                     return await stream.finish(answer.message)
                 exchange.status = answer.status
@@ -1134,6 +1134,13 @@ def _too_many_sessions(counter: SessionCounter) -> Refusal:
         f"(DELETE) or let an idle one expire ({counter.idle_timeout:g} s without requests)",
         data={"tier": "sessions", "limit": counter.max_per_key},
     )
+
+
+def _error_code(error) -> int | None:
+    """The code of an upstream's JSON-RPC error, as the records keep it: an integer of 32 bits (the columns'), or
+    None for an error that is no object or a code of another kind, which the client still gets as it came."""
+    code = error.get("code") if type(error) is dict else None
+    return code if type(code) is int and -(2**31) <= code < 2**31 else None
 
 
 def _too_large(limit: int) -> Refusal:
