@@ -712,7 +712,8 @@ class DataPlane:
                     exchange.error,
                     duration_ms,
                     len(body),
-                    exchange.sent,
+                    # A stream open for days can pass what the int column holds: counted up to its bound.
+                    exchange.sent if exchange.sent < _INT32_MAX else _INT32_MAX,
                     address,
                     now,
                 ),
@@ -1134,6 +1135,9 @@ def _too_many_sessions(counter: SessionCounter) -> Refusal:
         f"(DELETE) or let an idle one expire ({counter.idle_timeout:g} s without requests)",
         data={"tier": "sessions", "limit": counter.max_per_key},
     )
+
+
+_INT32_MAX = 2**31 - 1  # request_logs' byte counts are integer columns
 
 
 def _error_code(error) -> int | None:
