@@ -388,3 +388,91 @@ def test_bound_rows_takes_rows_of_any_sequence_and_refuses_short_ones(auditentry
     assert auditentry_impl.bound_rows([["a", "secret"]], ((1, 3),), {}, lambda t: t.upper()) == [("a", "SEC")]
     with pytest.raises(IndexError):
         auditentry_impl.bound_rows([("a",)], ((1, 3),), {}, str)
+
+
+_AUDIT_ROW_CELLS = st.tuples(
+    st.uuids() | _ASYNCPG_UUIDS, st.none() | st.uuids() | _ASYNCPG_UUIDS, st.none() | _ASYNCPG_UUIDS,
+    st.none() | _ASYNCPG_UUIDS, st.sampled_from(["mcp.tools/call", "mcp.resources/read"]),
+    st.none() | st.just("tool"), st.none() | st.text(max_size=8), st.sampled_from(["1.2.3.4", "::1"]),
+    st.sampled_from(["success", "error"]), st.none() | st.integers(-(2**31), 2**31 - 1) | st.just("odd"),
+    _MILLIS | st.integers(0, 9), st.datetimes(timezones=st.just(timezone.utc)) | st.datetimes(),
+    st.sampled_from(["USER", "ADMIN"]),
+    st.sampled_from([b'{"params":{"q":"x"},"status":200}', b'{"n":1.0}', b'{"s":"\xc3\xa9"}', b"{}"]),
+)
+
+
+def _audit_row(cells, details):
+    # chain.COLUMNS: id, tenant_id, user_id, api_key_id, action, resource_type, resource_id, details, client_ip,
+    # outcome, error_code, duration_ms, created_at, role, then the chain's three.
+    return (*cells[:7], details, *cells[7:13], None, None, None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(batch=st.lists(_AUDIT_ROW_CELLS, min_size=1, max_size=5))
+def test_a_canonical_written_with_the_log_line_is_the_one_written_later(compiled_auditentry, python_auditentry,
+                                                                        batch):
+    """`log_lines`, told the head's columns and version, keeps each `DetailsText` row's canonical form in its
+    details; `canonicals_into` takes it for that very row. The canonical forms (and details' texts) are those
+    of rows whose details were never logged, in both twins, and so are the lines."""
+    from gateway.records import chain
+
+    names = tuple(str(name) for name in chain.COLUMNS[:14])  # plain str, as records/audit.py's (the compiled path)
+    for module in (compiled_auditentry, python_auditentry):
+        def run(log_first):
+            rows = [_audit_row(cells, module.DetailsText(cells[-1])) for cells in batch]
+            lines = None
+            if log_first:
+                lines = module.log_lines(names, rows, chain._ROW_DETAILS, (module.DetailsText,), lambda row: b"-",
+                                         chain._ROW_HEAD, chain._FORMAT_VERSION)
+            canonicals, texts = [], []
+            module.canonicals_into(rows, 0, len(rows), chain._ROW_HEAD, chain._ROW_DETAILS, chain._FORMAT_VERSION,
+                                   (module.DetailsText,), _slow_canonical(module), canonicals, texts)
+            return lines, canonicals, texts
+
+        logged, fresh = run(True), run(False)
+        assert logged[1:] == fresh[1:]
+        assert logged[0] == module.log_lines(names, [_audit_row(c, module.DetailsText(c[-1])) for c in batch],
+                                             chain._ROW_DETAILS, (module.DetailsText,), lambda row: b"-")
+
+
+def _slow_canonical(module):
+    def slow(row):
+        from gateway.records import chain
+
+        head = python_head(module, tuple(row[at] for at in chain._ROW_HEAD))
+        text = row[chain._ROW_DETAILS].text
+        return head + b"\x1f" + text, text
+
+    def python_head(module, values):
+        return module.canonical_head(values, "1")
+
+    return slow
+
+
+def test_a_kept_canonical_serves_only_its_own_row_and_head(auditentry_impl):
+    """Details logged in one row and found in another (equal but for its client address), or asked for with
+    other head positions or another version, get their canonical form written afresh."""
+    from gateway.records import chain
+
+    when = datetime(2026, 11, 27, 3, 0, 0, tzinfo=timezone.utc)
+    details = auditentry_impl.DetailsText(b'{"params":{},"status":200}')
+    row = _audit_row((uuid.uuid4(), None, None, None, "mcp.tools/call", "tool", "echo", "1.2.3.4", "success",
+                      None, 1.5, when, "USER"), details)
+    auditentry_impl.log_lines(tuple(map(str, chain.COLUMNS[:14])), [row], chain._ROW_DETAILS,
+                              (auditentry_impl.DetailsText,), None, chain._ROW_HEAD, chain._FORMAT_VERSION)
+    other = row[:8] + ("5.6.7.8",) + row[9:]
+
+    def canonical_of(rows, head_at=chain._ROW_HEAD, version=chain._FORMAT_VERSION):
+        canonicals, texts = [], []
+        auditentry_impl.canonicals_into(rows, 0, len(rows), head_at, chain._ROW_DETAILS, version,
+                                        (auditentry_impl.DetailsText,), None, canonicals, texts)
+        return canonicals[-1]
+
+    def expected(of, version="1"):
+        return auditentry_impl.canonical_head(tuple(of[at] for at in chain._ROW_HEAD), version) + b"\x1f" + \
+            details.text
+
+    assert canonical_of([row]) == expected(row)
+    assert canonical_of([other]) == expected(other) != expected(row)
+    assert canonical_of([row], head_at=tuple(list(chain._ROW_HEAD))) == expected(row)  # equal, another tuple
+    assert canonical_of([row], version="2") == expected(row, "2")

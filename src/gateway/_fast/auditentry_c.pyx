@@ -427,25 +427,27 @@ cdef int _put_value(Buffer* buf, Py_ssize_t slot, object value) except -1:
     return 1
 
 
-cdef int _head_value(Buffer* buf, Py_ssize_t at, object value) except -1:
-    """Column `at` of the head's values written; 1 where the twin must write the head: a value of another
-    type than the column's, which the twin normalizes first (a str id, an int duration, a naive time)."""
+cdef inline bint _head_type(Py_ssize_t at, object value):
+    """Whether `value` is of column `at`'s type as the head writes it (else the twin normalizes it first: a str
+    id, an int duration, a naive time)."""
     cdef type kind = type(value)
-    if value is not None:
-        if at < 4:  # the ids
-            if kind is not _UUID and kind is not _PG_UUID:
-                return 1
-        elif at < 10:  # role, action, resource_type, resource_id, client_ip, outcome
-            if kind is not str:
-                return 1
-        elif at == 10:  # error_code
-            if kind is not int:
-                return 1
-        elif at == 11:  # duration_ms
-            if kind is not float:
-                return 1
-        elif not PyDateTime_CheckExact(value):  # created_at
-            return 1
+    if value is None:
+        return True
+    if at < 4:  # the ids
+        return kind is _UUID or kind is _PG_UUID
+    if at < 10:  # role, action, resource_type, resource_id, client_ip, outcome
+        return kind is str
+    if at == 10:  # error_code
+        return kind is int
+    if at == 11:  # duration_ms
+        return kind is float
+    return PyDateTime_CheckExact(value)  # created_at
+
+
+cdef int _head_value(Buffer* buf, Py_ssize_t at, object value) except -1:
+    """Column `at` of the head's values written; 1 where the twin must write the head (`_head_type`)."""
+    if not _head_type(at, value):
+        return 1
     return _put_value(buf, at, value)
 
 
@@ -639,6 +641,11 @@ cdef class DetailsText:
     """An audit entry's details kept only as their sorted-key JSON text (see the twin's `DetailsText`)."""
 
     cdef readonly bytes text
+    # The canonical form of the row these details were logged in, written with its log line (`log_lines`), and
+    # that row's address: `canonicals_into` takes it for that very row instead of writing it again.
+    cdef bytes _canonical
+    cdef Py_ssize_t _canonical_of
+    cdef Py_ssize_t _canonical_head_at  # the address of the head's positions it was written for
 
     def __init__(self, bytes text):
         self.text = text
@@ -733,6 +740,7 @@ def canonicals_into(list rows, Py_ssize_t start, Py_ssize_t stop, tuple head_at,
     cdef tuple row
     cdef bytes text
     cdef bint done
+    cdef bytes version_json = _json_string(version)
     if count != _WIDTH or not (0 <= start <= stop <= len(rows)):
         raise ValueError("head_at names the head's columns; start and stop a range of rows")
     for i in range(start, stop):
@@ -743,6 +751,16 @@ def canonicals_into(list rows, Py_ssize_t start, Py_ssize_t stop, tuple head_at,
         if details is not None:
             if type(details) not in text_types:
                 done = True
+            elif (type(details) is DetailsText and (<DetailsText>details)._canonical_of == <Py_ssize_t><PyObject*>row
+                    and (<DetailsText>details)._canonical_head_at == <Py_ssize_t><PyObject*>head_at
+                    and _same_version((<DetailsText>details)._canonical, version_json)):
+                # Written with the row's log line, for this very row and head (`log_lines`).
+                text = (<DetailsText>details).text
+                if not text.isascii():
+                    text.decode()  # UTF-8, or a UnicodeDecodeError as the database would refuse it
+                canonicals.append((<DetailsText>details)._canonical)
+                texts.append(text)
+                continue
             else:
                 found = getattr(details, "text", None)
                 if type(found) is not bytes or _holds_whole_float(
@@ -822,23 +840,49 @@ def log_line(tuple names, tuple values, Py_ssize_t details_at, details_text):
     return _line(names, values, details_at, details_text)
 
 
-def log_lines(tuple names, list rows, Py_ssize_t details_at, tuple text_types, fallback):
+def log_lines(tuple names, list rows, Py_ssize_t details_at, tuple text_types, fallback, tuple head_at=None,
+              str version=None):
     """Each row's log line, in order (see the twin's `log_lines`)."""
     cdef list lines = []
     cdef tuple row
+    cdef Py_ssize_t spans[2 * _MAX_NAMES]
+    cdef Py_ssize_t k, at, count = len(names)
+    cdef bint spanned
+    cdef DetailsText held
+    if head_at is not None:
+        if len(head_at) != _WIDTH or version is None:
+            raise ValueError("head_at names the head's columns, with the version")
+        for k in range(_WIDTH):
+            at = head_at[k]
+            if not 0 <= at < count or at == details_at:
+                raise ValueError("a head column that is no line's")
     for item in rows:
         row = <tuple?>item
         details = row[details_at] if details_at < len(row) else None
         text = getattr(details, "text", None) if type(details) in text_types else None
+        spanned = False
         try:
-            line = _line(names, row, details_at, text)
+            line = _line(names, row, details_at, text, spans if count <= _MAX_NAMES else NULL, &spanned)
         except (TypeError, ValueError):
             line = fallback(row)
+        else:
+            if spanned and head_at is not None and type(details) is DetailsText:
+                held = <DetailsText>details
+                held._canonical = _canonical_from_line(<bytes>line, spans, row, head_at, version, held.text)
+                held._canonical_of = <Py_ssize_t><PyObject*>row if held._canonical is not None else 0
+                held._canonical_head_at = <Py_ssize_t><PyObject*>head_at
         lines.append(line)
     return lines
 
 
-cdef object _line(tuple names, tuple values, Py_ssize_t details_at, details_text):
+cdef enum:
+    _MAX_NAMES = 32  # a line's columns whose values' places are kept for the canonical form
+
+
+cdef object _line(tuple names, tuple values, Py_ssize_t details_at, details_text, Py_ssize_t* spans=NULL,
+                  bint* spanned=NULL):
+    """The line; where `spans` is given, each column's value's [start, end) in it (-1: not written), and
+    `spanned` set when the line was written here (not by the twin)."""
     cdef Buffer buf
     cdef char stack[_STACK]
     cdef Py_ssize_t at, count = len(names)
@@ -854,6 +898,8 @@ cdef object _line(tuple names, tuple values, Py_ssize_t details_at, details_text
     try:
         _put(&buf, b"{", 1)
         for at in range(count):
+            if spans != NULL:
+                spans[2 * at] = -1
             value = values[at]
             if value is None:
                 continue
@@ -864,14 +910,79 @@ cdef object _line(tuple names, tuple values, Py_ssize_t details_at, details_text
             key = <bytes>PyList_GET_ITEM(keys, at)
             _reserve(&buf, len(key))
             _put(&buf, key, len(key))
+            if spans != NULL:
+                spans[2 * at] = buf.length
             if at == details_at and details_text is not None:
                 raw = details_text
                 _reserve(&buf, len(raw))
                 _put(&buf, raw, len(raw))
             elif _put_value(&buf, at if at < 4 else -1, value):
                 return _by_twin(_twin_line, (names, values, details_at, details_text))
+            if spans != NULL:
+                spans[2 * at + 1] = buf.length
         _reserve(&buf, 1)
         _put(&buf, b"}", 1)
+        if spanned != NULL:
+            spanned[0] = spans != NULL
+        return PyBytes_FromStringAndSize(buf.data, buf.length)
+    finally:
+        _release(&buf)
+
+
+cdef bytes _json_string(str text):
+    """`text` as a JSON string (None: one the twin would write, a lone surrogate)."""
+    cdef Buffer buf
+    cdef char stack[_STACK]
+    _start(&buf, stack)
+    try:
+        if _put_string(&buf, text):
+            return None
+        return PyBytes_FromStringAndSize(buf.data, buf.length)
+    finally:
+        _release(&buf)
+
+
+cdef inline bint _same_version(bytes canonical, bytes version_json):
+    """Whether `canonical` opens with the version `version_json` spells (and a comma after it)."""
+    cdef Py_ssize_t size
+    if version_json is None:
+        return False
+    size = PyBytes_GET_SIZE(version_json)
+    return (PyBytes_GET_SIZE(canonical) > size + 1 and PyBytes_AS_STRING(canonical)[size + 1] == b","
+            and memcmp(PyBytes_AS_STRING(canonical) + 1, PyBytes_AS_STRING(version_json), size) == 0)
+
+
+cdef object _canonical_from_line(bytes line, const Py_ssize_t* spans, tuple row, tuple head_at, str version,
+                                 bytes text):
+    """The row's canonical form (as `canonicals_into` writes it: the head, 0x1f, the details' text) from the
+    values as its log line spells them, which is how the head spells them too; None where the head would be
+    the twin's (a value of another type than its column's) or the text is not taken as it is."""
+    cdef Buffer buf
+    cdef char stack[_STACK]
+    cdef Py_ssize_t k, at
+    cdef const char* data = PyBytes_AS_STRING(line)
+    if text is None or _holds_whole_float(<const unsigned char*>PyBytes_AS_STRING(text), PyBytes_GET_SIZE(text)):
+        return None
+    for k in range(_WIDTH):
+        if not _head_type(k, <object>PyTuple_GET_ITEM(row, head_at[k])):
+            return None
+    _start(&buf, stack)
+    try:
+        _put(&buf, b"[", 1)
+        if _put_string(&buf, version):
+            return None
+        for k in range(_WIDTH):
+            at = head_at[k]
+            if spans[2 * at] < 0:
+                _reserve(&buf, 5)
+                _put(&buf, b",null", 5)
+            else:
+                _reserve(&buf, 1 + spans[2 * at + 1] - spans[2 * at])
+                _put(&buf, b",", 1)
+                _put(&buf, data + spans[2 * at], spans[2 * at + 1] - spans[2 * at])
+        _reserve(&buf, 2 + PyBytes_GET_SIZE(text))
+        _put(&buf, b"]\x1f", 2)
+        _put(&buf, PyBytes_AS_STRING(text), PyBytes_GET_SIZE(text))
         return PyBytes_FromStringAndSize(buf.data, buf.length)
     finally:
         _release(&buf)

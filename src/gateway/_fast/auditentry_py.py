@@ -91,10 +91,15 @@ class DetailsText:
     `chain.EncodedDetails.encode` gives for the same details, never holds a float, and is already the
     canonical text (records/chain.py). Where a value is needed, `value()`."""
 
-    __slots__ = ("text",)
+    __slots__ = ("text", "_canonical", "_canonical_of", "_canonical_head_at")
 
     def __init__(self, text: bytes) -> None:
         self.text = text
+        # The canonical form of the row these details were logged in, written with its log line (`log_lines`),
+        # the id of that row and of the head's positions: `canonicals_into` takes it for that very row.
+        self._canonical: bytes | None = None
+        self._canonical_of = 0
+        self._canonical_head_at = 0
 
     def value(self) -> dict:
         return orjson.loads(self.text)
@@ -143,10 +148,21 @@ def log_line(names: tuple, values: tuple, details_at: int, details_text: bytes |
     return b"{" + b",".join(parts) + b"}"
 
 
-def log_lines(names: tuple, rows: list, details_at: int, text_types: tuple, fallback) -> list[bytes]:
+def log_lines(names: tuple, rows: list, details_at: int, text_types: tuple, fallback, head_at: tuple | None = None,
+              version: str | None = None) -> list[bytes]:
     """Each row's `log_line`, in order, with the details' JSON text where the details are of `text_types` (their
     `text`); `fallback(row)`'s line for a row `log_line` refuses (TypeError, ValueError: a value orjson cannot
-    write, as an int past 64 bits in details of another origin)."""
+    write, as an int past 64 bits in details of another origin).
+
+    Given `head_at` and `version` (the row positions of the canonical head's columns, all of them line columns,
+    and the format's version), each `DetailsText` row's canonical form is written too and kept in its details,
+    for `canonicals_into` to take for that very row: the compiled twin spells the head's values as the line
+    spells them, writing each once."""
+    if head_at is not None:
+        if len(head_at) != len(HEAD_COLUMNS) or version is None:
+            raise ValueError("head_at names the head's columns, with the version")
+        if any(not 0 <= at < len(names) or at == details_at for at in head_at):
+            raise ValueError("a head column that is no line's")
     lines = []
     for row in rows:
         details = row[details_at] if details_at < len(row) else None
@@ -155,8 +171,24 @@ def log_lines(names: tuple, rows: list, details_at: int, text_types: tuple, fall
             line = log_line(names, row, details_at, text)
         except (TypeError, ValueError):
             line = fallback(row)
+        else:
+            if head_at is not None and type(details) is DetailsText:
+                details._canonical = _memo_canonical(row, head_at, version, details.text)
+                details._canonical_of = id(row) if details._canonical is not None else 0
+                details._canonical_head_at = id(head_at)
         lines.append(line)
     return lines
+
+
+def _memo_canonical(row: tuple, head_at: tuple, version: str, text: bytes) -> bytes | None:
+    """The canonical form `canonicals_into` writes for `row`, whose details' text is `text`; None where it
+    would not take the text as it is."""
+    if type(text) is not bytes or may_hold_whole_float(text):
+        return None
+    try:
+        return canonical_head(tuple(row[at] for at in head_at), version) + b"\x1f" + text
+    except (TypeError, ValueError):
+        return None
 
 
 def finish_row(row: tuple, new_id, details, details_at: int, bounded: tuple, cleaned: dict, clean,
@@ -235,6 +267,14 @@ def canonicals_into(rows: list, start: int, stop: int, head_at: tuple, details_a
         if details is None:
             text = None
         elif type(details) in text_types:
+            if (type(details) is DetailsText and details._canonical_of == id(row)
+                    and details._canonical_head_at == id(head_at)
+                    and details._canonical.startswith(b"[" + orjson.dumps(version) + b",")):
+                # Written with the row's log line, for this very row and head (`log_lines`).
+                details.text.decode()  # UTF-8, or a UnicodeDecodeError as the database would refuse it
+                canonicals.append(details._canonical)
+                texts.append(details.text)
+                continue
             text = getattr(details, "text", None)
             if text is None or may_hold_whole_float(text):
                 text = False

@@ -31,6 +31,7 @@ import sqlalchemy as sa
 
 from gateway._fast import auditentry
 from gateway.db.tables import audit_logs
+from gateway.records import chain
 from gateway.records.chain import TEXT_TYPES, DetailsText, EncodedDetails
 from gateway.records.sanitize import CLEANED_TEXTS, Sanitizer, clean_text
 
@@ -312,7 +313,7 @@ class AuditTrail:
         if handlers and not audit_log.filters and not audit_log.propagate and all(
             type(h) is AuditLogHandler and not h.filters and h.level <= logging.INFO for h in handlers
         ):
-            entries = _log_lines(_LOGGED, rows, _DETAILS, TEXT_TYPES, _entry_line)
+            entries = chain.log_lines(_LOGGED, rows, _entry_line)
             for handler in handlers:
                 handler.write_entries(entries)
             return
@@ -335,7 +336,7 @@ def _entry(row: tuple) -> dict[str, Any]:
 def _entry_json(row: tuple) -> bytes:
     """`_entry(row)` as JSON, without the dict: `_fast/auditentry`'s `log_line`, with the details as the JSON
     text `prepare` encoded for the writer too (1.0 -> 0.6 us a line, timeit). orjson's way for what it
-    refuses. (`_log_lines` does the same for a batch, without a Python call per row.)"""
+    refuses. (`chain.log_lines` does the same for a batch, without a Python call per row.)"""
     details = row[_DETAILS]
     text = getattr(details, "text", None) if type(details) in TEXT_TYPES else None
     try:
@@ -361,7 +362,6 @@ def _dumps(value: Any) -> str:
 # columns' are SQLAlchemy's quoted_name, a str subclass.
 _LOGGED = tuple(str(name) for name in COLUMNS[:14])
 _log_line = auditentry.log_line
-_log_lines = auditentry.log_lines
 _plain_details = auditentry.plain_details
 _finish_row = auditentry.finish_row
 _prepare_rows = auditentry.prepare_rows

@@ -171,6 +171,13 @@ _pick_head = operator.itemgetter(*_ROW_HEAD)  # a row's hashed columns but detai
 _ROW_DETAILS = COLUMNS.index("details")
 
 
+def log_lines(names: tuple, rows: list, fallback) -> list[bytes]:
+    """Each prepared row's log line (`_fast/auditentry.log_lines`, `names`: the row's first columns), each plain
+    row's canonical form written with it and kept in its details, for `row_canonicals` to take as it is (the
+    head's values spelled once for both)."""
+    return auditentry.log_lines(names, rows, _ROW_DETAILS, TEXT_TYPES, fallback, _ROW_HEAD, _FORMAT_VERSION)
+
+
 class EncodedDetails(dict):
     """An audit entry's details (a dict like any other) that also carry `text`, their sorted-key JSON as
     `row_canonical_and_json` writes it: encoded once, when the entry is prepared (records/audit.py
