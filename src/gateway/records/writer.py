@@ -54,7 +54,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 # For each record table but audit_logs (records/audit.py bounds its own), the (position, length) of each text
 # column (length None: text without a bound). The request path submits what clients sent (a tool name, a
 # resource URI, a method of their own): before a batch is written each is cleaned as the audit trail's texts
-# are (no NUL, valid UTF-8, secrets replaced, 1024 characters at most; records/sanitize.py `clean_text`) and
+# are (no NUL, valid UTF-8, secrets replaced, cut at 1024 characters with a note; records/sanitize.py `clean_text`) and
 # cut to its column, so no value makes the database refuse its row, and none leaks a secret the audit entry
 # of the same request redacts.
 TEXTS: dict[str, tuple[tuple[int, int | None], ...]] = {
