@@ -194,7 +194,10 @@ async def test_a_slow_server_is_degraded_not_unhealthy(gateway, peer):
 
     row = await _until(gateway, server_id, "DEGRADED")
     detail = row["health_detail"]
-    assert detail["ok"] is True and detail["latency_ms"] >= 300 and detail["consecutive_failures"] == 0
+    # The peer's 0.3 s sleep is timed from its loop's cached clock (libuv's), which can lag the moment the
+    # request arrived by a millisecond or so: the probe may measure 299.5 ms. Far above the 100 ms bound all
+    # the same.
+    assert detail["ok"] is True and detail["latency_ms"] >= 290 and detail["consecutive_failures"] == 0
     assert "degraded above 100 ms" in detail["last_transition"]["reason"]
     probes = slow.probes
     await _eventually(lambda: slow.probes >= probes + 3, what="three more slow probes")

@@ -1449,6 +1449,6 @@ def _plain_calls(bint on):
     return gw_sha_use_plain(on) != 0
 
 __all__ = (
-    "GENESIS", "HEAD_COLUMNS", "NATIVE_SHA256", "bound_rows", "canonical_head", "canonicals_into", "entry_hash", "fallbacks",
-    "finish_row", "link", "log_line", "log_lines", "may_hold_whole_float", "plain_details", "tenants_in",
+    "GENESIS", "HEAD_COLUMNS", "NATIVE_SHA256", "bound_rows", "canonical_head", "canonicals_into", "entry_hash",
+    "fallbacks", "finish_row", "link", "log_line", "log_lines", "may_hold_whole_float", "plain_details", "tenants_in",
 )

@@ -376,6 +376,6 @@ def link(rows: list[tuple], heads: dict, canonicals: list[bytes], texts: list | 
 
 
 __all__ = (
-    "GENESIS", "HEAD_COLUMNS", "bound_rows", "canonical_head", "canonicals_into", "entry_hash", "fallbacks", "finish_row", "link",
-    "log_line", "log_lines", "may_hold_whole_float", "plain_details", "tenants_in",
+    "GENESIS", "HEAD_COLUMNS", "bound_rows", "canonical_head", "canonicals_into", "entry_hash", "fallbacks",
+    "finish_row", "link", "log_line", "log_lines", "may_hold_whole_float", "plain_details", "tenants_in",
 )
