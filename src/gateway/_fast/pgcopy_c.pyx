@@ -236,8 +236,7 @@ def _read_in_place(bint on):
 cdef dict _row_bytes = {}
 cdef enum:
     _FIRST_GUESS = 256
-    _KINDS_KEPT = 64  # column kinds remembered (a gateway writes five tables)
-cdef enum:
+    _KINDS_KEPT = 64  # column kinds remembered (a gateway COPYs into three record tables)
     _GUESS_CAP = 64 << 20  # the largest bytes object made up front
 
 
