@@ -1,6 +1,7 @@
 """What clients send into request_logs (a tool name, a resource URI, a method of their own) is logged as the
-audit trail logs it: cut to its column, without NULs or lone surrogates, its secrets redacted; never refused by
-the database, never dropped with the batch's other rows, never stuck in the writer."""
+audit trail logs it: cut to its column, without NULs or lone surrogates, its secrets redacted; and what
+upstreams send (an error code of any shape) is kept only as the columns can hold it. No such row is refused by
+the database, dropped with its batch's other rows, or left stuck in the writer."""
 
 from __future__ import annotations
 
