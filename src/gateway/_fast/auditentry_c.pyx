@@ -42,8 +42,8 @@ cdef extern from "Python.h":
 
 cdef extern from "gw_uuid.h":
     int gw_uuid_int_bytes(object value, unsigned char* out) except -1
-    int gw_uuid_setup(object kind)
-    void gw_uuid_forget()
+    int gw_uuid_read_in_place(object kind, int on)
+    int gw_uuid_in_place()
     int gw_held_uuid_bytes(object value, unsigned char* out) noexcept
 
 cdef extern from *:
@@ -142,8 +142,8 @@ try:  # the UUIDs asyncpg reads (key, user and tenant ids from the database): it
 except ImportError:  # pragma: no cover - asyncpg is a dependency
     _asyncpg_uuid = _uuid.UUID
 cdef object _PG_UUID = _asyncpg_uuid
-# asyncpg's UUID read in place (gw_uuid.h), where its layout was found.
-cdef bint _in_place = _PG_UUID is not _UUID and gw_uuid_setup(_PG_UUID)
+# asyncpg's UUID read in place (gw_uuid.h), where its layout is found.
+gw_uuid_read_in_place(_PG_UUID, _PG_UUID is not _UUID)
 cdef Py_ssize_t _fallbacks = 0  # heads and lines the twin wrote (see `fallbacks`)
 cdef object _UTC = _timezone.utc
 from orjson import loads as _loads
@@ -1431,14 +1431,12 @@ def sha256_calls():
 
 def uuids_in_place():
     """Whether asyncpg's UUIDs are read in place (their layout found), not through `.bytes`."""
-    return _in_place
+    return gw_uuid_in_place() != 0
 
 
 def _read_in_place(bint on):
-    """Tests: read asyncpg's UUIDs in place (where the layout was found) or through `.bytes`."""
-    global _in_place
-    gw_uuid_forget()
-    _in_place = on and _PG_UUID is not _UUID and gw_uuid_setup(_PG_UUID)
+    """Tests: read asyncpg's UUIDs in place (where the layout is found) or through `.bytes`."""
+    gw_uuid_read_in_place(_PG_UUID, on and _PG_UUID is not _UUID)
     for at in range(4):  # the texts remembered were made either way; start afresh all the same
         (<list>_last_ids)[at] = None
 

@@ -3,7 +3,7 @@
    Two UUID types reach the records: uuid.UUID (the rows' own ids, keeps an int) and asyncpg's subclass (ids
    read from the database, keeps the 16 bytes themselves in its object). Reading asyncpg's `.bytes` makes a
    bytes object each time, through the generic attribute lookup: about 250 instructions, eleven times a
-   request when the batch's keys differ. `gw_uuid_setup` finds, once, where asyncpg's object holds the bytes:
+   request when the batch's keys differ. `gw_uuid_read_in_place` finds, once, where asyncpg's object holds the bytes:
    the one offset at which two probe values' bytes both lie, checked against `.bytes`. Where it finds none
    (another asyncpg, another layout), `gw_held_uuid_bytes` answers 0 and the caller reads the attribute as
    before. */
@@ -123,19 +123,18 @@ done:
     return found;
 }
 
-/* Read objects of `type` (asyncpg's UUID) in place from now on, if their bytes can be found; 1 if so. */
-static inline int gw_uuid_setup(PyObject* type) {
-    Py_ssize_t at = gw_find_uuid_bytes(type);
-    if (at < 0) return 0;
-    gw_held_uuid_type = (PyTypeObject*)type;
+/* Read objects of `type` (asyncpg's UUID) in place from now on if `on` and their bytes can be found, else
+   through their attribute (`on` false: a test's way to check that path); 1 if read in place. */
+static inline int gw_uuid_read_in_place(PyObject* type, int on) {
+    Py_ssize_t at = on ? gw_find_uuid_bytes(type) : -1;
+    gw_held_uuid_type = at < 0 ? NULL : (PyTypeObject*)type;
     gw_held_uuid_at = at;
-    return 1;
+    return at >= 0;
 }
 
-/* For testing the attribute path: forget the offset. */
-static inline void gw_uuid_forget(void) {
-    gw_held_uuid_type = NULL;
-    gw_held_uuid_at = -1;
+/* Whether objects of the type set up are read in place. */
+static inline int gw_uuid_in_place(void) {
+    return gw_held_uuid_type != NULL;
 }
 
 /* `value`'s 16 bytes into `out` if it is an object of the type set up (1), else nothing written (0). */

@@ -34,8 +34,8 @@ cdef extern from *:
 
 cdef extern from "gw_uuid.h":
     int gw_uuid_int_bytes(object value, unsigned char* out) except -1
-    int gw_uuid_setup(object kind)
-    void gw_uuid_forget()
+    int gw_uuid_read_in_place(object kind, int on)
+    int gw_uuid_in_place()
     int gw_held_uuid_bytes(object value, unsigned char* out) noexcept
 
 import_datetime()
@@ -54,8 +54,8 @@ try:
 except ImportError:  # pragma: no cover - asyncpg is a dependency
     _asyncpg_uuid = _uuid.UUID
 cdef object _PG_UUID = _asyncpg_uuid
-# asyncpg's UUID read in place (gw_uuid.h), where its layout was found.
-cdef bint _in_place = _PG_UUID is not _UUID and gw_uuid_setup(_PG_UUID)
+# asyncpg's UUID read in place (gw_uuid.h), where its layout is found.
+gw_uuid_read_in_place(_PG_UUID, _PG_UUID is not _UUID)
 cdef object _UTC = _twin.UTC
 cdef object _uuid_bytes = _twin.uuid_bytes
 cdef object _timestamp_micros = _twin.timestamp_micros
@@ -218,14 +218,12 @@ cdef int _field(Buffer* buf, char kind, object value, Py_ssize_t at) except -1:
 
 def uuids_in_place():
     """Whether asyncpg's UUIDs are read in place (their layout found), not through `.bytes`."""
-    return _in_place
+    return gw_uuid_in_place() != 0
 
 
 def _read_in_place(bint on):
-    """Tests: read asyncpg's UUIDs in place (where the layout was found) or through `.bytes`."""
-    global _in_place
-    gw_uuid_forget()
-    _in_place = on and _PG_UUID is not _UUID and gw_uuid_setup(_PG_UUID)
+    """Tests: read asyncpg's UUIDs in place (where the layout is found) or through `.bytes`."""
+    gw_uuid_read_in_place(_PG_UUID, on and _PG_UUID is not _UUID)
 
 
 # Bytes a row of each column kinds (a table's) took lately, the largest average of its last streams: the next
@@ -257,8 +255,8 @@ def encode(str kinds, rows, bint header=True, bint trailer=True):
     kind_bytes = kinds.encode("ascii")
     kind_of = kind_bytes
     _start(&buf, stack)
+    row_bytes = <Py_ssize_t>_row_bytes.get(kinds, _FIRST_GUESS)
     if type(rows) is list or type(rows) is tuple:
-        row_bytes = <Py_ssize_t>_row_bytes.get(kinds, _FIRST_GUESS)
         guess = len(rows) * (row_bytes + row_bytes // 4) + 64
         if _STACK < guess <= _GUESS_CAP:
             out = PyBytes_FromStringAndSize(NULL, guess)
@@ -285,7 +283,6 @@ def encode(str kinds, rows, bint header=True, bint trailer=True):
             _reserve(&buf, 2)
             _u16(&buf, -1)
         if count:
-            row_bytes = <Py_ssize_t>_row_bytes.get(kinds, _FIRST_GUESS)
             if len(_row_bytes) >= _KINDS_KEPT and kinds not in _row_bytes:
                 _row_bytes.clear()
             _row_bytes[kinds] = max(buf.length // count, row_bytes - row_bytes // 8, 16)
