@@ -27,8 +27,9 @@ cdef class CallWindows:
     cdef dict _windows
     cdef object _last_server
     cdef dict _last
+    cdef dict _by_address
 
-    @cython.locals(windows=dict, window=Window)
+    @cython.locals(windows=dict, window=Window, known=tuple)
     cpdef void observe(self, object tenant_id, object server_id, object tool, bint ok, double seconds) except *
     @cython.locals(windows=dict)
     cpdef dict take(self)

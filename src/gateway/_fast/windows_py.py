@@ -4,8 +4,10 @@ turns into server_metrics rows at the end of the period).
 `CallWindows.observe` runs once per upstream call on the request path (the
 guard reports every call it let through), so it is kept here, in the compiled
 core: a server's windows are found by the identity of its id (the last
-server's kept at hand), a tool's by its name, and a window adds a call in a few
-float operations. `take` hands the period's windows over and starts afresh.
+server's kept at hand, the others by the id object's address: hashing one of
+asyncpg's UUIDs runs about 500 instructions, and calls to two servers in turn
+missed the last one every time), a tool's by its name, and a window adds a
+call in a few float operations. `take` hands the period's windows over and starts afresh.
 
 A window keeps a uniform sample of at most `SAMPLES` latencies, from which the
 percentiles come: past `SAMPLES` calls it is a reservoir kept by Li's
@@ -77,15 +79,24 @@ class CallWindows:
         self._windows = {}
         self._last_server = None  # the server of the last call, and its dict
         self._last = None
+        # The id object's address -> (that id, its dict). Each entry holds its id alive, so no other object takes
+        # the address while it is here; a new snapshot's equal id finds the same dict through `_windows`.
+        self._by_address = {}
 
     def observe(self, tenant_id, server_id, tool, ok, seconds):
         """One upstream call ended with an answer (`ok`) or a failure, after `seconds`."""
         windows = self._last
         if server_id is not self._last_server or windows is None:
-            windows = self._windows.get(server_id)
-            if windows is None:
-                windows = {None: Window(tenant_id)}
-                self._windows[server_id] = windows
+            address = id(server_id)
+            known = self._by_address.get(address)
+            if known is not None and known[0] is server_id:
+                windows = known[1]
+            else:
+                windows = self._windows.get(server_id)
+                if windows is None:
+                    windows = {None: Window(tenant_id)}
+                    self._windows[server_id] = windows
+                self._by_address[address] = (server_id, windows)
             self._last_server = server_id
             self._last = windows
         window = windows[None]
@@ -101,6 +112,7 @@ class CallWindows:
         """The period's windows, by server id and tool; the next period starts empty."""
         windows = self._windows
         self._windows = {}
+        self._by_address = {}
         self._last_server = None
         self._last = None
         return windows
