@@ -45,6 +45,7 @@ def test_compiled_modules_reports_the_selection():
         "breaker": not NO_EXTENSIONS,
         "fairness": not NO_EXTENSIONS,
         "ids": not NO_EXTENSIONS,
+        "intake": not NO_EXTENSIONS,
         "pgcopy": not NO_EXTENSIONS,
         "screen": not NO_EXTENSIONS,
         "token_bucket": not NO_EXTENSIONS,
@@ -70,6 +71,8 @@ def test_no_extensions_selects_the_twin():
         "'fairness':",
         "False,",
         "'ids':",
+        "False,",
+        "'intake':",
         "False,",
         "'pgcopy':",
         "False,",
@@ -109,7 +112,7 @@ def test_compiled_source_is_a_relative_symlink_to_the_twin():
     # A copy instead of the link would let the two implementations drift. The
     # source tree is what counts: a wheel stores the link's target as a file.
     fast = pathlib.Path(__file__).resolve().parents[2] / "src" / "gateway" / "_fast"
-    for name in ("breaker", "fairness", "screen", "token_bucket", "violations", "windows"):
+    for name in ("breaker", "fairness", "intake", "screen", "token_bucket", "violations", "windows"):
         assert os.readlink(fast / f"{name}_c.py") == f"{name}_py.py"
 
 

@@ -29,6 +29,7 @@ from aiohttp import web
 from gateway._fast.ids import RowIds as _RowIds  # ids of request log rows and audit entries
 from gateway._fast.ids import utc_now  # their time (datetime.now(timezone.utc), built at C level)
 from gateway._fast.auditentry import mcp_row as _mcp_row  # AuditTrail.mcp_row's builder
+from gateway._fast.intake import CallRecorder  # a request's rows, queued in the writer's lanes
 from gateway.auth.authenticate import VerifiedKeys, authenticate, authenticate_request
 from gateway.config import DataPlaneConfig
 from gateway.dataplane import enforce
@@ -149,7 +150,6 @@ class DataPlane:
         self.tracer = tracer
         # An audit entry per authenticated request (records/audit.py); None: [audit] enabled = false.
         self.audit = audit
-        self.request_logs = True  # [writer] request_logs (app.py): false only to measure what records cost
         # Breakers, routing, per-upstream queues and retries (None: calls go out unguarded).
         self.guard = guard
         # The gateway's own credentials for upstreams (per server, opened from the snapshot).
@@ -195,6 +195,9 @@ class DataPlane:
         self._ids = _RowIds()
         if audit is not None:
             audit.new_id = self._ids.next  # ids drawn like request logs' (no syscall per id)
+        # Each request's rows (`_record`): AuditTrail.mcp_row's row made by the compiled builder.
+        self._calls = CallRecorder(writer.intake, self._ids.next, _mcp_row, McpDetails)
+        self._calls.audit = audit is not None
         self._operational = {
             "/healthz": self.handle_healthz,
             "/readyz": self.handle_readyz,
@@ -679,6 +682,16 @@ class DataPlane:
             data.update(limit=limited.limit, window=limited.window)
         return Refusal(429, RATE_LIMITED, message, headers=headers, data=data)
 
+    @property
+    def request_logs(self) -> bool:
+        """Whether each request writes a request_logs row ([writer] request_logs, set by app.py; false only to
+        measure what records cost)."""
+        return self._calls.request_logs
+
+    @request_logs.setter
+    def request_logs(self, on: bool) -> None:
+        self._calls.request_logs = on
+
     def _record(self, request, started, exchange, key, server, call, body, with_body, address=None) -> None:
         elapsed = time.perf_counter() - started
         # Milliseconds to the microsecond, as stored: the audit writer spells such a float without dtoa.
@@ -692,39 +705,13 @@ class DataPlane:
         self.latency.observe(elapsed, tenant_id, server_name or "")
         if address is None:
             address = self.client_address(request)
-        now = utc_now()
-        target = call.target if call is not None else None
-        status = exchange.status or 500
-        if self.request_logs:
-            self.writer.submit(
-                "request_logs",
-                (
-                    self._ids.next(),
-                    key.tenant_id if key is not None else None,
-                    key.user_id if key is not None else None,
-                    key.id if key is not None else None,
-                    server.id if server is not None else None,
-                    server_name,
-                    method,
-                    target,
-                    status,
-                    exchange.error_code,
-                    exchange.error,
-                    duration_ms,
-                    len(body),
-                    # A stream open for days can pass what the int column holds: counted up to its bound.
-                    exchange.sent if exchange.sent < _INT32_MAX else _INT32_MAX,
-                    address,
-                    now,
-                ),
-            )
-        if key is not None and self.audit is not None:
-            # Every authenticated request, refused or not; its params are decoded later, by the writer.
-            # AuditTrail.mcp_row's row, made by the compiled builder without the method's frame.
-            self.writer.submit("audit_logs", _mcp_row(
-                McpDetails, key, server_name, method, target, body, status, exchange.error_code, exchange.error,
-                duration_ms, address, now, call is not None and call.is_batch,
-            ))
+        # Its request_logs row and, for a caller with a key, its audit entry (whose params the writer decodes
+        # later), built and queued in the writer's lanes by the compiled intake: no frame of ours per row.
+        self._calls.record(
+            key, server, server_name, method, call.target if call is not None else None, exchange.status or 500,
+            exchange.error_code, exchange.error, duration_ms, body, exchange.sent, address, utc_now(),
+            call is not None and call.is_batch,
+        )
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:
         limit = self.config.max_body_bytes
@@ -1137,7 +1124,6 @@ def _too_many_sessions(counter: SessionCounter) -> Refusal:
     )
 
 
-_INT32_MAX = 2**31 - 1  # request_logs' byte counts are integer columns
 
 
 def _error_code(error) -> int | None:

@@ -37,6 +37,7 @@ from collections.abc import Callable
 import sqlalchemy as sa
 
 from gateway._fast import auditentry
+from gateway._fast.intake import Intake
 from gateway.db import tables
 from gateway.records.metrics import Histogram
 from gateway.records.sanitize import CLEANED_TEXTS, clean_text
@@ -120,9 +121,6 @@ class RecordWriter:
         self._max_queue = max_queue
         self._batch_size = batch_size
         self._flush_interval = flush_interval
-        # submit() compares the depth with this alone; stop() sets it to 0 so a
-        # stopped writer refuses rows without a second test on the hot path.
-        self._limit = max_queue
 
         # One FIFO per table, so a batch needs no grouping and a row needs no
         # wrapper saying where it goes. Each entry carries the table's width.
@@ -135,12 +133,10 @@ class RecordWriter:
         # Rows taken from the lanes and not yet written: the batch in flight, or
         # the one that failed and is being retried. Counted in the depth.
         self._held: dict[str, list[tuple]] = {}
-        self._queued = 0  # rows in the lanes + rows held, audit rows aside (_audit_lane, _audit_held)
 
         # No count of submissions: every row submitted is written, dropped or
         # queued, so `stats` adds them up instead of submit() paying for it.
         self._written = 0
-        self._refused = 0
         self._rejected = 0
         self._unwritten_at_stop = 0
         self._failed_flushes = 0
@@ -175,9 +171,14 @@ class RecordWriter:
         self._spilling_since: float | None = None  # when audit rows started going to the spill
         self._spilled_this_outage = 0
         self._spill_failing = False
-        self._stopped = False  # stop() finished: audit rows submitted now are spilled at once
 
         self._wake = asyncio.Event()  # enough rows for a batch, or stop requested
+        # What the request path runs (compiled, _fast/intake): `submit`, and the counts it keeps over the lanes:
+        # `queued` (rows in the lanes + rows held, audit rows aside: _audit_lane, _audit_held), `limit` (the
+        # depth that refuses: stop() sets it to 0), `refused`, and `stopped` (stop() finished: audit rows
+        # submitted now are spilled at once).
+        self._intake = Intake(self._lanes, AUDIT, batch_size, max_queue, self._wake.set, self._spill_after_stop)
+        self.submit = self._intake.submit  # the request path's call, without a frame of ours around it
         self._stop_requested = asyncio.Event()
         self._write_lock = asyncio.Lock()  # one batch at a time: flusher, flush() and stop() share it
         self._task: asyncio.Task | None = None
@@ -186,36 +187,17 @@ class RecordWriter:
 
     def submit(self, table: str, row: tuple) -> bool:
         """Queue one row (values in `COLUMNS[table]` order). False if it was refused
-        because the queue is full or the writer is stopped; the refusal is counted."""
-        try:
-            lane, width = self._lanes[table]
-        except KeyError:
-            raise ValueError(f"{table!r} is not a record table") from None
-        if len(row) != width:
-            # COPY would silently ignore extra values; a short row would be dropped
-            # far from the bug. Fail where the row is made.
-            raise ValueError(f"a {table} row has {width} values, got {len(row)}")
-        if lane is self._audit_lane:
-            # Never refused, and not counted against max_queue (that bound is the other
-            # tables'): the flusher writes or spills them every interval.
-            if self._stopped:
-                return self._spill_after_stop(row)
-            lane.append(row)
-            if len(lane) == self._batch_size:
-                self._wake.set()
-            return True
-        queued = self._queued
-        if queued >= self._limit:
-            self._refused += 1
-            return False
-        lane.append(row)
-        self._queued = queued = queued + 1
-        if queued == self._batch_size:
-            # Only on the crossing: the flusher re-checks the depth after each
-            # batch, so a deeper queue needs no further wake-ups (and submit
-            # stays a handful of operations).
-            self._wake.set()
-        return True
+        because the queue is full or the writer is stopped; the refusal is counted.
+
+        Audit rows are never refused and do not count against `max_queue`: the
+        flusher writes or spills them every interval. (Each writer answers this
+        with its intake's `submit`, _fast/intake, set in `__init__`.)"""
+        return self._intake.submit(table, row)
+
+    @property
+    def intake(self) -> Intake:
+        """The lanes' intake, for a request path that queues its rows itself (`CallRecorder`)."""
+        return self._intake
 
     # ------------------------------------------------------------ lifecycle
 
@@ -225,8 +207,8 @@ class RecordWriter:
 
     @property
     def stats(self) -> WriterStats:
-        dropped = self._refused + self._rejected + self._unwritten_at_stop
-        queued = self._queued + len(self._audit_lane) + len(self._audit_held)
+        dropped = self._intake.refused + self._rejected + self._unwritten_at_stop
+        queued = self._intake.queued + len(self._audit_lane) + len(self._audit_held)
         return WriterStats(
             submitted=self._written + dropped + queued + self._own_spilled - self._recovered,
             written=self._written,
@@ -244,8 +226,8 @@ class RecordWriter:
         """Start the flusher task (rows submitted before this wait for it)."""
         if self.running:
             raise RuntimeError("the record writer is already running")
-        self._limit = self._max_queue
-        self._stopped = False
+        self._intake.limit = self._max_queue
+        self._intake.stopped = False
         self._stop_requested.clear()
         self._wake.clear()
         await self._adopt()
@@ -261,7 +243,7 @@ class RecordWriter:
         close; the spill's files are released (pending segments stay on disk
         for the next process).
         """
-        self._limit = 0
+        self._intake.limit = 0
         self._stop_requested.set()
         self._wake.set()
         task = self._task
@@ -279,15 +261,15 @@ class RecordWriter:
             logger.error("record writer task failed: %s", _describe(exc))
         self._task = None
         await self._spill_leftover_audit()
-        self._stopped = True
+        self._intake.stopped = True
         if self._spill is not None:
             await asyncio.to_thread(self._spill.close)
-        unwritten = self._queued
+        unwritten = self._intake.queued
         if unwritten:
             for lane, _width in self._lanes.values():
                 lane.clear()
             self._held.clear()
-            self._queued = 0
+            self._intake.queued = 0
             self._unwritten_at_stop += unwritten
             logger.error(
                 "record writer stopped with %d records not written after %.1fs (last error: %s)",
@@ -350,7 +332,7 @@ class RecordWriter:
             if now >= self._retry_at:
                 return 0.0
             pause = min(pause, self._retry_at - now)
-        elif self._queued >= self._batch_size:
+        elif self._intake.queued >= self._batch_size:
             return 0.0
         spill = self._spill
         if spill is not None and spill.pending:
@@ -676,17 +658,17 @@ class RecordWriter:
                 return True
             except SpillFull as exc:
                 logger.error("an audit entry after the writer stopped could not be spilled: %s", exc)
-        self._refused += 1
+        self._intake.refused += 1
         return False
 
     def _settle(self, table: str, count: int) -> None:
         if table != AUDIT:
-            self._queued -= count
+            self._intake.queued -= count
         self._settled_by_table[table] += count
 
     def _unsettled(self) -> bool:
         """Whether any row is still in memory: queued, held, or audit rows not yet written or spilled."""
-        return bool(self._queued or self._audit_lane or self._audit_held)
+        return bool(self._intake.queued or self._audit_lane or self._audit_held)
 
     def _note_failure(self, exc: Exception) -> None:
         self._failed_flushes += 1
@@ -698,20 +680,20 @@ class RecordWriter:
             logger.error(
                 "cannot write records (%s); holding %d queued records and retrying",
                 self._last_error,
-                self._queued,
+                self._intake.queued,
             )
 
     def _report_overflow(self) -> None:
         """Log a full queue when it starts refusing rows, and again once it has room.
 
         Called by the flusher, not by submit(): the request path only counts."""
-        refused = self._refused
+        refused = self._intake.refused
         if refused != self._refused_seen:
             if self._refused_at_overflow is None:
                 self._refused_at_overflow = self._refused_seen
                 logger.error("record queue full (%d records): refusing new records", self._max_queue)
             self._refused_seen = refused
-        elif self._refused_at_overflow is not None and self._queued < self._limit:
+        elif self._refused_at_overflow is not None and self._intake.queued < self._intake.limit:
             logger.warning(
                 "record queue has room again; %d records were refused while it was full",
                 refused - self._refused_at_overflow,
