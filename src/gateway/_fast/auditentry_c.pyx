@@ -45,6 +45,8 @@ cdef extern from "gw_uuid.h":
     int gw_uuid_read_in_place(object kind, int on)
     int gw_uuid_in_place()
     int gw_held_uuid_bytes(object value, unsigned char* out) noexcept
+    void gw_uuid_int_slot(object kind)
+    PyObject* gw_uuid_int_of(object value)
 
 cdef extern from *:
     """
@@ -144,6 +146,7 @@ except ImportError:  # pragma: no cover - asyncpg is a dependency
 cdef object _PG_UUID = _asyncpg_uuid
 # asyncpg's UUID read in place (gw_uuid.h), where its layout is found.
 gw_uuid_read_in_place(_PG_UUID, _PG_UUID is not _UUID)
+gw_uuid_int_slot(_UUID)  # uuid.UUID's int read from its slot
 cdef Py_ssize_t _fallbacks = 0  # heads and lines the twin wrote (see `fallbacks`)
 cdef object _UTC = _timezone.utc
 from orjson import loads as _loads
@@ -270,6 +273,7 @@ cdef char _last_texts[4][38]
 cdef int _put_uuid(Buffer* buf, Py_ssize_t at, object value) except -1:
     """A UUID as its lowercase hyphenated text, quoted (`at`: its id position 0-3, for the cache; else -1)."""
     cdef unsigned char raw[16]
+    cdef PyObject* number
     cdef char* out
     cdef char* start
     cdef int i
@@ -280,7 +284,8 @@ cdef int _put_uuid(Buffer* buf, Py_ssize_t at, object value) except -1:
         buf.length += 38
         return 0
     if type(value) is _UUID:
-        gw_uuid_int_bytes(value.int, raw)
+        number = gw_uuid_int_of(value)
+        gw_uuid_int_bytes(<object>number if number is not NULL else value.int, raw)
     elif not gw_held_uuid_bytes(value, raw):  # asyncpg's, whose 16 bytes are at hand
         data = value.bytes
         if type(data) is not bytes or len(<bytes>data) != 16:

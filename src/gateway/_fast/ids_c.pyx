@@ -13,19 +13,10 @@ cdef extern from "Python.h":
 
 cdef extern from "gw_uuid.h":
     object gw_int_from_16 "gw_uuid_bytes_int" (const unsigned char* data)
+    Py_ssize_t gw_slot_at(object kind, const char* name)
 
 cdef extern from *:
     """
-    #include "structmember.h"
-    /* Where objects of `type` keep the __slots__ member `name` (a plain object slot), or -1. */
-    static Py_ssize_t gw_slot_at(PyObject* type, const char* name) {
-        PyObject* found = PyDict_GetItemString(((PyTypeObject*)type)->tp_dict, name);
-        PyMemberDef* member;
-        if (found == NULL || Py_TYPE(found) != &PyMemberDescr_Type) return -1;
-        member = ((PyMemberDescrObject*)found)->d_member;
-        if (member->type != T_OBJECT_EX || (member->flags & READONLY)) return -1;
-        return member->offset;
-    }
     /* A new object of `type` (no __new__ or __init__ run) with `first` and `second` in the slots at those
        offsets. */
     static PyObject* gw_with_slots(PyObject* type, Py_ssize_t first_at, PyObject* first, Py_ssize_t second_at,
@@ -39,7 +30,6 @@ cdef extern from *:
         return made;
     }
     """
-    Py_ssize_t gw_slot_at(object kind, const char* name)
     object gw_with_slots(object kind, Py_ssize_t first_at, object first, Py_ssize_t second_at, object second)
 
 import os

@@ -37,6 +37,8 @@ cdef extern from "gw_uuid.h":
     int gw_uuid_read_in_place(object kind, int on)
     int gw_uuid_in_place()
     int gw_held_uuid_bytes(object value, unsigned char* out) noexcept
+    void gw_uuid_int_slot(object kind)
+    PyObject* gw_uuid_int_of(object value)
 
 import_datetime()
 
@@ -54,8 +56,9 @@ try:
 except ImportError:  # pragma: no cover - asyncpg is a dependency
     _asyncpg_uuid = _uuid.UUID
 cdef object _PG_UUID = _asyncpg_uuid
-# asyncpg's UUID read in place (gw_uuid.h), where its layout is found.
+# asyncpg's UUID read in place (gw_uuid.h), where its layout is found; uuid.UUID's int read from its slot.
 gw_uuid_read_in_place(_PG_UUID, _PG_UUID is not _UUID)
+gw_uuid_int_slot(_UUID)
 cdef object _UTC = _twin.UTC
 cdef object _uuid_bytes = _twin.uuid_bytes
 cdef object _timestamp_micros = _twin.timestamp_micros
@@ -112,6 +115,7 @@ cdef unsigned char _held_bytes[_HELD][16]
 
 
 cdef int _field(Buffer* buf, char kind, object value, Py_ssize_t at) except -1:
+    cdef PyObject* whole
     cdef const char* text
     cdef Py_ssize_t size
     cdef long long number
@@ -130,7 +134,9 @@ cdef int _field(Buffer* buf, char kind, object value, Py_ssize_t at) except -1:
             buf.length += 16
             return 0
         if type(value) is _UUID:
-            gw_uuid_int_bytes(value.int, <unsigned char*>(buf.data + buf.length))
+            whole = gw_uuid_int_of(value)
+            gw_uuid_int_bytes(<object>whole if whole is not NULL else value.int,
+                              <unsigned char*>(buf.data + buf.length))
         else:
             # asyncpg's own UUID (ids read from the database) gives its 16 bytes as they are.
             raw = value.bytes if type(value) is _PG_UUID else _uuid_bytes(value)

@@ -1124,8 +1124,6 @@ def _too_many_sessions(counter: SessionCounter) -> Refusal:
     )
 
 
-
-
 def _error_code(error) -> int | None:
     """The code of an upstream's JSON-RPC error, as the records keep it: an integer of 32 bits (the columns'), or
     None for an error that is no object or a code of another kind, which the client still gets as it came."""
