@@ -507,11 +507,23 @@ def finish_row(tuple row, new_id, details, Py_ssize_t details_at, tuple bounded,
     return _finish(row, new_id, details, details_at, bounded, cleaned, clean, created_at)
 
 
+cdef object _bounded_text(object value, Py_ssize_t length, dict cleaned, clean):
+    """`value` cleaned as the audit trail's texts are (`cleaned`, clean_text's cache, looked up first) and cut to
+    `length` characters (-1: no bound)."""
+    cdef PyObject* found = PyDict_GetItem(cleaned, value) if type(value) is str else NULL
+    if found is not NULL:
+        text = <object>found
+    else:
+        text = clean(value) if isinstance(value, str) else clean(str(value))
+    if length >= 0 and len(text) > length:
+        return text[:length]
+    return text
+
+
 cdef tuple _finish(tuple row, new_id, details, Py_ssize_t details_at, tuple bounded, dict cleaned, clean,
                    Py_ssize_t created_at):
     cdef Py_ssize_t width = PyTuple_GET_SIZE(row), j, at
     cdef Py_ssize_t lengths[64]
-    cdef PyObject* found
     cdef tuple out
     if width > 64 or not (0 <= details_at < width and 0 <= created_at < width) or width == 0:
         return _twin.finish_row(row, new_id, details, details_at, bounded, cleaned, clean, created_at)
@@ -530,12 +542,7 @@ cdef tuple _finish(tuple row, new_id, details, Py_ssize_t details_at, tuple boun
         elif j == 0 and value is None:
             value = new_id
         if lengths[j] >= 0 and value is not None:
-            found = PyDict_GetItem(cleaned, value) if type(value) is str else NULL
-            if found is NULL:
-                text = clean(value) if isinstance(value, str) else clean(str(value))
-            else:
-                text = <object>found
-            value = text if type(text) is str and len(text) <= lengths[j] else text[:lengths[j]]
+            value = _bounded_text(value, lengths[j], cleaned, clean)
         if j == created_at:
             if PyDateTime_CheckExact(value):
                 if datetime_tzinfo(value) is None:
@@ -552,8 +559,7 @@ def bound_rows(list rows, tuple bounded, dict cleaned, clean):
     cdef list out = []
     cdef list values
     cdef tuple row
-    cdef PyObject* found
-    cdef Py_ssize_t count = len(bounded), width, at, k, length
+    cdef Py_ssize_t count = len(bounded), width, at, k
     cdef Py_ssize_t positions[64]
     cdef Py_ssize_t lengths[64]  # -1: no bound
     if count > 64:
@@ -575,14 +581,7 @@ def bound_rows(list rows, tuple bounded, dict cleaned, clean):
             value = <object>PyTuple_GET_ITEM(row, at)
             if value is None:
                 continue
-            found = PyDict_GetItem(cleaned, value) if type(value) is str else NULL
-            if found is NULL:
-                text = clean(value) if isinstance(value, str) else clean(str(value))
-            else:
-                text = <object>found
-            length = lengths[k]
-            if length >= 0 and len(text) > length:
-                text = text[:length]
+            text = _bounded_text(value, lengths[k], cleaned, clean)
             if text is not value and (type(value) is not str or text != value):
                 if values is None:
                     values = list(row)
