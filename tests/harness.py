@@ -134,6 +134,14 @@ class RunningGateway:
     def __init__(self, gateway, admin_key: str) -> None:
         self.gateway = gateway
         self.admin_key = admin_key
+        self._stopped = False
+
+    async def stop(self) -> None:
+        """Stop the gateway, once (a test may stop it before what it writes through goes away; the fixture
+        that started it stops it again at teardown)."""
+        if not self._stopped:
+            self._stopped = True
+            await self.gateway.stop()
 
     @property
     def url(self) -> str:

@@ -260,6 +260,7 @@ async def test_postgres_cut_during_a_burst_loses_and_duplicates_nothing(pg_url, 
                                                                         tmp_path):
     parts = urlsplit(pg_url)
     relay = await TcpRelay(parts.hostname, parts.port or 5432).start()
+    gw = None
     try:
         spill = tmp_path / "spill"
         gw = await make_gateway(_through(relay, pg_url), writer={"spill_dir": spill, "flush_interval": 0.05})
@@ -315,6 +316,8 @@ async def test_postgres_cut_during_a_burst_loses_and_duplicates_nothing(pg_url, 
         assert not any(name.endswith(".spill") for name in os.listdir(spill))
         assert gw.gateway.writer.stats.spilled == 0
     finally:
+        if gw is not None:
+            await gw.stop()  # before the relay it writes through, or it waits its writer's timeout out
         await relay.stop()
 
 
