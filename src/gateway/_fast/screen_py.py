@@ -126,6 +126,16 @@ class Screen:
         for pair in _CASED_AND_KEY_PAIRS:
             _mark(hits, pair)
         self._pairs = bytes(hits)
+        # The pairs `plain` passes over without a look: a byte of a run that is no digit, followed by a byte
+        # with which it starts nothing. Most of a body's bytes are such (the letters of its words and values).
+        quiet = bytearray(8192)
+        for first in range(256):
+            kind = _KINDS[first]
+            if kind & _RUN and not kind & _DIGIT:
+                row = first << 5
+                for k in range(row, row + 32):
+                    quiet[k] = ~hits[k] & 255
+        self._quiet = bytes(quiet)
 
     def _word_at(self, data, i, n, f):
         """Whether a word that counts starts at `data[i]` (compared folded); `f` is `data[i]` folded."""
@@ -162,6 +172,7 @@ class Screen:
         if n > _MAX_BODY:
             return False
         pairs = self._pairs
+        quiet = self._quiet
         data = raw  # compiled: a pointer to the bytes (no bounds checks: every index is below n)
         kinds = _KINDS
         opens = nesting
@@ -171,11 +182,19 @@ class Screen:
         # and separators) matters only for a run of 19 bytes or more (a run of 19 digits is in one, and a
         # secret run is longer), so such a run is read again when it ends (`_plain_run`), and a string's
         # length is told by where it opened. Each test returns False, so testing one when its span ends, not
-        # at every byte, gives the same answer.
+        # at every byte, gives the same answer. A run without a digit holds neither 19 digits nor a secret
+        # (the sanitizer's runs need a digit), so only a run with one is read again.
         opened = 0
         run_from = 0  # where the current run of [A-Za-z0-9+/_-] began
+        digit_in_run = False
         i = 0
         while i < n:
+            # A quiet pair changes none of the counts below: skip to the next byte that may.
+            while i + 1 < n:
+                pair = data[i] << 8 | data[i + 1]
+                if not quiet[pair >> 3] & (1 << (pair & 7)):
+                    break
+                i += 1
             c = data[i]
             # A word, a cased marker or a key's prefix could start here: rare, the pair's bit says.
             pair = c << 8 | (data[i + 1] if i + 1 < n else 0)
@@ -183,9 +202,10 @@ class Screen:
                 return False
             kind = kinds[c]
             if not kind & _RUN:  # no byte of a run is special
-                if i - run_from >= _BIG_DIGITS and not _plain_run(data, run_from, i, n):
+                if digit_in_run and i - run_from >= _BIG_DIGITS and not _plain_run(data, run_from, i, n):
                     return False
                 run_from = i + 1
+                digit_in_run = False
                 if kind & _SPECIAL:
                     if c >= 128 or c == 92:  # non-ASCII, or an escape
                         return False
@@ -198,8 +218,10 @@ class Screen:
                         commas += 1
                     else:  # { or [
                         opens += 1
+            elif kind & _DIGIT:
+                digit_in_run = True
             i += 1
-        if n - run_from >= _BIG_DIGITS and not _plain_run(data, run_from, n, n):
+        if digit_in_run and n - run_from >= _BIG_DIGITS and not _plain_run(data, run_from, n, n):
             return False
         if quoted and n - opened - 1 > MAX_STRING:
             return False
