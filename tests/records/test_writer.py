@@ -22,7 +22,7 @@ from harness import free_port
 from gateway.db import tables
 from gateway.db.engine import create_engine, create_pg_pool
 from gateway.records import chain
-from gateway.records.sinks import PostgresSink, RowsRejected, SQLiteSink, sink_for
+from gateway.records.sinks import PostgresSink, RowsRejected, SQLiteSink, encode_json, sink_for
 from gateway.records.writer import COLUMNS, RecordWriter
 
 UTC = timezone.utc
@@ -91,7 +91,7 @@ def audit_entry(i: int) -> tuple:
     return tuple(values[name] for name in COLUMNS["audit_logs"])
 
 
-def server_metric(i: int) -> tuple:
+def server_metric(i: int, **overrides: object) -> tuple:
     values = {
         "id": uuid.uuid4(),
         "tenant_id": TENANT,
@@ -107,6 +107,7 @@ def server_metric(i: int) -> tuple:
         "p99_response_ms": 40.0,
         "created_at": BASE_TIME,
     }
+    values.update(overrides)
     return tuple(values[name] for name in COLUMNS["server_metrics"])
 
 
@@ -537,6 +538,77 @@ async def test_values_a_column_cannot_take_are_rejected_not_retried(sqlite_url: 
             await sink.write("request_logs", COLUMNS["request_logs"], [bad])
         assert "not-a-uuid" not in str(caught.value)
         await sink.close()
+
+
+async def test_sqlite_stores_each_value_as_sqlalchemys_own_insert_does(tmp_path) -> None:
+    # SQLiteSink hands the driver converted tuples instead of going through an INSERT construct: what it stores
+    # must be the very text and types SQLAlchemy stores, or the control plane would read other values back.
+    import sqlite3
+
+    from asyncpg.pgproto.pgproto import UUID as PgUUID
+
+    from gateway.db import migrate
+
+    naive = datetime(2025, 3, 1, 12, 0, 0, 7)
+    rows = {
+        "request_logs": [request_log(i) for i in range(30)]
+        + [request_log(30, id=PgUUID(uuid.uuid4().bytes), created_at=naive, duration_ms=0.0, error="")],
+        "server_metrics": [server_metric(i) for i in range(5)]
+        + [server_metric(5, window_start=BASE_TIME.replace(microsecond=0), tool_name="t\x00ü")],
+        # Linked as the sink links them, so both inserts get the same chain columns.
+        "audit_logs": chain.link([audit_entry(i) for i in range(10)], {}, encode_json),
+    }
+    stored = {}
+    for name in ("ours", "sqlalchemys"):
+        url = f"sqlite:///{tmp_path / name}.db"
+        migrate.upgrade(url)
+        sink = SQLiteSink(create_engine(url))
+        try:
+            async with sink._engine.begin() as conn:
+                for table, values in rows.items():
+                    columns = COLUMNS[table]
+                    if name == "ours":
+                        insert, steps = sink._plan(table, columns)
+                        await conn.exec_driver_sql(insert, [sink_converted(steps, row) for row in values])
+                    else:
+                        # SQLAlchemy's insert, JSON declared as text and encoded the way the sink encodes it.
+                        source = tables.metadata.tables[table]
+                        shadow = sa.Table(table, sa.MetaData(), *(
+                            sa.Column(c.name, sa.Text() if isinstance(c.type, sa.JSON) else c.type)
+                            for c in source.columns))
+                        params = [dict(zip(columns, (
+                            encode_json(v) if isinstance(source.columns[c].type, sa.JSON)
+                            else v.astimezone(UTC) if isinstance(v, datetime) and v.tzinfo is not None
+                            else v for c, v in zip(columns, row)))) for row in values]
+                        await conn.execute(shadow.insert(), params)
+        finally:
+            await sink.close()
+        with sqlite3.connect(tmp_path / f"{name}.db") as raw:
+            stored[name] = {
+                table: raw.execute(f"SELECT {', '.join(f'{c}, typeof({c})' for c in COLUMNS[table])} FROM {table} "
+                                   "ORDER BY rowid").fetchall()
+                for table in rows
+            }
+    for table, values in rows.items():
+        assert len(stored["ours"][table]) == len(values)
+        assert stored["ours"][table] == stored["sqlalchemys"][table], table
+    # The sink's write path (its own conversions, in a transaction) reads back what was given.
+    url = f"sqlite:///{tmp_path / 'written'}.db"
+    migrate.upgrade(url)
+    sink = SQLiteSink(create_engine(url))
+    database = Database(url)
+    try:
+        await sink.write("request_logs", COLUMNS["request_logs"], rows["request_logs"][:30])
+        assert await database.rows("request_logs") == {row[0]: comparable(row) for row in rows["request_logs"][:30]}
+    finally:
+        await sink.close()
+        await database.close()
+
+
+def sink_converted(steps: tuple, row: tuple) -> tuple:
+    from gateway.records.sinks import _converted
+
+    return _converted(steps, [row])[0]
 
 
 async def test_every_record_table_is_copied_by_our_binary_encoder(pg_url: str) -> None:
