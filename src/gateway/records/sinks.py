@@ -476,14 +476,33 @@ class SQLiteSink:
     async def _write_audit(self, columns: tuple[str, ...], rows: list[tuple]) -> None:
         if columns != chain.COLUMNS:
             raise ValueError("audit rows are written with all their columns, in schema order")
-        table = tables.audit_logs
         try:
             # The canonical forms before the write lock, between turns of the loop (as on PostgreSQL).
             canonicals, _ = await chain.row_canonicals(rows)
         except Exception as exc:  # noqa: BLE001 - a value that cannot be encoded
             raise RowsRejected(f"{type(exc).__name__} while encoding an audit entry") from exc
         try:
-            async with self._engine.begin() as conn:
+            try:
+                # Most batches are new: no lookup of their ids first (as on PostgreSQL, the primary key refuses a
+                # row that is already in).
+                await self._chain_and_insert(columns, rows, canonicals, look_up=False)
+            except sa_exc.IntegrityError:
+                # A retried batch whose first write committed, or a spill segment replayed after a crash: the
+                # transaction rolled back; again, skipping what is in (a row refused for another reason is
+                # refused again, and rejected).
+                await self._chain_and_insert(columns, rows, canonicals, look_up=True)
+        except SinkError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every driver error is classified
+            raise _sqlite_error(exc) from exc
+
+    async def _chain_and_insert(self, columns: tuple[str, ...], rows: list[tuple], canonicals: list[bytes], *,
+                                look_up: bool) -> None:
+        """In one transaction, under SQLite's write lock: (`look_up`: skip the rows already in,) each chain's
+        head, the rows numbered and hashed after it, and their INSERT."""
+        table = tables.audit_logs
+        async with self._engine.begin() as conn:
+            if look_up:
                 present: set = set()
                 ids = [row[0] for row in rows]
                 for start in range(0, len(ids), 500):  # SQLite caps a statement's parameters
@@ -492,30 +511,28 @@ class SQLiteSink:
                 if present:
                     kept = [i for i, row in enumerate(rows) if row[0] not in present]
                     rows, canonicals = [rows[i] for i in kept], [canonicals[i] for i in kept]
+                    logger.info("audit_logs: skipped %d entries already in the database (a retried or "
+                                "replayed batch)", len(present))
                     if not rows:
                         return
-                heads = {}
-                for tenant in chain.tenants_of(rows):
-                    query = (
-                        sa.select(table.c.chain_seq, table.c.entry_hash)
-                        .where(table.c.tenant_id.is_(None) if tenant is None else table.c.tenant_id == tenant,
-                               table.c.chain_seq.is_not(None))
-                        .order_by(table.c.chain_seq.desc())
-                        .limit(1)
-                    )
-                    head = (await conn.execute(query)).first()
-                    if head is not None:
-                        heads[tenant] = (head[0], head[1])
-                insert, steps = self._plan(AUDIT, columns)
-                try:
-                    params = _converted(steps, chain.link(rows, heads, encode_json, canonicals))
-                except Exception as exc:  # noqa: BLE001 - a value that is not what its column takes
-                    raise RowsRejected(f"{type(exc).__name__} while converting a value") from exc
-                await conn.exec_driver_sql(insert, params)
-        except SinkError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every driver error is classified
-            raise _sqlite_error(exc) from exc
+            heads = {}
+            for tenant in chain.tenants_of(rows):
+                query = (
+                    sa.select(table.c.chain_seq, table.c.entry_hash)
+                    .where(table.c.tenant_id.is_(None) if tenant is None else table.c.tenant_id == tenant,
+                           table.c.chain_seq.is_not(None))
+                    .order_by(table.c.chain_seq.desc())
+                    .limit(1)
+                )
+                head = (await conn.execute(query)).first()
+                if head is not None:
+                    heads[tenant] = (head[0], head[1])
+            insert, steps = self._plan(AUDIT, columns)
+            try:
+                params = _converted(steps, chain.link(rows, heads, encode_json, canonicals))
+            except Exception as exc:  # noqa: BLE001 - a value that is not what its column takes
+                raise RowsRejected(f"{type(exc).__name__} while converting a value") from exc
+            await conn.exec_driver_sql(insert, params)
 
     def _plan(self, table: str, columns: tuple[str, ...]) -> tuple[str, tuple]:
         """The INSERT of `columns` into `table` in the driver's parameter style, and the conversion of each
