@@ -273,3 +273,46 @@ def test_a_uuid_whose_int_is_out_of_range_is_refused(pgcopy_impl, number):
     object.__setattr__(value, "int", number)  # only a damaged UUID holds such an int
     with pytest.raises(OverflowError):
         pgcopy_impl.encode("U", [(value,)], False, False)
+
+
+# -- the SQLite sink's values (`sqlite_rows`) -----------------------------------------------------------------------
+def _sa_uuid(value):
+    return value.hex  # SQLAlchemy's Uuid bind processor where there is no native UUID: its 32 hex digits
+
+
+def _sa_time(value):
+    # SQLAlchemy's SQLite DATETIME text, after the sink's conversion of an aware time to UTC.
+    if value.tzinfo is not None and value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return "%04d-%02d-%02d %02d:%02d:%02d.%06d" % (value.year, value.month, value.day, value.hour, value.minute,
+                                                  value.second, value.microsecond)
+
+
+_SQLITE_STEPS = ((0, "X", _sa_uuid), (1, "D", _sa_time), (2, "C", lambda value: f"<{value!r}>"))
+_ANY = st.none() | st.integers() | st.text(max_size=5) | st.just(object)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.tuples(
+    st.none() | st.uuids() | st.uuids().map(lambda u: AsyncpgUUID(str(u))) | st.uuids().map(str) | _ANY,
+    st.none() | st.datetimes(timezones=_ZONES) | st.sampled_from((datetime.min, datetime.max)) | _ANY,
+    _ANY, _ANY), max_size=6))
+def test_the_twins_give_sqlite_the_values_the_conversions_would(compiled_pgcopy, python_pgcopy, rows):
+    # The UUIDs' and times' text written in C is what the columns' own conversions give; the rest is theirs.
+    def expected(row):
+        out = list(row)
+        for at, _, convert in _SQLITE_STEPS:
+            try:
+                out[at] = None if row[at] is None and at < 2 else convert(row[at])
+            except (AttributeError, TypeError, ValueError) as exc:
+                return type(exc)
+        return tuple(out)
+
+    for impl in (compiled_pgcopy, python_pgcopy):
+        for row in rows:
+            want = expected(row)
+            if isinstance(want, type):
+                with pytest.raises(want):
+                    impl.sqlite_rows([row], _SQLITE_STEPS)
+            else:
+                assert impl.sqlite_rows([row], _SQLITE_STEPS) == [want]

@@ -606,9 +606,9 @@ async def test_sqlite_stores_each_value_as_sqlalchemys_own_insert_does(tmp_path)
 
 
 def sink_converted(steps: tuple, row: tuple) -> tuple:
-    from gateway.records.sinks import _converted
+    from gateway._fast import pgcopy
 
-    return _converted(steps, [row])[0]
+    return pgcopy.sqlite_rows([row], steps)[0]
 
 
 async def test_every_record_table_is_copied_by_our_binary_encoder(pg_url: str) -> None:

@@ -4,7 +4,8 @@ from . import is_extension_module, select
 
 implementation = select("pgcopy")
 encode = implementation.encode
+sqlite_rows = implementation.sqlite_rows
 KINDS = implementation.KINDS
 COMPILED = is_extension_module(implementation)
 
-__all__ = ("COMPILED", "KINDS", "encode")
+__all__ = ("COMPILED", "KINDS", "encode", "sqlite_rows")

@@ -24,6 +24,8 @@ from gateway._fast import pgcopy_py as _twin
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
     int _PyBytes_Resize(PyObject** value, Py_ssize_t size)
+    object PyUnicode_New(Py_ssize_t size, unsigned int maxchar)
+    unsigned char* PyUnicode_1BYTE_DATA(object text)
 
 cdef extern from *:
     """
@@ -304,4 +306,72 @@ def encode(str kinds, rows, bint header=True, bint trailer=True):
         _release(&buf)
 
 
-__all__ = ("HEADER", "KINDS", "TRAILER", "encode", "timestamp_micros", "uuid_bytes")
+cdef const char* _HEX = b"0123456789abcdef"
+
+
+cdef inline void _digits(unsigned char* out, long value, int width) noexcept:
+    cdef int i
+    for i in range(width - 1, -1, -1):
+        out[i] = <unsigned char>(48 + value % 10)
+        value //= 10
+
+
+cdef object _sqlite_value(char kind, object value, object convert):
+    """One value as SQLite stores it (see the twin's `sqlite_rows`)."""
+    cdef unsigned char raw[16]
+    cdef unsigned char* out
+    cdef PyObject* whole
+    cdef int i
+    if kind == b"X":
+        if type(value) is _UUID:
+            whole = gw_uuid_int_of(value)
+            gw_uuid_int_bytes(<object>whole if whole is not NULL else value.int, raw)
+        elif type(value) is not _PG_UUID or not gw_held_uuid_bytes(value, raw):
+            return None if value is None else convert(value)
+        text = PyUnicode_New(32, 127)
+        out = PyUnicode_1BYTE_DATA(text)
+        for i in range(16):
+            out[2 * i] = _HEX[raw[i] >> 4]
+            out[2 * i + 1] = _HEX[raw[i] & 15]
+        return text
+    if kind == b"D":
+        if not PyDateTime_CheckExact(value) or not (datetime_tzinfo(value) is None or datetime_tzinfo(value) is _UTC):
+            return None if value is None else convert(value)
+        text = PyUnicode_New(26, 127)
+        out = PyUnicode_1BYTE_DATA(text)
+        _digits(out, PyDateTime_GET_YEAR(value), 4)
+        out[4] = b"-"
+        _digits(out + 5, PyDateTime_GET_MONTH(value), 2)
+        out[7] = b"-"
+        _digits(out + 8, PyDateTime_GET_DAY(value), 2)
+        out[10] = b" "
+        _digits(out + 11, PyDateTime_DATE_GET_HOUR(value), 2)
+        out[13] = b":"
+        _digits(out + 14, PyDateTime_DATE_GET_MINUTE(value), 2)
+        out[16] = b":"
+        _digits(out + 17, PyDateTime_DATE_GET_SECOND(value), 2)
+        out[19] = b"."
+        _digits(out + 20, PyDateTime_DATE_GET_MICROSECOND(value), 6)
+        return text
+    return convert(value)
+
+
+def sqlite_rows(rows, tuple steps):
+    """`rows` as tuples of what SQLite stores (see the twin's `sqlite_rows`)."""
+    cdef list converted = []
+    cdef list values
+    cdef tuple step
+    cdef Py_ssize_t at, count = len(steps), k
+    cdef bytes kinds = b"".join([(<str>(<tuple>step)[1]).encode("ascii") for step in steps])
+    cdef const char* kind_of = kinds
+    for row in rows:
+        values = list(row)
+        for k in range(count):
+            step = <tuple>steps[k]
+            at = step[0]
+            values[at] = _sqlite_value(kind_of[k], values[at], step[2])
+        converted.append(tuple(values))
+    return converted
+
+
+__all__ = ("HEADER", "KINDS", "TRAILER", "encode", "sqlite_rows", "timestamp_micros", "uuid_bytes")

@@ -27,6 +27,11 @@ would (records/sinks.py `_PG_REJECTIONS`). No message quotes a value.
 The compiled twin reads the same values at C level (a UUID's int, a
 datetime's fields); tests/fast/test_pgcopy.py holds the two to the same bytes
 and PostgreSQL to storing what asyncpg's own COPY stores.
+
+`sqlite_rows` is the SQLite sink's counterpart: the values of a batch as
+SQLite stores them, a UUID as its 32 hex digits and a UTC or naive time as
+"YYYY-MM-DD HH:MM:SS.ffffff" written here, any other value (and every value of
+a column without one of those two kinds) by the column's own conversion.
 """
 
 from __future__ import annotations
@@ -101,6 +106,35 @@ def _field(kind: str, value, at: int) -> bytes:
     return struct.pack(layout, struct.calcsize(layout) - 4, value)
 
 
+try:
+    from asyncpg.pgproto.pgproto import UUID as _PG_UUID
+except ImportError:  # pragma: no cover - asyncpg is a dependency
+    _PG_UUID = uuid.UUID
+
+
+def sqlite_rows(rows, steps: tuple) -> list[tuple]:
+    """`rows` as tuples of what SQLite stores: each `steps` entry (position, kind, convert) changes one value.
+
+    kind "X": a uuid.UUID or asyncpg's UUID as its 32 lowercase hex digits (what SQLAlchemy's Uuid stores
+    there); "D": a datetime in UTC or naive as "YYYY-MM-DD HH:MM:SS.ffffff" (SQLAlchemy's SQLite DATETIME
+    text, its offset dropped); None stays None under both; any other value, or any value under another kind,
+    is `convert(value)`, which may raise (the sink rejects the batch)."""
+    converted = []
+    for row in rows:
+        values = list(row)
+        for at, kind, convert in steps:
+            value = values[at]
+            if kind == "X" and (type(value) is uuid.UUID or type(value) is _PG_UUID):
+                values[at] = value.hex
+            elif kind == "D" and type(value) is datetime and (value.tzinfo is None or value.tzinfo is UTC):
+                values[at] = (f"{value.year:04d}-{value.month:02d}-{value.day:02d} {value.hour:02d}:"
+                              f"{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}")
+            elif value is not None or kind not in "XD":
+                values[at] = convert(value)
+        converted.append(tuple(values))
+    return converted
+
+
 def uuid_bytes(value) -> bytes:
     """A uuid column value's 16 bytes."""
     if type(value) is uuid.UUID:
@@ -131,4 +165,4 @@ def timestamp_micros(value) -> int:
     return delta.days * 86_400_000_000 + delta.seconds * 1_000_000 + delta.microseconds
 
 
-__all__ = ("HEADER", "KINDS", "TRAILER", "encode", "timestamp_micros", "uuid_bytes")
+__all__ = ("HEADER", "KINDS", "TRAILER", "encode", "sqlite_rows", "timestamp_micros", "uuid_bytes")
