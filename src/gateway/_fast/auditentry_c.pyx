@@ -214,6 +214,7 @@ cdef object _hex_digest(const char* prev, Py_ssize_t prev_size, long long seq, c
 # ------------------------------------------------------------------ the canonical head
 
 include "gw_buffer.pxi"
+include "gw_time.pxi"
 
 
 # Which bytes a JSON string cannot hold as they are: '"', '\\' and the control characters.
@@ -307,13 +308,6 @@ cdef int _put_uuid(Buffer* buf, Py_ssize_t at, object value) except -1:
     return 0
 
 
-cdef inline void _digits(char* out, long value, int width) noexcept:
-    cdef int i
-    for i in range(width - 1, -1, -1):
-        out[i] = <char>(48 + value % 10)
-        value //= 10
-
-
 cdef int _put_timestamp(Buffer* buf, object value) except -1:
     """A UTC datetime as orjson writes it with OPT_UTC_Z: "YYYY-MM-DDTHH:MM:SS[.ffffff]Z", quoted."""
     cdef char* out
@@ -321,17 +315,7 @@ cdef int _put_timestamp(Buffer* buf, object value) except -1:
     _reserve(buf, 30)
     out = buf.data + buf.length
     out[0] = b'"'
-    _digits(out + 1, PyDateTime_GET_YEAR(value), 4)
-    out[5] = b"-"
-    _digits(out + 6, PyDateTime_GET_MONTH(value), 2)
-    out[8] = b"-"
-    _digits(out + 9, PyDateTime_GET_DAY(value), 2)
-    out[11] = b"T"
-    _digits(out + 12, PyDateTime_DATE_GET_HOUR(value), 2)
-    out[14] = b":"
-    _digits(out + 15, PyDateTime_DATE_GET_MINUTE(value), 2)
-    out[17] = b":"
-    _digits(out + 18, PyDateTime_DATE_GET_SECOND(value), 2)
+    _civil(out + 1, value, b"T")
     if micro:
         out[20] = b"."
         _digits(out + 21, micro, 6)

@@ -70,6 +70,7 @@ cdef int64_t _INT16_MIN = -32768, _INT16_MAX = 32767, _INT32_MIN = -2147483648, 
 
 
 include "gw_buffer.pxi"
+include "gw_time.pxi"
 
 
 cdef inline void _u16(Buffer* buf, int16_t value) noexcept:
@@ -309,13 +310,6 @@ def encode(str kinds, rows, bint header=True, bint trailer=True):
 cdef const char* _HEX = b"0123456789abcdef"
 
 
-cdef inline void _digits(unsigned char* out, long value, int width) noexcept:
-    cdef int i
-    for i in range(width - 1, -1, -1):
-        out[i] = <unsigned char>(48 + value % 10)
-        value //= 10
-
-
 cdef object _sqlite_value(char kind, object value, object convert):
     """One value as SQLite stores it (see the twin's `sqlite_rows`)."""
     cdef unsigned char raw[16]
@@ -339,19 +333,9 @@ cdef object _sqlite_value(char kind, object value, object convert):
             return None if value is None else convert(value)
         text = PyUnicode_New(26, 127)
         out = PyUnicode_1BYTE_DATA(text)
-        _digits(out, PyDateTime_GET_YEAR(value), 4)
-        out[4] = b"-"
-        _digits(out + 5, PyDateTime_GET_MONTH(value), 2)
-        out[7] = b"-"
-        _digits(out + 8, PyDateTime_GET_DAY(value), 2)
-        out[10] = b" "
-        _digits(out + 11, PyDateTime_DATE_GET_HOUR(value), 2)
-        out[13] = b":"
-        _digits(out + 14, PyDateTime_DATE_GET_MINUTE(value), 2)
-        out[16] = b":"
-        _digits(out + 17, PyDateTime_DATE_GET_SECOND(value), 2)
+        _civil(<char*>out, value, b" ")
         out[19] = b"."
-        _digits(out + 20, PyDateTime_DATE_GET_MICROSECOND(value), 6)
+        _digits(<char*>out + 20, PyDateTime_DATE_GET_MICROSECOND(value), 6)
         return text
     return convert(value)
 
