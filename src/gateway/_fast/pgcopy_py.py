@@ -115,8 +115,8 @@ except ImportError:  # pragma: no cover - asyncpg is a dependency
 def sqlite_rows(rows, steps: tuple) -> list[tuple]:
     """`rows` as tuples of what SQLite stores: each `steps` entry (position, kind, convert) changes one value.
 
-    kind "X": a uuid.UUID or asyncpg's UUID as its 32 lowercase hex digits (what SQLAlchemy's Uuid stores
-    there); "D": a datetime in UTC or naive as "YYYY-MM-DD HH:MM:SS.ffffff" (SQLAlchemy's SQLite DATETIME
+    kind "X": a uuid.UUID or asyncpg's UUID as its 32 lowercase hex digits (what SQLAlchemy's Uuid stores on
+    SQLite); "D": a datetime in UTC or naive as "YYYY-MM-DD HH:MM:SS.ffffff" (SQLAlchemy's SQLite DATETIME
     text, its offset dropped); None stays None under both; any other value, or any value under another kind,
     is `convert(value)`, which may raise (the sink rejects the batch)."""
     converted = []

@@ -422,10 +422,12 @@ class SQLiteSink:
     store the text 'null' and reject datetimes and UUIDs inside the value), and
     aware timestamps are converted to UTC (SQLite stores a wall-clock time
     without its offset). The INSERT goes to the driver as it is
-    (`exec_driver_sql`), each value through its column type's own bind
-    processor taken from SQLAlchemy: a row costs those calls and no more, where
-    an INSERT construct with a dict a row cost SQLAlchemy's statement
-    machinery per row (the writes were half the gateway's CPU under load).
+    (`exec_driver_sql`) with tuples from `pgcopy.sqlite_rows`, which writes a
+    UUID's hex digits and a UTC time's text in C and hands any other value to
+    its column type's own bind processor, taken from SQLAlchemy. An INSERT
+    construct with a dict a row cost SQLAlchemy's statement machinery per row
+    (bench/proxy_instructions.py --database sqlite: the records were 1.92x a
+    request without them; 1.54x this way).
 
     Every transaction of this sink starts with `BEGIN IMMEDIATE`: it holds
     SQLite's write lock before its first read. Other processes write audit
