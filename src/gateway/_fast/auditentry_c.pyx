@@ -44,9 +44,8 @@ cdef extern from "gw_uuid.h":
     int gw_uuid_int_bytes(object value, unsigned char* out) except -1
     int gw_uuid_read_in_place(object kind, int on)
     int gw_uuid_in_place()
-    int gw_held_uuid_bytes(object value, unsigned char* out) noexcept
     void gw_uuid_int_slot(object kind)
-    PyObject* gw_uuid_int_of(object value)
+    int gw_uuid_16(object value, unsigned char* out) except -1
 
 cdef extern from *:
     """
@@ -274,7 +273,6 @@ cdef char _last_texts[4][38]
 cdef int _put_uuid(Buffer* buf, Py_ssize_t at, object value) except -1:
     """A UUID as its lowercase hyphenated text, quoted (`at`: its id position 0-3, for the cache; else -1)."""
     cdef unsigned char raw[16]
-    cdef PyObject* number
     cdef char* out
     cdef char* start
     cdef int i
@@ -284,10 +282,11 @@ cdef int _put_uuid(Buffer* buf, Py_ssize_t at, object value) except -1:
         memcpy(out, _last_texts[at], 38)
         buf.length += 38
         return 0
-    if type(value) is _UUID:
-        number = gw_uuid_int_of(value)
-        gw_uuid_int_bytes(<object>number if number is not NULL else value.int, raw)
-    elif not gw_held_uuid_bytes(value, raw):  # asyncpg's, whose 16 bytes are at hand
+    if gw_uuid_16(value, raw):
+        pass
+    elif type(value) is _UUID:
+        gw_uuid_int_bytes(value.int, raw)
+    else:  # asyncpg's, where its layout was not found
         data = value.bytes
         if type(data) is not bytes or len(<bytes>data) != 16:
             raise ValueError("a UUID whose bytes are not 16 bytes")

@@ -173,4 +173,15 @@ static inline int gw_held_uuid_bytes(PyObject* value, unsigned char* out) {
     return 1;
 }
 
+/* `value`'s 16 bytes into `out` where they are at hand without an attribute lookup: asyncpg's UUID read in
+   place, or a uuid.UUID's int read from its slot (1); else nothing written (0: the caller reads the attribute,
+   or refuses the value); -1 with an exception set for an int that is no UUID's. */
+static inline int gw_uuid_16(PyObject* value, unsigned char* out) {
+    PyObject* number;
+    if (gw_held_uuid_bytes(value, out)) return 1;
+    number = gw_uuid_int_of(value);
+    if (number == NULL) return 0;
+    return gw_uuid_int_bytes(number, out) < 0 ? -1 : 1;
+}
+
 #endif

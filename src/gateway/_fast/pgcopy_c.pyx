@@ -40,7 +40,7 @@ cdef extern from "gw_uuid.h":
     int gw_uuid_in_place()
     int gw_held_uuid_bytes(object value, unsigned char* out) noexcept
     void gw_uuid_int_slot(object kind)
-    PyObject* gw_uuid_int_of(object value)
+    int gw_uuid_16(object value, unsigned char* out) except -1
 
 import_datetime()
 
@@ -118,7 +118,6 @@ cdef unsigned char _held_bytes[_HELD][16]
 
 
 cdef int _field(Buffer* buf, char kind, object value, Py_ssize_t at) except -1:
-    cdef PyObject* whole
     cdef const char* text
     cdef Py_ssize_t size
     cdef long long number
@@ -136,10 +135,10 @@ cdef int _field(Buffer* buf, char kind, object value, Py_ssize_t at) except -1:
             memcpy(buf.data + buf.length, _held_bytes[at], 16)
             buf.length += 16
             return 0
-        if type(value) is _UUID:
-            whole = gw_uuid_int_of(value)
-            gw_uuid_int_bytes(<object>whole if whole is not NULL else value.int,
-                              <unsigned char*>(buf.data + buf.length))
+        if gw_uuid_16(value, <unsigned char*>(buf.data + buf.length)):
+            pass
+        elif type(value) is _UUID:
+            gw_uuid_int_bytes(value.int, <unsigned char*>(buf.data + buf.length))
         else:
             # asyncpg's own UUID (ids read from the database) gives its 16 bytes as they are.
             raw = value.bytes if type(value) is _PG_UUID else _uuid_bytes(value)
@@ -314,13 +313,9 @@ cdef object _sqlite_value(char kind, object value, object convert):
     """One value as SQLite stores it (see the twin's `sqlite_rows`)."""
     cdef unsigned char raw[16]
     cdef unsigned char* out
-    cdef PyObject* whole
     cdef int i
     if kind == b"X":
-        if type(value) is _UUID:
-            whole = gw_uuid_int_of(value)
-            gw_uuid_int_bytes(<object>whole if whole is not NULL else value.int, raw)
-        elif type(value) is not _PG_UUID or not gw_held_uuid_bytes(value, raw):
+        if not gw_uuid_16(value, raw):  # None, or any UUID whose bytes are not at hand: the column's conversion
             return None if value is None else convert(value)
         text = PyUnicode_New(32, 127)
         out = PyUnicode_1BYTE_DATA(text)
