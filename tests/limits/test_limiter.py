@@ -97,6 +97,26 @@ def test_a_new_key_entry_applies_its_quota_at_once():
     assert (refused.value.tier, refused.value.limit, refused.value.window) == ("api_key", 1, "hour")
 
 
+def test_an_equal_entry_from_a_newer_snapshot_keeps_the_tiers_and_is_then_known_by_identity():
+    clock = Clock()
+    lim = limiter(clock)
+    key = key_entry(uuid.uuid4(), per_hour=3)
+    assert admit(lim, key, clock) is None
+    principal = lim._principals[key.prefix]
+    # A snapshot reload makes a new entry with the same values: the same tiers go on counting (one more
+    # admitted, then the quota of 3 refuses) ...
+    again = dataclasses.replace(key)
+    assert again == key and again is not key
+    assert admit(lim, again, clock) is None
+    assert lim._principals[key.prefix] is principal
+    # ... and the principal now holds the new entry, so later requests compare identities, not 15 fields.
+    assert principal.key is again
+    assert admit(lim, again, clock) is None
+    with pytest.raises(Limited) as refused:
+        admit(lim, again, clock)
+    assert (refused.value.tier, refused.value.limit) == ("api_key", 3)
+
+
 def test_new_settings_apply_to_cached_principals_and_addresses():
     clock = Clock()
     lim = limiter(clock)

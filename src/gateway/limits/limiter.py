@@ -257,8 +257,13 @@ class Limiter:
         except AttributeError:  # a JWT's principal (auth/oidc.py): no key, its id instead
             handle = key.id
         principal = self._principals.get(handle)
-        if principal is None or (principal.key is not key and principal.key != key):
-            principal = self._principal(key, handle, now)
+        if principal is None or principal.key is not key:
+            if principal is not None and principal.key == key:
+                # The same key in a newer snapshot: compared once (a dataclass's __eq__, ~4k instructions),
+                # then known by its identity again.
+                principal.key = key
+            else:
+                principal = self._principal(key, handle, now)
         taken = None
         for bucket, tier, limit, window in principal.tiers:
             if not bucket.try_acquire(cost, now):
