@@ -2,6 +2,7 @@
 # under this name. Keep the declarations in step with the twin's signatures.
 
 cimport cython
+from libc.math cimport exp, floor, log, log1p
 
 cdef Py_ssize_t _KEEP
 

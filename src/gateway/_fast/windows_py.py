@@ -22,16 +22,21 @@ This file is also the compiled module: `windows_c.py` is a symlink to it and
 dicts.
 """
 
-import math
 import random
+# exp, floor, log and log1p: Python's here; in the compiled module windows_c.pxd cimports the C library's under
+# those names, which an import naming them would rebind (Cython refuses that), and a star import does not.
+from math import *  # noqa: F403
 
 SAMPLES = 2048
 _KEEP = SAMPLES  # a C integer in the compiled module
 
 
+_random = random.random  # the module's shared generator (random.seed reaches it), without a lookup per draw
+
+
 def _uniform():
     """A uniform draw in (0, 1): never 0, whose logarithm Algorithm L takes."""
-    return 1.0 - random.random()
+    return 1.0 - _random()
 
 
 class Window:
@@ -55,19 +60,19 @@ class Window:
         if calls <= _KEEP:
             self.samples.append(seconds)
             if calls == _KEEP:
-                self._w = math.exp(math.log(_uniform()) / _KEEP)
+                self._w = exp(log(_uniform()) / _KEEP)  # noqa: F405
                 self._next = calls
                 self._skip()
         elif calls == self._next:
             self.samples[min(int(_uniform() * _KEEP), _KEEP - 1)] = seconds
-            self._w *= math.exp(math.log(_uniform()) / _KEEP)
+            self._w *= exp(log(_uniform()) / _KEEP)  # noqa: F405
             self._skip()
 
     def _skip(self):
         """Move `_next` past a geometric number of calls (Algorithm L's step)."""
         w = self._w
         if w < 1.0:
-            self._next += math.floor(math.log(_uniform()) / math.log1p(-w)) + 1
+            self._next += int(floor(log(_uniform()) / log1p(-w))) + 1  # noqa: F405
         else:
             self._next += 1
 
