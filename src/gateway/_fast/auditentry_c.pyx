@@ -23,7 +23,7 @@ from cpython.datetime cimport (
 )
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.long cimport PyLong_AsLongLong
-from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.dict cimport PyDict_GetItemWithError, PyDict_SetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.ref cimport PyObject, Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
@@ -493,7 +493,7 @@ def finish_row(tuple row, new_id, details, Py_ssize_t details_at, tuple bounded,
 cdef object _bounded_text(object value, Py_ssize_t length, dict cleaned, clean):
     """`value` cleaned as the audit trail's texts are (`cleaned`, clean_text's cache, looked up first) and cut to
     `length` characters (-1: no bound)."""
-    cdef PyObject* found = PyDict_GetItem(cleaned, value) if type(value) is str else NULL
+    cdef PyObject* found = PyDict_GetItemWithError(cleaned, value) if type(value) is str else NULL
     if found is not NULL:
         text = <object>found
     else:
@@ -598,7 +598,7 @@ def mcp_row(type details_type, key, server_name, method, target, body, status, e
         action, kind, resource = "mcp.batch", "server", server_name
     else:
         if method:
-            found = PyDict_GetItem(_ACTIONS, method) if type(method) is str else NULL
+            found = PyDict_GetItemWithError(_ACTIONS, method) if type(method) is str else NULL
             if found is not NULL:
                 action = <object>found
             else:
@@ -689,7 +689,7 @@ def prepare_rows(list rows, list out, type mcp_type, plain_of, fallback, new_id,
         tenant = <object>PyTuple_GET_ITEM(row, tenant_at)
         if <PyObject*>tenant != last_tenant:
             address = <Py_ssize_t><void*>tenant
-            found = PyDict_GetItem(screens, address)
+            found = PyDict_GetItemWithError(screens, address)
             if found is NULL:
                 plain = plain_of(tenant)
                 screens[address] = plain
@@ -704,7 +704,7 @@ def prepare_rows(list rows, list out, type mcp_type, plain_of, fallback, new_id,
             continue
         server = details.server
         if server is not None:
-            found = PyDict_GetItem(cleaned, server)
+            found = PyDict_GetItemWithError(cleaned, server)
             server = <object>found if found is not NULL else clean(server)
         error = clean(details.error) if details.error else None
         if (server is not None and type(server) is not str) or (error is not None and type(error) is not str):
@@ -1305,7 +1305,7 @@ def tenants_in(list rows, Py_ssize_t tenant_at):
         tenant = <object>PyTuple_GET_ITEM(row, tenant_at)
         if <PyObject*>tenant != last:
             address = <Py_ssize_t><void*>tenant
-            if PyDict_GetItem(addresses, address) is NULL:
+            if PyDict_GetItemWithError(addresses, address) is NULL:
                 seen.add(tenant)
                 addresses[address] = None
             last = <PyObject*>tenant  # the row holds it: no other object takes its address meanwhile
@@ -1350,9 +1350,9 @@ def link(list rows, dict heads, list canonicals, texts, Py_ssize_t tenant_at, Py
             raise IndexError("a column position past the row's end")
         tenant = <object>PyTuple_GET_ITEM(row, tenant_at)
         identity = <Py_ssize_t><void*>tenant
-        found = PyDict_GetItem(known, identity)
+        found = PyDict_GetItemWithError(known, identity)
         if found is NULL:
-            found = PyDict_GetItem(states, tenant)
+            found = PyDict_GetItemWithError(states, tenant)
             if found is NULL:
                 head = heads.get(tenant, _GENESIS_HEAD)
                 state = [head[0], head[1]]
