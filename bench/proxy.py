@@ -7,6 +7,7 @@
     python bench/proxy.py --compare guard      # the upstream guard on against off, instead of the limits
     python bench/proxy.py --compare audit      # the audit trail on against off
     python bench/proxy.py --workers 1,2        # also `gateway serve --workers 1` and `--workers 2` (needs Redis)
+    python bench/proxy.py --compare records --pairs 20   # and 20 short on/off pairs: the ratio with its interval
     BENCH_PG_URL=postgresql://user@host:5432/postgres python bench/proxy.py
     BENCH_REDIS_URL=redis://host:6379/0 python bench/proxy.py --workers 1,2
 
@@ -74,6 +75,16 @@ wrk (one thread, a generated Lua script; an aiohttp client if wrk is not on
 PATH) at three targets in turn: the upstream directly, the baseline, the
 gateway(s). Each gets a warm-up, then a measured run; `--rounds` repeats them,
 alternating the order of the baseline and the gateways, and the medians count.
+
+`--pairs N` (with both gateways) adds, after the rounds, N pairs of short
+measured runs (`--pair-seconds`, default 3, each after its own warm-up): the
+two gateways one right after the other, the off one first in every other
+pair. On a shared VM the machine's speed drifts over tens of seconds, so a
+pair's own on/off ratio is steadier than the ratio of medians taken a round
+apart. The report gives the median of the pairs' ratios (CPU per request,
+throughput) with a 95% interval that assumes nothing about the noise: the
+k-th smallest and k-th largest ratios, k from the binomial distribution of
+how many ratios fall below the median.
 
 Placement on two cores: the proxy under test (baseline or gateway) is pinned
 to CPU 0, the load generator and the stub to CPU 1, so each proxy has one core
@@ -1115,6 +1126,42 @@ def measure(target: str, url: str, pids: dict[str, int], cpus: dict[str, tuple[i
 
 
 # -- the report ---------------------------------------------------------------------------------
+PAIRS_MIN = 6  # the fewest pairs whose extreme ratios bound the median at 95% (1 - 2 * 0.5**6 = 0.97)
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """The median of `values` and a distribution-free interval for it: the k-th smallest and k-th largest
+    values, k the largest whose interval covers the median with at least `confidence` (each value falls
+    below the median with probability 1/2, so the count below is binomial(n, 1/2))."""
+    ordered = sorted(values)
+    n = len(ordered)
+    k, below = 0, 0.0  # below: P(fewer than k + 1 of the n values fall under the median)
+    while True:
+        below += math.comb(n, k) / 2**n
+        if 1 - 2 * below < confidence:
+            break
+        k += 1
+    if k == 0:
+        raise ValueError(f"{n} values cannot bound a median at {confidence:.0%}")
+    return statistics.median(ordered), ordered[k - 1], ordered[n - k]
+
+
+def report_pairs(pairs: list[tuple[Load, Load]], seconds: float) -> dict:
+    """The on/off ratios of the pairs: their medians, each with its 95% interval."""
+    feature = COMPARE.feature
+    cpu = median_interval([a.cpu_us_per_request / b.cpu_us_per_request for a, b in pairs])
+    rps = median_interval([a.rps / b.rps for a, b in pairs])
+    extra = median_interval([a.cpu_us_per_request - b.cpu_us_per_request for a, b in pairs])
+    print(f"\n{len(pairs)} pairs of {seconds:g} s runs, each gateway right after the other (every other pair the "
+          "off one first):")
+    print(f"{feature + ' on/off':<16} = {cpu[0]:.3f}x CPU per request, 95% interval {cpu[1]:.3f}-{cpu[2]:.3f}x "
+          f"({extra[0]:+.1f} us/request, {extra[1]:+.1f} to {extra[2]:+.1f}: what {COMPARE.cost})")
+    print(f"{'':<16}   {rps[0]:.3f}x throughput, 95% interval {rps[1]:.3f}-{rps[2]:.3f}x "
+          "(median of the pairs' own ratios; the interval: order statistics, no assumption about the noise)")
+    return {"count": len(pairs), "seconds": seconds,
+            "cpu_per_request_ratio": dict(zip(("median", "low", "high"), cpu)),
+            "throughput_ratio": dict(zip(("median", "low", "high"), rps)),
+            "extra_cpu_us_per_request": dict(zip(("median", "low", "high"), extra))}
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -1375,19 +1422,41 @@ def run(args, specs: list[GatewaySpec], work_dir: Path, children: Children, db: 
                 f"CPU {result.cpu_pct:.0f}% ({result.cpu_us_per_request:.1f} us/request), other work on the pinned "
                 f"CPUs up to {result.others_pct:.0f}%{statuses}")
 
+    pairs: list[tuple[Load, Load]] = []
+    if args.pairs:
+        on_target, off_target = "gateway", COMPARE.targets["off"]
+        for i in range(args.pairs):
+            # Every other pair the off gateway goes first: a drift of the machine's speed within a pair then
+            # favours neither.
+            order = (on_target, off_target) if i % 2 == 0 else (off_target, on_target)
+            measured = {}
+            for target in order:
+                measured[target] = measure(target, urls[target], pids, cpus, load, body, gateways,
+                                           args.pair_seconds, ceiling)
+            on, off = measured[on_target], measured[off_target]
+            pairs.append((on, off))
+            log(f"pair {i + 1}/{args.pairs}: CPU per request {on.cpu_us_per_request:.1f} against "
+                f"{off.cpu_us_per_request:.1f} us ({on.cpu_us_per_request / off.cpu_us_per_request:.3f}x), "
+                f"{on.rps:,.0f} against {off.rps:,.0f} req/s")
+
     cond = conditions(args, body, load, db, redis, pids, load_at_start, source, gateways)
     # Stopped first (a supervisor after its workers), the gateways flush every record they queued; then count them.
     for gateway in gateways.values():
         Children.stop(gateway.proc)
     rows = db.count_request_logs()
-    measured = sum(x.requests for t in gateways for x in results[t])
+    measured = sum(x.requests for t in gateways for x in results[t]) + sum(a.requests + b.requests for a, b in pairs)
     cond["request_logs_rows"] = (f"{rows} for the run ({measured} measured gateway requests, plus warm-ups and "
                                  "probes)")
     summary = report(results, cond, gateways)
+    if pairs:
+        summary["pairs"] = report_pairs(pairs, args.pair_seconds)
     RESULTS_DIR.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS_DIR / f"proxy-{stamp}.json"
     runs = {t: [{**asdict(x), "cpu_us_per_request": x.cpu_us_per_request} for x in results[t]] for t in results}
+    if pairs:
+        runs["pairs"] = [{"on": {**asdict(a), "cpu_us_per_request": a.cpu_us_per_request},
+                          "off": {**asdict(b), "cpu_us_per_request": b.cpu_us_per_request}} for a, b in pairs]
     out.write_text(json.dumps({"benchmark": "proxy", "compare": COMPARE.feature, "workers": args.workers,
                                "timestamp": stamp, **summary, "labels": {t: label(t) for t in results},
                                "runs": runs, "conditions": cond, "request_logs_rows": rows}, indent=2) + "\n")
@@ -1437,6 +1506,11 @@ def main(argv: list[str] | None = None) -> int:
                              "each round (default)")
     parser.add_argument("--limits", choices=("on", "off", "both"),
                         help="the same as --compare limits --gateways LIMITS")
+    parser.add_argument("--pairs", type=int, default=0, metavar="N",
+                        help="after the rounds, N short runs of each of the two gateways back to back (--pair-seconds "
+                             "each), reported as the median on/off ratio with its 95%% confidence interval")
+    parser.add_argument("--pair-seconds", type=float, default=3.0, help="measured seconds of each run of a pair "
+                                                                         "(default 3)")
     parser.add_argument("--workers", type=worker_counts, default=[], metavar="N[,N...]",
                         help="also measure the production gateway as `gateway serve --workers N` for each N (e.g. "
                              "1,2), with Redis (BENCH_REDIS_URL), on CPUs 0 and 1; the ratio of each N to the first")
@@ -1448,6 +1522,12 @@ def main(argv: list[str] | None = None) -> int:
     args.gateways = args.gateways or "both"
     if args.duration <= 0 or args.connections < 1 or args.rounds < 1:
         parser.error("--duration, --connections and --rounds must be positive")
+    if args.pairs < 0 or args.pair_seconds <= 0:
+        parser.error("--pairs must be 0 or more and --pair-seconds positive")
+    if args.pairs and args.gateways != "both":
+        parser.error("--pairs compares the two gateways: it needs --gateways both")
+    if 0 < args.pairs < PAIRS_MIN:
+        parser.error(f"--pairs needs at least {PAIRS_MIN} pairs for a 95% interval of the median")
     if len(os.sched_getaffinity(0)) < 2:
         parser.error("needs two CPUs (one for the proxy under test, one for the load)")
     if args.database == "sqlite" and any(n > 1 for n in args.workers):
