@@ -605,6 +605,31 @@ async def test_sqlite_stores_each_value_as_sqlalchemys_own_insert_does(tmp_path)
         await database.close()
 
 
+async def test_a_sqlite_engine_binds_none_through_a_registered_adapter_as_null(tmp_path) -> None:
+    # CPython's sqlite3 runs its adaptation protocol for every None it binds (an AttributeError built and dropped
+    # each time, about 450 ns); create_engine registers a C adapter for NoneType so the registry answers first.
+    import sqlite3
+
+    from gateway.db import engine as engine_module
+    from gateway.db import migrate
+
+    url = f"sqlite:///{tmp_path / 'nones'}.db"
+    migrate.upgrade(url)
+    sink = SQLiteSink(create_engine(url))
+    try:
+        assert sqlite3.adapters[(type(None), sqlite3.PrepareProtocol)] is engine_module._NONE
+        # A success's row: no error, no error code, no key (anonymous): each None is still stored as NULL.
+        row = request_log(0, error=None, error_code=None, tenant_id=None, user_id=None, api_key_id=None)
+        await sink.write("request_logs", COLUMNS["request_logs"], [row])
+        async with sink._engine.connect() as conn:
+            found = (await conn.exec_driver_sql(
+                "SELECT typeof(error), typeof(error_code), typeof(tenant_id), typeof(api_key_id), typeof(status_code) "
+                "FROM request_logs")).all()
+        assert found == [("null", "null", "null", "null", "integer")]
+    finally:
+        await sink.close()
+
+
 def sink_converted(steps: tuple, row: tuple) -> tuple:
     from gateway._fast import pgcopy
 
