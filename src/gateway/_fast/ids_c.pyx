@@ -33,6 +33,7 @@ cdef extern from *:
     object gw_with_slots(object kind, Py_ssize_t first_at, object first, Py_ssize_t second_at, object second)
 
 import os
+import time
 import uuid
 from datetime import timezone
 
@@ -49,21 +50,41 @@ cdef Py_ssize_t _INT_AT = gw_slot_at(_UUID, b"int")
 cdef Py_ssize_t _IS_SAFE_AT = gw_slot_at(_UUID, b"is_safe")
 
 
+v7_int = _twin.v7_int
+cdef object _TIME_NS = time.time_ns
+cdef unsigned long long _NANOSECONDS_CAP = 1ULL << 63  # as the twin's: a signed 64-bit count
+
+
 cdef class RowIds:
-    """A source of version 4 UUIDs; `random(n)` gives the bytes (`os.urandom`, or a test's own)."""
+    """A source of version 7 UUIDs; `random(n)` gives the bytes (`os.urandom`, or a test's own), `clock()` the
+    time in nanoseconds since the epoch (`time.time_ns`: then the clock is read here, at C level)."""
 
     cdef bytes _block
     cdef Py_ssize_t _at
     cdef object _random
+    cdef object _clock
+    cdef bint _own_clock
 
-    def __init__(self, random=os.urandom):
+    def __init__(self, random=os.urandom, clock=_TIME_NS):
         self._random = random
+        self._clock = clock
+        self._own_clock = clock is _TIME_NS
         self._block = b""
         self._at = 0
 
     def next(self):
         cdef unsigned char raw[16]
         cdef Py_ssize_t at = self._at
+        cdef timespec now
+        cdef unsigned long long nanoseconds, milliseconds, fraction
+        cdef int i
+        if self._own_clock and clock_gettime(CLOCK_REALTIME, &now) == 0 and now.tv_sec >= 0:
+            nanoseconds = <unsigned long long>now.tv_sec * 1000000000ULL + <unsigned long long>now.tv_nsec
+        else:
+            reading = self._clock()
+            if not 0 <= reading < _NANOSECONDS_CAP:  # also a TypeError for what is no number
+                raise ValueError("a time outside a version 7 id's range")
+            nanoseconds = reading
         if at + 16 > PyBytes_GET_SIZE(self._block):
             block = self._random(BLOCK)
             if type(block) is not bytes:
@@ -73,8 +94,15 @@ cdef class RowIds:
                 raise ValueError("the random source gave fewer than 16 bytes")
         self._at = at + 16
         memcpy(raw, PyBytes_AS_STRING(self._block) + at, 16)
-        raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-        raw[8] = (raw[8] & 0x3F) | 0x80  # variant RFC 4122
+        # As the twin's v7_int: milliseconds in the first 48 bits, version 7 and the sub-millisecond fraction's
+        # 12 bits, the variant over the last 8 bytes' randomness.
+        milliseconds = nanoseconds // 1000000ULL
+        fraction = (nanoseconds % 1000000ULL) * 4096ULL // 1000000ULL
+        for i in range(6):
+            raw[i] = <unsigned char>(milliseconds >> (40 - 8 * i))
+        raw[6] = <unsigned char>(0x70 | (fraction >> 8))
+        raw[7] = <unsigned char>fraction
+        raw[8] = (raw[8] & 0x3F) | 0x80  # variant RFC 9562
         if _INT_AT >= 0 and _IS_SAFE_AT >= 0:
             return gw_with_slots(_UUID, _INT_AT, gw_int_from_16(raw), _IS_SAFE_AT, _UNKNOWN_SAFETY)
         made = _new(_UUID)
@@ -119,4 +147,4 @@ cpdef utc_at(long long seconds, long nanoseconds):
     return datetime_new(year, month, day, rest // 3600, rest % 3600 // 60, rest % 60, nanoseconds // 1000, _UTC)
 
 
-__all__ = ("BLOCK", "RowIds", "utc_at", "utc_now")
+__all__ = ("BLOCK", "RowIds", "utc_at", "utc_now", "v7_int")
