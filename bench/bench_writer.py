@@ -59,16 +59,17 @@ def database_url(name: str) -> str:
     return f"{base}/{name}"
 
 
-def build_rows(count: int) -> list[tuple]:
-    """Rows shaped like the data plane's: ids, a tenant, a server, a status, sizes, an aware timestamp."""
+def build_rows(count: int, new_id=uuid.uuid4, start: datetime | None = None) -> list[tuple]:
+    """Rows shaped like the data plane's: ids (`new_id()`), a tenant, a server, a status, sizes, an aware
+    timestamp a microsecond apart from `start` (default: now)."""
     tenant, server = uuid.uuid4(), uuid.uuid4()
-    start = datetime.now(timezone.utc)
+    start = datetime.now(timezone.utc) if start is None else start
     rows = []
     for i in range(count):
         failed = i % 20 == 0
         rows.append(
             (
-                uuid.uuid4(),
+                new_id(),
                 tenant,
                 uuid.uuid4(),
                 uuid.uuid4(),

@@ -15,14 +15,14 @@ For each kind of id and each database, it makes a migrated database of its own
 (a temporary SQLite file; `gwbench_ids_<random>` on the server BENCH_PG_URL
 names, default postgres@127.0.0.1:5432, dropped at the end), then writes
 `--rows` request_logs rows through the writer's own sink (`SQLiteSink`,
-`PostgresSink`: executemany, COPY) in batches of `--batch`, the rows shaped as
-the data plane's (two tenants, a server, a success's NULLs, an aware time a
-microsecond apart), only the ids differing. It reports the CPU a row cost in
-the last `--tail` rows (the table at its fullest): this process's for SQLite
-(the driver's thread included), the PostgreSQL backends' (read from /proc:
-the server must run on this machine) for PostgreSQL; and the ratio of version 4
-to version 7. The two kinds run one after the other, twice, in alternating
-order; the better run of each counts.
+`PostgresSink`: executemany, COPY) in batches of `--batch`. The rows are
+`bench_writer.py`'s (shaped as the data plane's: a tenant, a server, a failure
+in twenty, an aware time a microsecond apart), only the ids differing. It
+reports the CPU a row cost in the last `--tail` rows (the table at its
+fullest): this process's for SQLite (the driver's thread included), the
+PostgreSQL backend's (read from /proc: the server must run on this machine)
+for PostgreSQL; and the ratio of version 4 to version 7. The two kinds run one
+after the other, twice, in alternating order; the better run of each counts.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from pathlib import Path
 
 import asyncpg
 
+from bench_writer import TABLE, build_rows  # bench/, this script's directory
+
 from gateway._fast.ids import COMPILED, RowIds
 from gateway.db import migrate
 from gateway.db.engine import create_engine, create_pg_pool
@@ -47,29 +49,13 @@ from gateway.records.sinks import PostgresSink, SQLiteSink
 from gateway.records.writer import COLUMNS
 
 ADMIN_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-TABLE = "request_logs"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def rows(count: int, new_id, start: datetime) -> list[tuple]:
-    tenants, server = (uuid.uuid4(), uuid.uuid4()), uuid.uuid4()
-    users = [uuid.uuid4() for _ in range(8)]
-    made = []
-    for i in range(count):
-        made.append((new_id(), tenants[i % 2], users[i % 8], users[(i + 3) % 8], server, "search", "tools/call",
-                     f"tool-{i % 13}", 200, None, None, 3.5 + (i % 97) / 10, 256, 1500 + i % 5000, "203.0.113.9",
-                     start + timedelta(microseconds=i)))
-    assert len(made[0]) == len(COLUMNS[TABLE])
-    return made
-
-
-def backend_cpu(pids: list[int]) -> float:
-    """The CPU seconds the PostgreSQL backends `pids` used so far (user + system, from /proc)."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / TICKS
+def backend_cpu(pid: int) -> float:
+    """The CPU seconds the PostgreSQL backend `pid` used so far (user + system, from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14 and 15 of stat)
 
 
 async def sqlite_run(kind: str, args: argparse.Namespace, work: Path) -> float:
@@ -77,7 +63,7 @@ async def sqlite_run(kind: str, args: argparse.Namespace, work: Path) -> float:
     migrate.upgrade(url)
     sink = SQLiteSink(create_engine(url))
     try:
-        return await _write(sink, kind, args, lambda: time.process_time())
+        return await _write(sink, kind, args, time.process_time)
     finally:
         await sink.close()
 
@@ -95,7 +81,7 @@ async def postgres_run(kind: str, args: argparse.Namespace) -> float:
             try:
                 async with pool.acquire() as conn:
                     pid = await conn.fetchval("SELECT pg_backend_pid()")
-                return await _write(PostgresSink(pool), kind, args, lambda: backend_cpu([pid]))
+                return await _write(PostgresSink(pool), kind, args, lambda: backend_cpu(pid))
             finally:
                 await pool.close()
         finally:
@@ -110,7 +96,7 @@ async def _write(sink, kind: str, args: argparse.Namespace, cpu) -> float:
     columns = COLUMNS[TABLE]
     written, spent = 0, 0.0
     while written < args.rows:
-        batch = rows(min(args.batch, args.rows - written), new_id, start + timedelta(microseconds=written))
+        batch = build_rows(min(args.batch, args.rows - written), new_id, start + timedelta(microseconds=written))
         before = cpu()
         await sink.write(TABLE, columns, batch)
         if written >= args.rows - args.tail:

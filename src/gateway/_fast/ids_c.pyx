@@ -52,7 +52,7 @@ cdef Py_ssize_t _IS_SAFE_AT = gw_slot_at(_UUID, b"is_safe")
 
 v7_int = _twin.v7_int
 cdef object _TIME_NS = time.time_ns
-cdef unsigned long long _NANOSECONDS_CAP = 1ULL << 63  # as the twin's: a signed 64-bit count
+cdef unsigned long long _NANOSECONDS_CAP = _twin._NANOSECONDS_CAP
 
 
 cdef class RowIds:
