@@ -149,3 +149,25 @@ def test_a_batch_screened_with_its_extra_level():
     details = McpDetails(batch, "demo", 200, None).build(DEFAULT)
     assert details["batch"][0]["params"]["arguments"] == {"text": "plain"}
     assert details["batch"][1]["params"]["arguments"] == {"token": "[REDACTED]"}
+
+
+@pytest.mark.parametrize(("note", "plain"), [
+    ("page 2 of 10, row 7: ok", True),  # spaces, colons and commas between short runs with digits
+    ("order no. " + "9" * 18 + " shipped", True),  # 18 digits: stored as they are
+    ("order no. " + "9" * 19 + " shipped", False),  # 19 digits: may be an integer past 64 bits
+    ("id: ab" + "9" * 19, False),  # the run of digits begins inside a word, after calm bytes
+    ("ab: cd" + "1" * 18 + " ef", True),  # the run that holds the digits began after the ': ', not before it
+    ("hash: " + "a1" * 20, False),  # a 40-character hex run after calm bytes: the sanitizer redacts it
+    ("ref: abcdefABCDEFGHIJ" + "1234567890" + "uvwxyz", False),  # a 32-character run, 16 from its first digit
+    ("hash. " + "a1" * 15 + " . end", True),  # 30 characters: too short to be a secret
+])
+def test_bytes_that_only_end_runs_are_passed_over_and_runs_with_digits_are_still_read(note, plain):
+    """Between runs, a space or a ':' only ends the run before it: the screen passes over such bytes while it is
+    in no run holding a digit, and finds where that run began when its first digit comes."""
+    raw = _bodies({"note": note})
+    assert DEFAULT.unchanged(raw) is plain
+    words = ("authoriz", "bearer", "key", "pass", "secret", "token")
+    assert screen.Screen(words).plain(raw, 0) is screen_py.Screen(words).plain(raw, 0) is plain
+    if plain:
+        decoded = orjson.loads(raw)
+        assert DEFAULT.clean(decoded) == decoded

@@ -51,6 +51,7 @@ cdef class Screen:
     cdef list _by_first
     cdef bytes _pairs
     cdef bytes _quiet
+    cdef bytes _calm
 
     @cython.locals(entry=bytes, letters=cython.p_uchar, m=Py_ssize_t, k=Py_ssize_t)
     cdef bint _word_at(self, const unsigned char* data, Py_ssize_t i, Py_ssize_t n, int f) except -1
@@ -59,6 +60,6 @@ cdef class Screen:
 
     @cython.locals(n=Py_ssize_t, i=Py_ssize_t, c=int, kind=int, opens=Py_ssize_t,
                    commas=Py_ssize_t, quoted=bint, opened=Py_ssize_t, run_from=Py_ssize_t, pairs=cython.p_uchar,
-                   quiet=cython.p_uchar, digit_in_run=bint, pair=cython.uint, data=cython.p_uchar,
+                   quiet=cython.p_uchar, calm=cython.p_uchar, digit_in_run=bint, pair=cython.uint, data=cython.p_uchar,
                    kinds=cython.p_uchar)
     cpdef bint plain(self, bytes raw, Py_ssize_t nesting) except -1

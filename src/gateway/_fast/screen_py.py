@@ -128,14 +128,22 @@ class Screen:
         self._pairs = bytes(hits)
         # The pairs `plain` passes over without a look: a byte of a run that is no digit, followed by a byte
         # with which it starts nothing. Most of a body's bytes are such (the letters of its words and values).
+        # `_calm` adds the pairs of a byte that is neither in a run nor structure (a space, ':', '.', '}'...):
+        # such a byte only ends the run before it, which matters only to a run holding a digit, so `plain`
+        # passes over them too while it is in no such run (between the words of a text, after each key).
         quiet = bytearray(8192)
+        calm = bytearray(8192)
         for first in range(256):
             kind = _KINDS[first]
+            row = first << 5
             if kind & _RUN and not kind & _DIGIT:
-                row = first << 5
                 for k in range(row, row + 32):
-                    quiet[k] = ~hits[k] & 255
+                    quiet[k] = calm[k] = ~hits[k] & 255
+            elif not kind & (_RUN | _SPECIAL):
+                for k in range(row, row + 32):
+                    calm[k] = ~hits[k] & 255
         self._quiet = bytes(quiet)
+        self._calm = bytes(calm)
 
     def _word_at(self, data, i, n, f):
         """Whether a word that counts starts at `data[i]` (compared folded); `f` is `data[i]` folded."""
@@ -173,6 +181,7 @@ class Screen:
             return False
         pairs = self._pairs
         quiet = self._quiet
+        calm = self._calm
         data = raw  # compiled: a pointer to the bytes (no bounds checks: every index is below n)
         kinds = _KINDS
         opens = nesting
@@ -183,18 +192,27 @@ class Screen:
         # secret run is longer), so such a run is read again when it ends (`_plain_run`), and a string's
         # length is told by where it opened. Each test returns False, so testing one when its span ends, not
         # at every byte, gives the same answer. A run without a digit holds neither 19 digits nor a secret
-        # (the sanitizer's runs need a digit), so only a run with one is read again.
+        # (the sanitizer's runs need a digit), so only a run with one is read again, and where such a run
+        # began is looked up when its first digit comes (before, the bytes that end runs need no look).
         opened = 0
-        run_from = 0  # where the current run of [A-Za-z0-9+/_-] began
+        run_from = 0  # where the current run of [A-Za-z0-9+/_-] began, while it holds a digit
         digit_in_run = False
         i = 0
         while i < n:
-            # A quiet pair changes none of the counts below: skip to the next byte that may.
-            while i + 1 < n:
-                pair = data[i] << 8 | data[i + 1]
-                if not quiet[pair >> 3] & (1 << (pair & 7)):
-                    break
-                i += 1
+            # A quiet pair changes none of the counts below, nor does a calm one outside a run with a digit:
+            # skip to the next byte that may.
+            if digit_in_run:
+                while i + 1 < n:
+                    pair = data[i] << 8 | data[i + 1]
+                    if not quiet[pair >> 3] & (1 << (pair & 7)):
+                        break
+                    i += 1
+            else:
+                while i + 1 < n:
+                    pair = data[i] << 8 | data[i + 1]
+                    if not calm[pair >> 3] & (1 << (pair & 7)):
+                        break
+                    i += 1
             c = data[i]
             # A word, a cased marker or a key's prefix could start here: rare, the pair's bit says.
             pair = c << 8 | (data[i + 1] if i + 1 < n else 0)
@@ -204,7 +222,6 @@ class Screen:
             if not kind & _RUN:  # no byte of a run is special
                 if digit_in_run and i - run_from >= _BIG_DIGITS and not _plain_run(data, run_from, i, n):
                     return False
-                run_from = i + 1
                 digit_in_run = False
                 if kind & _SPECIAL:
                     if c >= 128 or c == 92:  # non-ASCII, or an escape
@@ -218,7 +235,10 @@ class Screen:
                         commas += 1
                     else:  # { or [
                         opens += 1
-            elif kind & _DIGIT:
+            elif kind & _DIGIT and not digit_in_run:
+                run_from = i
+                while run_from > 0 and kinds[data[run_from - 1]] & _RUN:
+                    run_from -= 1
                 digit_in_run = True
             i += 1
         if digit_in_run and n - run_from >= _BIG_DIGITS and not _plain_run(data, run_from, n, n):
