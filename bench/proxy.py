@@ -863,6 +863,7 @@ class Load:
     # work (other users of the machine, the database and Redis servers).
     cpu_pct: float = math.nan
     others_pct: float = math.nan
+    kernel_pct: float = math.nan  # the part of cpu_pct spent in the kernel (system time: syscalls, sockets, files)
 
     @property
     def errors(self) -> int:
@@ -871,6 +872,10 @@ class Load:
     @property
     def cpu_us_per_request(self) -> float:
         return self.cpu_pct / 100 / self.rps * 1e6 if self.rps else math.nan
+
+    @property
+    def kernel_us_per_request(self) -> float:
+        return self.kernel_pct / 100 / self.rps * 1e6 if self.rps else math.nan
 
 
 _WRK_SCRIPT = """\
@@ -1012,9 +1017,14 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of one process so far, all threads."""
+    return sum(process_cpu_split(pid))
+
+
+def process_cpu_split(pid: int) -> tuple[float, float]:
+    """User and system (kernel) CPU seconds of one process so far, all threads."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
 
 
 def cpu_busy_seconds(cpu: int) -> float:
@@ -1074,14 +1084,15 @@ def run_sampled(load, url: str, body: bytes, keys: list[str], seconds: float, pi
     tree = process_tree(pid)
     pools = cpu_pools(cpus)
     t0, o0 = time.monotonic(), our_cpu_seconds()
-    p0 = {p: process_cpu_seconds(p) for p in tree | {stub_pid}}
+    p0 = {p: process_cpu_split(p) for p in tree | {stub_pid}}
     c0 = {c: cpu_busy_seconds(c) for c in BENCH_CPUS}
     result = load.run(url, body, keys, seconds)
     elapsed = time.monotonic() - t0
     if process_tree(pid) != tree:
         raise BenchError(f"a process under test (pid {pid} or one under it) started or ended during the measured "
                          "run (a worker restarted?): its CPU time would be lost")
-    used = {p: process_cpu_seconds(p) - p0[p] for p in p0}
+    split = {p: [now - then for now, then in zip(process_cpu_split(p), p0[p])] for p in p0}
+    used = {p: sum(split[p]) for p in split}
     target = sum(used[p] for p in tree)
     ours = dict.fromkeys(pools, 0.0)
     ours[pools[0]] += target
@@ -1089,6 +1100,7 @@ def run_sampled(load, url: str, body: bytes, keys: list[str], seconds: float, pi
                                                                                else used[stub_pid])
     busy = {c: cpu_busy_seconds(c) - c0[c] for c in BENCH_CPUS}
     result.cpu_pct = 100 * target / elapsed
+    result.kernel_pct = 100 * sum(split[p][1] for p in tree) / elapsed
     result.others_pct = max(100 * max(0.0, sum(busy[c] for c in pool) - ours[pool]) / elapsed / len(pool)
                             for pool in pools)
     return result
@@ -1152,16 +1164,20 @@ def report_pairs(pairs: list[tuple[Load, Load]], seconds: float) -> dict:
     cpu = median_interval([a.cpu_us_per_request / b.cpu_us_per_request for a, b in pairs])
     rps = median_interval([a.rps / b.rps for a, b in pairs])
     extra = median_interval([a.cpu_us_per_request - b.cpu_us_per_request for a, b in pairs])
+    kernel = median_interval([a.kernel_us_per_request - b.kernel_us_per_request for a, b in pairs])
     print(f"\n{len(pairs)} pairs of {seconds:g} s runs, each gateway right after the other (every other pair the "
           "off one first):")
     print(f"{feature + ' on/off':<16} = {cpu[0]:.3f}x CPU per request, 95% interval {cpu[1]:.3f}-{cpu[2]:.3f}x "
           f"({extra[0]:+.1f} us/request, {extra[1]:+.1f} to {extra[2]:+.1f}: what {COMPARE.cost})")
     print(f"{'':<16}   {rps[0]:.3f}x throughput, 95% interval {rps[1]:.3f}-{rps[2]:.3f}x "
           "(median of the pairs' own ratios; the interval: order statistics, no assumption about the noise)")
+    print(f"{'':<16}   in the kernel: {kernel[0]:+.1f} us/request, 95% interval {kernel[1]:+.1f} to {kernel[2]:+.1f} "
+          "(system time: the syscalls, sockets and files of the extra work)")
     return {"count": len(pairs), "seconds": seconds,
             "cpu_per_request_ratio": dict(zip(("median", "low", "high"), cpu)),
             "throughput_ratio": dict(zip(("median", "low", "high"), rps)),
-            "extra_cpu_us_per_request": dict(zip(("median", "low", "high"), extra))}
+            "extra_cpu_us_per_request": dict(zip(("median", "low", "high"), extra)),
+            "extra_kernel_us_per_request": dict(zip(("median", "low", "high"), kernel))}
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -1436,7 +1452,8 @@ def run(args, specs: list[GatewaySpec], work_dir: Path, children: Children, db: 
             on, off = measured[on_target], measured[off_target]
             pairs.append((on, off))
             log(f"pair {i + 1}/{args.pairs}: CPU per request {on.cpu_us_per_request:.1f} against "
-                f"{off.cpu_us_per_request:.1f} us ({on.cpu_us_per_request / off.cpu_us_per_request:.3f}x), "
+                f"{off.cpu_us_per_request:.1f} us ({on.cpu_us_per_request / off.cpu_us_per_request:.3f}x; in the "
+                f"kernel {on.kernel_us_per_request:.1f} against {off.kernel_us_per_request:.1f}), "
                 f"{on.rps:,.0f} against {off.rps:,.0f} req/s")
 
     cond = conditions(args, body, load, db, redis, pids, load_at_start, source, gateways)

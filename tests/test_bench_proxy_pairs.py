@@ -39,3 +39,22 @@ def test_the_interval_covers_the_median_of_skewed_noise_95_percent_of_the_time(n
     assert coverage >= 0.94, coverage  # 95% less the simulation's own error (about 0.3% here)
     assert coverage <= 0.995 or n == proxy.PAIRS_MIN, coverage  # not needlessly wide
     assert statistics.median(widths) > 0
+
+
+def test_the_pairs_report_what_the_kernel_adds(capsys):
+    """Each run's CPU is read as user and system time; the report gives the system time a request adds, so that
+    a cost in syscalls (a socket, a log file) is told from one in the gateway's own code."""
+
+    def run(rps, cpu_pct, kernel_pct):
+        return proxy.Load(requests=int(rps * 3), seconds=3.0, rps=rps, p50_ms=1.0, p99_ms=2.0, non_2xx=0,
+                          socket_errors=0, cpu_pct=cpu_pct, kernel_pct=kernel_pct)
+
+    # 10,000 req/s at 100% CPU: 100 us a request, 25 of them in the kernel; the on gateway adds 20 us, 4 there.
+    pairs = [(run(8_333.3 + i, 100.0, 100.0 * 29 / 120), run(10_000.0 + i, 100.0, 25.0)) for i in range(8)]
+    assert pairs[0][1].kernel_us_per_request == pytest.approx(25.0)
+    summary = proxy.report_pairs(pairs, 3.0)
+    kernel = summary["extra_kernel_us_per_request"]
+    assert kernel["low"] <= kernel["median"] <= kernel["high"]
+    assert kernel["median"] == pytest.approx(4.0, abs=0.05)
+    assert summary["extra_cpu_us_per_request"]["median"] == pytest.approx(20.0, abs=0.05)
+    assert "in the kernel: +4.0 us/request" in capsys.readouterr().out
