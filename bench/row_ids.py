@@ -41,6 +41,7 @@ from pathlib import Path
 import asyncpg
 
 from bench_writer import TABLE, build_rows  # bench/, this script's directory
+from proxy import process_cpu_seconds
 
 from gateway._fast.ids import COMPILED, RowIds
 from gateway.db import migrate
@@ -49,13 +50,6 @@ from gateway.records.sinks import PostgresSink, SQLiteSink
 from gateway.records.writer import COLUMNS
 
 ADMIN_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def backend_cpu(pid: int) -> float:
-    """The CPU seconds the PostgreSQL backend `pid` used so far (user + system, from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14 and 15 of stat)
 
 
 async def sqlite_run(kind: str, args: argparse.Namespace, work: Path) -> float:
@@ -81,7 +75,7 @@ async def postgres_run(kind: str, args: argparse.Namespace) -> float:
             try:
                 async with pool.acquire() as conn:
                     pid = await conn.fetchval("SELECT pg_backend_pid()")
-                return await _write(PostgresSink(pool), kind, args, lambda: backend_cpu(pid))
+                return await _write(PostgresSink(pool), kind, args, lambda: process_cpu_seconds(pid))
             finally:
                 await pool.close()
         finally:
