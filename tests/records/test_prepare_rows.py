@@ -51,6 +51,7 @@ def prepared_both_ways(rows: list[tuple]) -> tuple[list[tuple], list[tuple]]:
 WORDS = st.sampled_from([
     "echo", "x" * 40, "password", "customer_ref", "internal_code", "sk-" + "a1" * 12, "Bearer abc.def",
     "eyJhbGciOiJIUzI1NiJ9", "caf\u00e9", "line\nbreak", "AKIAIOSFODNN7EXAMPLE", "0123456789abcdef" * 3, "",
+    "https://docs.example.com/a?b=c&d=1", "mcpgw://docs/file:///srv/a.md", "postgres://bob:pw@db/x",
 ])
 VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats(allow_nan=False) | WORDS,

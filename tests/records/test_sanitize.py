@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from gateway.records import sanitize
 from gateway.records.sanitize import DEFAULT, MAX_STRING, REDACTED, SECRET_NAMES, Sanitizer, clean_text
 
 GW_KEY = "gw_abcdefghij_" + "Zx9" * 13 + "A"
@@ -118,3 +121,33 @@ def test_clean_never_changes_its_argument_and_is_idempotent():
     once = DEFAULT.clean(value)
     assert value == original
     assert DEFAULT.clean(once) == once
+
+
+# Pieces that each start or nearly start a pattern, glued into texts for the property below.
+PIECES = ["://", "https://", "mcpgw://docs/", "file:///srv/a.md", "bob:pw@", "bob@", "@", ":", "/", " ", "\n", "=",
+          "password=", "pwd:", "Bearer ", "bearer\t", "Authorization: ", "gw_abc_", "eyJ", "AKIA", "xoxb-", "AIza",
+          "sk-", "pk_", "ghp_", "-----BEGIN ", "PRIVATE KEY-----", "token", "secret", "key=", "Zz9", "a1B2" * 5,
+          "0123456789abcdef" * 2, "x"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(PIECES) | st.text(max_size=4), max_size=8).map("".join))
+def test_a_text_without_a_marker_is_one_no_pattern_changes(text):
+    """`_maybe_secret` lets a text skip every pattern but the long-run one: only where none of them could match."""
+    if not sanitize._maybe_secret(text):
+        for pattern, replacement in sanitize._PATTERNS[:-1]:
+            assert pattern.sub(replacement, text) == text, (pattern.pattern, text)
+
+
+@pytest.mark.parametrize("text", [
+    "mcpgw://docs/file:///srv/docs/guide.md",
+    "https://docs.example.com/guide/install?lang=en&page=2",
+])
+def test_urls_without_a_password_skip_the_patterns(text):
+    assert not sanitize._maybe_secret(text)
+    assert clean_text(text) == text
+
+
+def test_a_urls_password_is_still_found():
+    assert sanitize._maybe_secret("see postgres://bob:s3cret@db.example/x")
+    assert clean_text("see postgres://bob:s3cret@db.example/x") == f"see postgres://bob:{REDACTED}@db.example/x"

@@ -35,7 +35,8 @@ FRAGMENTS = [
     "pk_live_", "rk-", "task_", "ghp_", "github_pat_", "gh", "high", "=", "==", "/", "_", "-", "+",
     "0123456789abcdef", "ABCDEF", "Zz9", "a" * 40, "A1b2" * 10, "9" * 18, "9" * 19, "1" * 25, "1.5e300",
     "accesskey", "AccessKey=", "accesskey'=", "accessKey' :", "keyword", "monkey", "compass", "bypass", "pwd", "Pwd :", "bearer\t", "BEARER  x",
-    "=", ":", " = ", "'", '"', "key:", "key'=", "pwd=", "api_key ", "\u212aey", "pa\u017f\u017fword", "\u0130", "caf\u00e9", "\u65e5\u672c", "\x00", "\ud800"[:0], "\\", "\n", " ", "",
+    "=", ":", " = ", "'", '"', "key:", "key'=", "pwd=", "api_key ", "@", "u:p@", "bob@", "/@", "mcpgw://docs/",
+    "file:///srv/a.md", "http://h", "ftp://x:y@z", "://@", ":// @", "://a/b@c", "\u212aey", "pa\u017f\u017fword", "\u0130", "caf\u00e9", "\u65e5\u672c", "\x00", "\ud800"[:0], "\\", "\n", " ", "",
 ]
 # Fragments glued together (new words, runs and markers across their seams) or apart (word boundaries kept).
 texts = (st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=6), max_size=6).map("".join)
@@ -98,6 +99,8 @@ def test_an_ordinary_call_passes():
     {"note": "AKIAIOSFODNN7EXAMPLE"},
     {"note": "sk-live-0123456789abcdefghijklmnop"},
     {"note": "https://user:pw@example.com/"},
+    {"url": "postgres://bob:s3cret@db.example/x"},
+    {"url": "https://bob:pw\u0040example.com"},  # an "@" spelled as an escape
     {"note": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"},  # long hex
     {"note": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"},  # long base64
     {"note": "x" * (MAX_STRING + 1)},  # would be cut
@@ -122,6 +125,20 @@ def test_what_the_screen_sends_to_the_walk(argument):
     assert not sanitizer.unchanged(raw)
     if "ssn" in argument:
         assert DEFAULT.unchanged(raw)  # the default sanitizer has no such name
+
+
+@pytest.mark.parametrize("argument", [
+    {"url": "https://docs.example.com/guide/install?lang=en&page=2"},
+    {"uri": "mcpgw://docs/file:///srv/docs/guide.md"},  # a resource URI as the gateway rewrites it
+    {"url": "https://example.com/@alice/posts"},  # an "@" after the first "/": no user:password@
+    {"note": "see https://example.com/ or mail bob@example.com"},  # the "@" is in another word
+    {"url": "https://example.com", "contact": "bob@example.com"},  # ... or in another string
+])
+def test_a_url_counts_only_with_an_at_sign_after_its_scheme(argument):
+    raw = _bodies(argument)
+    assert DEFAULT.unchanged(raw)
+    decoded = orjson.loads(raw)
+    assert DEFAULT.clean(decoded) == decoded
 
 
 def test_words_that_are_no_names_count_only_where_their_pattern_could_match():

@@ -41,6 +41,9 @@ cdef int _NAME
 cdef int _ASSIGNED
 cdef int _BEARER
 
+@cython.locals(c=int)
+cdef bint _userinfo_follows(const unsigned char* data, Py_ssize_t j, Py_ssize_t n) noexcept
+
 @cython.locals(start=Py_ssize_t, c=int)
 cdef bint _goes_on(const unsigned char* data, Py_ssize_t j, Py_ssize_t n, int kind) noexcept
 cdef bytes _FOLD

@@ -21,9 +21,12 @@ decides). It gives False for:
   for every key that contains it; and where a value pattern could match, the
   words it needs that are no names ("key" or "pwd" followed by ["']?\\s*[=:],
   "bearer" followed by whitespace and a token character);
-- the cased markers of the value patterns: "-----BEGIN", "gw_", "eyJ", "://",
-  "xox", "AIza", the GitHub "gh?_"/"github_pat_", an AWS key id's four letters,
-  and "sk-"/"pk_"/... after a word boundary;
+- the cased markers of the value patterns: "-----BEGIN", "gw_", "eyJ", "xox",
+  "AIza", the GitHub "gh?_"/"github_pat_", an AWS key id's four letters,
+  "sk-"/"pk_"/... after a word boundary, and "://" followed by an "@" before
+  any '/', whitespace or the string's end (only a URL's user:password@ can
+  match there: the gateway's own resource URIs, mcpgw://server/..., and most
+  URLs have none);
 - a run of 32 or more hex/base64 characters that the sanitizer would redact
   (digits and letters, few separators, all hex or both cases), with up to two
   '=' after it: quotes, colons, commas and brackets end such runs both in the
@@ -41,12 +44,13 @@ _BIG_DIGITS = 19
 _MAX_BODY = 1 << 20
 
 # The value patterns' cased markers (an AWS key id's first four letters among them), by their first byte.
-_CASED_MARKERS = (b"-----BEGIN", b"gw_", b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_", b"github_pat_", b"eyJ", b"://",
-                  b"xox", b"AIza", b"AKIA", b"ASIA", b"AGPA", b"AIDA", b"AROA", b"ANPA", b"ANVA", b"AIPA", b"ABIA",
+_CASED_MARKERS = (b"-----BEGIN", b"gw_", b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_", b"github_pat_", b"eyJ", b"xox", b"AIza", b"AKIA", b"ASIA", b"AGPA", b"AIDA", b"AROA", b"ANPA", b"ANVA", b"AIPA", b"ABIA",
                   b"ACCA")
 _MARKERS_AT = [tuple(m for m in _CASED_MARKERS if m[0] == first) for first in range(256)]
-# The (first, second) byte pairs the cased markers start with, and "sk", "pk", "rk" (the \b(sk|pk|rk)[-_] prefix).
-_CASED_AND_KEY_PAIRS = tuple(sorted({m[0] << 8 | m[1] for m in _CASED_MARKERS} | {c << 8 | 107 for c in (115, 112, 114)}))
+# The (first, second) byte pairs the cased markers start with, "sk", "pk", "rk" (the \b(sk|pk|rk)[-_] prefix) and
+# ":/" (a URL's "://", which counts only with an "@" after it: `_userinfo_follows`).
+_CASED_AND_KEY_PAIRS = tuple(sorted({m[0] << 8 | m[1] for m in _CASED_MARKERS} | {c << 8 | 107 for c in (115, 112, 114)}
+                                    | {58 << 8 | 47}))
 
 
 def _mark(bits, pair):
@@ -167,6 +171,8 @@ class Screen:
             return True
         if _MARKERS_AT[c] and _has_any(data, i, n, _MARKERS_AT[c]):
             return True
+        if c == 58 and i + 2 < n and data[i + 1] == 47 and data[i + 2] == 47 and _userinfo_follows(data, i + 3, n):
+            return True
         return ((c == 115 or c == 112 or c == 114) and i + 2 < n and data[i + 1] == 107
                 and (data[i + 2] == 45 or data[i + 2] == 95) and (i == 0 or not _KINDS[data[i - 1]] & _WORD))
 
@@ -264,6 +270,20 @@ def _goes_on(data, j, n, kind):
         return False
     c = data[j]
     return (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or c in (45, 46, 95, 126, 43, 47)
+
+
+def _userinfo_follows(data, j, n):
+    """Whether a URL's user:password@ could follow a "://" that ends before `data[j]`: the sanitizer's pattern
+    needs an "@" after it with no '/' and no whitespace between, and the string cannot end before it (a '"' ends
+    it in the raw body). A backslash counts as an "@": an escape may spell one."""
+    while j < n:
+        c = data[j]
+        if c == 64 or c == 92:  # @, or \ (the loop gives up on an escape anyway)
+            return True
+        if c == 47 or c == 34 or c == 32 or 9 <= c <= 13 or 28 <= c <= 31:  # / " and what \s matches in ASCII
+            return False
+        j += 1
+    return False
 
 
 def _plain_run(data, start, end, n):

@@ -123,7 +123,7 @@ _SHORTEST = 8  # "pwd=abcd" is the shortest string a pattern above can change
 # engine is slow on alternations without a common prefix). Most strings have none of them; a long run
 # of word characters alone needs only the last pattern.
 _FOLDED_MARKERS = screen.FOLDED_MARKERS  # in lower-cased text: ("authoriz", "bearer", "pass", ...)
-_CASED_MARKERS = ("-----BEGIN", "gw_", "eyJ", "://", "xox", "AIza", "k-", "k_", "gh")
+_CASED_MARKERS = ("-----BEGIN", "gw_", "eyJ", "xox", "AIza", "k-", "k_", "gh")
 _AWS_ID = re.compile(r"A(?:KIA|SIA|GPA|IDA|ROA|NPA|NVA|IPA|BIA|CCA)")
 _LONG_RUN, _LONG_RUN_SECRET = _PATTERNS[-1]
 
@@ -136,6 +136,10 @@ def _maybe_secret(text: str) -> bool:
     for marker in _CASED_MARKERS:
         if marker in text:
             return True
+    # A URL's user:password@ needs an "@" after its "://" (resource URIs and most URLs have none).
+    url = text.find("://")
+    if url != -1 and text.find("@", url + 3) != -1:
+        return True
     return _AWS_ID.search(text) is not None
 
 
