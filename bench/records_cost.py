@@ -3,6 +3,7 @@
     python bench/records_cost.py                       # this tree, 400 requests' records
     python bench/records_cost.py --against bab2d11     # and the tree of that commit, in the same run
     python bench/records_cost.py --rows 1000 --tool time
+    python bench/records_cost.py --body resource --against 528f7dd   # a resources/read of a gateway URI
     BENCH_PG_URL=postgresql://user@host:5432/postgres python bench/records_cost.py
 
 The proxy benchmark (proxy.py --compare records) measures the records' cost
@@ -27,7 +28,10 @@ for each stage:
 Each stage is counted alone: the child process runs `os.getppid()` before a
 stage and `os.getpgrp()` after it, and callgrind zeroes its counters on the
 first and dumps them on the second (--zero-before / --dump-before). The
-body is the proxy benchmark's 256-byte tools/call. Instructions are not
+body (`--body`, BODIES) is the proxy benchmark's 256-byte tools/call
+("bench"), a tools/call whose argument is a web address ("fetch"), or a
+resources/read of a resource URI as the gateway lists it ("resource":
+mcpgw://server/..., its target the same URI). Instructions are not
 time (cache misses, the kernel, the database's own work are not in them)
 and valgrind runs OpenSSL's SHA-256 without the CPU's SHA extensions, so
 the audit hashing counts for more here than it costs on the machine: the
@@ -64,10 +68,18 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("path_request_log", "path_audit", "prepare", "copy_request_logs", "write_audit")
 CRYPTO = "of which libcrypto"  # the audit chain's SHA-256, run in software under valgrind
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+RESOURCE_URI = "mcpgw://docs/file:///srv/docs/guide/install.md"
+# --body: (method, target, params) of the request whose records are measured.
+BODIES = {
+    "bench": ("tools/call", "echo", {"name": "echo", "arguments": {"text": "x" * (256 - 95)}}),  # proxy.py's 256 bytes
+    "fetch": ("tools/call", "fetch", {"name": "fetch", "arguments": {
+        "url": "https://docs.example.com/guide/install?lang=en&page=2", "max_length": 5000}}),
+    "resource": ("resources/read", RESOURCE_URI, {"uri": RESOURCE_URI}),
+}
 
 
 # -- the child: one process running the stages --------------------------------------------------
-def child(rows: int, database_url: str, tool: str) -> None:
+def child(rows: int, database_url: str, tool: str, kind: str) -> None:
     import gc
     import json
     import logging
@@ -84,9 +96,8 @@ def child(rows: int, database_url: str, tool: str) -> None:
     gc.collect()
     gc.freeze()  # as the gateway does at start-up (app.py _tune_gc)
     gc.set_threshold(20_000, *gc.get_threshold()[1:])
-    text = "x" * (256 - 95)  # proxy.py's make_body(256): a tools/call of 256 bytes
-    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-                       "params": {"name": "echo", "arguments": {"text": text}}}, separators=(",", ":")).encode()
+    method, target, params = BODIES[kind]
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, separators=(",", ":")).encode()
 
     class Key:
         tenant_id, user_id, id, role = uuid.UUID(int=1), uuid.UUID(int=2), uuid.UUID(int=3), "USER"
@@ -110,15 +121,15 @@ def child(rows: int, database_url: str, tool: str) -> None:
         from gateway.records.audit import McpDetails
 
         def audit_row():
-            return mcp_row(McpDetails, Key, "bench", "tools/call", "echo", body, 200, None, None, 1.234, "127.0.0.1",
+            return mcp_row(McpDetails, Key, "bench", method, target, body, 200, None, None, 1.234, "127.0.0.1",
                            utc_now(), False)
     except ImportError:
         def audit_row():
-            return trail.mcp_row(Key, "bench", "tools/call", "echo", body, 200, None, None, 1.234, "127.0.0.1",
+            return trail.mcp_row(Key, "bench", method, target, body, 200, None, None, 1.234, "127.0.0.1",
                                  utc_now())
 
     def request_log_row():
-        return (ids.next(), Key.tenant_id, Key.user_id, Key.id, server_id, "bench", "tools/call", "echo", 200, None,
+        return (ids.next(), Key.tenant_id, Key.user_id, Key.id, server_id, "bench", method, target, 200, None,
                 None, 1.234, len(body), 321, "127.0.0.1", utc_now())
 
     async def run() -> dict[str, float]:
@@ -214,8 +225,8 @@ def build_tree(rev: str, into: Path) -> Path:
     return into / "src"
 
 
-def measure(src: Path | None, rows: int, database_url: str, tool: str,
-            keep: Path | None = None) -> tuple[dict[str, float], int]:
+def measure(src: Path | None, rows: int, database_url: str, tool: str, keep: Path | None = None,
+            body: str = "bench") -> tuple[dict[str, float], int]:
     """Per-request figures of each stage for the tree at `src` (None: the gateway this interpreter imports,
     an editable install's or an installed build of this tree): instructions (callgrind) or microseconds."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
@@ -223,7 +234,7 @@ def measure(src: Path | None, rows: int, database_url: str, tool: str,
         env["PYTHONPATH"] = str(src)
     env.pop("GATEWAY_NO_EXTENSIONS", None)
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--rows", str(rows), "--tool", tool,
-            "--database-url", database_url]
+            "--database-url", database_url, "--body", body]
     with tempfile.TemporaryDirectory() as dumps:
         if tool == "callgrind":
             # Names written in full in every dump (not as references to an earlier one), so that each stage's
@@ -267,12 +278,15 @@ def main() -> None:
                         help="callgrind (default when valgrind is installed) or process CPU time")
     parser.add_argument("--keep", metavar="DIR", help="keep callgrind's dumps in DIR (one per stage and tree), "
                         "for callgrind_annotate --inclusive=yes")
+    parser.add_argument("--body", choices=tuple(BODIES), default="bench",
+                        help="the request: the proxy benchmark's tools/call (default), a tools/call with a web "
+                        "address, a resources/read of a gateway resource URI")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     tool = args.tool or ("callgrind" if shutil.which("valgrind") else "time")
     if args.child:
-        return child(args.rows, args.database_url, tool)
+        return child(args.rows, args.database_url, tool, args.body)
 
     base = os.environ.get("BENCH_PG_URL", DEFAULT_PG)
     name = f"gwbench_records_{uuid.uuid4().hex[:10]}"
@@ -291,7 +305,7 @@ def main() -> None:
             for label, src in trees.items():
                 print(f"measuring {label} ({tool}, {args.rows} requests) ...", file=sys.stderr)
                 results[label], body_bytes = measure(src, args.rows, database_url, tool,
-                                                     Path(args.keep) if args.keep else None)
+                                                     Path(args.keep) if args.keep else None, args.body)
     finally:
         admin(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -312,7 +326,7 @@ def main() -> None:
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"], capture_output=True,
                            text=True).stdout.strip()
     print(f"\nconditions: {unit} per request; {args.rows} requests' records (a request_logs row and an audit entry "
-          f"each, {body_bytes}-byte tools/call body); one process; PostgreSQL {base.rsplit('@', 1)[-1]}; "
+          f"each, the {body_bytes}-byte {BODIES[args.body][0]} body '{args.body}'); one process; PostgreSQL {base.rsplit('@', 1)[-1]}; "
           f"CPython {platform.python_version()}; this tree: {commit}{' + uncommitted changes' if dirty else ''}")
     if tool == "time":
         print("\nlongest the event loop waited for one write of the batch (ms; the requests in flight wait as long):")
