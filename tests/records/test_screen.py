@@ -24,7 +24,7 @@ from gateway.records.sanitize import DEFAULT, MAX_DEPTH, MAX_ITEMS, MAX_STRING, 
 
 pytestmark = pytest.mark.skipif(not screen.COMPILED, reason="the screen is used only compiled")
 
-TENANT = Sanitizer(extra_names=("ssn", "Routing-Number"))
+TENANT = Sanitizer(extra_names=("ssn", "Routing-Number", "taxi"))  # "taxi": "tax\u0130" lowers to "taxi\u0307"
 
 # Pieces of text that each trip (or nearly trip) one net of the sanitizer.
 FRAGMENTS = [
@@ -36,7 +36,10 @@ FRAGMENTS = [
     "0123456789abcdef", "ABCDEF", "Zz9", "a" * 40, "A1b2" * 10, "9" * 18, "9" * 19, "1" * 25, "1.5e300",
     "accesskey", "AccessKey=", "accesskey'=", "accessKey' :", "keyword", "monkey", "compass", "bypass", "pwd", "Pwd :", "bearer\t", "BEARER  x",
     "=", ":", " = ", "'", '"', "key:", "key'=", "pwd=", "api_key ", "@", "u:p@", "bob@", "/@", "mcpgw://docs/",
-    "file:///srv/a.md", "http://h", "ftp://x:y@z", "://@", ":// @", "://a/b@c", "\u212aey", "pa\u017f\u017fword", "\u0130", "caf\u00e9", "\u65e5\u672c", "\x00", "\ud800"[:0], "\\", "\n", " ", "",
+    "file:///srv/a.md", "http://h", "ftp://x:y@z", "://@", ":// @", "://a/b@c",
+    "\u0131", "authorızatıon: ", "to\u212aen", "tax\u0130", "\u017fecret", "bearer\u00a0", "\u00a0", "\u2003",
+    "\u3000", "\u1680", "\u2028", "\u202f", "\u205f", "\u0085", "key\u00a0=", "pwd\u3000:", "Gr\u00fc\u00dfe",
+    "\u00e9t\u00e9", "\u4e2d\u6587", "\U0001f600", "\u00c5", "\u212b", "\u1e9e", "\u212aey", "pa\u017f\u017fword", "\u0130", "caf\u00e9", "\u65e5\u672c", "\x00", "\ud800"[:0], "\\", "\n", " ", "",
 ]
 # Fragments glued together (new words, runs and markers across their seams) or apart (word boundaries kept).
 texts = (st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=6), max_size=6).map("".join)
@@ -116,7 +119,11 @@ def test_an_ordinary_call_passes():
     {"note": "PWD: hunter2"},
     {"note": "accesskey'=abc123"},  # the pattern's optional quote between the word and "="
     {"note": "use bearer  abc.def"},
-    {"note": "caf\u00e9"},  # non-ASCII: walked
+    {"note": "bearer\u00a0abcdef"},  # a no-break space is whitespace to the pattern
+    {"note": "pwd\u3000= hunter2"},
+    {"note": "authoriz\u0131ng"},  # a dotless i matches "i" case-insensitively
+    {"note": "to\u212aen=abc"},  # the Kelvin sign: "k"
+    {"note": "\u017fecret"},  # a long s: "s"
     {"note": "line\nbreak"},  # an escape: walked
 ])
 def test_what_the_screen_sends_to_the_walk(argument):
@@ -139,6 +146,20 @@ def test_a_url_counts_only_with_an_at_sign_after_its_scheme(argument):
     assert DEFAULT.unchanged(raw)
     decoded = orjson.loads(raw)
     assert DEFAULT.clean(decoded) == decoded
+
+
+@pytest.mark.parametrize("text", [
+    "caf\u00e9 cr\u00e8me", "Gr\u00fc\u00dfe aus M\u00fcnchen", "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8",
+    "\u041f\u0440\u0438\u0432\u0435\u0442, \u043c\u0438\u0440", "\U0001f600 done", "\u00c5ngstr\u00f6m",
+])
+def test_text_in_other_languages_is_screened_like_english(text):
+    for ascii_only in (False, True):  # raw UTF-8, or \u escapes (those are walked)
+        raw = _bodies({"note": text, "tags": [text]}, ascii_only)
+        assert DEFAULT.unchanged(raw) is not ascii_only
+    # A key that lowers to "taxi" and a combining dot holds the tenant's name "taxi": redacted, so walked.
+    raw = _bodies({"tax\u0130": "v"})
+    assert TENANT.clean(orjson.loads(raw)) != orjson.loads(raw)
+    assert not TENANT.unchanged(raw)
 
 
 def test_words_that_are_no_names_count_only_where_their_pattern_could_match():

@@ -41,6 +41,9 @@ cdef int _NAME
 cdef int _ASSIGNED
 cdef int _BEARER
 
+@cython.locals(c=int, b=int, d=int)
+cdef bint _counts_as_ascii(const unsigned char* data, Py_ssize_t i, Py_ssize_t n) noexcept
+
 @cython.locals(c=int)
 cdef bint _userinfo_follows(const unsigned char* data, Py_ssize_t j, Py_ssize_t n) noexcept
 

@@ -9,9 +9,13 @@ below is a necessary condition for `clean` to change a value decoded from the
 body, so True is always right and False is often a false alarm (then the walk
 decides). It gives False for:
 
-- a byte outside ASCII (the sanitizer lower-cases with `str.lower`, under which
-  a few non-ASCII letters become ASCII ones) or a backslash (an escape could
-  spell any of what follows);
+- a backslash (an escape could spell any of what follows), and the few
+  characters past ASCII that the sanitizer's nets see as ASCII ones: the
+  letters that `str.lower` (keys are compared lower-cased) or a
+  case-insensitive pattern takes for ASCII letters (U+0130, U+0131, U+017F,
+  U+212A) and the spaces the patterns' `\\s` matches (`_counts_as_ascii`);
+  any other character past ASCII only ends a hex/base64 run, as punctuation
+  does, so text in other languages is screened like English;
 - a string longer than `MAX_STRING`, more than `MAX_ITEMS - 2` commas (a
   container of more than `MAX_ITEMS` items has that many), `MAX_DEPTH` opening
   brackets with the caller's `nesting` (the depth bound), a run of 19 digits
@@ -230,9 +234,12 @@ class Screen:
                     return False
                 digit_in_run = False
                 if kind & _SPECIAL:
-                    if c >= 128 or c == 92:  # non-ASCII, or an escape
+                    if c >= 128:  # past ASCII: a lead byte may start one of the few characters that count
+                        if c >= 0xC2 and _counts_as_ascii(data, i, n):
+                            return False
+                    elif c == 92:  # an escape
                         return False
-                    if c == 34:
+                    elif c == 34:
                         if quoted and i - opened - 1 > MAX_STRING:
                             return False
                         quoted = not quoted
@@ -270,6 +277,32 @@ def _goes_on(data, j, n, kind):
         return False
     c = data[j]
     return (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or c in (45, 46, 95, 126, 43, 47)
+
+
+def _counts_as_ascii(data, i, n):
+    """Whether the UTF-8 character at `data[i]` (a lead byte) is one the sanitizer may see as ASCII: a letter
+    that `str.lower` or a case-insensitive pattern takes for an ASCII letter (U+0130, U+0131, U+017F, U+212A),
+    or a space its patterns' `\\s` matches (U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F,
+    U+205F, U+3000). Every other character past ASCII is nothing to the nets but the end of a run. (Bytes that
+    are no valid UTF-8 make a body orjson refuses: it is stored as "[not JSON]".)"""
+    c = data[i]
+    b = data[i + 1] if i + 1 < n else 0
+    if c == 0xC2:
+        return b == 0x85 or b == 0xA0
+    if c == 0xC4:
+        return b == 0xB0 or b == 0xB1
+    if c == 0xC5:
+        return b == 0xBF
+    if c < 0xE1 or c > 0xE3 or i + 2 >= n:
+        return False
+    d = data[i + 2]
+    if c == 0xE1:
+        return b == 0x9A and d == 0x80
+    if c == 0xE3:
+        return b == 0x80 and d == 0x80
+    if b == 0x80:  # U+2000-U+200A, U+2028, U+2029, U+202F
+        return d <= 0x8A or d == 0xA8 or d == 0xA9 or d == 0xAF
+    return (b == 0x81 and d == 0x9F) or (b == 0x84 and d == 0xAA)
 
 
 def _userinfo_follows(data, j, n):
