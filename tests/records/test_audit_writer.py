@@ -612,3 +612,41 @@ async def test_an_empty_batch_writes_nothing_and_refuses_nothing(pg_url: str, ma
     await sink.write("audit_logs", AUDIT, [])
     await sink.write("request_logs", COLUMNS["request_logs"], [])
     assert await stored(pg_url) == []
+
+
+async def test_plain_calls_in_other_languages_and_with_addresses_are_stored_and_chained(database_url: str,
+                                                                                        make_sink):
+    """The calls the screen and `plain_details` now take (UTF-8 past ASCII, "://" without an "@") are stored with
+    the details the general path would give, and their chain verifies, in both databases."""
+    from gateway.records.audit import AuditTrail
+
+    trail = AuditTrail(new_id=uuid.uuid4, log=False)
+    key = SimpleNamespace(tenant_id=uuid.uuid4(), user_id=uuid.uuid4(), id=uuid.uuid4(), role="USER")
+    calls = [
+        ("tools/call", "ask", {"name": "ask", "arguments": {"question": "Quelle m\u00e9t\u00e9o \u00e0 Paris ?",
+                                                            "\u8a00\u8a9e": "\u65e5\u672c\u8a9e \U0001f600"}}),
+        ("tools/call", "fetch", {"name": "fetch", "arguments": {"url": "https://docs.example.com/a?b=c&d=1"}}),
+        ("resources/read", "mcpgw://docs/file:///srv/d.md", {"uri": "mcpgw://docs/file:///srv/d.md"}),
+    ]
+    rows = []
+    for i, (method, target, params) in enumerate(calls):
+        body = orjson.dumps({"jsonrpc": "2.0", "id": i, "method": method, "params": params})
+        rows.append(trail.mcp_row(key, "docs", method, target, body, 200, None, None, 1.5, "192.0.2.1",
+                                  BASE + timedelta(seconds=i)))
+    prepared = trail.prepare(rows)
+    at = AUDIT.index("details")
+    assert [type(row[at]) for row in prepared] == [chain.DetailsText] * len(calls)  # the fast path, each
+    sink = await make_sink(database_url)
+    await sink.write("audit_logs", AUDIT, prepared)
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            found = (await conn.execute(sa.select(tables.audit_logs.c.details)
+                                        .order_by(tables.audit_logs.c.chain_seq))).scalars().all()
+    finally:
+        await engine.dispose()
+    found = [orjson.loads(value) if isinstance(value, str) else value for value in found]
+    assert [details["params"] for details in found] == [params for _, _, params in calls]
+    assert [details["status"] for details in found] == [200] * len(calls)
+    reports = await verify_all(database_url)
+    assert all(report.ok for report in reports) and sum(report.entries for report in reports) == len(calls)

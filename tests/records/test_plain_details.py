@@ -64,7 +64,9 @@ def bodies(draw) -> bytes:
     elif change == "splice":
         at = draw(st.integers(0, len(raw)))
         raw = raw[:at] + draw(st.sampled_from([b",", b"}", b"]", b'"', b"0", b"-0", b"01", b"1.0", b"1e5", b"\\",
-                                               b"tru", b"nul", b" ", b"{}", b'"a":1,'])) + raw[at:]
+                                               b"tru", b"nul", b" ", b"{}", b'"a":1,', b"\xc3", b"\x80",
+                                               b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe0\x80\xaf",
+                                               "\u00e9\u65e5\U0001f600".encode()])) + raw[at:]
     elif change == "duplicate" and raw.startswith(b"{") and len(raw) > 2:
         raw = b'{"id":1,"id":2,' + raw[1:]
     return raw
@@ -89,6 +91,8 @@ CALLS = [
     b'{"method":"notifications/initialized","jsonrpc":"2.0"}',
     b'{"jsonrpc":"2.0","id":4,"error":{"code":-32601,"message":"nope"}}',
     b'{"method":"x","params":{"b":true,"a":false,"c":null,"d":-12,"e":0}}',
+    # Past ASCII, copied as its UTF-8 (orjson writes it so), keys in code point order.
+    '{"method":"x","params":{"q":"caf\u00e9","\u65e5":"\u672c","e":"\U0001f600","\u00e9":"\u2028"}}'.encode(),
 ]
 
 
@@ -100,7 +104,13 @@ def test_ordinary_calls_are_written_here(body):
 
 @pytest.mark.parametrize("body", [
     b'{"method":"x","params":{"a":1.5}}', b'{"method":"x","id":-0}', b'{"method":"x","id":1e3}',
-    b'{"method":"x","params":{"q":"caf\xc3\xa9"}}', b'{"method":"x","params":{"q":"a\\"b"}}',
+    b'{"method":"x","params":{"q":"a\\"b"}}',
+    # Bytes that are no UTF-8 orjson reads: cut short, a stray continuation, overlong, a surrogate, past U+10FFFF.
+    b'{"method":"x","params":{"q":"\xc3"}}', b'{"method":"x","params":{"q":"\x80"}}',
+    b'{"method":"x","params":{"q":"\xc0\xaf"}}', b'{"method":"x","params":{"q":"\xe0\x80\xaf"}}',
+    b'{"method":"x","params":{"q":"\xed\xa0\x80"}}', b'{"method":"x","params":{"q":"\xf4\x90\x80\x80"}}',
+    b'{"method":"x","params":{"q":"\xf8\x88\x80\x80\x80"}}', b'{"method":"x","params":{"q":"\xe6\x97"}}',
+    b'{"method":"x","params":{"q":"\xe6\x97a"}}', b'{"method":"x","params":{"q":"\xf0\x9f\x98a"}}',
     b'{"id":1,"id":2}', b'{"method":"x","params":{"a":1,"a":1}}', b'{"id":1234567890123456789}',
     b'[{"method":"x"}]', b'"x"', b'{"method":"x"}{}', b'{"method":"x",}', b'{"method":"x"', b"",
     b'{"method":"x","params":{"a":[1,]}}', b"{'method':'x'}", b'{"method":NaN}',

@@ -995,24 +995,63 @@ cdef inline Py_ssize_t _skip_space(const unsigned char* s, Py_ssize_t i, Py_ssiz
     return i
 
 
-# The bytes that end a run of a string's text as written here: its closing quote, and what `_string_end`
-# leaves to the general path (an escape, a control character, a byte outside ASCII).
+# The bytes that end a run of a string's ASCII text as written here: its closing quote, what `_string_end`
+# leaves to the general path (an escape, a control character), and a byte past ASCII (checked as UTF-8).
 cdef unsigned char _STRING_STOPS[256]
 for _byte in range(256):
     _STRING_STOPS[_byte] = _byte == 34 or _byte == 92 or _byte < 0x20 or _byte >= 0x80
 
 
+cdef inline Py_ssize_t _utf8_end(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
+    """`s[i]` is past ASCII: the index after the UTF-8 character it starts, or -1 where it starts none that
+    orjson reads (a stray continuation byte, an overlong form, a surrogate, past U+10FFFF, cut short)."""
+    cdef unsigned char c = s[i]
+    cdef Py_ssize_t size, k
+    cdef unsigned char low = 0x80, high = 0xBF  # the second byte's range
+    if c < 0xC2:
+        return -1
+    if c < 0xE0:
+        size = 2
+    elif c < 0xF0:
+        size = 3
+        if c == 0xE0:
+            low = 0xA0  # below: an overlong form
+        elif c == 0xED:
+            high = 0x9F  # above: a surrogate
+    elif c < 0xF5:
+        size = 4
+        if c == 0xF0:
+            low = 0x90
+        elif c == 0xF4:
+            high = 0x8F  # above: past U+10FFFF
+    else:
+        return -1
+    if i + size > n or not low <= s[i + 1] <= high:
+        return -1
+    for k in range(2, size):
+        if not 0x80 <= s[i + k] <= 0xBF:
+            return -1
+    return i + size
+
+
 cdef inline Py_ssize_t _string_end(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
     """`s[i]` opens a string: the index of its closing quote, or -1 for a string not written here (an escape,
-    a control character, a byte outside ASCII) or one that does not end."""
+    a control character, bytes that are no UTF-8) or one that does not end. orjson writes every character past
+    ASCII as its UTF-8, so a valid one is copied as it is."""
     i += 1
-    while i < n and not _STRING_STOPS[s[i]]:
-        i += 1
-    return i if i < n and s[i] == 34 else -1
+    while True:
+        while i < n and not _STRING_STOPS[s[i]]:
+            i += 1
+        if i < n and s[i] >= 0x80:
+            i = _utf8_end(s, i, n)
+            if i < 0:
+                return -1
+            continue
+        return i if i < n and s[i] == 34 else -1
 
 
 cdef inline int _key_order(const unsigned char* s, _Member* a, _Member* b) noexcept:
-    """<0, 0 or >0 as key a sorts before, with or after key b (ASCII: bytes order is code point order)."""
+    """<0, 0 or >0 as key a sorts before, with or after key b (UTF-8's byte order is code point order)."""
     cdef Py_ssize_t size = a.key_size if a.key_size < b.key_size else b.key_size
     cdef int order = memcmp(s + a.key_at, s + b.key_at, size)
     if order != 0:
