@@ -31,7 +31,8 @@ first and dumps them on the second (--zero-before / --dump-before). The
 body (`--body`, BODIES) is the proxy benchmark's 256-byte tools/call
 ("bench"), a tools/call whose argument is a web address ("fetch"), or a
 resources/read of a resource URI as the gateway lists it ("resource":
-mcpgw://server/..., its target the same URI). Instructions are not
+mcpgw://server/..., its target the same URI), or a question in French
+("french", UTF-8). Instructions are not
 time (cache misses, the kernel, the database's own work are not in them)
 and valgrind runs OpenSSL's SHA-256 without the CPU's SHA extensions, so
 the audit hashing counts for more here than it costs on the machine: the
@@ -75,6 +76,8 @@ BODIES = {
     "fetch": ("tools/call", "fetch", {"name": "fetch", "arguments": {
         "url": "https://docs.example.com/guide/install?lang=en&page=2", "max_length": 5000}}),
     "resource": ("resources/read", RESOURCE_URI, {"uri": RESOURCE_URI}),
+    "french": ("tools/call", "ask", {"name": "ask", "arguments": {
+        "question": "Quelle est la m\u00e9t\u00e9o \u00e0 Paris demain\u00a0? R\u00e9ponds en fran\u00e7ais."}}),
 }
 
 
@@ -97,7 +100,8 @@ def child(rows: int, database_url: str, tool: str, kind: str) -> None:
     gc.freeze()  # as the gateway does at start-up (app.py _tune_gc)
     gc.set_threshold(20_000, *gc.get_threshold()[1:])
     method, target, params = BODIES[kind]
-    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, separators=(",", ":")).encode()
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, separators=(",", ":"),
+                      ensure_ascii=False).encode()  # UTF-8, as the SDKs send it
 
     class Key:
         tenant_id, user_id, id, role = uuid.UUID(int=1), uuid.UUID(int=2), uuid.UUID(int=3), "USER"
@@ -280,7 +284,7 @@ def main() -> None:
                         "for callgrind_annotate --inclusive=yes")
     parser.add_argument("--body", choices=tuple(BODIES), default="bench",
                         help="the request: the proxy benchmark's tools/call (default), a tools/call with a web "
-                        "address, a resources/read of a gateway resource URI")
+                        "address, a resources/read of a gateway resource URI, a question in French")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -121,6 +121,8 @@ def test_an_ordinary_call_passes():
     {"note": "use bearer  abc.def"},
     {"note": "bearer\u00a0abcdef"},  # a no-break space is whitespace to the pattern
     {"note": "pwd\u3000= hunter2"},
+    {"note": "the key\u2003\u00a0: v"},
+    {"note": "Bearer\u205fabcdef"},
     {"note": "authoriz\u0131ng"},  # a dotless i matches "i" case-insensitively
     {"note": "to\u212aen=abc"},  # the Kelvin sign: "k"
     {"note": "\u017fecret"},  # a long s: "s"
@@ -149,7 +151,7 @@ def test_a_url_counts_only_with_an_at_sign_after_its_scheme(argument):
 
 
 @pytest.mark.parametrize("text", [
-    "caf\u00e9 cr\u00e8me", "Gr\u00fc\u00dfe aus M\u00fcnchen", "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8",
+    "caf\u00e9 cr\u00e8me", "Gr\u00fc\u00dfe aus M\u00fcnchen", "Paris demain\u00a0? Oui\u202f!", "a\u3000b\u2003c", "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8",
     "\u041f\u0440\u0438\u0432\u0435\u0442, \u043c\u0438\u0440", "\U0001f600 done", "\u00c5ngstr\u00f6m",
 ])
 def test_text_in_other_languages_is_screened_like_english(text):

@@ -41,13 +41,16 @@ cdef int _NAME
 cdef int _ASSIGNED
 cdef int _BEARER
 
-@cython.locals(c=int, b=int, d=int)
+@cython.locals(c=int, b=int)
 cdef bint _counts_as_ascii(const unsigned char* data, Py_ssize_t i, Py_ssize_t n) noexcept
+
+@cython.locals(c=int, b=int, d=int, found=bint)
+cdef Py_ssize_t _space_at(const unsigned char* data, Py_ssize_t j, Py_ssize_t n) noexcept
 
 @cython.locals(c=int)
 cdef bint _userinfo_follows(const unsigned char* data, Py_ssize_t j, Py_ssize_t n) noexcept
 
-@cython.locals(start=Py_ssize_t, c=int)
+@cython.locals(start=Py_ssize_t, c=int, size=Py_ssize_t)
 cdef bint _goes_on(const unsigned char* data, Py_ssize_t j, Py_ssize_t n, int kind) noexcept
 cdef bytes _FOLD
 

@@ -10,12 +10,12 @@ body, so True is always right and False is often a false alarm (then the walk
 decides). It gives False for:
 
 - a backslash (an escape could spell any of what follows), and the few
-  characters past ASCII that the sanitizer's nets see as ASCII ones: the
-  letters that `str.lower` (keys are compared lower-cased) or a
-  case-insensitive pattern takes for ASCII letters (U+0130, U+0131, U+017F,
-  U+212A) and the spaces the patterns' `\\s` matches (`_counts_as_ascii`);
-  any other character past ASCII only ends a hex/base64 run, as punctuation
-  does, so text in other languages is screened like English;
+  letters past ASCII that `str.lower` (keys are compared lower-cased) or a
+  case-insensitive pattern takes for ASCII ones (U+0130, U+0131, U+017F,
+  U+212A: `_counts_as_ascii`); any other character past ASCII only ends a
+  hex/base64 run, as punctuation does, and the spaces past ASCII that the
+  patterns' `\\s` matches (U+00A0, U+3000...) are spaces where a pattern
+  needs one (`_goes_on`), so text in other languages is screened like English;
 - a string longer than `MAX_STRING`, more than `MAX_ITEMS - 2` commas (a
   container of more than `MAX_ITEMS` items has that many), `MAX_DEPTH` opening
   brackets with the caller's `nesting` (the depth bound), a run of 19 digits
@@ -266,13 +266,17 @@ def _goes_on(data, j, n, kind):
     if kind == _ASSIGNED:  # ["']?\s*[=:]
         if j < n and (data[j] == 34 or data[j] == 39):
             j += 1
-        while j < n and (data[j] == 32 or data[j] == 9 or data[j] == 10 or data[j] == 13):
-            j += 1
+        size = _space_at(data, j, n)
+        while size:
+            j += size
+            size = _space_at(data, j, n)
         return j < n and (data[j] == 61 or data[j] == 58)
     # _BEARER: \s+[A-Za-z0-9\-._~+/]
     start = j
-    while j < n and (data[j] == 32 or data[j] == 9 or data[j] == 10 or data[j] == 13):
-        j += 1
+    size = _space_at(data, j, n)
+    while size:
+        j += size
+        size = _space_at(data, j, n)
     if j == start or j >= n:
         return False
     c = data[j]
@@ -280,29 +284,43 @@ def _goes_on(data, j, n, kind):
 
 
 def _counts_as_ascii(data, i, n):
-    """Whether the UTF-8 character at `data[i]` (a lead byte) is one the sanitizer may see as ASCII: a letter
-    that `str.lower` or a case-insensitive pattern takes for an ASCII letter (U+0130, U+0131, U+017F, U+212A),
-    or a space its patterns' `\\s` matches (U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F,
-    U+205F, U+3000). Every other character past ASCII is nothing to the nets but the end of a run. (Bytes that
+    """Whether the UTF-8 character at `data[i]` (a lead byte) is a letter that `str.lower` or a case-insensitive
+    pattern takes for an ASCII letter: U+0130, U+0131, U+017F, U+212A. Every other character past ASCII is
+    nothing to the nets but the end of a run, or a space where a pattern needs one (`_space_at`). (Bytes that
     are no valid UTF-8 make a body orjson refuses: it is stored as "[not JSON]".)"""
     c = data[i]
     b = data[i + 1] if i + 1 < n else 0
-    if c == 0xC2:
-        return b == 0x85 or b == 0xA0
     if c == 0xC4:
         return b == 0xB0 or b == 0xB1
     if c == 0xC5:
         return b == 0xBF
-    if c < 0xE1 or c > 0xE3 or i + 2 >= n:
-        return False
-    d = data[i + 2]
+    return c == 0xE2 and b == 0x84 and i + 2 < n and data[i + 2] == 0xAA
+
+
+def _space_at(data, j, n):
+    """The size in bytes of the space the patterns' `\\s` matches at `data[j]` (0: none): ASCII's (tab to
+    carriage return, 0x1C-0x1F, space) and U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F,
+    U+205F, U+3000 as UTF-8."""
+    if j >= n:
+        return 0
+    c = data[j]
+    if c < 0x80:
+        return 1 if (9 <= c <= 13 or 28 <= c <= 32) else 0
+    b = data[j + 1] if j + 1 < n else 0
+    if c == 0xC2:
+        return 2 if b == 0x85 or b == 0xA0 else 0
+    if c < 0xE1 or c > 0xE3 or j + 2 >= n:
+        return 0
+    d = data[j + 2]
     if c == 0xE1:
-        return b == 0x9A and d == 0x80
-    if c == 0xE3:
-        return b == 0x80 and d == 0x80
-    if b == 0x80:  # U+2000-U+200A, U+2028, U+2029, U+202F
-        return d <= 0x8A or d == 0xA8 or d == 0xA9 or d == 0xAF
-    return (b == 0x81 and d == 0x9F) or (b == 0x84 and d == 0xAA)
+        found = b == 0x9A and d == 0x80
+    elif c == 0xE3:
+        found = b == 0x80 and d == 0x80
+    elif b == 0x80:  # U+2000-U+200A, U+2028, U+2029, U+202F
+        found = 0x80 <= d <= 0x8A or d == 0xA8 or d == 0xA9 or d == 0xAF
+    else:
+        found = b == 0x81 and d == 0x9F
+    return 3 if found else 0
 
 
 def _userinfo_follows(data, j, n):
