@@ -39,6 +39,8 @@ FRAGMENTS = [
     "file:///srv/a.md", "http://h", "ftp://x:y@z", "://@", ":// @", "://a/b@c",
     "\u0131", "authorızatıon: ", "to\u212aen", "tax\u0130", "\u017fecret", "bearer\u00a0", "\u00a0", "\u2003",
     "\u3000", "\u1680", "\u2028", "\u202f", "\u205f", "\u0085", "key\u00a0=", "pwd\u3000:", "Gr\u00fc\u00dfe",
+    "\t", "\r", "\x08", "\x0c", "\x1c", "\n\n", "key\n=", "pwd\t:", 'accesskey"=', "bearer\n", "\nsk-", "\\n",
+    "\n0123456789abcdef", "n0123456789abcdef", "\\",
     "\u00e9t\u00e9", "\u4e2d\u6587", "\U0001f600", "\u00c5", "\u212b", "\u1e9e", "\u212aey", "pa\u017f\u017fword", "\u0130", "caf\u00e9", "\u65e5\u672c", "\x00", "\ud800"[:0], "\\", "\n", " ", "",
 ]
 # Fragments glued together (new words, runs and markers across their seams) or apart (word boundaries kept).
@@ -126,7 +128,12 @@ def test_an_ordinary_call_passes():
     {"note": "authoriz\u0131ng"},  # a dotless i matches "i" case-insensitively
     {"note": "to\u212aen=abc"},  # the Kelvin sign: "k"
     {"note": "\u017fecret"},  # a long s: "s"
-    {"note": "line\nbreak"},  # an escape: walked
+    {"note": "x\nsk-live-0123456789abcdefghij"},  # a newline before sk- is a word boundary
+    {"note": "\n" + "9f86d081884c7d659a2feaa0c55ad015"},  # 32 hex digits after a newline: redacted
+    {"note": "x\\" + "9f86d081884c7d659a2feaa0c55ad015"},  # ... after a backslash
+    {"note": 'accesskey"=abc123'},  # an escaped quote between the word and "="
+    {"note": "pwd\t: hunter2"},
+    {"note": "use bearer\nabc.def"},
 ])
 def test_what_the_screen_sends_to_the_walk(argument):
     raw = _bodies(argument)
@@ -162,6 +169,27 @@ def test_text_in_other_languages_is_screened_like_english(text):
     raw = _bodies({"tax\u0130": "v"})
     assert TENANT.clean(orjson.loads(raw)) != orjson.loads(raw)
     assert not TENANT.unchanged(raw)
+
+
+@pytest.mark.parametrize("text", [
+    "# Notes\n\n- fix the login flow\n- deploy on Monday", 'def f():\n\treturn "x"\r\n', "a\\b\\c", "tab\tend\f\b",
+    "n0123456789abcdef0123456789abcde",  # 31 characters: no secret run, with or without a newline before it
+    "\n0123456789abcdef0123456789abcde",
+])
+def test_the_usual_escapes_are_screened_as_the_characters_they_spell(text):
+    raw = _bodies({"content": text})
+    assert DEFAULT.unchanged(raw)
+    decoded = orjson.loads(raw)
+    assert DEFAULT.clean(decoded) == decoded
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"note":"\\u0070assword=hunter2"}}',  # \u: anything
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"note":"0123456789abcdef\\/0123456789abcdef"}}',
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"note":"ends with \\',  # cut after the backslash
+])
+def test_the_other_escapes_are_walked(raw):
+    assert not DEFAULT.unchanged(raw)
 
 
 def test_words_that_are_no_names_count_only_where_their_pattern_could_match():

@@ -70,5 +70,6 @@ cdef class Screen:
     @cython.locals(n=Py_ssize_t, i=Py_ssize_t, c=int, kind=int, opens=Py_ssize_t,
                    commas=Py_ssize_t, quoted=bint, opened=Py_ssize_t, run_from=Py_ssize_t, pairs=cython.p_uchar,
                    quiet=cython.p_uchar, calm=cython.p_uchar, digit_in_run=bint, pair=cython.uint, data=cython.p_uchar,
+                   floor=Py_ssize_t, e=int,
                    kinds=cython.p_uchar)
     cpdef bint plain(self, bytes raw, Py_ssize_t nesting) except -1

@@ -9,10 +9,12 @@ below is a necessary condition for `clean` to change a value decoded from the
 body, so True is always right and False is often a false alarm (then the walk
 decides). It gives False for:
 
-- a backslash (an escape could spell any of what follows), and the few
-  letters past ASCII that `str.lower` (keys are compared lower-cased) or a
-  case-insensitive pattern takes for ASCII ones (U+0130, U+0131, U+017F,
-  U+212A: `_counts_as_ascii`); any other character past ASCII only ends a
+- an escape other than \\n \\t \\r \\b \\f \\" \\\\ (a \\u escape could spell
+  anything, a \\/ is a '/' that a hex/base64 run goes on through; the others
+  are characters that end a run, and \\n \\t \\r \\f are spaces where a
+  pattern needs one), and the few letters past ASCII that `str.lower` (keys
+  are compared lower-cased) or a case-insensitive pattern takes for ASCII ones
+  (U+0130, U+0131, U+017F, U+212A: `_counts_as_ascii`); any other character past ASCII only ends a
   hex/base64 run, as punctuation does, and the spaces past ASCII that the
   patterns' `\\s` matches (U+00A0, U+3000...) are spaces where a pattern
   needs one (`_goes_on`), so text in other languages is screened like English;
@@ -177,8 +179,10 @@ class Screen:
             return True
         if c == 58 and i + 2 < n and data[i + 1] == 47 and data[i + 2] == 47 and _userinfo_follows(data, i + 3, n):
             return True
+        # The boundary: no word byte before, or one that may be an escape's letter (\\n: a newline).
         return ((c == 115 or c == 112 or c == 114) and i + 2 < n and data[i + 1] == 107
-                and (data[i + 2] == 45 or data[i + 2] == 95) and (i == 0 or not _KINDS[data[i - 1]] & _WORD))
+                and (data[i + 2] == 45 or data[i + 2] == 95)
+                and (i == 0 or not _KINDS[data[i - 1]] & _WORD or (i >= 2 and data[i - 2] == 92)))
 
     def plain(self, raw, nesting):
         """Whether `Sanitizer.clean` would leave every value decoded from the JSON `raw` as it is.
@@ -205,6 +209,7 @@ class Screen:
         # (the sanitizer's runs need a digit), so only a run with one is read again, and where such a run
         # began is looked up when its first digit comes (before, the bytes that end runs need no look).
         opened = 0
+        floor = 0  # where the last escape ended: its letter is no byte of the run after it
         run_from = 0  # where the current run of [A-Za-z0-9+/_-] began, while it holds a digit
         digit_in_run = False
         i = 0
@@ -237,8 +242,13 @@ class Screen:
                     if c >= 128:  # past ASCII: a lead byte may start one of the few characters that count
                         if c >= 0xC2 and _counts_as_ascii(data, i, n):
                             return False
-                    elif c == 92:  # an escape
-                        return False
+                    elif c == 92:  # an escape: the two bytes are one character that only ends a run, or any
+                        e = data[i + 1] if i + 1 < n else 0
+                        if not (e == 110 or e == 116 or e == 114 or e == 98 or e == 102 or e == 34 or e == 92):
+                            return False  # \\u could spell anything, \\/ a run's '/'
+                        i += 2
+                        floor = i
+                        continue
                     elif c == 34:
                         if quoted and i - opened - 1 > MAX_STRING:
                             return False
@@ -250,7 +260,7 @@ class Screen:
                         opens += 1
             elif kind & _DIGIT and not digit_in_run:
                 run_from = i
-                while run_from > 0 and kinds[data[run_from - 1]] & _RUN:
+                while run_from > floor and kinds[data[run_from - 1]] & _RUN:
                     run_from -= 1
                 digit_in_run = True
             i += 1
@@ -266,6 +276,8 @@ def _goes_on(data, j, n, kind):
     if kind == _ASSIGNED:  # ["']?\s*[=:]
         if j < n and (data[j] == 34 or data[j] == 39):
             j += 1
+        elif j + 1 < n and data[j] == 92 and data[j + 1] == 34:  # \\"
+            j += 2
         size = _space_at(data, j, n)
         while size:
             j += size
@@ -299,11 +311,14 @@ def _counts_as_ascii(data, i, n):
 
 def _space_at(data, j, n):
     """The size in bytes of the space the patterns' `\\s` matches at `data[j]` (0: none): ASCII's (tab to
-    carriage return, 0x1C-0x1F, space) and U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F,
+    carriage return, 0x1C-0x1F, space; \\n \\t \\r \\f as escapes) and U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F,
     U+205F, U+3000 as UTF-8."""
     if j >= n:
         return 0
     c = data[j]
+    if c == 92:  # \\n \\t \\r \\f in the raw body
+        return 2 if j + 1 < n and (data[j + 1] == 110 or data[j + 1] == 116 or data[j + 1] == 114
+                                   or data[j + 1] == 102) else 0
     if c < 0x80:
         return 1 if (9 <= c <= 13 or 28 <= c <= 32) else 0
     b = data[j + 1] if j + 1 < n else 0
