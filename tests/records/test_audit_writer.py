@@ -616,8 +616,9 @@ async def test_an_empty_batch_writes_nothing_and_refuses_nothing(pg_url: str, ma
 
 async def test_plain_calls_in_other_languages_and_with_addresses_are_stored_and_chained(database_url: str,
                                                                                         make_sink):
-    """The calls the screen and `plain_details` now take (UTF-8 past ASCII, "://" without an "@") are stored with
-    the details the general path would give, and their chain verifies, in both databases."""
+    """The calls the screen and `plain_details` now take (UTF-8 past ASCII, "://" without an "@", the usual
+    escapes) are stored with the details the general path would give, and their chain verifies, in both
+    databases."""
     from gateway.records.audit import AuditTrail
 
     trail = AuditTrail(new_id=uuid.uuid4, log=False)
@@ -627,6 +628,8 @@ async def test_plain_calls_in_other_languages_and_with_addresses_are_stored_and_
                                                             "\u8a00\u8a9e": "\u65e5\u672c\u8a9e \U0001f600"}}),
         ("tools/call", "fetch", {"name": "fetch", "arguments": {"url": "https://docs.example.com/a?b=c&d=1"}}),
         ("resources/read", "mcpgw://docs/file:///srv/d.md", {"uri": "mcpgw://docs/file:///srv/d.md"}),
+        ("tools/call", "write_file", {"name": "write_file", "arguments": {
+            "path": "C:\\notes.md", "content": '# Notes\n\n- "fix" the\tlogin\r\n\b\f'}}),
     ]
     rows = []
     for i, (method, target, params) in enumerate(calls):

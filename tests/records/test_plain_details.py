@@ -38,7 +38,8 @@ def general_path(body: bytes, status: int, server: str | None, error: str | None
     return orjson.dumps(details, option=orjson.OPT_SORT_KEYS)
 
 
-KEYS = st.sampled_from(["a", "b", "name", "arguments", "_meta", "params", "id", "method", "error", "Z", "a_b", ""])
+KEYS = st.sampled_from(["a", "b", "name", "arguments", "_meta", "params", "id", "method", "error", "Z", "a_b", "",
+                        "a\n", "aZ", 'a"', "a\\", "a\t", "a/"])  # escaped keys sort by their characters
 LEAVES = st.one_of(
     st.none(), st.booleans(), st.integers(-(10**18) + 1, 10**18 - 1), st.integers(), st.floats(allow_nan=False),
     st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=8), st.text(max_size=4),
@@ -93,6 +94,8 @@ CALLS = [
     b'{"method":"x","params":{"b":true,"a":false,"c":null,"d":-12,"e":0}}',
     # Past ASCII, copied as its UTF-8 (orjson writes it so), keys in code point order.
     '{"method":"x","params":{"q":"caf\u00e9","\u65e5":"\u672c","e":"\U0001f600","\u00e9":"\u2028"}}'.encode(),
+    # The escapes orjson writes as they are read.
+    b'{"method":"x","params":{"content":"# a\\n\\n- b\\tc\\r\\n","q":"a\\"b","p":"C:\\\\x","z":"\\b\\f"}}',
 ]
 
 
@@ -104,7 +107,9 @@ def test_ordinary_calls_are_written_here(body):
 
 @pytest.mark.parametrize("body", [
     b'{"method":"x","params":{"a":1.5}}', b'{"method":"x","id":-0}', b'{"method":"x","id":1e3}',
-    b'{"method":"x","params":{"q":"a\\"b"}}',
+    b'{"method":"x","params":{"q":"a\\/b"}}', b'{"method":"x","params":{"q":"\\u0041"}}',  # orjson writes "/", "A"
+    b'{"method":"x","params":{"a\\n":1,"aZ":2}}',  # a key with an escape: its bytes do not sort as it does
+    b'{"method":"x","params":{"q":"a\x01b"}}', b'{"method":"x","params":{"q":"a\\x"}}',
     # Bytes that are no UTF-8 orjson reads: cut short, a stray continuation, overlong, a surrogate, past U+10FFFF.
     b'{"method":"x","params":{"q":"\xc3"}}', b'{"method":"x","params":{"q":"\x80"}}',
     b'{"method":"x","params":{"q":"\xc0\xaf"}}', b'{"method":"x","params":{"q":"\xe0\x80\xaf"}}',

@@ -995,8 +995,8 @@ cdef inline Py_ssize_t _skip_space(const unsigned char* s, Py_ssize_t i, Py_ssiz
     return i
 
 
-# The bytes that end a run of a string's ASCII text as written here: its closing quote, what `_string_end`
-# leaves to the general path (an escape, a control character), and a byte past ASCII (checked as UTF-8).
+# The bytes that end a run of a string's ASCII text as written here: its closing quote, an escape (checked),
+# a control character (left to the general path), and a byte past ASCII (checked as UTF-8).
 cdef unsigned char _STRING_STOPS[256]
 for _byte in range(256):
     _STRING_STOPS[_byte] = _byte == 34 or _byte == 92 or _byte < 0x20 or _byte >= 0x80
@@ -1034,20 +1034,32 @@ cdef inline Py_ssize_t _utf8_end(const unsigned char* s, Py_ssize_t i, Py_ssize_
     return i + size
 
 
+# The escapes orjson writes as they are read: \b \f \n \r \t \" \\ (it writes a \/ as "/", a \u escape as the
+# character or as a \u00XX of its own).
+cdef unsigned char _KEPT_ESCAPES[256]
+for _byte in range(256):
+    _KEPT_ESCAPES[_byte] = _byte in b'bfnrt"\\'
+
+
 cdef inline Py_ssize_t _string_end(const unsigned char* s, Py_ssize_t i, Py_ssize_t n) noexcept:
-    """`s[i]` opens a string: the index of its closing quote, or -1 for a string not written here (an escape,
-    a control character, bytes that are no UTF-8) or one that does not end. orjson writes every character past
-    ASCII as its UTF-8, so a valid one is copied as it is."""
+    """`s[i]` opens a string: the index of its closing quote, or -1 for a string not written here (a control
+    character, an escape orjson writes otherwise, bytes that are no UTF-8) or one that does not end. orjson
+    writes every character past ASCII as its UTF-8 and \b \f \n \r \t \" \\ as these escapes, so those are
+    copied as they are."""
     i += 1
     while True:
         while i < n and not _STRING_STOPS[s[i]]:
             i += 1
-        if i < n and s[i] >= 0x80:
+        if i >= n:
+            return -1
+        if s[i] >= 0x80:
             i = _utf8_end(s, i, n)
             if i < 0:
                 return -1
-            continue
-        return i if i < n and s[i] == 34 else -1
+        elif s[i] == 92 and i + 1 < n and _KEPT_ESCAPES[s[i + 1]]:
+            i += 2
+        else:
+            return i if s[i] == 34 else -1
 
 
 cdef inline int _key_order(const unsigned char* s, _Member* a, _Member* b) noexcept:
@@ -1161,7 +1173,9 @@ cdef Py_ssize_t _members(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Buf
         if i >= n or s[i] != 34 or count[0] == _MAX_MEMBERS:
             return -1
         end = _string_end(s, i, n)
-        if end < 0:
+        # A key with an escape: its bytes would not sort as its characters do (a "\\n" is 0x5C 0x6E, a newline
+        # 0x0A), so the general path puts it in order.
+        if end < 0 or memchr(s + i + 1, 92, end - i - 1) is not NULL:
             return -1
         k = count[0]
         members[k].key_at, members[k].key_size = i + 1, end - i - 1

@@ -303,10 +303,10 @@ def plain_details(body: bytes, status: int, server: str | None, error: str | Non
     must decode the body and build them. Only for a body the sanitizer's screen passed (nothing is redacted)
     and `server` and `error` already cleaned (`error`: None or "" for none).
 
-    The compiled twin writes the common case: an object whose strings hold no escape and no control character
-    (characters past ASCII are copied as their UTF-8 once checked: orjson writes them so), whose numbers are
-    integers of 18 digits or fewer, without duplicate keys, objects of at most 100 members
-    or nesting past 32 levels. This one always answers None: decoding and building them in Python is what the
+    The compiled twin writes the common case: an object whose strings hold no control character and no escape
+    but \\b \\f \\n \\r \\t \\" \\\\ (those, and characters past ASCII once checked as UTF-8, are copied as they
+    are: orjson writes them so; a key holds no escape), whose numbers are integers of 18 digits or fewer,
+    without duplicate keys, objects of at most 100 members or nesting past 32 levels. This one always answers None: decoding and building them in Python is what the
     caller does then anyway.
     """
     return None
