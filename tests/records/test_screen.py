@@ -133,6 +133,15 @@ def test_an_ordinary_call_passes():
     {"note": "x\\" + "9f86d081884c7d659a2feaa0c55ad015"},  # ... after a backslash
     {"note": 'accesskey"=abc123'},  # an escaped quote between the word and "="
     {"note": "pwd\t: hunter2"},
+    {"note": "token=abc"},  # a name followed by "=": the name=value pattern
+    {"note": "my Password : hunter2"},
+    {"note": "say \"token\": yes"},  # an escaped quote between the name and ":"
+    {"note": "client-secret\u00a0=x"},
+    {"note": "authorization: Basic abc"},
+    {"token": "v"},  # a name in a key: the value is redacted whole
+    {"outer": [{"Session-Key": 1}]},
+    {"x\"token": 1},  # ... also behind an escape in the key
+    {"a": {"b": "c"}, "api key": "v"},
     {"note": "use bearer\nabc.def"},
 ])
 def test_what_the_screen_sends_to_the_walk(argument):
@@ -190,6 +199,19 @@ def test_the_usual_escapes_are_screened_as_the_characters_they_spell(text):
 ])
 def test_the_other_escapes_are_walked(raw):
     assert not DEFAULT.unchanged(raw)
+
+
+@pytest.mark.parametrize("argument", [
+    {"message": "Fix token refresh race in session middleware"},
+    {"summary": "Rotate the database password", "project_key": "OPS"},  # "key" ends a key: no "=" in its text
+    {"note": "the secret sauce, a session cookie and their credentials", "issue_key": "OPS-1"},
+    {"note": "tokens: 5"},  # "tokens" is no word of the pattern: "token" is followed by "s"
+])
+def test_a_name_in_a_value_counts_only_before_an_equals_sign_or_colon(argument):
+    raw = _bodies(argument)
+    assert DEFAULT.unchanged(raw)
+    decoded = orjson.loads(raw)
+    assert DEFAULT.clean(decoded) == decoded
 
 
 def test_words_that_are_no_names_count_only_where_their_pattern_could_match():

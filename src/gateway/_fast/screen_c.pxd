@@ -41,6 +41,9 @@ cdef int _NAME
 cdef int _ASSIGNED
 cdef int _BEARER
 
+@cython.locals(c=int)
+cdef bint _in_key(const unsigned char* data, Py_ssize_t j, Py_ssize_t n) noexcept
+
 @cython.locals(c=int, b=int)
 cdef bint _counts_as_ascii(const unsigned char* data, Py_ssize_t i, Py_ssize_t n) noexcept
 
@@ -62,7 +65,7 @@ cdef class Screen:
     cdef bytes _quiet
     cdef bytes _calm
 
-    @cython.locals(entry=bytes, letters=cython.p_uchar, m=Py_ssize_t, k=Py_ssize_t)
+    @cython.locals(entry=bytes, letters=cython.p_uchar, m=Py_ssize_t, k=Py_ssize_t, kind=int)
     cdef bint _word_at(self, const unsigned char* data, Py_ssize_t i, Py_ssize_t n, int f) except -1
 
     cdef bint _starts_here(self, const unsigned char* data, Py_ssize_t i, Py_ssize_t n, int c) except -1

@@ -24,9 +24,12 @@ decides). It gives False for:
   (an integer past 64 bits has one);
 - a secret name in the body's text lower-cased with '-' and ' ' as '_' (how
   keys are compared): the sanitizer's names, built-in and added, each standing
-  for every key that contains it; and where a value pattern could match, the
-  words it needs that are no names ("key" or "pwd" followed by ["']?\\s*[=:],
-  "bearer" followed by whitespace and a token character);
+  for every key that contains it, so a name counts in a key (a string followed
+  by ':'), and in any other string only where the name=value pattern could
+  match, followed by ["']?\\s*[=:] (the pattern's words all end in a name,
+  "key" or "pwd"); and where a value pattern could match, the words it needs
+  that are no names ("key" or "pwd" followed by ["']?\\s*[=:], "bearer"
+  followed by whitespace and a token character);
 - the cased markers of the value patterns: "-----BEGIN", "gw_", "eyJ", "xox",
   "AIza", the GitHub "gh?_"/"github_pat_", an AWS key id's four letters,
   "sk-"/"pk_"/... after a word boundary, and "://" followed by an "@" before
@@ -166,8 +169,15 @@ class Screen:
                     if _fold(data[i + k]) != letters[k + 1]:
                         break
                     k += 1
-                if k == m and (letters[0] == _NAME or _goes_on(data, i + m, n, letters[0])):
-                    return True
+                if k == m:
+                    kind = letters[0]
+                    if kind == _NAME:
+                        # A key holding a name is redacted whole; in any other string a name matters only to
+                        # the name=value pattern, whose words all end in a name, "key" or "pwd".
+                        if _in_key(data, i + m, n) or _goes_on(data, i + m, n, _ASSIGNED):
+                            return True
+                    elif _goes_on(data, i + m, n, kind):
+                        return True
         return False
 
     def _starts_here(self, data, i, n, c):
@@ -271,12 +281,31 @@ class Screen:
         return commas < MAX_ITEMS - 1 and opens < MAX_DEPTH
 
 
+def _in_key(data, j, n):
+    """Whether the string that holds `data[j]` is a key: its closing quote is followed (after JSON's spaces) by
+    ':'. One that does not end counts as a key."""
+    while j < n:
+        c = data[j]
+        if c == 92:  # an escape: its second byte may be a quote
+            j += 2
+            continue
+        if c == 34:
+            j += 1
+            while j < n and (data[j] == 32 or data[j] == 9 or data[j] == 10 or data[j] == 13):
+                j += 1
+            return j >= n or data[j] == 58
+        j += 1
+    return True
+
+
 def _goes_on(data, j, n, kind):
     """Whether the pattern of a contextual word (`kind`) could match from `data[j]`, right after the word."""
     if kind == _ASSIGNED:  # ["']?\s*[=:]
-        if j < n and (data[j] == 34 or data[j] == 39):
+        # The quote is a character of the text: ' or \\". A " in the raw body ends the string, and the pattern
+        # matches within one string (a key "project_key" is followed by ":" only in the body).
+        if j < n and data[j] == 39:
             j += 1
-        elif j + 1 < n and data[j] == 92 and data[j + 1] == 34:  # \\"
+        elif j + 1 < n and data[j] == 92 and data[j + 1] == 34:
             j += 2
         size = _space_at(data, j, n)
         while size:
