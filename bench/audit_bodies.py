@@ -33,9 +33,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
 def _call(name: str, arguments: dict, request_id: int = 1) -> tuple[str, str, bytes]:
     message = {"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
                "params": {"name": name, "arguments": arguments}}
@@ -127,7 +124,7 @@ def main() -> None:
     if args.child:
         print("CHILD " + json.dumps(measure(args.per_call, args.repeat)))
         return
-    from records_cost import build_tree  # bench/: a commit's src tree with its compiled core
+    from records_cost import build_tree, this_tree  # bench/: a commit's src tree with its compiled core
 
     trees: dict[str, dict] = {"this tree": measure(args.per_call, args.repeat)}
     if args.against:
@@ -150,11 +147,9 @@ def main() -> None:
     walked = [sum(not t[c][1] for c in CALLS) for t in trees.values()]
     print(f"{'mean':22s}{'':7s}" + "".join(f"{w:>7d} walked {m:8.2f} us" for w, m in zip(walked, means))
           + (f"   ratio {means[0] / means[1]:.2f}x" if len(means) == 2 else ""))
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     print(f"\nconditions: AuditTrail.prepare of {args.per_call} entries of each of {len(CALLS)} calls in a batch, "
           f"best of {args.repeat} batches, CPU time of one process (its log line to /dev/null); CPython "
-          f"{sys.version.split()[0]}; {os.cpu_count()} CPUs; this tree: {commit}")
+          f"{sys.version.split()[0]}; {os.cpu_count()} CPUs; this tree: {this_tree()}")
 
 
 if __name__ == "__main__":

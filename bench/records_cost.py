@@ -217,6 +217,15 @@ def admin(url: str, *statements: str) -> None:
     asyncio.run(go())
 
 
+def this_tree() -> str:
+    """The checkout's commit, and whether src/ has changes not committed."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"], capture_output=True,
+                           text=True).stdout.strip()
+    return commit + (" + uncommitted changes" if dirty else "")
+
+
 def build_tree(rev: str, into: Path) -> Path:
     """The `src` tree of commit `rev` with its compiled core built; returns its src directory."""
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src", "setup.py", "pyproject.toml"],
@@ -325,13 +334,9 @@ def main() -> None:
         if len(values) == 2 and values[1]:
             line += f"{values[0] / values[1]:14.2f}x"
         print(line)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"], capture_output=True,
-                           text=True).stdout.strip()
     print(f"\nconditions: {unit} per request; {args.rows} requests' records (a request_logs row and an audit entry "
-          f"each, the {body_bytes}-byte {BODIES[args.body][0]} body '{args.body}'); one process; PostgreSQL {base.rsplit('@', 1)[-1]}; "
-          f"CPython {platform.python_version()}; this tree: {commit}{' + uncommitted changes' if dirty else ''}")
+          f"each, the {body_bytes}-byte {BODIES[args.body][0]} body '{args.body}'); one process; "
+          f"PostgreSQL {base.rsplit('@', 1)[-1]}; CPython {platform.python_version()}; this tree: {this_tree()}")
     if tool == "time":
         print("\nlongest the event loop waited for one write of the batch (ms; the requests in flight wait as long):")
         for stage in STAGES[3:]:

@@ -41,7 +41,8 @@ FRAGMENTS = [
     "\u3000", "\u1680", "\u2028", "\u202f", "\u205f", "\u0085", "key\u00a0=", "pwd\u3000:", "Gr\u00fc\u00dfe",
     "\t", "\r", "\x08", "\x0c", "\x1c", "\n\n", "key\n=", "pwd\t:", 'accesskey"=', "bearer\n", "\nsk-", "\\n",
     "\n0123456789abcdef", "n0123456789abcdef", "\\",
-    "\u00e9t\u00e9", "\u4e2d\u6587", "\U0001f600", "\u00c5", "\u212b", "\u1e9e", "\u212aey", "pa\u017f\u017fword", "\u0130", "caf\u00e9", "\u65e5\u672c", "\x00", "\ud800"[:0], "\\", "\n", " ", "",
+    "\u00e9t\u00e9", "\u4e2d\u6587", "\U0001f600", "\u00c5", "\u212b", "\u1e9e",
+    "\u212aey", "pa\u017f\u017fword", "\u0130", "caf\u00e9", "\u65e5\u672c", "\x00", "\ud800"[:0], "\\", "\n", " ", "",
 ]
 # Fragments glued together (new words, runs and markers across their seams) or apart (word boundaries kept).
 texts = (st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=6), max_size=6).map("".join)
@@ -167,7 +168,8 @@ def test_a_url_counts_only_with_an_at_sign_after_its_scheme(argument):
 
 
 @pytest.mark.parametrize("text", [
-    "caf\u00e9 cr\u00e8me", "Gr\u00fc\u00dfe aus M\u00fcnchen", "Paris demain\u00a0? Oui\u202f!", "a\u3000b\u2003c", "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8",
+    "caf\u00e9 cr\u00e8me", "Gr\u00fc\u00dfe aus M\u00fcnchen", "Paris demain\u00a0? Oui\u202f!", "a\u3000b\u2003c",
+    "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8",
     "\u041f\u0440\u0438\u0432\u0435\u0442, \u043c\u0438\u0440", "\U0001f600 done", "\u00c5ngstr\u00f6m",
 ])
 def test_text_in_other_languages_is_screened_like_english(text):

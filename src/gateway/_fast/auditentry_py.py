@@ -306,8 +306,8 @@ def plain_details(body: bytes, status: int, server: str | None, error: str | Non
     The compiled twin writes the common case: an object whose strings hold no control character and no escape
     but \\b \\f \\n \\r \\t \\" \\\\ (those, and characters past ASCII once checked as UTF-8, are copied as they
     are: orjson writes them so; a key holds no escape), whose numbers are integers of 18 digits or fewer,
-    without duplicate keys, objects of at most 100 members or nesting past 32 levels. This one always answers None: decoding and building them in Python is what the
-    caller does then anyway.
+    without duplicate keys, objects of at most 100 members or nesting past 32 levels. This one always answers
+    None: decoding and building them in Python is what the caller does then anyway.
     """
     return None
 

@@ -53,8 +53,8 @@ _BIG_DIGITS = 19
 _MAX_BODY = 1 << 20
 
 # The value patterns' cased markers (an AWS key id's first four letters among them), by their first byte.
-_CASED_MARKERS = (b"-----BEGIN", b"gw_", b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_", b"github_pat_", b"eyJ", b"xox", b"AIza", b"AKIA", b"ASIA", b"AGPA", b"AIDA", b"AROA", b"ANPA", b"ANVA", b"AIPA", b"ABIA",
-                  b"ACCA")
+_CASED_MARKERS = (b"-----BEGIN", b"gw_", b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_", b"github_pat_", b"eyJ", b"xox",
+                  b"AIza", b"AKIA", b"ASIA", b"AGPA", b"AIDA", b"AROA", b"ANPA", b"ANVA", b"AIPA", b"ABIA", b"ACCA")
 _MARKERS_AT = [tuple(m for m in _CASED_MARKERS if m[0] == first) for first in range(256)]
 # The (first, second) byte pairs the cased markers start with, "sk", "pk", "rk" (the \b(sk|pk|rk)[-_] prefix) and
 # ":/" (a URL's "://", which counts only with an "@" after it: `_userinfo_follows`).
@@ -340,8 +340,8 @@ def _counts_as_ascii(data, i, n):
 
 def _space_at(data, j, n):
     """The size in bytes of the space the patterns' `\\s` matches at `data[j]` (0: none): ASCII's (tab to
-    carriage return, 0x1C-0x1F, space; \\n \\t \\r \\f as escapes) and U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F,
-    U+205F, U+3000 as UTF-8."""
+    carriage return, 0x1C-0x1F, space; \\n \\t \\r \\f as escapes) and U+0085, U+00A0, U+1680, U+2000-U+200A,
+    U+2028, U+2029, U+202F, U+205F, U+3000 as UTF-8."""
     if j >= n:
         return 0
     c = data[j]
