@@ -14,10 +14,11 @@ decides). It gives False for:
   are characters that end a run, and \\n \\t \\r \\f are spaces where a
   pattern needs one), and the few letters past ASCII that `str.lower` (keys
   are compared lower-cased) or a case-insensitive pattern takes for ASCII ones
-  (U+0130, U+0131, U+017F, U+212A: `_counts_as_ascii`); any other character past ASCII only ends a
-  hex/base64 run, as punctuation does, and the spaces past ASCII that the
-  patterns' `\\s` matches (U+00A0, U+3000...) are spaces where a pattern
-  needs one (`_goes_on`), so text in other languages is screened like English;
+  (U+0130, U+0131, U+017F, U+212A: `_counts_as_ascii`). Any other character
+  past ASCII only ends a hex/base64 run, as punctuation does, and the spaces
+  past ASCII that the patterns' `\\s` matches (U+00A0, U+3000...) are spaces
+  where a pattern needs one (`_goes_on`), so text in other languages is
+  screened like English;
 - a string longer than `MAX_STRING`, more than `MAX_ITEMS - 2` commas (a
   container of more than `MAX_ITEMS` items has that many), `MAX_DEPTH` opening
   brackets with the caller's `nesting` (the depth bound), a run of 19 digits
@@ -373,7 +374,7 @@ def _userinfo_follows(data, j, n):
     it in the raw body). A backslash counts as an "@": an escape may spell one."""
     while j < n:
         c = data[j]
-        if c == 64 or c == 92:  # @, or \ (the loop gives up on an escape anyway)
+        if c == 64 or c == 92:  # @, or an escape (\u0040 spells one; the others do not, but this is rare)
             return True
         if c == 47 or c == 34 or c == 32 or 9 <= c <= 13 or 28 <= c <= 31:  # / " and what \s matches in ASCII
             return False
