@@ -35,6 +35,19 @@ def test_secret_names_are_redacted_whole_at_any_depth(name):
     assert cleaned == {"outer": [{"inner": {name: REDACTED}}, {name: REDACTED}, {name: REDACTED}]}
 
 
+def test_counts_named_like_tokens_are_not_secrets_in_camel_case_either():
+    # The MCP sampling request's own parameter, and the usage counts of LLM APIs' JavaScript SDKs.
+    value = {"maxTokens": 256, "inputTokens": 10, "OutputTokens": 5, "totalTokens": 15, "tokenCount": 3,
+             "accessToken": "s3cret", "tokenizer": "cl100k"}
+    cleaned = DEFAULT.clean(value)
+    assert {k: cleaned[k] for k in ("maxTokens", "inputTokens", "OutputTokens", "totalTokens", "tokenCount")} == {
+        "maxTokens": 256, "inputTokens": 10, "OutputTokens": 5, "totalTokens": 15, "tokenCount": 3}
+    assert cleaned["accessToken"] == REDACTED and cleaned["tokenizer"] == REDACTED
+    # A deployment that names one of them a secret gets it redacted in every spelling.
+    assert Sanitizer(extra_names=("maxTokens",)).clean({"max_tokens": 1, "maxTokens": 2}) == {
+        "max_tokens": REDACTED, "maxTokens": REDACTED}
+
+
 def test_counts_named_like_tokens_are_not_secrets():
     value = {"max_tokens": 256, "prompt_tokens": 10, "completion_tokens": 5, "tokenizer": "cl100k"}
     cleaned = DEFAULT.clean(value)

@@ -51,7 +51,9 @@ SECRET_NAMES: tuple[str, ...] = (
     "signature",
 )
 # Keys that contain a secret name but name counts, not secrets (LLM tool
-# parameters are full of them); matched whole, after the same normalizing.
+# parameters are full of them); matched whole, after the same normalizing and
+# without underscores, so that the camelCase spellings count too (the MCP
+# sampling request's own `maxTokens`, `inputTokens`, `totalTokens`).
 NOT_SECRET_NAMES: frozenset[str] = frozenset(
     {"max_tokens", "max_new_tokens", "input_tokens", "output_tokens", "total_tokens", "num_tokens",
      "token_count", "tokens_used", "prompt_tokens", "completion_tokens"}
@@ -155,6 +157,11 @@ def normalize_name(name: str) -> str:
     return name.lower().replace("-", "_").replace(" ", "_")
 
 
+def _compact(name: str) -> str:
+    """A normalized name without its underscores: how `NOT_SECRET_NAMES` are matched (max_tokens, maxTokens)."""
+    return name.replace("_", "")
+
+
 class Sanitizer:
     """Cleans nested values: `SECRET_NAMES` plus `extra_names` (substrings) and `exact_names` (whole keys).
 
@@ -168,7 +175,7 @@ class Sanitizer:
         names = {normalize_name(n) for n in (*SECRET_NAMES, *extra_names) if n and n.strip()}
         self._name_pattern = re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)))
         self._exact = frozenset(normalize_name(n) for n in exact_names)
-        self._not_secret = NOT_SECRET_NAMES - {normalize_name(n) for n in extra_names}
+        self._not_secret = {_compact(n) for n in NOT_SECRET_NAMES} - {_compact(normalize_name(n)) for n in extra_names}
         self._names: dict[str, bool] = {}  # key -> secret_name(key): keys recur in every entry
         # What `unchanged` looks for in a body's folded text: every name (a key containing one is redacted
         # whole); the screen adds the words value patterns need where they could match (_fast/screen).
@@ -181,7 +188,7 @@ class Sanitizer:
             return known
         name = normalize_name(key)
         secret = name in self._exact or (
-            name not in self._not_secret and self._name_pattern.search(name) is not None
+            _compact(name) not in self._not_secret and self._name_pattern.search(name) is not None
         )
         if len(self._names) >= _CACHE_SIZE:
             self._names.clear()
