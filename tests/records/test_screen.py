@@ -25,6 +25,7 @@ from gateway.records.sanitize import DEFAULT, MAX_DEPTH, MAX_ITEMS, MAX_STRING, 
 pytestmark = pytest.mark.skipif(not screen.COMPILED, reason="the screen is used only compiled")
 
 TENANT = Sanitizer(extra_names=("ssn", "Routing-Number", "taxi"))  # "taxi": "tax\u0130" lowers to "taxi\u0307"
+EXACT = Sanitizer(exact_names=("max_tokens", "total-tokens"), extra_names=("tokens_used",))  # counts made secret
 
 # Pieces of text that each trip (or nearly trip) one net of the sanitizer.
 FRAGMENTS = [
@@ -40,7 +41,8 @@ FRAGMENTS = [
     "\u0131", "authorızatıon: ", "to\u212aen", "tax\u0130", "\u017fecret", "bearer\u00a0", "\u00a0", "\u2003",
     "\u3000", "\u1680", "\u2028", "\u202f", "\u205f", "\u0085", "key\u00a0=", "pwd\u3000:", "Gr\u00fc\u00dfe",
     "\t", "\r", "\x08", "\x0c", "\x1c", "\n\n", "key\n=", "pwd\t:", 'accesskey"=', "bearer\n", "\nsk-", "\\n",
-    "\n0123456789abcdef", "n0123456789abcdef", "\\",
+    "\n0123456789abcdef", "n0123456789abcdef", "\\", "maxTokens", "max-tokens", "MAX_TOKENS", "tokens_used",
+    "prompt tokens", "totalTokens", "max_tokens_secret", "_", "x_max_tokens",
     "\u00e9t\u00e9", "\u4e2d\u6587", "\U0001f600", "\u00c5", "\u212b", "\u1e9e",
     "\u212aey", "pa\u017f\u017fword", "\u0130", "caf\u00e9", "\u65e5\u672c", "\x00", "\ud800"[:0], "\\", "\n", " ", "",
 ]
@@ -69,7 +71,7 @@ def _bodies(value, ascii_only: bool = False) -> bytes:
 def test_a_body_the_screen_passes_is_one_cleaning_leaves_alone(value, ascii_only):
     raw = _bodies(value, ascii_only)
     decoded = orjson.loads(raw)
-    for sanitizer in (DEFAULT, TENANT):
+    for sanitizer in (DEFAULT, TENANT, EXACT):
         if sanitizer.unchanged(raw):
             assert sanitizer.clean(decoded) == decoded, raw
 
@@ -210,6 +212,20 @@ def test_the_other_escapes_are_walked(raw):
     {"note": "tokens: 5"},  # "tokens" is no word of the pattern: "token" is followed by "s"
 ])
 def test_a_name_in_a_value_counts_only_before_an_equals_sign_or_colon(argument):
+    _passes(argument)
+
+
+@pytest.mark.parametrize("argument", [
+    {"prompt": "Summarize.", "max_tokens": 500}, {"maxTokens": 1}, {"usage": {"input-tokens": 1, "TotalTokens": 2}},
+])
+def test_a_key_that_is_a_count_passes(argument):
+    _passes(argument)
+    # ... unless the deployment made it a secret, as a whole key or as a name.
+    assert not EXACT.unchanged(_bodies({"max_tokens": 1})) and not EXACT.unchanged(_bodies({"tokensUsed": 1}))
+    assert not DEFAULT.unchanged(_bodies({"max_tokens_secret": 1}))
+
+
+def _passes(argument):
     raw = _bodies(argument)
     assert DEFAULT.unchanged(raw)
     decoded = orjson.loads(raw)

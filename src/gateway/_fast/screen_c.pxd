@@ -64,6 +64,10 @@ cdef class Screen:
     cdef bytes _pairs
     cdef bytes _quiet
     cdef bytes _calm
+    cdef frozenset _counts
+
+    @cython.locals(start=Py_ssize_t, end=Py_ssize_t, k=Py_ssize_t, c=int, key=bytearray)
+    cdef bint _a_count(self, const unsigned char* data, Py_ssize_t i, Py_ssize_t n) except -1
 
     @cython.locals(entry=bytes, letters=cython.p_uchar, m=Py_ssize_t, k=Py_ssize_t, kind=int)
     cdef bint _word_at(self, const unsigned char* data, Py_ssize_t i, Py_ssize_t n, int f) except -1

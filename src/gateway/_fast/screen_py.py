@@ -110,11 +110,14 @@ def _has_any(data, i, n, markers):
 
 
 class Screen:
-    """A screen for one set of secret names (`names`: the sanitizer's, normalized as keys are)."""
+    """A screen for one set of secret names (`names`: the sanitizer's, normalized as keys are). `counts`: the keys
+    that hold a name but are no secret (the sanitizer's exceptions, normalized and without underscores:
+    "maxtokens"), none of them a whole-key name of its."""
 
-    def __init__(self, names):
-        # Each entry: a kind byte, then the folded word. A name anywhere is enough (a key containing it is
-        # redacted whole); the contextual words count only where their pattern could go on.
+    def __init__(self, names, counts=()):
+        self._counts = frozenset(counts)
+        # Each entry: a kind byte, then the folded word. A name in a key is enough (the key is redacted whole);
+        # elsewhere, and the contextual words anywhere, count only where their pattern could go on.
         kinds = {word: _ASSIGNED for word in _ASSIGNED_WORDS}
         kinds["bearer"] = _BEARER
         for name in names:
@@ -173,13 +176,39 @@ class Screen:
                 if k == m:
                     kind = letters[0]
                     if kind == _NAME:
-                        # A key holding a name is redacted whole; in any other string a name matters only to
-                        # the name=value pattern, whose words all end in a name, "key" or "pwd".
-                        if _in_key(data, i + m, n) or _goes_on(data, i + m, n, _ASSIGNED):
+                        # A key holding a name is redacted whole, unless it is a count (`_a_count`); in any other
+                        # string a name matters only to the name=value pattern, whose words all end in a name,
+                        # "key" or "pwd".
+                        if (_in_key(data, i + m, n) and not self._a_count(data, i, n)) or _goes_on(
+                                data, i + m, n, _ASSIGNED):
                             return True
                     elif _goes_on(data, i + m, n, kind):
                         return True
         return False
+
+    def _a_count(self, data, i, n):
+        """Whether the key that holds `data[i]` is one of `counts`, compared as the sanitizer compares keys
+        (ASCII folded, '_' left out). A key with an escape or a byte past ASCII is none."""
+        if not self._counts:
+            return False
+        start = i
+        while start > 0 and data[start - 1] != 34:
+            if data[start - 1] == 92 or data[start - 1] >= 128:
+                return False
+            start -= 1
+        end = i
+        while end < n and data[end] != 34:
+            if data[end] == 92 or data[end] >= 128:
+                return False
+            end += 1
+        if start == 0 or end >= n:
+            return False
+        key = bytearray()
+        for k in range(start, end):
+            c = _fold(data[k])
+            if c != 95:
+                key.append(c)
+        return bytes(key) in self._counts
 
     def _starts_here(self, data, i, n, c):
         """Whether what starts at `data[i]` (`c`) makes the screen give up: a word that counts, a cased marker,

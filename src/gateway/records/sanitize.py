@@ -179,7 +179,9 @@ class Sanitizer:
         self._names: dict[str, bool] = {}  # key -> secret_name(key): keys recur in every entry
         # What `unchanged` looks for in a body's folded text: every name (a key containing one is redacted
         # whole); the screen adds the words value patterns need where they could match (_fast/screen).
-        self._screen = screen.Screen(names | self._exact) if screen.COMPILED else None
+        # The counts among the exceptions (max_tokens...) pass it too, but for one that is also a whole-key name.
+        counts = self._not_secret - {_compact(n) for n in self._exact}
+        self._screen = screen.Screen(names | self._exact, {n.encode() for n in counts}) if screen.COMPILED else None
 
     def secret_name(self, key: str) -> bool:
         """Whether a value under `key` is replaced whole."""
