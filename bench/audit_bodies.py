@@ -33,13 +33,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from records_cost import RESOURCE_URI, build_tree, this_tree  # noqa: E402 - bench/, this script's directory
+
 def _call(name: str, arguments: dict, request_id: int = 1) -> tuple[str, str, bytes]:
     message = {"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
                "params": {"name": name, "arguments": arguments}}
     return "tools/call", name, json.dumps(message, ensure_ascii=False).encode()  # UTF-8, as the SDKs send it
 
 
-RESOURCE_URI = "mcpgw://docs/file:///srv/docs/guide/install.md"
 # label -> (method, target, body): what a client sends; the answers are not part of an entry.
 CALLS = {
     "read_file": _call("read_file", {"path": "/home/alice/projects/api/src/server.py"}),
@@ -124,8 +125,6 @@ def main() -> None:
     if args.child:
         print("CHILD " + json.dumps(measure(args.per_call, args.repeat)))
         return
-    from records_cost import build_tree, this_tree  # bench/: a commit's src tree with its compiled core
-
     trees: dict[str, dict] = {"this tree": measure(args.per_call, args.repeat)}
     if args.against:
         with tempfile.TemporaryDirectory() as work:

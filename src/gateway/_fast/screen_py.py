@@ -280,7 +280,7 @@ class Screen:
                 digit_in_run = False
                 if kind & _SPECIAL:
                     if c >= 128:  # past ASCII: a lead byte may start one of the few characters that count
-                        if c >= 0xC2 and _counts_as_ascii(data, i, n):
+                        if _counts_as_ascii(data, i, n):
                             return False
                     elif c == 92:  # an escape: the two bytes are one character that only ends a run, or any
                         e = data[i + 1] if i + 1 < n else 0
