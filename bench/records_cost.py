@@ -4,6 +4,7 @@
     python bench/records_cost.py --against bab2d11     # and the tree of that commit, in the same run
     python bench/records_cost.py --rows 1000 --tool time
     python bench/records_cost.py --body resource --against 528f7dd   # a resources/read of a gateway URI
+    python bench/records_cost.py --body generate --against ff62f56   # a call with a float (a temperature)
     BENCH_PG_URL=postgresql://user@host:5432/postgres python bench/records_cost.py
 
 The proxy benchmark (proxy.py --compare records) measures the records' cost
@@ -31,8 +32,9 @@ first and dumps them on the second (--zero-before / --dump-before). The
 body (`--body`, BODIES) is the proxy benchmark's 256-byte tools/call
 ("bench"), a tools/call whose argument is a web address ("fetch"), or a
 resources/read of a resource URI as the gateway lists it ("resource":
-mcpgw://server/..., its target the same URI), or a question in French
-("french", UTF-8). Instructions are not
+mcpgw://server/..., its target the same URI), a question in French
+("french", UTF-8), or a call with a float among its arguments ("generate":
+a temperature). Instructions are not
 time (cache misses, the kernel, the database's own work are not in them)
 and valgrind runs OpenSSL's SHA-256 without the CPU's SHA extensions, so
 the audit hashing counts for more here than it costs on the machine: the
@@ -78,6 +80,8 @@ BODIES = {
     "resource": ("resources/read", RESOURCE_URI, {"uri": RESOURCE_URI}),
     "french": ("tools/call", "ask", {"name": "ask", "arguments": {
         "question": "Quelle est la m\u00e9t\u00e9o \u00e0 Paris demain\u00a0? R\u00e9ponds en fran\u00e7ais."}}),
+    "generate": ("tools/call", "generate", {"name": "generate", "arguments": {
+        "prompt": "Summarize the meeting notes.", "max_tokens": 500, "temperature": 0.7}}),
 }
 
 

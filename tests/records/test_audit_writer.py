@@ -617,8 +617,8 @@ async def test_an_empty_batch_writes_nothing_and_refuses_nothing(pg_url: str, ma
 async def test_plain_calls_in_other_languages_and_with_addresses_are_stored_and_chained(database_url: str,
                                                                                         make_sink):
     """The calls the screen and `plain_details` now take (UTF-8 past ASCII, "://" without an "@", the usual
-    escapes) are stored with the details the general path would give, and their chain verifies, in both
-    databases."""
+    escapes, floats written as orjson writes them) are stored with the details the general path would give, and
+    their chain verifies, in both databases."""
     from gateway.records.audit import AuditTrail
 
     trail = AuditTrail(new_id=uuid.uuid4, log=False)
@@ -630,6 +630,8 @@ async def test_plain_calls_in_other_languages_and_with_addresses_are_stored_and_
         ("resources/read", "mcpgw://docs/file:///srv/d.md", {"uri": "mcpgw://docs/file:///srv/d.md"}),
         ("tools/call", "write_file", {"name": "write_file", "arguments": {
             "path": "C:\\notes.md", "content": '# Notes\n\n- "fix" the\tlogin\r\n\b\f'}}),
+        ("tools/call", "generate", {"name": "generate", "arguments": {
+            "temperature": 0.7, "top_p": 0.95, "at": [37.7749, -122.4194], "min": 0.0001, "big": 123456789012.345}}),
     ]
     rows = []
     for i, (method, target, params) in enumerate(calls):

@@ -3,8 +3,8 @@
 Whatever body it is given, it answers None (the caller decodes and builds the details) or exactly the
 sorted-key JSON the general path makes: `McpDetails.build`'s decoding and `_message_details`, encoded as
 `prepare` encodes them. Bodies come as clients write them (any spacing, key order, nesting, every JSON
-type), cut or spliced (not JSON), and with what it must leave to the general path (floats, -0, escapes,
-non-ASCII text, duplicate keys, big integers)."""
+type), cut or spliced (not JSON), and with what it must leave to the general path (floats orjson would write
+otherwise, -0, escapes, text that is not UTF-8, duplicate keys, big integers)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway._fast import auditentry
+from gateway.records import chain
 from gateway.records.audit import _message_details
 
 pytestmark = pytest.mark.skipif(not auditentry.COMPILED, reason="the twin always leaves it to the general path")
@@ -83,7 +84,7 @@ def test_the_details_are_the_general_paths_or_none(body, status, server, error):
 
 
 CALLS = [
-    # The benchmark's call; a modern one with _meta; every JSON type but floats, nested, any spacing and order.
+    # The benchmark's call; a modern one with _meta; every JSON type, nested, any spacing and order.
     b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"}}}',
     b'{"jsonrpc":"2.0","id":"r-7","method":"tools/call","params":{"_meta":{"progressToken":3},"name":"search",'
     b'"arguments":{"query":"retry budget","limit":20,"filters":{"since":"2026-01-01","tags":["a","b"]}}}}',
@@ -96,6 +97,11 @@ CALLS = [
     '{"method":"x","params":{"q":"caf\u00e9","\u65e5":"\u672c","e":"\U0001f600","\u00e9":"\u2028"}}'.encode(),
     # The escapes orjson writes as they are read.
     b'{"method":"x","params":{"content":"# a\\n\\n- b\\tc\\r\\n","q":"a\\"b","p":"C:\\\\x","z":"\\b\\f"}}',
+    # Floats as clients write them: a sampling temperature, coordinates, a price, a threshold.
+    b'{"method":"tools/call","params":{"name":"generate","arguments":{"prompt":"hi","temperature":0.7,'
+    b'"top_p":0.95,"max_tokens":256}}}',
+    b'{"method":"tools/call","params":{"name":"weather","arguments":{"lat":37.7749,"lon":-122.4194}}}',
+    b'{"method":"x","params":{"price":19.99,"ratio":0.0001,"big":123456789012.345,"d":[0.5,-0.25,3.14159]}}',
 ]
 
 
@@ -106,7 +112,7 @@ def test_ordinary_calls_are_written_here(body):
 
 
 @pytest.mark.parametrize("body", [
-    b'{"method":"x","params":{"a":1.5}}', b'{"method":"x","id":-0}', b'{"method":"x","id":1e3}',
+    b'{"method":"x","id":-0}', b'{"method":"x","id":1e3}',
     b'{"method":"x","params":{"q":"a\\/b"}}', b'{"method":"x","params":{"q":"\\u0041"}}',  # orjson writes "/", "A"
     b'{"method":"x","params":{"a\\n":1,"aZ":2}}',  # a key with an escape: its bytes do not sort as it does
     b'{"method":"x","params":{"q":"a\x01b"}}', b'{"method":"x","params":{"q":"a\\x"}}',
@@ -122,3 +128,45 @@ def test_ordinary_calls_are_written_here(body):
 ])
 def test_what_it_leaves_to_the_general_path(body):
     assert plain_details(body, 200, "bench", None) is None
+
+
+# Number tokens written as people and programs write them: what orjson writes back differs for some (an
+# exponent, trailing zeros, a whole value, more digits than a double keeps), and only those must be left.
+NUMBER_TEXTS = st.builds(
+    lambda sign, whole, zeros, digits, tail: f"{sign}{whole}.{'0' * zeros}{digits}{tail}",
+    st.sampled_from(["", "-"]),
+    st.sampled_from(["0", "1", "9", "10", "37", "999999", "123456789012", "1234567890123456", "900719925474099"]),
+    st.integers(0, 6), st.integers(0, 10**18).map(str), st.sampled_from(["", "", "0", "00", "e5", "E-3", "e+2"]),
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(number=NUMBER_TEXTS | st.floats(allow_nan=False, allow_infinity=False).map(repr)
+       | st.floats(-1e6, 1e6).map(lambda v: f"{v:.6f}"))
+def test_a_float_is_copied_only_where_orjson_writes_the_same_text(number):
+    body = b'{"method":"x","params":{"v":' + number.encode() + b',"w":[' + number.encode() + b"]}}"
+    written = plain_details(body, 200, None, None)
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        assert written is None
+        return
+    assert written is None or written == general_path(body, 200, None, None)
+    if written is not None:
+        # DetailsText's text is taken as the canonical text (records/chain.py): no whole float, as stored.
+        assert chain.canonical_details(written.decode()) == written.decode()
+        assert not auditentry.may_hold_whole_float(written)
+
+
+@pytest.mark.parametrize("number", ["0.7", "-0.5", "0.95", "37.7749", "-122.4194", "19.99", "0.0001", "3.14159",
+                                    "123456789012.345", "0.000123456789012345", "99999999999999.9"])
+def test_floats_with_few_digits_are_copied(number):
+    body = b'{"method":"x","params":{"v":' + number.encode() + b"}}"
+    assert plain_details(body, 200, None, None) == b'{"method":"x","params":{"v":' + number.encode() + \
+        b'},"status":200}' == general_path(body, 200, None, None)
+
+
+@pytest.mark.parametrize("number", ["2.0", "-0.0", "0.50", "1.10", "0.00001", "1e5", "1.5e3", "1.5E-3",
+                                    "0.1234567890123456", "1234567890.1234567", "99999999999999.99"])
+def test_floats_orjson_may_write_otherwise_are_left(number):
+    assert plain_details(b'{"method":"x","params":{"v":' + number.encode() + b"}}", 200, None, None) is None

@@ -1071,12 +1071,48 @@ cdef inline int _key_order(const unsigned char* s, _Member* a, _Member* b) noexc
     return (a.key_size > b.key_size) - (a.key_size < b.key_size)
 
 
+cdef Py_ssize_t _plain_fraction(const unsigned char* s, Py_ssize_t start, Py_ssize_t dot, Py_ssize_t n,
+                                Buffer* out) except -2:
+    """The number at `s[start]` whose integer part ends at the '.' at `s[dot]`, copied to `out` where orjson
+    would write its float in the same characters; the index after it, or -1 where not (the caller's answer).
+
+    Copied when the number has at most 15 significant digits, no trailing zero, no exponent, and is not below
+    0.0001. Distinct decimals of at most 15 significant digits are distinct doubles (DBL_DIG), so the double the
+    text decodes to has no shorter text that decodes to it, nor another as short: its shortest round-trip text,
+    which is what orjson writes (as Python's repr does), holds the same digits. repr places the point as the
+    text does from 0.0001 up to 1e16 (below, it writes an exponent, as orjson does). No trailing zero: the value
+    is no whole number (the canonical form writes those as integers), and repr would write fewer digits."""
+    cdef Py_ssize_t i = dot + 1, first
+    cdef Py_ssize_t whole_digits = dot - start - (s[start] == 45)
+    if i >= n or not 48 <= s[i] <= 57:
+        return -1
+    while i < n and 48 <= s[i] <= 57:
+        i += 1
+    if i < n and (s[i] == 101 or s[i] == 69):
+        return -1  # an exponent: orjson writes such a float its own way
+    if s[i - 1] == 48:
+        return -1  # a trailing zero: "2.0" is a whole number, "0.50" is written "0.5"
+    if whole_digits == 1 and s[dot - 1] == 48:  # below 1: the significant digits start after the zeros
+        first = dot + 1
+        while s[first] == 48:
+            first += 1
+        if first - dot - 1 > 3:
+            return -1  # below 0.0001: written with an exponent
+        if i - first > 15:
+            return -1
+    elif whole_digits + (i - dot - 1) > 15:
+        return -1
+    _reserve(out, i - start)
+    _put(out, <const char*>s + start, i - start)
+    return i
+
+
 cdef Py_ssize_t _plain_value(const unsigned char* s, Py_ssize_t i, Py_ssize_t n, Buffer* out, int depth,
                              bint drop_meta) except -2:
     """The JSON value at `s[i]` written to `out` as orjson writes it once decoded (keys sorted, no space);
-    the index after it, or -1 where the value is not written here: a float, -0, an integer of 19 digits or
-    more, a string as `_string_end` refuses, a duplicate key, anything that is not JSON. `drop_meta`: an
-    object's "_meta" member is left out."""
+    the index after it, or -1 where the value is not written here: a float `_plain_fraction` does not copy, -0,
+    an integer of 19 digits or more, a string as `_string_end` refuses, a duplicate key, anything that is not
+    JSON. `drop_meta`: an object's "_meta" member is left out."""
     cdef unsigned char c
     cdef Py_ssize_t start, end
     if i >= n:
@@ -1125,15 +1161,17 @@ cdef Py_ssize_t _plain_value(const unsigned char* s, Py_ssize_t i, Py_ssize_t n,
                 return -1
         if s[i] == 48:
             i += 1
-            if c == 45:  # -0: decoded as 0
-                return -1
         elif 49 <= s[i] <= 57:
             while i < n and 48 <= s[i] <= 57:
                 i += 1
         else:
             return -1
-        if i < n and (s[i] == 46 or s[i] == 101 or s[i] == 69 or 48 <= s[i] <= 57):
-            return -1  # a float (orjson writes it its own way), or a leading zero
+        if i < n and s[i] == 46:
+            return _plain_fraction(s, start, i, n, out)
+        if i < n and (s[i] == 101 or s[i] == 69 or 48 <= s[i] <= 57):
+            return -1  # an exponent (orjson writes the float its own way), or a leading zero
+        if c == 45 and i - start == 2 and s[start + 1] == 48:  # -0: decoded as 0
+            return -1
         if i - start - (c == 45) > 18:
             return -1
         _reserve(out, i - start)

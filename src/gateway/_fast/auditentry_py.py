@@ -88,7 +88,7 @@ def mcp_row(details_type: type, key, server_name: str | None, method: str | None
 class DetailsText:
     """An audit entry's details kept only as their sorted-key JSON text (`text`, bytes): a plain call's,
     which `plain_details` writes from the request body without decoding it. The text is what
-    `chain.EncodedDetails.encode` gives for the same details, never holds a float, and is already the
+    `chain.EncodedDetails.encode` gives for the same details, holds no whole float, and is already the
     canonical text (records/chain.py). Where a value is needed, `value()`."""
 
     __slots__ = ("text", "_canonical", "_canonical_of", "_canonical_head_at")
@@ -305,9 +305,10 @@ def plain_details(body: bytes, status: int, server: str | None, error: str | Non
 
     The compiled twin writes the common case: an object whose strings hold no control character and no escape
     but \\b \\f \\n \\r \\t \\" \\\\ (those, and characters past ASCII once checked as UTF-8, are copied as they
-    are: orjson writes them so; a key holds no escape), whose numbers are integers of 18 digits or fewer,
-    without duplicate keys, objects of at most 100 members or nesting past 32 levels. This one always answers
-    None: decoding and building them in Python is what the caller does then anyway.
+    are: orjson writes them so; a key holds no escape), whose numbers are integers of 18 digits or fewer or
+    floats orjson writes as they are written (at most 15 significant digits, no trailing zero, no exponent,
+    0.0001 or more), without duplicate keys, objects of at most 100 members or nesting past 32 levels. This one
+    always answers None: decoding and building them in Python is what the caller does then anyway.
     """
     return None
 

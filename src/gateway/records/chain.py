@@ -98,7 +98,7 @@ def details_canonical(details: Any, encode_json) -> str:
     if details is None:
         return "-"  # SQL NULL, distinct from the JSON null "null"
     if type(details) is DetailsText:
-        return details.text.decode()  # canonical already: sorted keys, no float
+        return details.text.decode()  # canonical already: sorted keys, no whole float
     text = encode_json(details).encode()
     if _FLOAT_TOKEN.search(text) is not None:
         details = _integral_floats_as_ints(orjson.loads(text))  # as stored: NaN and infinities are null
@@ -199,8 +199,8 @@ class EncodedDetails(dict):
 DetailsText = auditentry.DetailsText
 """An audit entry's details kept only as their sorted-key JSON text (`text`, bytes): a plain call's, which
 `_fast/auditentry.plain_details` writes from the request body without decoding it (`prepare_rows`, called by
-records/audit.py `prepare`). The text is what `EncodedDetails.encode` gives for the same details, never holds a
-float, and is already the canonical text (`row_canonical_and_json`). Where a value is needed, `value()`; the
+records/audit.py `prepare`). The text is what `EncodedDetails.encode` gives for the same details, holds no
+whole float, and is already the canonical text (`row_canonical_and_json`). Where a value is needed, `value()`; the
 spill writes the text itself (an orjson Fragment), sinks.encode_json gives it as it is."""
 
 
