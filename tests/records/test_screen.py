@@ -279,3 +279,31 @@ def test_bytes_that_only_end_runs_are_passed_over_and_runs_with_digits_are_still
     if plain:
         decoded = orjson.loads(raw)
         assert DEFAULT.clean(decoded) == decoded
+
+
+def test_names_all_along_a_long_text_read_it_once(monkeypatch):
+    """A name in a value makes the screen find where its string ends (is the string a key?). A source file or a
+    page of docs names "token" or "key" on every line: each finding read the rest of the text again, quadratic
+    in its length (a 1 MB body of them took minutes). The twin's reads of string ends are counted, byte by
+    byte; the answers are the compiled screen's and the twin's alike."""
+    read = []
+    string_end = screen_py._string_end
+
+    def counted(data, j, n):
+        end = string_end(data, j, n)
+        read.append(end - j)
+        return end
+
+    monkeypatch.setattr(screen_py, "_string_end", counted)
+    line = "refresh the access token when the api key rotates; "
+    text = line * 400  # 20 KB, 800 names
+    for raw in (_bodies({"content": text}), _bodies({"content": text, "note": text + "token"}),
+                _bodies({"content": text, "access_token": 1})):
+        read.clear()
+        words = ("authoriz", "bearer", "key", "pass", "secret", "token")
+        assert screen_py.Screen(words).plain(raw, 0) is screen.Screen(words).plain(raw, 0) is False  # too long
+        assert sum(read) <= len(raw), (len(read), sum(read))
+    short = _bodies({"content": line * 10, "note": "the token " * 20})
+    read.clear()
+    assert screen_py.Screen(("key", "token")).plain(short, 0) is screen.Screen(("key", "token")).plain(short, 0)
+    assert len(read) == 2  # once for each string that names one

@@ -42,7 +42,9 @@ cdef int _ASSIGNED
 cdef int _BEARER
 
 @cython.locals(c=int)
-cdef bint _in_key(const unsigned char* data, Py_ssize_t j, Py_ssize_t n) noexcept
+cdef Py_ssize_t _string_end(const unsigned char* data, Py_ssize_t j, Py_ssize_t n) noexcept
+
+cdef bint _colon_after(const unsigned char* data, Py_ssize_t j, Py_ssize_t n) noexcept
 
 @cython.locals(c=int, b=int)
 cdef bint _counts_as_ascii(const unsigned char* data, Py_ssize_t i, Py_ssize_t n) noexcept
@@ -65,6 +67,11 @@ cdef class Screen:
     cdef bytes _quiet
     cdef bytes _calm
     cdef frozenset _counts
+    cdef Py_ssize_t _key_end
+    cdef bint _key_answer
+
+    @cython.locals(end=Py_ssize_t, answer=bint)
+    cdef bint _in_key(self, const unsigned char* data, Py_ssize_t j, Py_ssize_t n) noexcept
 
     @cython.locals(start=Py_ssize_t, end=Py_ssize_t, k=Py_ssize_t, c=int, key=bytearray)
     cdef bint _a_count(self, const unsigned char* data, Py_ssize_t i, Py_ssize_t n) except -1

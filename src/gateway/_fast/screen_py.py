@@ -116,6 +116,8 @@ class Screen:
 
     def __init__(self, names, counts=()):
         self._counts = frozenset(counts)
+        self._key_end = -1  # `_in_key`'s last string: where it closes, and whether it is a key
+        self._key_answer = False
         # Each entry: a kind byte, then the folded word. A name in a key is enough (the key is redacted whole);
         # elsewhere, and the contextual words anywhere, count only where their pattern could go on.
         kinds = {word: _ASSIGNED for word in _ASSIGNED_WORDS}
@@ -179,12 +181,26 @@ class Screen:
                         # A key holding a name is redacted whole, unless it is a count (`_a_count`); in any other
                         # string a name matters only to the name=value pattern, whose words all end in a name,
                         # "key" or "pwd".
-                        if (_in_key(data, i + m, n) and not self._a_count(data, i, n)) or _goes_on(
+                        if (self._in_key(data, i + m, n) and not self._a_count(data, i, n)) or _goes_on(
                                 data, i + m, n, _ASSIGNED):
                             return True
                     elif _goes_on(data, i + m, n, kind):
                         return True
         return False
+
+    def _in_key(self, data, j, n):
+        """Whether the string that holds `data[j]` is a key: its closing quote is followed (after JSON's spaces)
+        by ':'. One that does not end counts as a key. The answer is remembered for the rest of the string: a
+        long text naming "token" or "key" on every line was read to its end again for each of them (quadratic
+        in its length). `plain` asks in increasing order, after a word's letters (never inside an escape), so
+        a later `j` before the string's end is in the same string."""
+        if j < self._key_end:
+            return self._key_answer
+        end = _string_end(data, j, n)
+        answer = end >= n or _colon_after(data, end + 1, n)
+        self._key_end = end
+        self._key_answer = answer
+        return answer
 
     def _a_count(self, data, i, n):
         """Whether the key that holds `data[i]` is one of `counts`, compared as the sanitizer compares keys
@@ -233,6 +249,7 @@ class Screen:
         n = len(raw)
         if n > _MAX_BODY:
             return False
+        self._key_end = -1
         pairs = self._pairs
         quiet = self._quiet
         calm = self._calm
@@ -311,21 +328,24 @@ class Screen:
         return commas < MAX_ITEMS - 1 and opens < MAX_DEPTH
 
 
-def _in_key(data, j, n):
-    """Whether the string that holds `data[j]` is a key: its closing quote is followed (after JSON's spaces) by
-    ':'. One that does not end counts as a key."""
+def _string_end(data, j, n):
+    """Where the string that holds `data[j]` closes: its closing quote's index, or `n` if it does not close."""
     while j < n:
         c = data[j]
         if c == 92:  # an escape: its second byte may be a quote
             j += 2
             continue
         if c == 34:
-            j += 1
-            while j < n and (data[j] == 32 or data[j] == 9 or data[j] == 10 or data[j] == 13):
-                j += 1
-            return j >= n or data[j] == 58
+            return j
         j += 1
-    return True
+    return n
+
+
+def _colon_after(data, j, n):
+    """Whether ':' comes at `data[j]` after JSON's spaces (or the body ends there)."""
+    while j < n and (data[j] == 32 or data[j] == 9 or data[j] == 10 or data[j] == 13):
+        j += 1
+    return j >= n or data[j] == 58
 
 
 def _goes_on(data, j, n, kind):
