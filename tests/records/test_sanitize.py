@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -164,3 +165,80 @@ def test_urls_without_a_password_skip_the_patterns(text):
 def test_a_urls_password_is_still_found():
     assert sanitize._maybe_secret("see postgres://bob:s3cret@db.example/x")
     assert clean_text("see postgres://bob:s3cret@db.example/x") == f"see postgres://bob:{REDACTED}@db.example/x"
+
+
+def _every_pattern(text: str) -> str:
+    """`_clean_text` as it was before the patterns were tried only where they can match: each pattern over the
+    whole text, in turn (those but the long-run one only where `_maybe_secret` finds a marker)."""
+    if len(text) > MAX_STRING:
+        text = text[:MAX_STRING] + f"...[+{len(text) - MAX_STRING} chars]"
+    text = text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode()
+    if len(text) < 8:
+        return text
+    if not sanitize._maybe_secret(text):
+        return sanitize._LONG_RUN.sub(sanitize._LONG_RUN_SECRET, text)
+    for pattern, replacement in sanitize._PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+# The patterns' words in every case and spelling, with what may come before and after them, the letters a
+# case-insensitive pattern reads as ASCII (U+0130, U+0131, U+017F, U+212A), and whole secrets.
+WORDS = (sanitize._spellings(*sanitize._ASSIGNED_NAMES) + sanitize._spellings("proxy_authorization")
+         + ("authorization", "bearer", "Bearer", "BEARER", "PASSWORD", "Api-Key", "ToKeN", "monkey", "keys", "pwds"))
+PARTS = ["=", ":", " = ", '"', "'", "\t", "\n", " ", ",", ";", "&", "@", "://", "https://h/", "u:p@", "x", "_", "-",
+         "\u0130", "\u0131", "\u017f", "\u212a", "s\u212ay-", "\u017fecret=", "-----BEGIN ", "PRIVATE KEY-----",
+         "gw_ab_", "eyJ", "a.b", "AKIA", "ASIA", "sk-", "pk_", "rk-", "ghp_", "github_pat_", "xoxb-", "AIza",
+         "Zz9" * 6, "0123456789abcdef" * 2, "a1B2" * 9, "hunter2", "k-", "k_", "\u00e9t\u00e9", "\u65e5"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(WORDS) | st.sampled_from(PARTS) | st.text(max_size=3), max_size=14).map("".join))
+def test_the_patterns_tried_where_they_can_match_give_what_each_over_the_whole_text_gives(text):
+    assert sanitize._clean_text(text) == _every_pattern(text)
+
+
+@pytest.mark.parametrize("text", [
+    open(sanitize.__file__).read()[:3000],  # source code: "key", "token", "secret" everywhere
+    "key" * 400, "key " * 300, "token=" * 200, "api_key=1 " * 100, "Bearer x " * 120, "sk-" * 400, "k-" * 600,
+    "password=hunter2 token: abc Bearer abcdefghijklmnop sk-abcdefghijklmnopqrstu AKIAABCDEFGHIJKLMNOP " * 12,
+    "x" * 31 + "0" + "pwd:1 " + "a1B2" * 20, "url https://bob:pw@host/x and api-key: 1",
+])
+def test_long_texts_and_texts_made_of_markers_are_cleaned_as_before(text):
+    assert sanitize._clean_text(text) == _every_pattern(text)
+
+
+def _alternatives(group: str) -> set[str]:
+    """The words an alternation of words with optional "[_-]?" joints takes, lower-cased."""
+    words = set()
+    for alternative in group.split("|"):
+        spellings = [""]
+        for piece in re.split(r"(\[_-\]\?)", alternative):
+            joints = ("_", "-", "") if piece == "[_-]?" else (piece,)
+            spellings = [done + joint for done in spellings for joint in joints]
+        words.update(spellings)
+    return {word.lower() for word in words}
+
+
+def test_the_rules_know_every_word_their_patterns_begin_with():
+    """A rule tries its pattern only where one of its words can begin: the words must be every word the
+    pattern's match can begin with, and each must hold a marker."""
+    name_value = sanitize._PATTERNS[10][0].pattern
+    group = re.search(r"\\b\(\?:(.*?)\)\[", name_value.replace("\n", "")).group(1)
+    assert set(sanitize._spellings(*sanitize._ASSIGNED_NAMES)) == _alternatives(group)
+    authorization = sanitize._PATTERNS[1][0].pattern
+    assert r"\b(?:proxy[_-]?)?authorization\b" in authorization
+    assert set(sanitize._spellings("authorization", "proxy_authorization")) == \
+        _alternatives("proxy[_-]?authorization|authorization")
+    for rule in sanitize._RULES:
+        if rule.offsets is not None:
+            assert rule.offsets.keys() == set(rule.markers)
+            for marker, places in rule.offsets.items():
+                for offset, heads in places:
+                    assert all(len(head) == offset for head in heads)
+    # Every word holds a marker, lower-cased where the rule is folded: checked by making the texts.
+    for rule, words in ((sanitize._RULES[10], sanitize._spellings(*sanitize._ASSIGNED_NAMES)),
+                        (sanitize._RULES[1], sanitize._spellings("authorization", "proxy_authorization"))):
+        for word in words:
+            assert any(marker in word for marker in rule.markers), word
+            assert rule.apply(word + "=v4lue", word + "=v4lue") == rule.pattern.sub(rule.replacement, word + "=v4lue")
