@@ -655,3 +655,33 @@ async def test_plain_calls_in_other_languages_and_with_addresses_are_stored_and_
     assert [details["status"] for details in found] == [200] * len(calls)
     reports = await verify_all(database_url)
     assert all(report.ok for report in reports) and sum(report.entries for report in reports) == len(calls)
+
+
+async def test_a_huge_call_is_stored_cut_and_chained(database_url: str, make_sink):
+    """A 4 MB call of marker words: its entry keeps MAX_DETAILS of it, cleaned, marked as cut, and chains."""
+    from gateway.records import sanitize
+    from gateway.records.audit import AuditTrail
+
+    trail = AuditTrail(new_id=uuid.uuid4, log=False)
+    key = SimpleNamespace(tenant_id=uuid.uuid4(), user_id=uuid.uuid4(), id=uuid.uuid4(), role="USER")
+    line = ("token=abc key: 1 pass=b Bearer c0ffee " * 30)[:1000]
+    body = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                         "params": {"name": "w", "arguments": {"x": [[line] * 100] * 40}}})
+    assert len(body) > 4_000_000
+    prepared = trail.prepare([trail.mcp_row(key, "docs", "tools/call", "w", body, 200, None, None, 1.5, "192.0.2.1",
+                                            BASE)])
+    sink = await make_sink(database_url)
+    await sink.write("audit_logs", AUDIT, prepared)
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            (found,) = (await conn.execute(sa.select(tables.audit_logs.c.details))).scalars().all()
+    finally:
+        await engine.dispose()
+    found = orjson.loads(found) if isinstance(found, str) else found
+    assert found[sanitize.CUT_KEY] == sanitize.CUT_NOTE and found["method"] == "tools/call"
+    assert len(orjson.dumps(found)) < 2 * sanitize.MAX_DETAILS
+    kept = found["params"]["arguments"]["x"]
+    assert kept[0][0] == sanitize.clean_text(line) and "Bearer [REDACTED]" in kept[0][0] and "abc" not in kept[0][0]
+    reports = await verify_all(database_url)
+    assert all(report.ok for report in reports) and sum(report.entries for report in reports) == 1

@@ -19,7 +19,8 @@ decides). It gives False for:
   past ASCII that the patterns' `\\s` matches (U+00A0, U+3000...) are spaces
   where a pattern needs one (`_goes_on`), so text in other languages is
   screened like English;
-- a string longer than `MAX_STRING`, more than `MAX_ITEMS - 2` commas (a
+- a body of more than `_MAX_BODY` bytes (half the sanitizer's `MAX_DETAILS`), a
+  string longer than `MAX_STRING`, more than `MAX_ITEMS - 2` commas (a
   container of more than `MAX_ITEMS` items has that many), `MAX_DEPTH` opening
   brackets with the caller's `nesting` (the depth bound), a run of 19 digits
   (an integer past 64 bits has one);
@@ -51,7 +52,9 @@ MAX_ITEMS = 100
 MAX_DEPTH = 16
 _LONG_RUN = 32
 _BIG_DIGITS = 19
-_MAX_BODY = 1 << 20
+# Half the sanitizer's MAX_DETAILS: what a cleaning keeps of a body it leaves alone counts at most twice
+# its bytes (a string's characters, one for any other value, the entry's own keys: "id" is "request_id").
+_MAX_BODY = 1 << 15
 
 # The value patterns' cased markers (an AWS key id's first four letters among them), by their first byte.
 _CASED_MARKERS = (b"-----BEGIN", b"gw_", b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_", b"github_pat_", b"eyJ", b"xox",

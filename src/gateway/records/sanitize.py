@@ -63,6 +63,15 @@ NOT_SECRET_NAMES: frozenset[str] = frozenset(
 MAX_STRING = 1024
 MAX_ITEMS = 100  # list items and dict keys kept per container
 MAX_DEPTH = 16
+MAX_DETAILS = 65_536
+"""What a cleaned value keeps in all: each string and key counts its length, every other value and each
+container 1 (a 4 MB body of 1 KB strings full of marker words kept 4.5 MB and took 1.7 s of the writer's
+flush to clean). The walk stops at the first value it reaches past that; what it did not reach is left out,
+and `CUT_KEY` (a dict) or `CUT_ITEM` (a list) at the top says so. The compiled screen passes no body of
+more than half this many bytes, so a body it passes is never cut."""
+CUT_KEY = "[cut]"
+CUT_NOTE = f"past {MAX_DETAILS} characters of details"
+CUT_ITEM = f"[cut: {CUT_NOTE}]"
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -363,40 +372,95 @@ class Sanitizer:
         """
         return self._screen is not None and self._screen.plain(raw, nesting)
 
-    def clean(self, value: Any, _depth: int = 0) -> Any:
-        """A copy of `value` (JSON-like: dict, list, str, number, bool, None) with secrets replaced."""
+    def clean(self, value: Any) -> Any:
+        """A copy of `value` (JSON-like: dict, list, str, number, bool, None) with secrets replaced, bounded
+        (`MAX_STRING`, `MAX_ITEMS`, `MAX_DEPTH`, `MAX_DETAILS`). Cleaning what it gives changes nothing more,
+        but a container cut at `MAX_ITEMS`, whose note counts what was left out."""
+        spent = _Spent()
+        out = self._clean(value, 0, spent)
+        if spent.cut:  # marked at the top, where a second cleaning stops at the same place and marks it again
+            if type(out) is dict:
+                key = CUT_KEY
+                while key in out:
+                    key += "'"
+                out[key] = CUT_NOTE
+            elif type(out) is list:
+                out.append(CUT_ITEM)
+        return out
+
+    def _clean(self, value: Any, depth: int, spent: _Spent) -> Any:
+        # What is given back is what counts against MAX_DETAILS, so that it counts the same when cleaned again.
         if isinstance(value, str):
-            return clean_text(value)
+            text = clean_text(value)
+            spent.units += len(text) or 1
+            return text
         if isinstance(value, dict):
-            if _depth >= MAX_DEPTH:
-                return "[too deep]"
+            if depth >= MAX_DEPTH:
+                spent.units += len(_TOO_DEEP)
+                return _TOO_DEEP
+            spent.units += 1
             out: dict[str, Any] = {}
             for count, (key, item) in enumerate(value.items()):
+                if spent.units >= MAX_DETAILS:
+                    spent.cut = True
+                    break
                 if count == MAX_ITEMS:
-                    out["[truncated]"] = f"{len(value) - MAX_ITEMS} more keys"
+                    out["[truncated]"] = note = f"{len(value) - MAX_ITEMS} more keys"
+                    spent.units += len("[truncated]") + len(note)
                     break
                 key = key if isinstance(key, str) else str(key)
                 if self.secret_name(key):
                     item = REDACTED
+                    spent.units += len(REDACTED)
                 else:
-                    item = self.clean(item, _depth + 1)
+                    item = self._clean(item, depth + 1, spent)
                 key = clean_text(key)
                 while key in out:  # two keys that clean to the same text both stay
                     key += "'"
+                spent.units += len(key) or 1
                 out[key] = item
             return out
         if isinstance(value, (list, tuple)):
-            if _depth >= MAX_DEPTH:
-                return "[too deep]"
-            items = [self.clean(item, _depth + 1) for item in value[:MAX_ITEMS]]
+            if depth >= MAX_DEPTH:
+                spent.units += len(_TOO_DEEP)
+                return _TOO_DEEP
+            spent.units += 1
+            items = []
+            for item in value[:MAX_ITEMS]:
+                if spent.units >= MAX_DETAILS:
+                    spent.cut = True
+                    return items  # the note at the top says so; a count here would change when cleaned again
+                items.append(self._clean(item, depth + 1, spent))
             if len(value) > MAX_ITEMS:
-                items.append(f"[truncated: {len(value) - MAX_ITEMS} more items]")
+                items.append(note := f"[truncated: {len(value) - MAX_ITEMS} more items]")
+                spent.units += len(note)
             return items
         if value is None or isinstance(value, (bool, float)):
+            spent.units += 1
             return value
         if isinstance(value, int):
-            return value if _INT64[0] <= value <= _INT64[1] else str(value)
-        return clean_text(str(value))  # anything else (UUID, datetime) as its text
+            if _INT64[0] <= value <= _INT64[1]:
+                spent.units += 1
+                return value
+            text = str(value)
+            spent.units += len(text)
+            return text
+        text = clean_text(str(value))  # anything else (UUID, datetime) as its text
+        spent.units += len(text) or 1
+        return text
+
+
+_TOO_DEEP = "[too deep]"
+
+
+class _Spent:
+    """How much of `MAX_DETAILS` a cleaning has given back so far, and whether it left something out."""
+
+    __slots__ = ("units", "cut")
+
+    def __init__(self) -> None:
+        self.units = 0
+        self.cut = False
 
 
 def clean_text(text: str) -> str:
