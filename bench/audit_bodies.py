@@ -13,7 +13,9 @@ written from the raw text; each call it cannot rule out costs several times
 more. This runs `AuditTrail.prepare` (screen, details, finished row, the
 `gateway.audit` line to /dev/null) in one process over CALLS, a catalogue of
 calls modelled on common MCP servers' tools (file system, git and GitHub,
-search, fetch, SQL, chat, memory, a resource read through the gateway, ...),
+search, fetch, SQL, chat, memory, a resource read through the gateway, a
+coding agent writing a source file and a page of docs past the sanitizer's
+1,024-character bound, ...),
 `--per-call` entries of each in one batch, best of `--repeat` batches, and
 prints per call: its size, whether the screen passes it, and µs per entry;
 then the mean over the catalogue. CPU time of one process: compare figures
@@ -40,6 +42,30 @@ def _call(name: str, arguments: dict, request_id: int = 1) -> tuple[str, str, by
                "params": {"name": name, "arguments": arguments}}
     return "tools/call", name, json.dumps(message, ensure_ascii=False).encode()  # UTF-8, as the SDKs send it
 
+
+# What a coding agent writes: a source file and a page of docs, each past the sanitizer's 1,024-character bound
+# (so the screen gives up and the walk cuts them), naming tokens, keys and passwords as such code and docs do.
+SOURCE = "".join(f'''
+def refresh_access_token_{i}(session, client_id, scopes):
+    """Exchange the session's refresh token for a new access token; retry once when the server says 401."""
+    refresh = session.get("refresh_token")
+    if not refresh:
+        raise AuthError("no refresh token in the session: sign in again")
+    for attempt in range(2):
+        response = http.post(TOKEN_URL, data={{"grant_type": "refresh_token", "client_id": client_id}})
+        if response.status != 401:
+            break
+    session["access_token"] = response.json()["access_token"]  # the api_key stays in the keyring
+    return session
+''' for i in range(6))
+DOCS = "".join(f"""
+## Step {i}: configure the client
+
+Create an API key in the console, then store it where the client can read it: the `API_KEY` environment
+variable or the keyring. Never paste the key or your password into a chat, a ticket or a commit message; if
+one leaks, revoke it at once and create another. Tokens expire after an hour; the client refreshes them with
+the refresh token it keeps, so a long-running job needs no new sign-in.
+""" for i in range(1, 7))
 
 # label -> (method, target, body): what a client sends; the answers are not part of an entry.
 CALLS = {
@@ -77,6 +103,8 @@ CALLS = {
     "resources_read": ("resources/read", RESOURCE_URI, json.dumps(
         {"jsonrpc": "2.0", "id": 7, "method": "resources/read", "params": {"uri": RESOURCE_URI}}).encode()),
     "tools_list": ("tools/list", None, b'{"jsonrpc":"2.0","id":3,"method":"tools/list"}'),
+    "write_source": _call("write_file", {"path": "/srv/app/auth/refresh.py", "content": SOURCE}),
+    "write_docs": _call("write_file", {"path": "/srv/app/docs/setup.md", "content": DOCS}),
 }
 
 
