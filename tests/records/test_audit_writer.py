@@ -685,3 +685,29 @@ async def test_a_huge_call_is_stored_cut_and_chained(database_url: str, make_sin
     assert kept[0][0] == sanitize.clean_text(line) and "Bearer [REDACTED]" in kept[0][0] and "abc" not in kept[0][0]
     reports = await verify_all(database_url)
     assert all(report.ok for report in reports) and sum(report.entries for report in reports) == 1
+
+
+async def test_entries_that_take_long_to_prepare_are_prepared_a_few_at_a_time(pg_url: str, make_sink):
+    """The flusher prepares audit rows in steps, letting the loop serve requests between them. A walked entry of a
+    big body takes milliseconds (tens for 4 MB), so 256 of them in a step held the loop for seconds: a step that
+    took long makes the next one smaller, in proportion. Each heavy entry here sleeps 4 ms in `prepare` (twice
+    the step's goal); every step after the first holds at most two, and every entry is written once."""
+    steps: list[tuple[int, int]] = []  # (rows, heavy rows) of each step
+
+    def prepare(rows: list[tuple]) -> list[tuple]:
+        heavy = sum(1 for row in rows if row[AUDIT.index("resource_id")] == "heavy")
+        steps.append((len(rows), heavy))
+        time.sleep(0.004 * heavy)
+        return rows
+
+    sink = await make_sink(pg_url)
+    writer = RecordWriter(sink, batch_size=2_000, flush_interval=0.05, prepare_audit=prepare)
+    tenant = uuid.uuid4()
+    for i in range(900):
+        assert writer.submit("audit_logs", entry(tenant, i, resource_id="heavy" if i % 15 == 7 else "light"))
+    await writer.start()
+    await writer.stop()
+    assert sum(rows for rows, _ in steps) == 900 and steps[0][0] == 256
+    # A step after a quick one may be twice as big, so two heavy entries can share one.
+    assert steps[0][1] > 2 and max(heavy for _, heavy in steps[1:]) <= 2, steps
+    assert [int(r["i"]) for r in await stored(pg_url)] == list(range(900))

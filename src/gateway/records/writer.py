@@ -79,6 +79,11 @@ ADOPT_INTERVAL_SECONDS = 60.0
 # Audit rows prepared per step before the flusher lets the loop run other work: about half a millisecond
 # (a plain call's row ~1.6 us, its log line ~0.6 us), as the COPY's and the chain's slices (records/sinks.py).
 _PREPARE_CHUNK = 256
+# A step that took longer than this makes the next one smaller, in proportion (down to one row), and one that
+# took under a quarter of it makes the next one twice as big again (up to _PREPARE_CHUNK). A walked entry
+# costs up to a few tens of milliseconds (a 4 MB body, decoded and cut at sanitize.MAX_DETAILS): 256 of them
+# held the loop for seconds; now each waits on the requests in flight at most one or two such steps.
+_PREPARE_SLICE = 0.002
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +163,7 @@ class RecordWriter:
         # Audit: rows taken from their lane and prepared, not yet written or spilled.
         self._audit_lane = self._lanes[AUDIT][0]
         self._audit_held: list[tuple] = []
+        self._prepare_size = _PREPARE_CHUNK  # audit rows prepared in the next step (`_prepare_lane`)
         self._prepare_audit = prepare_audit
         self._spill = spill
         self._spilled_total = 0
@@ -510,11 +516,19 @@ class RecordWriter:
         """Move the audit lane into `_audit_held`, prepared, a chunk at a time (no row is ever in neither)."""
         lane = self._audit_lane
         popleft = lane.popleft
+        size = self._prepare_size
         while lane:
-            chunk = [popleft() for _ in range(min(_PREPARE_CHUNK, len(lane)))]
+            chunk = [popleft() for _ in range(min(size, len(lane)))]
+            started = time.perf_counter()
             self._audit_held.extend(self._prepared(chunk))
+            took = time.perf_counter() - started
+            if took > _PREPARE_SLICE:
+                size = max(1, int(size * _PREPARE_SLICE / took))
+            elif took < _PREPARE_SLICE / 4 and size < _PREPARE_CHUNK:
+                size = min(_PREPARE_CHUNK, size * 2)
             if lane:
                 await asyncio.sleep(0)  # a large backlog must not hold up the requests in flight
+        self._prepare_size = size
 
     def _prepared(self, rows: list[tuple]) -> list[tuple]:
         prepare = self._prepare_audit
