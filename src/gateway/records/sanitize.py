@@ -139,8 +139,10 @@ _AWS_IDS = ("AKIA", "ASIA", "AGPA", "AIDA", "AROA", "ANPA", "ANVA", "AIPA", "ABI
 _LONG_RUN, _LONG_RUN_SECRET = _PATTERNS[-1]
 
 
-def _maybe_secret(text: str) -> bool:
-    lowered = text.lower()
+def _maybe_secret(text: str, lowered: str | None = None) -> bool:
+    """Whether a pattern but the long-run one may match `text` (`lowered`: `text.lower()`, if the caller has it)."""
+    if lowered is None:
+        lowered = text.lower()
     for marker in _FOLDED_MARKERS:
         if marker in lowered:
             return True
@@ -271,9 +273,9 @@ _RULES = (
 _FOLD_TRAPS = ("\u0130", "\u0131", "\u017f", "\u212a")
 
 
-def _apply_patterns(text: str) -> str:
-    """Every pattern but the long-run one applied in turn, as `pattern.sub` would apply them."""
-    lowered: str | None = None
+def _apply_patterns(text: str, lowered: str | None = None) -> str:
+    """Every pattern but the long-run one applied in turn, as `pattern.sub` would apply them (`lowered`:
+    `text.lower()`, if the caller has it)."""
     traps = not text.isascii() and any(trap in text for trap in _FOLD_TRAPS)
     for rule in _RULES:
         if not rule.folded:
@@ -295,10 +297,13 @@ _RUN_BYTES = bytes(97 if chr(c).isascii() and (chr(c).isalnum() or chr(c) in "+/
 _A_LONG_RUN = b"a" * 32
 
 
-def _long_runs(text: str) -> str:
+def _long_runs(text: str, encoded: bytes | None = None) -> str:
     """The long-run pattern applied, where the text holds a run long enough (a C-speed test first: the pattern
-    costs about 30 ns a character, and most texts of 32 characters or more hold no such run)."""
-    if _A_LONG_RUN not in text.encode("utf-8", "surrogatepass").translate(_RUN_BYTES):
+    costs about 30 ns a character, and most texts of 32 characters or more hold no such run). `encoded`: the
+    text's UTF-8, if the caller has it."""
+    if encoded is None:
+        encoded = text.encode("utf-8", "surrogatepass")
+    if _A_LONG_RUN not in encoded.translate(_RUN_BYTES):
         return text
     return _LONG_RUN.sub(_LONG_RUN_SECRET, text)
 
@@ -481,15 +486,20 @@ def _clean_text(text: str) -> str:
         text = text[:MAX_STRING] + f"...[+{len(text) - MAX_STRING} chars]"
     if "\x00" in text:
         text = text.replace("\x00", "\ufffd")
+    encoded: bytes | None
     try:
-        text.encode()
+        encoded = text.encode()
     except UnicodeEncodeError:  # a lone surrogate (from a \ud800 escape): not storable as UTF-8
         text = text.encode("utf-8", "replace").decode()
+        encoded = None
     if len(text) < _SHORTEST:
         return text
-    if _maybe_secret(text):
-        text = _apply_patterns(text)
-    return _long_runs(text) if len(text) >= 32 else text
+    lowered = text.lower()  # once, for the markers and the case-insensitive patterns
+    if _maybe_secret(text, lowered):
+        cleaned = _apply_patterns(text, lowered)
+        if cleaned is not text:
+            text, encoded = cleaned, None
+    return _long_runs(text, encoded) if len(text) >= 32 else text
 
 
 DEFAULT = Sanitizer()
